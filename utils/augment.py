@@ -1,0 +1,113 @@
+"""Batched image transforms on uint8 tensors ``[B, 3, H, W]`` — no PIL in the hot path.
+
+They reproduce torchvision's PIL pipeline bit for bit where the references use it:
+``RandomCrop(32, padding=4)`` (zero fill), ``RandomHorizontalFlip``, ``RandomGrayscale``
+(PIL's integer ITU-R 601-2 luma), and ``ToTensor -> +noise -> clamp -> ToPILImage``
+(which truncates ``x * 255`` to uint8). Randomness comes from an explicit generator so
+that a run is reproducible and resumable.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [0, 1] (``ToTensor``)."""
+    return x.float().div_(255.0)
+
+
+def to_uint8(x: torch.Tensor, mode: str = "truncate") -> torch.Tensor:
+    """float [0, 1] -> uint8. ``truncate`` is ``ToPILImage``'s ``mul(255).byte()`` (the
+    references' behaviour); ``round`` is the unbiased alternative."""
+    x = x.clamp(0, 1).mul(255.0)
+    if mode == "round":
+        x = x.round()
+    elif mode != "truncate":
+        raise ValueError(f"quantisation mode must be 'truncate' or 'round', got {mode!r}")
+    return x.to(torch.uint8)
+
+
+def _uniform(n: int, g: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=g.device).to(device)
+
+
+def random_crop(x: torch.Tensor, g: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Zero-pad by ``padding`` and take a random crop of the original size, per image."""
+    B, C, H, W = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (B,), generator=g, device=g.device).to(x.device)
+    dx = torch.randint(0, 2 * padding + 1, (B,), generator=g, device=g.device).to(x.device)
+    rows = (dy[:, None] + torch.arange(H, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, None, :]
+    b = torch.arange(B, device=x.device)[:, None, None, None]
+    c = torch.arange(C, device=x.device)[None, :, None, None]
+    return padded[b, c, rows, cols]
+
+
+def random_flip(x: torch.Tensor, g: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    flip = (_uniform(x.shape[0], g, x.device) < p)[:, None, None, None]
+    return torch.where(flip, x.flip(3), x)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """PIL's ``convert('L')`` replicated to 3 channels: (19595 R + 38470 G + 7471 B + 2^15) >> 16."""
+    xi = x.to(torch.int32)
+    lum = (xi[:, 0] * 19595 + xi[:, 1] * 38470 + xi[:, 2] * 7471 + 32768) >> 16
+    return lum.to(torch.uint8)[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
+def random_grayscale(x: torch.Tensor, g: torch.Generator, p: float) -> torch.Tensor:
+    pick = (_uniform(x.shape[0], g, x.device) < p)[:, None, None, None]
+    return torch.where(pick, grayscale(x), x)
+
+
+def gaussian_noise(x: torch.Tensor, g: torch.Generator, std: float, quantize: str = "truncate") -> torch.Tensor:
+    """Add N(0, std^2) on the [0, 1] scale, clamp, and re-quantise to uint8."""
+    noise = torch.randn(x.shape, generator=g, device=g.device).to(x.device)
+    return to_uint8(to_float(x) + std * noise, quantize)
+
+
+def standard_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """RandomCrop(32, padding=4) + RandomHorizontalFlip: the usual CIFAR training transform."""
+    return random_flip(random_crop(x, g), g)
+
+
+def compensation_augment(p: float = 0.4, std: float = 0.05, quantize: str = "truncate") -> Augment:
+    """ECLIPSE's lightweight corruption compensation module, after crop + flip:
+    RandomGrayscale(p), then Gaussian noise of ``std`` re-quantised to uint8."""
+
+    def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        x = random_grayscale(standard_augment(x, g), g, p)
+        return gaussian_noise(x, g, std, quantize) if std > 0 else x
+
+    return augment
+
+
+def no_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return x
+
+
+def jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """JPEG-compress each image once with libjpeg (PIL), as ISS's JPEG baseline does.
+
+    This is a one-off preprocessing of the dataset, not a per-batch transform."""
+    from PIL import Image
+
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
+    hwc = x.permute(0, 2, 3, 1).contiguous().numpy()
+    out = np.empty_like(hwc)
+    for i, img in enumerate(hwc):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+        buf.seek(0)
+        with Image.open(buf) as im:
+            out[i] = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,269 @@
+"""CIFAR-10 in memory as uint8 tensors, from either on-disk layout, plus the ECLIPSE
+dataset format (a pickled list of ``(3072 HWC bytes, label)`` pairs).
+
+Images are kept as ``uint8 [N, 3, 32, 32]`` tensors end to end; conversion to float
+happens per batch. The first read of a dataset decodes it once and caches the arrays
+as ``.npy`` files (loaded with ``allow_pickle=False``), so later runs start at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.fileio import UserError, atomic_write_bytes
+from utils.safe_pickle import safe_load
+
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+NUM_CLASSES = 10
+IMAGE_BYTES = 32 * 32 * 3
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+_SOURCES_HELP = (
+    "provide CIFAR-10 with --data_root, or $CIFAR10_ROOT, or at data/cifar10, as either "
+    "the standard 'cifar-10-batches-py' folder or an image tree train|test/<class>/*.png|jpg"
+)
+
+
+@dataclass
+class ImageSet:
+    """Images as ``uint8 [N, 3, 32, 32]`` and labels as ``int64 [N]``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1:] != (3, 32, 32):
+            raise ValueError(f"images must be uint8 [N,3,32,32], got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError("labels must be [N] for N images")
+        self.labels = self.labels.long()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, index: torch.Tensor | np.ndarray | list[int]) -> ImageSet:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return ImageSet(self.images[index].contiguous(), self.labels[index].clone())
+
+
+# --------------------------------------------------------------------------- roots
+
+
+def resolve_data_root(data_root: str | Path | None = None) -> Path:
+    """``--data_root`` if given, else ``$CIFAR10_ROOT``, else ``data/cifar10``."""
+    if data_root:
+        return Path(data_root).expanduser()
+    env = os.environ.get("CIFAR10_ROOT")
+    if env:
+        return Path(env).expanduser()
+    return REPO_ROOT / "data" / "cifar10"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("CIFAR10_CACHE", REPO_ROOT / "data" / "cache"))
+
+
+def _detect_layout(root: Path) -> tuple[str, Path]:
+    if (root / "cifar-10-batches-py").is_dir():
+        return "batches", root / "cifar-10-batches-py"
+    if (root / "data_batch_1").is_file() or (root / "test_batch").is_file():
+        return "batches", root
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        return "folders", root
+    return "", root
+
+
+def _fingerprint(paths: list[Path]) -> str:
+    h = hashlib.sha1()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _read_batches(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    xs, ys = [], []
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            raise UserError(f"CIFAR-10 batch file missing: {path}; {_SOURCES_HELP}")
+        d = safe_load(path, encoding="bytes")
+        if not isinstance(d, dict):
+            raise UserError(f"{path}: expected a dict with 'data' and 'labels', got {type(d).__name__}")
+        d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+        data, labels = d.get("data"), d.get("labels")
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise UserError(f"{path}: 'data' must be a uint8 array [N, 3072]")
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != (data.shape[0],) or labels.min() < 0 or labels.max() >= NUM_CLASSES:
+            raise UserError(f"{path}: 'labels' must be N integers in 0..9")
+        xs.append(data.reshape(-1, 3, 32, 32))
+        ys.append(labels)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _decode_files(files: list[str]) -> np.ndarray:
+    from PIL import Image
+
+    out = np.empty((len(files), 32, 32, 3), dtype=np.uint8)
+    for i, f in enumerate(files):
+        with Image.open(f) as im:
+            if im.size != (32, 32):
+                raise UserError(f"{f}: image is {im.size[0]}x{im.size[1]}, expected 32x32")
+            out[i] = np.asarray(im.convert("RGB"))
+    return out
+
+
+def _folder_files(root: Path, split: str) -> tuple[list[str], np.ndarray]:
+    base = root / split
+    if not base.is_dir():
+        raise UserError(f"CIFAR-10 {split} folder missing: {base}; {_SOURCES_HELP}")
+    files, labels = [], []
+    for label, cls in enumerate(CIFAR10_CLASSES):
+        d = base / cls
+        if not d.is_dir():
+            raise UserError(f"class folder missing: {d} (expected the 10 CIFAR-10 class folders)")
+        names = sorted(n for n in os.listdir(d) if n.lower().endswith(_IMAGE_EXTS))
+        if not names:
+            raise UserError(f"no .png/.jpg images in {d}")
+        files += [str(d / n) for n in names]
+        labels += [label] * len(names)
+    return files, np.asarray(labels, dtype=np.int64)
+
+
+def _read_folders(files: list[str]) -> np.ndarray:
+    workers = min(os.cpu_count() or 1, 8)
+    if workers <= 1 or len(files) < 2000:
+        hwc = _decode_files(files)
+    else:
+        chunks = [files[i : i + 1000] for i in range(0, len(files), 1000)]
+        with ProcessPoolExecutor(workers) as ex:
+            hwc = np.concatenate(list(ex.map(_decode_files, chunks)))
+    return hwc.transpose(0, 3, 1, 2)
+
+
+def load_cifar10(split: str = "train", data_root: str | Path | None = None, cache: bool = True) -> ImageSet:
+    """Load the CIFAR-10 ``train`` or ``test`` split as an :class:`ImageSet`."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = resolve_data_root(data_root)
+    if not root.exists():
+        raise UserError(f"CIFAR-10 not found at {root}; {_SOURCES_HELP}")
+    layout, folder = _detect_layout(root)
+    if not layout:
+        raise UserError(f"{root} holds neither 'cifar-10-batches-py' nor train/ and test/ folders; {_SOURCES_HELP}")
+
+    if layout == "batches":
+        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        fp_paths = [folder / n for n in names if (folder / n).exists()]
+        files = None
+    else:
+        files, labels = _folder_files(folder, split)
+        fp_paths = [Path(f).parent for f in (files[0], files[-1])]
+    key = hashlib.sha1(f"{folder.resolve()}|{split}|{_fingerprint(fp_paths)}|{len(files or [])}".encode()).hexdigest()[:16]
+    cdir = _cache_dir()
+    xpath, ypath = cdir / f"cifar10-{split}-{key}-x.npy", cdir / f"cifar10-{split}-{key}-y.npy"
+    if cache and xpath.is_file() and ypath.is_file():
+        try:
+            x = np.load(xpath, allow_pickle=False)
+            y = np.load(ypath, allow_pickle=False)
+            if x.dtype == np.uint8 and x.shape[1:] == (3, 32, 32) and y.shape == (x.shape[0],):
+                return ImageSet(torch.from_numpy(x), torch.from_numpy(y))
+        except (ValueError, OSError):
+            pass  # a damaged cache is rebuilt below
+
+    if layout == "batches":
+        x, y = _read_batches(folder, split)
+    else:
+        x, y = _read_folders(files), labels
+    x = np.ascontiguousarray(x)
+    if cache:
+        for path, arr in ((xpath, x), (ypath, y)):
+            buf = io.BytesIO()
+            np.save(buf, arr, allow_pickle=False)
+            atomic_write_bytes(path, buf.getvalue())
+    return ImageSet(torch.from_numpy(x), torch.from_numpy(np.asarray(y, dtype=np.int64)))
+
+
+def class_balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``n`` indices drawn with ``seed``, as equal per class as possible, in ascending order."""
+    labels = torch.as_tensor(labels)
+    if n >= len(labels):
+        return torch.arange(len(labels))
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.unique(labels)
+    per = [n // len(classes) + (1 if i < n % len(classes) else 0) for i in range(len(classes))]
+    picks = []
+    for c, k in zip(classes.tolist(), per):
+        idx = torch.nonzero(labels == c).flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return torch.sort(torch.cat(picks)).values
+
+
+# --------------------------------------------------------------------------- ECLIPSE format
+
+
+def read_eclipse_pkl(path: str | Path) -> ImageSet:
+    """Read a list of ``(3072 raw HWC uint8 bytes, int label)`` pairs, validated."""
+    path = Path(path)
+    obj = safe_load(path)
+    if not isinstance(obj, list):
+        raise UserError(f"{path}: expected a list of (image bytes, label) pairs, got {type(obj).__name__}")
+    if not obj:
+        raise UserError(f"{path}: the dataset is empty")
+    labels = np.empty(len(obj), dtype=np.int64)
+    chunks = []
+    for i, entry in enumerate(obj):
+        if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+            raise UserError(f"{path}: entry {i} is not an (image bytes, label) pair")
+        img, label = entry
+        if isinstance(img, np.ndarray):
+            img = img.astype(np.uint8, copy=False).tobytes()
+        if not isinstance(img, (bytes, bytearray)):
+            raise UserError(f"{path}: entry {i}: image is {type(img).__name__}, expected {IMAGE_BYTES} raw bytes")
+        if len(img) != IMAGE_BYTES:
+            raise UserError(f"{path}: entry {i}: image has {len(img)} bytes, expected {IMAGE_BYTES} (32x32 RGB)")
+        if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
+            raise UserError(f"{path}: entry {i}: label {label!r} is not an integer")
+        if not 0 <= int(label) < NUM_CLASSES:
+            raise UserError(f"{path}: entry {i}: label {int(label)} outside 0..{NUM_CLASSES - 1}")
+        labels[i] = int(label)
+        chunks.append(img)
+    hwc = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(len(obj), 32, 32, 3)
+    images = torch.from_numpy(np.ascontiguousarray(hwc.transpose(0, 3, 1, 2)))
+    return ImageSet(images, torch.from_numpy(labels))
+
+
+def eclipse_pkl_bytes(data: ImageSet) -> bytes:
+    hwc = np.ascontiguousarray(data.images.numpy().transpose(0, 2, 3, 1)).reshape(len(data), IMAGE_BYTES)
+    pairs = [(row.tobytes(), int(y)) for row, y in zip(hwc, data.labels.tolist())]
+    return pickle.dumps(pairs, protocol=4)
+
+
+def write_eclipse_pkl(path: str | Path, data: ImageSet) -> None:
+    """Write ``data`` in the ECLIPSE format, atomically."""
+    atomic_write_bytes(path, eclipse_pkl_bytes(data))

@@ -1,0 +1,151 @@
+"""Safe, atomic file I/O shared by every script.
+
+Every write goes to a temporary file in the destination folder and is renamed into
+place, so a crash never leaves a half-written result. Every checkpoint read uses
+``torch.load(..., weights_only=True)`` so that loading a file cannot run code from it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line by the CLI, never as a traceback."""
+
+
+def _atomic_write(path: Path, write_fn) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def safe_torch_load(path: str | Path, what: str = "checkpoint", hint: str = "") -> Any:
+    """Load a torch file without executing code from it; bad files get a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        msg = f"{what} not found: {path}"
+        raise UserError(msg + (f" ({hint})" if hint else ""))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to parse is the user's file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load {what} {path}: {first[:300]}") from None
+
+
+def load_state_dict_strict(model: torch.nn.Module, state: dict, path: str | Path) -> None:
+    """``load_state_dict(strict=True)`` with a short error naming the mismatching keys."""
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})"
+            )
+        raise UserError(f"{path} does not match the configured model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def refuse_overwrite(path: str | Path, overwrite: bool, flag: str = "--overwrite") -> None:
+    if Path(path).exists() and not overwrite:
+        raise UserError(f"{path} already exists; pass {flag} to replace it")
+
+
+def setup_logging(log_file: str | Path | None, name: str = "run") -> logging.Logger:
+    """Log to stderr and (appending) to ``log_file``; safe to call more than once."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(fmt)
+    logger.addHandler(sh)
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    return logger
+
+
+def cli_main(fn):
+    """Run a script's ``main``: ``UserError`` becomes ``error: ...`` on stderr and exit 2."""
+
+    def wrapper(argv=None):
+        try:
+            return fn(argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted; finished work is saved and a re-run resumes from it", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    wrapper.__wrapped__ = fn
+    return wrapper

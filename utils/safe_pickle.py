@@ -1,0 +1,78 @@
+"""A restricted unpickler: data in, never code.
+
+Pickle can call any importable function while loading. ``SafeUnpickler`` only lets
+through the handful of globals that plain data needs (numpy arrays and scalars, and
+``_codecs.encode`` which protocol-2 pickles use for ``bytes``); anything else is
+refused with an error that names the global, before it is imported or called.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from utils.fileio import UserError
+
+_NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray", "numpy")
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    allowed: dict[tuple[str, str], Any] = {("_codecs", "encode"): codecs.encode}
+    try:
+        from numpy._core import multiarray as ma  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray as ma
+    for mod in _NUMPY_MODULES:
+        allowed[(mod, "_reconstruct")] = ma._reconstruct
+        allowed[(mod, "scalar")] = ma.scalar
+    allowed[("numpy", "ndarray")] = np.ndarray
+    allowed[("numpy", "dtype")] = np.dtype
+    return allowed
+
+
+_ALLOWED = _allowed_globals()
+
+
+class UnsafePickleError(UserError):
+    pass
+
+
+class SafeUnpickler(pickle.Unpickler):
+    def __init__(self, file, *, source: str = "<bytes>", encoding: str = "ASCII"):
+        super().__init__(file, encoding=encoding)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = _ALLOWED.get((module, name))
+        if obj is None:
+            raise UnsafePickleError(
+                f"{self.source}: refused to unpickle global '{module}.{name}' "
+                "(only plain data — lists, tuples, bytes, ints, numpy arrays — is loaded)"
+            )
+        return obj
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError(f"{self.source}: refused persistent reference in pickle")
+
+
+def safe_loads(data: bytes, *, source: str = "<bytes>", encoding: str = "ASCII") -> Any:
+    try:
+        return SafeUnpickler(io.BytesIO(data), source=source, encoding=encoding).load()
+    except UserError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+        raise UserError(f"{source}: not a valid pickle file ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def safe_load(path: str | Path, *, encoding: str = "ASCII") -> Any:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    return safe_loads(data, source=str(path), encoding=encoding)
