@@ -23,7 +23,9 @@ class DenseLayer(nn.Module):
 
 class Transition(nn.Sequential):
     def __init__(self, c_in: int, c_out: int):
-        super().__init__(nn.BatchNorm2d(c_in), nn.ReLU(inplace=True), nn.Conv2d(c_in, c_out, 1, bias=False), nn.AvgPool2d(2))
+        super().__init__(
+            nn.BatchNorm2d(c_in), nn.ReLU(inplace=True), nn.Conv2d(c_in, c_out, 1, bias=False), nn.AvgPool2d(2)
+        )
 
 
 class DenseNet(nn.Module):

@@ -22,7 +22,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -43,7 +45,9 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(4 * planes)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != 4 * planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, 4 * planes, 1, stride=stride, bias=False), nn.BatchNorm2d(4 * planes))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, 4 * planes, 1, stride=stride, bias=False), nn.BatchNorm2d(4 * planes)
+            )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))

@@ -184,7 +184,9 @@ def load_cifar10(split: str = "train", data_root: str | Path | None = None, cach
     else:
         files, labels = _folder_files(folder, split)
         fp_paths = [Path(f).parent for f in (files[0], files[-1])]
-    key = hashlib.sha1(f"{folder.resolve()}|{split}|{_fingerprint(fp_paths)}|{len(files or [])}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{folder.resolve()}|{split}|{_fingerprint(fp_paths)}|{len(files or [])}".encode()).hexdigest()[
+        :16
+    ]
     cdir = _cache_dir()
     xpath, ypath = cdir / f"cifar10-{split}-{key}-x.npy", cdir / f"cifar10-{split}-{key}-y.npy"
     if cache and xpath.is_file() and ypath.is_file():

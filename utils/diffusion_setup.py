@@ -48,7 +48,14 @@ IMPROVED_DEFAULTS: dict[str, Any] = dict(
 )
 
 DDPM_MODEL_DEFAULTS: dict[str, Any] = dict(
-    resolution=32, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_resolutions=[16], dropout=0.1
+    resolution=32,
+    in_channels=3,
+    out_ch=3,
+    ch=128,
+    ch_mult=[1, 2, 2, 2],
+    num_res_blocks=2,
+    attn_resolutions=[16],
+    dropout=0.1,
 )
 DDPM_DIFFUSION_DEFAULTS: dict[str, Any] = dict(
     beta_schedule="linear", beta_start=0.0001, beta_end=0.02, num_diffusion_timesteps=1000, model_var_type="fixedlarge"
@@ -110,7 +117,12 @@ class DiffusionSpec:
         return int(self.model.get("image_size", self.model.get("resolution", 32)))
 
     def summary(self) -> dict[str, Any]:
-        return {"architecture": self.architecture, "model": self.model, "diffusion": self.diffusion, "source": self.source}
+        return {
+            "architecture": self.architecture,
+            "model": self.model,
+            "diffusion": self.diffusion,
+            "source": self.source,
+        }
 
 
 def _check_keys(section: dict, allowed: dict, where: str) -> None:
@@ -121,7 +133,9 @@ def _check_keys(section: dict, allowed: dict, where: str) -> None:
 
 def spec_from_dict(cfg: dict, source: str = "<dict>") -> DiffusionSpec:
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
-        raise UserError(f"{source}: expected a 'model:' section (see config/eclipse/cifar10.yml or config/ddpm/cifar10.yml)")
+        raise UserError(
+            f"{source}: expected a 'model:' section (see config/eclipse/cifar10.yml or config/ddpm/cifar10.yml)"
+        )
     model = dict(cfg["model"])
     arch = model.pop("architecture", "improved_unet")
     if arch == "ddpm":
@@ -131,7 +145,9 @@ def spec_from_dict(cfg: dict, source: str = "<dict>") -> DiffusionSpec:
         _check_keys(dsec, {**DDPM_DIFFUSION_DEFAULTS, "timestep_respacing": ""}, f"{source} diffusion")
         d = {**DDPM_DIFFUSION_DEFAULTS, **dsec}
         if d["model_var_type"] not in _VAR_TYPES:
-            raise UserError(f"{source}: diffusion.model_var_type must be fixedlarge or fixedsmall, got {d['model_var_type']!r}")
+            raise UserError(
+                f"{source}: diffusion.model_var_type must be fixedlarge or fixedsmall, got {d['model_var_type']!r}"
+            )
         diffusion = dict(
             beta_schedule=d["beta_schedule"],
             beta_start=float(d["beta_start"]),

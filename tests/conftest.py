@@ -1,0 +1,72 @@
+"""Shared test fixtures.
+
+Tests that need ``../shared`` (CIFAR-10 images, reference fixtures) fail when it is
+missing in CI (``CI`` set) and are skipped with the reason elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHARED = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared"))
+CIFAR_ROOT = Path(os.environ.get("CIFAR10_ROOT", SHARED / "datasets" / "cifar10"))
+FIXTURES = SHARED / "fixtures"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        msg = f"{what} not found at {path} (set SHARED_DIR or CIFAR10_ROOT, or place ../shared beside the checkout)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar_root() -> Path:
+    return _need(CIFAR_ROOT, "CIFAR-10")
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return _need(FIXTURES, "reference fixtures")
+
+
+@pytest.fixture(scope="session")
+def cifar_test(cifar_root):
+    from utils.data import load_cifar10
+
+    return load_cifar10("test", cifar_root)
+
+
+@pytest.fixture(scope="session")
+def cifar_train(cifar_root):
+    from utils.data import load_cifar10
+
+    return load_cifar10("train", cifar_root)
+
+
+@pytest.fixture(scope="session")
+def small_train(cifar_train):
+    """400 real training images, 40 per class."""
+    from utils.data import class_balanced_subset
+
+    return cifar_train.subset(class_balanced_subset(cifar_train.labels, 400, seed=0))
+
+
+@pytest.fixture(scope="session")
+def small_test(cifar_test):
+    """200 real test images, 20 per class."""
+    from utils.data import class_balanced_subset
+
+    return cifar_test.subset(class_balanced_subset(cifar_test.labels, 200, seed=0))

@@ -1,0 +1,45 @@
+"""Where every script reads and writes, mirroring the reference repositories' layout.
+
+All folders live under one work directory: the repository root by default, or
+``--work_dir`` (tests use a temporary folder; users can keep data on another disk).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATASET = "cifar10"
+
+
+def work_dir(arg: str | Path | None = None) -> Path:
+    return Path(arg).expanduser() if arg else REPO_ROOT
+
+
+def poisoned_file(work: Path, poison: str) -> Path:
+    """``poisoned_data/cifar10/<POISON>.pkl`` (ECLIPSE format)."""
+    return work / "poisoned_data" / DATASET / f"{poison}.pkl"
+
+
+def purified_dir(work: Path, sparse_set: str, t: int, iteration: int | str) -> Path:
+    return work / "purified_data" / DATASET / sparse_set / str(t) / str(iteration)
+
+
+def purified_file(work: Path, sparse_set: str, t: int, iteration: int | str, poison: str) -> Path:
+    """``purified_data/cifar10/<sparse_set>/<t>/<iter>/<POISON>-pure.pkl``."""
+    return purified_dir(work, sparse_set, t, iteration) / f"{poison}-pure.pkl"
+
+
+def diff_ckpt_dir(work: Path, sparse_set: str) -> Path:
+    """``diff_ckpt/cifar10/<sparse_set>/`` (ECLIPSE's sparse model; DataElixir's DDPM too)."""
+    return work / "diff_ckpt" / DATASET / sparse_set
+
+
+def record_dir(work: Path, name: str) -> Path:
+    """``record/<save_folder_name>/`` (BackdoorBench's convention)."""
+    return work / "record" / name
+
+
+def resource_dir(work: Path) -> Path:
+    """Cached auxiliary models of attacks and poisons (surrogates, generators, ...)."""
+    return work / "resource"
