@@ -43,3 +43,32 @@ def record_dir(work: Path, name: str) -> Path:
 def resource_dir(work: Path) -> Path:
     """Cached auxiliary models of attacks and poisons (surrogates, generators, ...)."""
     return work / "resource"
+
+
+def load_poisoned(
+    work: Path, poison: str, data_root: str | Path | None = None, subset: int | None = None, subset_seed: int = 0
+):
+    """The training set named ``poison``: ``poisoned_data/cifar10/<poison>.pkl``, or for
+    ``clean`` (when no ``clean.pkl`` exists) the CIFAR-10 training set itself.
+
+    ``subset`` keeps a class-balanced subset (the CPU-scale recipe); poison.py's
+    ``--subset N`` draws the same images with the same seed.
+    """
+    from utils.data import class_balanced_subset, load_cifar10, read_eclipse_pkl
+    from utils.fileio import UserError
+
+    path = poisoned_file(work, poison)
+    if path.is_file():
+        data = read_eclipse_pkl(path)
+        if subset is not None and subset < len(data):
+            raise UserError(
+                f"{path} holds {len(data)} images; --subset {subset} applies only to the clean set "
+                "(craft the poison with poison.py --subset instead)"
+            )
+        return data, str(path)
+    if poison != "clean":
+        raise UserError(f"poisoned dataset not found: {path}; craft it with `python poison.py --poison {poison}`")
+    data = load_cifar10("train", data_root)
+    if subset is not None:
+        data = data.subset(class_balanced_subset(data.labels, subset, subset_seed))
+    return data, f"CIFAR-10 train ({len(data)} images)"

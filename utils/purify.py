@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -87,3 +88,79 @@ def noise_and_denoise(
 def noise_std_at(base: GaussianDiffusion, t_star: int) -> float:
     """Standard deviation of the noise added at t* on the [-1, 1] scale."""
     return float(np.sqrt(1.0 - base.alphas_cumprod[t_star - 1]))
+
+
+# --------------------------------------------------------------------------- ECLIPSE stage 1
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """Noise seed of one chunk: results do not depend on the number of processes or on
+    where a run was interrupted."""
+    return (seed * 1_000_003 + chunk * 7919 + 12345) % (2**63 - 1)
+
+
+def purify_dataset(
+    model: nn.Module,
+    base: GaussianDiffusion,
+    images: torch.Tensor,
+    t_star: int,
+    parts_dir: Path,
+    *,
+    batch_size: int = 256,
+    respace: int | None = None,
+    seed: int = 1234,
+    bf16: bool = True,
+    quantize: str = "truncate",
+    device: torch.device = torch.device("cpu"),
+    rank: int = 0,
+    world: int = 1,
+    log=print,
+) -> torch.Tensor | None:
+    """Purify uint8 ``images`` [N, 3, 32, 32] batch by batch, in input order.
+
+    Each batch is written to ``parts_dir/part_<i>.pt`` as soon as it is done, so an
+    interrupted run resumes at the first missing batch; with ``world`` processes, rank r
+    does batches i with i % world == r. Rank 0 returns the assembled uint8 result once
+    every part exists (other ranks return None).
+    """
+    from tqdm import tqdm
+
+    from utils.augment import to_uint8
+    from utils.fileio import atomic_torch_save, safe_torch_load
+
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    n_parts = (len(images) + batch_size - 1) // batch_size
+    mine = [i for i in range(n_parts) if i % world == rank]
+    todo = [i for i in mine if not (parts_dir / f"part_{i:05d}.pt").is_file()]
+    if len(todo) < len(mine):
+        log(f"resuming: {len(mine) - len(todo)} of {len(mine)} batches already purified in {parts_dir}")
+    steps = len(truncated_steps(t_star, respace))
+    bar = tqdm(todo, desc=f"purify[{rank}]" if world > 1 else "purify", unit="batch", dynamic_ncols=True)
+    for i in bar:
+        x = images[i * batch_size : (i + 1) * batch_size]
+        g = torch.Generator(device=device).manual_seed(chunk_seed(seed, i))
+        out, _ = noise_and_denoise(
+            model, base, to_model_range(x.to(device)), t_star, respace=respace, generator=g, bf16=bf16
+        )
+        atomic_torch_save(to_uint8(from_model_range(out), quantize).cpu(), parts_dir / f"part_{i:05d}.pt")
+        bar.set_postfix(
+            img_steps_per_s=f"{bar.format_dict['rate'] * len(x) * steps:.0f}" if bar.format_dict.get("rate") else ""
+        )
+    bar.close()
+    from utils.runtime import barrier
+
+    barrier()
+    if rank != 0:
+        return None
+    parts = []
+    for i in range(n_parts):
+        part = safe_torch_load(parts_dir / f"part_{i:05d}.pt", "purified batch")
+        expected = min(batch_size, len(images) - i * batch_size)
+        if (
+            not isinstance(part, torch.Tensor)
+            or part.dtype != torch.uint8
+            or part.shape != (expected, *images.shape[1:])
+        ):
+            raise ValueError(f"{parts_dir}/part_{i:05d}.pt is damaged; delete it and re-run to redo that batch")
+        parts.append(part)
+    return torch.cat(parts)

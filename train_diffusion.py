@@ -1,0 +1,161 @@
+"""Train a diffusion model on a sparse clean set (ECLIPSE §3.2) or on clean training data.
+
+ECLIPSE: B = 2000 random clean *test* images, duplicated M = 4 times (plain duplication,
+ECLIPSE Eq. 3), improved-diffusion UNet, 250K iterations:
+
+    python train_diffusion.py --config config/eclipse/cifar10.yml           # -> diff_ckpt/cifar10/test2000ps8000/
+
+DataElixir's DDPM (no checkpoint can be downloaded here, so it is trained on the clean
+training set):
+
+    python train_diffusion.py --config config/ddpm/cifar10.yml --source train --num_clean 50000 --replicas 1
+
+Multi-process data parallel: ``torchrun --nproc_per_node=N train_diffusion.py ...``.
+Re-running the same command resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from utils.data import load_cifar10
+from utils.diffusion_setup import load_diffusion_spec
+from utils.diffusion_training import DiffusionTrainConfig, train_diffusion
+from utils.fileio import UserError, atomic_write_json, cli_main, setup_logging
+from utils.paths import diff_ckpt_dir, work_dir
+from utils.runtime import barrier, cleanup_distributed, init_distributed, resolve_device, seed_everything, str2bool
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--config", default="config/eclipse/cifar10.yml", help="model + diffusion YAML")
+    p.add_argument("--source", choices=["test", "train"], default="test", help="split the clean images come from")
+    p.add_argument("--num_clean", type=int, default=2000, help="B: clean images drawn at random (with --seed)")
+    p.add_argument("--replicas", type=int, default=4, help="M: copies of each image in the training set")
+    p.add_argument("--sparse_set", default=None, help="run name; default <source><B>ps<B*M>, e.g. test2000ps8000")
+    p.add_argument("--iterations", type=int, default=250_000)
+    p.add_argument("--batch_size", type=int, default=128, help="global batch (split across torchrun processes)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--ema_rate", type=float, default=0.9999)
+    p.add_argument("--save_interval", type=int, default=10_000)
+    p.add_argument("--log_interval", type=int, default=100)
+    p.add_argument("--flip", type=str2bool, default=False, help="random horizontal flip (the paper: off)")
+    p.add_argument(
+        "--max_timestep",
+        type=int,
+        default=None,
+        help="CPU-scale deviation: sample training timesteps only below this (purification uses t < t*)",
+    )
+    p.add_argument("--bf16", type=str2bool, default=True, help="bf16 autocast (mixed precision, fp32 weights)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sparse-set draw and of training")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data_root", default=None, help="CIFAR-10 root (else $CIFAR10_ROOT, else data/cifar10)")
+    p.add_argument("--work_dir", default=None, help="folder holding diff_ckpt/ (default: the repository)")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run with other settings")
+    args = p.parse_args(argv)
+    for name in ("num_clean", "replicas", "iterations", "batch_size", "save_interval", "log_interval"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.ema_rate < 1:
+        raise UserError(f"--ema_rate must be in (0, 1), got {args.ema_rate}")
+    if args.sparse_set is None:
+        args.sparse_set = f"{args.source}{args.num_clean}ps{args.num_clean * args.replicas}"
+    return args
+
+
+def sparse_set_indices(n_available: int, num_clean: int, seed: int) -> torch.Tensor:
+    """B indices drawn uniformly at random without replacement, in ascending order."""
+    if num_clean > n_available:
+        raise UserError(f"--num_clean {num_clean} exceeds the {n_available} images of the split")
+    g = torch.Generator().manual_seed(seed)
+    return torch.sort(torch.randperm(n_available, generator=g)[:num_clean]).values
+
+
+@cli_main
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    spec = load_diffusion_spec(args.config)
+    device = resolve_device(args.device)
+    rank, world = init_distributed(device)
+    try:
+        out = diff_ckpt_dir(work_dir(args.work_dir), args.sparse_set)
+        out.mkdir(parents=True, exist_ok=True)
+        log = setup_logging(out / "train.log" if rank == 0 else None, "train_diffusion")
+        cfg = DiffusionTrainConfig(
+            iterations=args.iterations,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            ema_rate=args.ema_rate,
+            save_interval=args.save_interval,
+            log_interval=args.log_interval,
+            flip=args.flip,
+            max_timestep=args.max_timestep,
+            bf16=args.bf16,
+            seed=args.seed,
+        )
+        settings = {
+            "diffusion": spec.summary(),
+            "sparse_set": {
+                "source": args.source,
+                "num_clean": args.num_clean,
+                "replicas": args.replicas,
+                "seed": args.seed,
+            },
+            "training": {
+                k: v for k, v in asdict(cfg).items() if k not in ("iterations", "save_interval", "log_interval")
+            },
+        }
+        _check_same_run(out / "run.json", settings, args.overwrite, rank)
+
+        clean = load_cifar10(args.source, args.data_root)
+        idx = sparse_set_indices(len(clean), args.num_clean, args.seed)
+        images = clean.images[idx].repeat(args.replicas, 1, 1, 1)  # ECLIPSE Eq. 3: D_s plus its duplicates
+        if rank == 0:
+            atomic_write_json(
+                out / "sparse_set.json", {**settings["sparse_set"], "split": args.source, "indices": idx.tolist()}
+            )
+            atomic_write_json(out / "run.json", {**settings, "command": " ".join(sys.argv)})
+            log.info(f"sparse set {args.sparse_set}: {len(idx)} {args.source} images x {args.replicas} = {len(images)}")
+            log.info(f"model {spec.architecture} from {args.config}; world size {world}; device {device}")
+        barrier()
+        seed_everything(args.seed + rank)
+        model = spec.build_model()
+        diffusion = spec.build_diffusion(respacing="")
+        train_diffusion(model, diffusion, images, cfg, out, device, rank, world, log=log.info)
+        if rank == 0:
+            log.info(f"done: {out}/ema_{cfg.ema_rate}_{cfg.iterations}.pt")
+    finally:
+        cleanup_distributed()
+
+
+def _check_same_run(path: Path, settings: dict, overwrite: bool, rank: int) -> None:
+    """Resume only a run with the same settings; never mix two runs in one folder."""
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    diffs = [k for k in settings if json.dumps(old.get(k), sort_keys=True) != json.dumps(settings[k], sort_keys=True)]
+    if not diffs:
+        return
+    if not overwrite:
+        raise UserError(
+            f"{path.parent} holds a run with other {', '.join(diffs)} settings; "
+            "choose another --sparse_set or pass --overwrite to discard it"
+        )
+    if rank == 0:
+        for f in list(path.parent.glob("*.pt")) + [path.parent / "progress.csv", path.parent / "loss.png"]:
+            f.unlink(missing_ok=True)
+    barrier()
+
+
+if __name__ == "__main__":
+    main()

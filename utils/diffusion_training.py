@@ -1,0 +1,214 @@
+"""Diffusion training loop (improved-diffusion's recipe): AdamW, uniform timesteps, EMA.
+
+One loop trains both model families; the loss comes from ``GaussianDiffusion.
+training_losses`` (hybrid MSE + rescaled VB for learned sigmas, plain epsilon MSE for
+the DDPM). Checkpoints are improved-diffusion's trio ``model_<step>.pt``,
+``ema_<rate>_<step>.pt`` (plain state_dicts, loadable by the reference code) and
+``opt_<step>.pt`` (optimiser + RNG state, for exact resumption). Multi-process
+data-parallel training under ``torchrun`` splits each global batch across ranks.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from utils.augment import random_flip
+from utils.diffusion import GaussianDiffusion
+from utils.fileio import atomic_torch_save, atomic_write_bytes, safe_torch_load
+from utils.plots import save_curves
+from utils.purify import to_model_range
+from utils.runtime import autocast, barrier
+
+
+@dataclass
+class DiffusionTrainConfig:
+    iterations: int = 250_000
+    batch_size: int = 128  # global batch, split across ranks
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_rate: float = 0.9999
+    save_interval: int = 10_000
+    log_interval: int = 100
+    flip: bool = False
+    max_timestep: int | None = None  # CPU-scale option: train only on t < max_timestep
+    bf16: bool = True
+    seed: int = 0
+
+
+_CKPT = re.compile(r"^model_(\d+)\.pt$")
+
+
+def latest_step(ckpt_dir: Path, ema_rate: float) -> int:
+    """The newest step with a complete model/ema/opt trio, 0 if none."""
+    steps = sorted(int(m.group(1)) for p in ckpt_dir.glob("model_*.pt") if (m := _CKPT.match(p.name)))
+    for s in reversed(steps):
+        if (ckpt_dir / f"ema_{ema_rate}_{s}.pt").is_file() and (ckpt_dir / f"opt_{s}.pt").is_file():
+            return s
+    return 0
+
+
+class UniformTimesteps:
+    def __init__(self, num_steps: int, max_timestep: int | None = None):
+        self.high = min(num_steps, max_timestep) if max_timestep else num_steps
+
+    def sample(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        return torch.randint(0, self.high, (n,), generator=generator).to(device)
+
+
+def train_diffusion(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    images: torch.Tensor,
+    cfg: DiffusionTrainConfig,
+    ckpt_dir: Path,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    log=print,
+) -> dict:
+    """Train on uint8 ``images`` [N, 3, H, W]; resumes from the newest checkpoint in ``ckpt_dir``."""
+    if cfg.batch_size % world:
+        raise ValueError(f"batch size {cfg.batch_size} must be divisible by the {world} processes")
+    per_rank = cfg.batch_size // world
+    model.to(device).train()
+    ema = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    data_g = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    t_g = torch.Generator().manual_seed(cfg.seed * 1000 + 500 + rank)
+    noise_g = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 900 + rank)
+
+    step = latest_step(ckpt_dir, cfg.ema_rate)
+    if step:
+        model.load_state_dict(safe_torch_load(ckpt_dir / f"model_{step}.pt", "model checkpoint"))
+        ema_state = safe_torch_load(ckpt_dir / f"ema_{cfg.ema_rate}_{step}.pt", "EMA checkpoint")
+        ema = [ema_state[name].to(device).clone() for name, _ in model.named_parameters()]
+        state = safe_torch_load(ckpt_dir / f"opt_{step}.pt", "optimiser checkpoint")
+        opt.load_state_dict(state["optimizer"])
+        rngs = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
+        data_g.set_state(rngs["data"])
+        t_g.set_state(rngs["t"])
+        noise_g.set_state(rngs["noise"].to(noise_g.device) if device.type == "cuda" else rngs["noise"])
+        log(f"resuming diffusion training from step {step} in {ckpt_dir}")
+    if step >= cfg.iterations:
+        log(f"already trained for {step} >= {cfg.iterations} iterations; nothing to do")
+        return {"step": step}
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    sampler = UniformTimesteps(diffusion.num_timesteps, cfg.max_timestep)
+    n = len(images)
+    perm, pos = torch.randperm(n, generator=data_g), 0
+    csv_path = ckpt_dir / "progress.csv"
+    fields = ["step", "loss", "mse", "vb", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "images_per_s", "lr"]
+    window: dict[str, list[float]] = {}
+    t_last = time.time()
+    bar = tqdm(total=cfg.iterations, initial=step, desc="diffusion", dynamic_ncols=True, disable=rank != 0)
+    while step < cfg.iterations:
+        if pos + per_rank > n:
+            perm, pos = torch.randperm(n, generator=data_g), 0
+        idx = perm[pos : pos + per_rank] if per_rank <= n else torch.randint(0, n, (per_rank,), generator=data_g)
+        pos += per_rank
+        xb = images[idx].to(device)
+        if cfg.flip:
+            xb = random_flip(xb, noise_g)
+        x0 = to_model_range(xb)
+        t = sampler.sample(per_rank, t_g, device)
+        noise = torch.randn(x0.shape, generator=noise_g, device=device)
+        with autocast(device, cfg.bf16):
+            out = ddp_model(diffusion.q_sample(x0, t, noise), diffusion.model_timesteps(t))
+        terms = diffusion.training_losses(None, x0, t, noise=noise, model_output=out.float())
+        loss = terms["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(ema, model.parameters()):
+                e.mul_(cfg.ema_rate).add_(p.detach(), alpha=1 - cfg.ema_rate)
+        step += 1
+        bar.update(1)
+        # bookkeeping: overall terms and the loss per quarter of the timestep range
+        for k in ("loss", "mse", "vb"):
+            if k in terms:
+                window.setdefault(k, []).append(terms[k].mean().item())
+        quart = (t * 4 // diffusion.num_timesteps).tolist()
+        for q, lv in zip(quart, terms["loss"].detach().tolist()):
+            window.setdefault(f"loss_q{q}", []).append(lv)
+        if step % cfg.log_interval == 0 or step == cfg.iterations:
+            rec = {k: sum(v) / len(v) for k, v in window.items()}
+            rec.update(
+                step=step, images_per_s=cfg.log_interval * cfg.batch_size / max(time.time() - t_last, 1e-9), lr=cfg.lr
+            )
+            t_last, window = time.time(), {}
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if rank == 0:
+                _append_csv(csv_path, fields, rec)
+                log(" ".join(f"{k}={rec[k]:.5g}" for k in fields if k in rec))
+        if step % cfg.save_interval == 0 or step == cfg.iterations:
+            _save(model, ema, opt, step, cfg, ckpt_dir, rank, world, (data_g, t_g, noise_g))
+    bar.close()
+    if rank == 0:
+        _plot_progress(csv_path, ckpt_dir / "loss.png")
+    return {"step": step}
+
+
+def _append_csv(path: Path, fields: list[str], rec: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow({k: (f"{rec[k]:.6g}" if isinstance(rec.get(k), float) else rec.get(k, "")) for k in fields})
+
+
+def _plot_progress(csv_path: Path, png: Path) -> None:
+    if not csv_path.exists():
+        return
+    rows = list(csv.DictReader(open(csv_path)))
+    series = {}
+    for k in ("loss", "loss_q0", "loss_q3"):
+        pts = [(int(r["step"]), float(r[k])) for r in rows if r.get(k)]
+        series[k] = ([p[0] for p in pts], [p[1] for p in pts])
+    save_curves(png, series, "diffusion training loss", "step", "loss")
+
+
+def _gather_rng(gens, world: int) -> list[dict]:
+    mine = {"data": gens[0].get_state(), "t": gens[1].get_state(), "noise": gens[2].get_state().cpu()}
+    if world == 1:
+        return [mine]
+    out: list = [None] * world
+    torch.distributed.all_gather_object(out, mine)
+    return out
+
+
+def _save(model, ema, opt, step, cfg, ckpt_dir: Path, rank: int, world: int, gens) -> None:
+    rng = _gather_rng(gens, world)
+    if rank == 0:
+        ema_state = {name: e.detach().cpu() for (name, _), e in zip(model.named_parameters(), ema)}
+        # buffers (none in these UNets) would be copied from the model
+        for name, b in model.named_buffers():
+            ema_state[name] = b.detach().cpu()
+        # write ema, then model, then opt: a trio is complete only once opt exists
+        atomic_torch_save(ema_state, ckpt_dir / f"ema_{cfg.ema_rate}_{step}.pt")
+        atomic_torch_save({k: v.cpu() for k, v in model.state_dict().items()}, ckpt_dir / f"model_{step}.pt")
+        buf = io.BytesIO()
+        torch.save({"optimizer": opt.state_dict(), "step": step, "rng": rng}, buf)
+        atomic_write_bytes(ckpt_dir / f"opt_{step}.pt", buf.getvalue())
+        # resumption needs only the newest model/opt pair; EMA snapshots are all kept
+        for old in ckpt_dir.glob("model_*.pt"):
+            m = _CKPT.match(old.name)
+            if m and int(m.group(1)) < step:
+                old.unlink(missing_ok=True)
+                (ckpt_dir / f"opt_{m.group(1)}.pt").unlink(missing_ok=True)
+    barrier()
