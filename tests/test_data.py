@@ -1,0 +1,167 @@
+"""CIFAR-10 readers (both layouts), the cache, the ECLIPSE format and the safe unpickler."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from utils.data import (
+    CIFAR10_CLASSES,
+    ImageSet,
+    class_balanced_subset,
+    load_cifar10,
+    read_eclipse_pkl,
+    write_eclipse_pkl,
+)
+from utils.fileio import UserError
+from utils.safe_pickle import safe_loads
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/should_not_exist",))
+
+
+def _batches_dir(tmp_path, n=20):
+    """A tiny dataset in the standard cifar-10-batches-py layout (protocol 2, bytes keys)."""
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
+        (d / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return tmp_path
+
+
+def test_reads_the_standard_batches(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path / "cache"))
+    root = _batches_dir(tmp_path)
+    train = load_cifar10("train", root)
+    assert len(train) == 100 and train.images.dtype == torch.uint8 and train.images.shape[1:] == (3, 32, 32)
+    raw = pickle.loads((root / "cifar-10-batches-py" / "data_batch_1").read_bytes())
+    assert torch.equal(train.images[:20].reshape(20, -1), torch.from_numpy(raw[b"data"]))  # CHW order kept
+    assert load_cifar10("test", root / "cifar-10-batches-py").labels.shape == (20,)
+
+
+def test_refuses_a_tampered_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path / "cache"))
+    root = _batches_dir(tmp_path)
+    (root / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({b"data": _Exploit()}, protocol=2))
+    with pytest.raises(UserError, match="refused to unpickle global 'posix.system'"):
+        load_cifar10("test", root)
+    assert not os.path.exists("/tmp/should_not_exist")
+
+
+def test_reads_an_image_folder_tree_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(1)
+    arrays = []
+    for split in ("train", "test"):
+        for cls in CIFAR10_CLASSES:
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                a = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(a).save(tmp_path / split / cls / f"{i:04d}.png")
+                if split == "train":
+                    arrays.append(a)
+    data = load_cifar10("train", tmp_path)
+    assert data.labels.tolist() == [c for c in range(10) for _ in range(2)]
+    assert torch.equal(data.images, torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    again = load_cifar10("train", tmp_path)  # from the cache
+    assert torch.equal(again.images, data.images)
+
+
+def test_missing_or_malformed_roots(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match="CIFAR-10 not found at .*nowhere.*--data_root"):
+        load_cifar10("train", tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="neither 'cifar-10-batches-py' nor train/"):
+        load_cifar10("train", tmp_path / "empty")
+    (tmp_path / "partial" / "train" / "airplane").mkdir(parents=True)
+    with pytest.raises(UserError, match="no .png/.jpg images"):
+        load_cifar10("train", tmp_path / "partial")
+    monkeypatch.setenv("CIFAR10_ROOT", str(tmp_path / "env_root"))
+    with pytest.raises(UserError, match="env_root"):
+        load_cifar10("test")
+
+
+def test_shared_cifar10_is_complete(cifar_root, cifar_train, cifar_test):
+    assert len(cifar_train) == 50_000 and len(cifar_test) == 10_000
+    assert torch.bincount(cifar_train.labels).tolist() == [5000] * 10
+    t0 = time.time()
+    load_cifar10("test", cifar_root)  # cached
+    assert time.time() - t0 < 5
+
+
+def test_class_balanced_subset_is_deterministic(cifar_train):
+    a = class_balanced_subset(cifar_train.labels, 1000, seed=0)
+    assert torch.equal(a, class_balanced_subset(cifar_train.labels, 1000, seed=0))
+    assert torch.bincount(cifar_train.labels[a]).tolist() == [100] * 10
+    assert bool((a[1:] > a[:-1]).all())
+
+
+def test_eclipse_pkl_roundtrip(tmp_path, small_train):
+    path = tmp_path / "EM.pkl"
+    write_eclipse_pkl(path, small_train)
+    raw = pickle.loads(path.read_bytes())
+    assert isinstance(raw, list) and len(raw) == len(small_train)
+    img, label = raw[3]
+    assert isinstance(img, bytes) and len(img) == 3072 and isinstance(label, int)
+    hwc = np.frombuffer(img, np.uint8).reshape(32, 32, 3)  # PIL tobytes() layout
+    assert np.array_equal(hwc, small_train.images[3].permute(1, 2, 0).numpy())
+    back = read_eclipse_pkl(path)
+    assert torch.equal(back.images, small_train.images) and torch.equal(back.labels, small_train.labels)
+
+
+def test_eclipse_pkl_from_protocol2_with_numpy_labels(tmp_path):
+    # older writers: protocol 2 (bytes via _codecs.encode) and numpy integer labels
+    pairs = [(bytes(range(256)) * 12, np.int64(3)), (bytes(3072), np.int64(9))]
+    (tmp_path / "old.pkl").write_bytes(pickle.dumps(pairs, protocol=2))
+    data = read_eclipse_pkl(tmp_path / "old.pkl")
+    assert data.labels.tolist() == [3, 9]
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (lambda: pickle.dumps([(bytes(3072), 1), (_Exploit(), 2)]), "refused to unpickle global"),
+        (lambda: pickle.dumps([(bytes(3072), 1)] * 4)[:-20], "not a valid pickle"),
+        (lambda: pickle.dumps([(bytes(3000), 1)]), "entry 0: image has 3000 bytes, expected 3072"),
+        (lambda: pickle.dumps([(bytes(3072), 1), (bytes(3072), 10)]), "entry 1: label 10 outside 0..9"),
+        (lambda: pickle.dumps([(bytes(3072), -1)]), "label -1 outside"),
+        (lambda: pickle.dumps([(bytes(3072), "cat")]), "is not an integer"),
+        (lambda: pickle.dumps({"data": 1}), "expected a list"),
+        (lambda: pickle.dumps([]), "empty"),
+        (lambda: pickle.dumps([(bytes(3072),)]), "not an \\(image bytes, label\\) pair"),
+    ],
+)
+def test_bad_eclipse_pkl(tmp_path, payload, message):
+    path = tmp_path / "bad.pkl"
+    path.write_bytes(payload())
+    with pytest.raises(UserError, match=message):
+        read_eclipse_pkl(path)
+    assert not os.path.exists("/tmp/should_not_exist")
+
+
+def test_safe_loads_blocks_builtins_eval():
+    class EvalExploit:
+        def __reduce__(self):
+            return (eval, ("1+1",))
+
+    with pytest.raises(UserError, match="builtins.eval"):
+        safe_loads(pickle.dumps(EvalExploit()))
+
+
+def test_imageset_validates():
+    with pytest.raises(ValueError):
+        ImageSet(torch.zeros(2, 3, 32, 32), torch.zeros(2))
+    with pytest.raises(ValueError):
+        ImageSet(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(3))

@@ -1,0 +1,312 @@
+"""ECLIPSE end to end at tiny scale on real CIFAR-10 images: train_diffusion.py,
+purification.py and train.py, including resumption and every bad-input path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import purification
+import train
+import train_diffusion
+import utils.purify as purify_mod
+from utils.data import read_eclipse_pkl, write_eclipse_pkl
+from utils.diffusion_setup import load_diffusion_spec
+from utils.purify import _truncated_process, noise_and_denoise, purify_dataset
+
+TINY_CFG = "config/eclipse/cpu.yml"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _random_unet(seed=0):
+    spec = load_diffusion_spec(TINY_CFG)
+    torch.manual_seed(seed)
+    model = spec.build_model()
+    for p in model.parameters():  # the zero-initialised output layers would make denoising trivial
+        p.data.normal_(0, 0.02)
+    return spec, model.eval()
+
+
+def _setup_work(tmp_path, data, sparse_set="tiny", iteration=5):
+    write_eclipse_pkl(tmp_path / "poisoned_data" / "cifar10" / "URP.pkl", data)
+    spec, model = _random_unet()
+    ckpt = tmp_path / "diff_ckpt" / "cifar10" / sparse_set / f"ema_0.9999_{iteration}.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save(model.state_dict(), ckpt)
+    return ckpt
+
+
+def _err(capsys):
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# --------------------------------------------------------------------------- purification core
+
+
+def test_respaced_purification_keeps_the_noise_level():
+    spec, model = _random_unet()
+    base = spec.build_diffusion()
+    proc = _truncated_process(base, 100, 10)
+    assert proc.num_timesteps == 10
+    assert proc.alphas_cumprod[-1] == pytest.approx(base.alphas_cumprod[99], rel=1e-12)
+    calls = []
+    x0 = torch.zeros(2, 3, 32, 32)
+    noise_and_denoise(lambda x, t: calls.append(t) or model(x, t), base, x0, 100, respace=10)
+    assert len(calls) == 10
+    assert calls[0][0].item() == pytest.approx(99 * 1000 / 4000)  # first reverse step: original step 99, rescaled
+    _, kept = noise_and_denoise(model, base, x0, 6, keep_last=3)
+    assert len(kept) == 3
+
+
+def test_purify_dataset_resumes_and_shards(tmp_path, small_train):
+    spec, model = _random_unet()
+    base = spec.build_diffusion()
+    images = small_train.images[:20]
+    kw = dict(batch_size=8, seed=7, bf16=False)
+    full = purify_dataset(model, base, images, 3, tmp_path / "a", **kw)
+    assert full.shape == images.shape and full.dtype == torch.uint8
+    (tmp_path / "a" / "part_00001.pt").unlink()  # a batch lost to a crash is redone identically
+    assert torch.equal(purify_dataset(model, base, images, 3, tmp_path / "a", **kw), full)
+    assert purify_dataset(model, base, images, 3, tmp_path / "b", rank=1, world=2, **kw) is None
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["part_00001.pt"]
+    assert torch.equal(purify_dataset(model, base, images, 3, tmp_path / "b", rank=0, world=2, **kw), full)
+
+
+# --------------------------------------------------------------------------- purification.py
+
+
+def test_purification_cli(tmp_path, small_train, capsys):
+    data = small_train.subset(torch.arange(0, 400, 20))  # 20 images, labels in order of the input
+    _setup_work(tmp_path, data)
+    argv = [
+        "--poison",
+        "URP",
+        "--config",
+        TINY_CFG,
+        "--sparse_set",
+        "tiny",
+        "--sparse_diff_model",
+        "ema_0.9999_5.pt",
+        "--t",
+        "4",
+        "--batch_size",
+        "8",
+        "--work_dir",
+        str(tmp_path),
+    ]
+    purification.main(argv)
+    out = tmp_path / "purified_data" / "cifar10" / "tiny" / "4" / "5"
+    pure = read_eclipse_pkl(out / "URP-pure.pkl")
+    assert torch.equal(pure.labels, data.labels)  # input order is kept
+    assert not torch.equal(pure.images, data.images)
+    summary = json.loads((out / "URP-pure.json").read_text())
+    assert summary["images"] == 20 and summary["reverse_steps"] == 4 and summary["noise_std"] > 0
+    assert (out / "URP-pure.png").stat().st_size > 0 and (out / "URP-pure.log").is_file()
+    assert not any(p.name.startswith(".") for p in out.iterdir())  # batch parts cleaned up
+
+    before = (out / "URP-pure.pkl").read_bytes()
+    with pytest.raises(SystemExit):
+        purification.main(argv)
+    assert "already exists; pass --overwrite" in _err(capsys)
+    assert (out / "URP-pure.pkl").read_bytes() == before
+    purification.main(argv + ["--respace", "2", "--overwrite"])
+    assert json.loads((out / "URP-pure.json").read_text())["reverse_steps"] == 2
+
+
+def test_killed_purification_resumes(tmp_path, small_train, monkeypatch, capsys):
+    data = small_train.subset(torch.arange(24))
+    argv = [
+        "--poison",
+        "URP",
+        "--config",
+        TINY_CFG,
+        "--sparse_set",
+        "tiny",
+        "--sparse_diff_model",
+        "ema_0.9999_5.pt",
+        "--t",
+        "3",
+        "--batch_size",
+        "8",
+        "--bf16",
+        "false",
+    ]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    _setup_work(ref_dir, data)
+    _setup_work(run_dir, data)
+    purification.main(argv + ["--work_dir", str(ref_dir)])
+
+    real, calls = purify_mod.noise_and_denoise, []
+
+    def dies_on_second_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(purify_mod, "noise_and_denoise", dies_on_second_batch)
+    with pytest.raises(SystemExit) as e:
+        purification.main(argv + ["--work_dir", str(run_dir)])
+    assert e.value.code == 130
+    monkeypatch.setattr(purify_mod, "noise_and_denoise", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls.clear()
+    purification.main(argv + ["--work_dir", str(run_dir)])
+    assert len(calls) == 2  # only the two unfinished batches were purified again
+    rel = "purified_data/cifar10/tiny/3/5/URP-pure.pkl"
+    assert (run_dir / rel).read_bytes() == (ref_dir / rel).read_bytes()
+
+
+def test_purification_bad_inputs(tmp_path, small_train, capsys):
+    base = ["--work_dir", str(tmp_path), "--config", TINY_CFG]
+    with pytest.raises(SystemExit):
+        purification.main(base + ["--poison", "EM"])
+    msg = _err(capsys)
+    assert "poisoned dataset not found" in msg and "poison.py --poison EM" in msg
+    _setup_work(tmp_path, small_train.subset(torch.arange(4)))
+    with pytest.raises(SystemExit):
+        purification.main(base + ["--poison", "URP", "--sparse_set", "nope"])
+    msg = _err(capsys)
+    assert "diffusion checkpoint not found" in msg and "train_diffusion.py" in msg
+    with pytest.raises(SystemExit):
+        purification.main(base + ["--poison", "URP", "--t", "0"])
+    assert "--t must be >= 1" in _err(capsys)
+    with pytest.raises(SystemExit):
+        purification.main(["--config", "nope.yml", "--work_dir", str(tmp_path)])
+    assert "'nope.yml' not found" in _err(capsys)
+    # a checkpoint of another architecture is named, not a traceback
+    ckpt = tmp_path / "diff_ckpt/cifar10/tiny/ema_0.9999_5.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, ckpt)
+    with pytest.raises(SystemExit):
+        purification.main(
+            base + ["--poison", "URP", "--sparse_set", "tiny", "--sparse_diff_model", ckpt.name, "--t", "2"]
+        )
+    assert "does not match the configured model" in _err(capsys)
+
+
+# --------------------------------------------------------------------------- train_diffusion.py
+
+
+def _td_args(tmp_path, iterations, extra=()):
+    return [
+        "--config",
+        TINY_CFG,
+        "--num_clean",
+        "32",
+        "--replicas",
+        "2",
+        "--iterations",
+        str(iterations),
+        "--batch_size",
+        "8",
+        "--save_interval",
+        "2",
+        "--log_interval",
+        "1",
+        "--work_dir",
+        str(tmp_path),
+        *extra,
+    ]
+
+
+def test_train_diffusion_resumes_exactly(tmp_path):
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    train_diffusion.main(_td_args(straight, 4))
+    train_diffusion.main(_td_args(resumed, 2))
+    train_diffusion.main(_td_args(resumed, 4))
+    run = "diff_ckpt/cifar10/test32ps64"
+    a = torch.load(straight / run / "ema_0.9999_4.pt", weights_only=True)
+    b = torch.load(resumed / run / "ema_0.9999_4.pt", weights_only=True)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    files = {p.name for p in (resumed / run).iterdir()}
+    assert {"ema_0.9999_2.pt", "ema_0.9999_4.pt", "model_4.pt", "opt_4.pt", "sparse_set.json", "loss.png"} <= files
+    assert "model_2.pt" not in files  # only the newest resumption state is kept
+    idx = json.loads((resumed / run / "sparse_set.json").read_text())["indices"]
+    assert len(idx) == 32 and len(set(idx)) == 32
+    steps = [line.split(",")[0] for line in (resumed / run / "progress.csv").read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3", "4"]
+
+
+def test_train_diffusion_refuses_mixed_runs(tmp_path, capsys):
+    train_diffusion.main(_td_args(tmp_path, 1))
+    with pytest.raises(SystemExit):
+        train_diffusion.main(_td_args(tmp_path, 2, ["--lr", "0.5"]))
+    assert "holds a run with other training settings" in _err(capsys)
+    with pytest.raises(SystemExit):
+        train_diffusion.main(_td_args(tmp_path, 2, ["--num_clean", "20000"]))
+    assert "exceeds the 10000 images" in _err(capsys)
+    with pytest.raises(SystemExit):
+        train_diffusion.main(_td_args(tmp_path, 0))
+    assert "--iterations must be >= 1" in _err(capsys)
+
+
+def test_train_diffusion_ddp_two_processes(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        "train_diffusion.py",
+        *_td_args(tmp_path, 2, ["--config", "config/ddpm/cpu.yml"]),
+    ]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = tmp_path / "diff_ckpt/cifar10/test32ps64"
+    assert (run / "ema_0.9999_2.pt").is_file()
+    state = torch.load(run / "opt_2.pt", weights_only=True)
+    assert len(state["rng"]) == 2  # both ranks' RNG states, for an exact resume
+    assert "world size 2" in (run / "train.log").read_text()
+
+
+# --------------------------------------------------------------------------- train.py
+
+
+def test_train_cli(tmp_path, small_train, capsys):
+    _setup_work(tmp_path, small_train.subset(torch.arange(0, 400, 4)))
+    common = [
+        "--arch",
+        "resnet18",
+        "--width",
+        "8",
+        "--epochs",
+        "2",
+        "--test_every",
+        "1",
+        "--test_subset",
+        "100",
+        "--work_dir",
+        str(tmp_path),
+    ]
+    train.main(["--poison", "URP", *common])
+    train.main(["--poison", "URP", "--defense", "grayscale", *common])
+    train.main(["--poison", "clean", "--subset", "100", *common])
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("pure,arch,poison,sparse_set,t,p,std,acc")
+    assert len(rows) == 4 and rows[2].split(",")[8] == "grayscale"
+    res = json.loads((tmp_path / "runs/train/URP-none-resnet18-w8-s0/result.json").read_text())
+    assert res["n_train"] == 100 and len(res["history"]) == 2 and 0 <= res["final_test_acc"] <= 100
+    assert "test_acc" in res["history"][0]
+    assert (tmp_path / "runs/train/URP-none-resnet18-w8-s0/curves.png").is_file()
+    train.main(["--poison", "URP", *common])  # finished: reported, not re-run
+    assert "is finished" in capsys.readouterr().out
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 4
+
+
+def test_train_bad_inputs(tmp_path, capsys):
+    cases = [
+        (["--poison", "EM", "--pure"], "purified dataset not found"),
+        (["--poison", "EM", "--pure", "--defense", "jpeg"], "alternative defences"),
+        (["--poison", "EM"], "poison.py --poison EM"),
+        (["--poison", "clean", "--p", "1.5"], "--p must be a probability"),
+        (["--poison", "clean", "--epochs", "0"], "--epochs must be >= 1"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit):
+            train.main(argv + ["--work_dir", str(tmp_path)])
+        assert message in _err(capsys)
