@@ -102,7 +102,7 @@ def test_eclipse_diffusion_arithmetic(fixtures_dir):
         t = torch.full((c["x_start"].shape[0],), c["t"], dtype=torch.long)
         seen = []
 
-        def stand_in(x, ts, out=c["model_output"]):
+        def stand_in(x, ts, out=c["model_output"], seen=seen):
             seen.append(ts)
             return out
 
@@ -141,7 +141,9 @@ def test_ddpm_denoising_step(fixtures_dir):
     for c in f["cases"]:
         t = torch.full((c["x_t"].shape[0],), c["t"], dtype=torch.long)
         seen = []
-        out = diffusion.p_sample(lambda x, ts, o=c["model_output"]: seen.append(ts) or o, c["x_t"], t, noise=c["noise"])
+        out = diffusion.p_sample(
+            lambda x, ts, o=c["model_output"], seen=seen: seen.append(ts) or o, c["x_t"], t, noise=c["noise"]
+        )
         torch.testing.assert_close(out["sample"], c["sample"], atol=1e-6, rtol=0)
         torch.testing.assert_close(out["pred_xstart"], c["pred_xstart"], atol=1e-6, rtol=0)
         assert torch.equal(seen[0], t)  # the DDPM sees raw integer steps
