@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from utils.data import ImageSet, read_eclipse_pkl, write_eclipse_pkl
-from utils.diffusion_setup import load_diffusion_model, load_diffusion_spec
+from utils.diffusion_setup import diffusion_train_command, load_diffusion_model, load_diffusion_spec
 from utils.fileio import UserError, atomic_write_json, cli_main, refuse_overwrite, setup_logging
 from utils.paths import REPO_ROOT, diff_ckpt_dir, poisoned_file, purified_file, work_dir
 from utils.plots import amplified_difference, save_image_grid
@@ -104,10 +104,8 @@ def main(argv=None) -> None:
     if not src.is_file():
         raise UserError(f"poisoned dataset not found: {src}; craft it with `python poison.py --poison {args.poison}`")
     if not ckpt.is_file():
-        raise UserError(
-            f"diffusion checkpoint not found: {ckpt}; train it with "
-            f"`python train_diffusion.py --config {config} --sparse_set {args.sparse_set} --iterations {iteration}`"
-        )
+        cmd = diffusion_train_command(args.config, args.sparse_set, args.sparse_diff_model)
+        raise UserError(f"diffusion checkpoint not found: {ckpt}; train it with `{cmd}`")
     refuse_overwrite(dst, args.overwrite)
 
     device = resolve_device(args.device)

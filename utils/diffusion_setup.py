@@ -212,3 +212,23 @@ def load_diffusion_model(spec: DiffusionSpec, ckpt: str | Path, device: torch.de
     state = safe_torch_load(ckpt, "diffusion checkpoint", hint)
     load_state_dict_strict(model, state, ckpt)
     return model.eval().requires_grad_(False).to(device)
+
+
+def diffusion_train_command(config: str | Path, sparse_set: str, checkpoint_name: str) -> str:
+    """The ``train_diffusion.py`` command that produces ``diff_ckpt/cifar10/<sparse_set>/<checkpoint_name>``."""
+    import re
+
+    parts = [f"python train_diffusion.py --config {config}"]
+    m = re.fullmatch(r"(test|train)(\d+)ps(\d+)", sparse_set)
+    if m and int(m.group(3)) % int(m.group(2)) == 0:
+        source, n, total = m.group(1), int(m.group(2)), int(m.group(3))
+        if (source, n, total) != ("test", 2000, 8000):
+            parts.append(f"--source {source} --num_clean {n} --replicas {total // n}")
+    else:
+        parts.append(f"--sparse_set {sparse_set}")
+    m = re.fullmatch(r"ema_([0-9.]+)_(\d+)\.pt", checkpoint_name)
+    if m:
+        if m.group(1) != "0.9999":
+            parts.append(f"--ema_rate {m.group(1)}")
+        parts.append(f"--iterations {int(m.group(2))}")
+    return " ".join(parts)
