@@ -1,0 +1,230 @@
+"""Poisoned CIFAR-10 training and test sets for the nine backdoor attacks.
+
+``build_backdoor_data(attack, cfg, train, test, device, resource_dir)`` follows
+BackdoorBench v1's conventions:
+
+* poisoned-index selection: dirty-label all2one draws ``round(pratio * N)`` training
+  samples from the non-target classes, all2all draws from every class, clean-label
+  attacks (SIG, LC) draw ``round(pratio * N)`` from the target class (capped at its
+  size). The draw uses ``numpy.random.default_rng(random_seed)``, so it is reproducible.
+* labels: all2one relabels a poisoned sample to ``attack_target``; all2all to
+  ``(y + 1) % 10``; clean-label attacks keep the true label.
+* test sets: ``test_bd`` holds the triggered test images (non-target classes for
+  all2one, every class for all2all) labelled with the attack target(s), for the attack
+  success rate; ``test_ra`` is the same images with their true labels.
+
+The triggers themselves live in ``utils.triggers.<attack>``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils.data import NUM_CLASSES, ImageSet
+from utils.fileio import UserError
+from utils.triggers import TRIGGERS, get_trigger
+
+
+@dataclass
+class AttackSpec:
+    name: str
+    clean_label: bool  # only target-class samples are poisoned and labels stay unchanged
+    supports_all2all: bool
+    defaults: dict  # attack-specific config keys -> BackdoorBench v1 default
+    help: dict  # key -> one-line description
+
+
+ATTACKS: dict[str, AttackSpec] = {
+    name: AttackSpec(
+        name=name,
+        clean_label=cls.clean_label,
+        supports_all2all=cls.supports_all2all,
+        defaults=dict(cls.defaults),
+        help=dict(cls.help),
+    )
+    for name, cls in TRIGGERS.items()
+}
+
+# keys every attack shares (BackdoorBench v1 defaults, DataElixir's seed)
+COMMON_DEFAULTS: dict[str, Any] = {
+    "attack_target": 0,
+    "attack_label_trans": "all2one",
+    "pratio": 0.1,
+    "random_seed": 2022,
+}
+COMMON_HELP: dict[str, str] = {
+    "attack_target": "target class of an all2one attack (0-9)",
+    "attack_label_trans": "all2one (every poisoned sample -> attack_target) or all2all (y -> (y+1) % 10)",
+    "pratio": "poisoning ratio in (0, 1]: round(pratio * N) training samples carry the trigger",
+    "random_seed": "seed of the poisoned-index draw and of every random choice of the attack",
+}
+
+
+@dataclass
+class BackdoorData:
+    train: ImageSet  # poisoned training set, labels as the attacker set them
+    original_labels: torch.Tensor  # int64 [N] true labels of the training set
+    poison_indicator: torch.Tensor  # bool [N], True where the image carries the trigger
+    test_clean: ImageSet  # clean test set (BA)
+    test_bd: ImageSet  # triggered test images labelled with the attack target(s) (ASR)
+    test_ra: ImageSet  # the same triggered images with their true labels (RA)
+    info: dict  # JSON-able description of the attack and its run
+
+
+def _common(cfg: dict) -> tuple[int, str, float, int]:
+    def get(key: str) -> Any:
+        v = cfg.get(key)
+        return COMMON_DEFAULTS[key] if v is None else v
+
+    try:
+        target = get("attack_target")
+        if isinstance(target, bool) or float(target) != int(float(target)):
+            raise ValueError
+        target = int(float(target))
+    except (TypeError, ValueError):
+        raise UserError(f"attack_target must be an integer class index, got {cfg.get('attack_target')!r}") from None
+    if not 0 <= target < NUM_CLASSES:
+        raise UserError(f"attack_target must be in 0..{NUM_CLASSES - 1}, got {target}")
+    trans = str(get("attack_label_trans"))
+    if trans not in ("all2one", "all2all"):
+        raise UserError(f"attack_label_trans must be 'all2one' or 'all2all', got {trans!r}")
+    try:
+        pratio = float(get("pratio"))
+    except (TypeError, ValueError):
+        raise UserError(f"pratio must be a number in (0, 1], got {cfg.get('pratio')!r}") from None
+    if not 0 < pratio <= 1:
+        raise UserError(f"pratio must be in (0, 1], got {pratio}")
+    try:
+        seed = get("random_seed")
+        if isinstance(seed, bool) or float(seed) != int(float(seed)):
+            raise ValueError
+        seed = int(float(seed))
+    except (TypeError, ValueError):
+        raise UserError(f"random_seed must be an integer, got {cfg.get('random_seed')!r}") from None
+    return target, trans, pratio, seed
+
+
+def attack_targets(labels: torch.Tensor, target: int, label_trans: str) -> torch.Tensor:
+    """The label an attacker assigns to a triggered sample of true class ``labels``."""
+    if label_trans == "all2all":
+        return (labels + 1) % NUM_CLASSES
+    return torch.full_like(labels, target)
+
+
+def select_poison_indices(
+    labels: torch.Tensor,
+    pratio: float,
+    target: int,
+    label_trans: str,
+    clean_label: bool,
+    seed: int,
+    log: Callable[[str], None] = print,
+) -> np.ndarray:
+    """Sorted indices of the training samples that get the trigger (BackdoorBench v1 rule)."""
+    y = np.asarray(labels)
+    n_want = int(round(pratio * len(y)))
+    if clean_label:
+        pool = np.flatnonzero(y == target)
+        what = f"target class {target}"
+    elif label_trans == "all2one":
+        pool = np.flatnonzero(y != target)
+        what = "the non-target classes"
+    else:
+        pool = np.arange(len(y))
+        what = "all classes"
+    if n_want > len(pool):
+        log(f"note: round(pratio * N) = {n_want} but {what} hold only {len(pool)} samples; poisoning all {len(pool)}")
+        n_want = len(pool)
+    if n_want == 0:
+        raise UserError(
+            f"pratio {pratio} poisons no sample of {what} ({len(y)} training images, {len(pool)} eligible); "
+            "raise pratio or use more data"
+        )
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(pool, size=n_want, replace=False))
+
+
+def build_backdoor_data(
+    attack: str,
+    cfg: dict,
+    train: ImageSet,
+    test: ImageSet,
+    device: torch.device,
+    resource_dir: Path,
+    log: Callable[[str], None] = print,
+) -> BackdoorData:
+    """Poison ``train`` with ``attack`` and build the clean, backdoor and robust test sets.
+
+    ``cfg`` holds the common keys (``COMMON_DEFAULTS``) and the attack's own keys
+    (``ATTACKS[attack].defaults``); other keys are ignored. Auxiliary models are trained
+    or loaded under ``resource_dir/<attack>/``. Bad values raise ``UserError``."""
+    cls = get_trigger(attack)
+    target, trans, pratio, seed = _common(cfg)
+    if trans == "all2all" and not cls.supports_all2all:
+        kind = "a clean-label attack (only target-class samples are poisoned)" if cls.clean_label else "all2one only"
+        raise UserError(f"{attack} is {kind}; attack_label_trans must be all2one, not all2all")
+    trigger = cls(cfg, seed=seed, target=target, label_trans=trans, pratio=pratio)
+    timings: dict[str, float] = {}
+
+    t0 = time.time()
+    trigger.prepare(train, device, Path(resource_dir), log)
+    timings["prepare_s"] = round(time.time() - t0, 3)
+
+    t0 = time.time()
+    idx = select_poison_indices(train.labels, pratio, target, trans, cls.clean_label, seed, log)
+    idx_t = torch.from_numpy(idx).long()
+    if cls.clean_label:
+        new_labels = train.labels[idx_t].clone()
+    else:
+        new_labels = attack_targets(train.labels[idx_t], target, trans)
+    images, labels, extra = trigger.poison_train(train, idx_t, new_labels, log)
+    poison_indicator = torch.zeros(len(train), dtype=torch.bool)
+    poison_indicator[idx_t] = True
+    timings["poison_train_s"] = round(time.time() - t0, 3)
+
+    t0 = time.time()
+    keep = torch.ones(len(test), dtype=torch.bool) if trans == "all2all" else test.labels != target
+    bd_src = test.subset(torch.nonzero(keep).flatten())
+    bd_images = trigger.apply_batched(bd_src.images, train=False)
+    test_bd = ImageSet(bd_images, attack_targets(bd_src.labels, target, trans))
+    test_ra = ImageSet(bd_images.clone(), bd_src.labels.clone())
+    timings["poison_test_s"] = round(time.time() - t0, 3)
+
+    per_class = torch.bincount(train.labels[idx_t], minlength=NUM_CLASSES).tolist()
+    info: dict[str, Any] = {
+        "attack": attack,
+        "clean_label": cls.clean_label,
+        "attack_target": target,
+        "attack_label_trans": trans,
+        "pratio": pratio,
+        "random_seed": seed,
+        **trigger.info(),
+        "n_train": len(train),
+        "n_poisoned": int(len(idx)),
+        "poisoned_per_class": per_class,
+        "n_relabelled": int((labels != train.labels).sum()),
+        "n_test_clean": len(test),
+        "n_test_bd": len(test_bd),
+        **extra,
+        "timings": timings,
+    }
+    log(
+        f"{attack}: poisoned {len(idx)}/{len(train)} training images ({trans}, target {target}); "
+        f"{len(test_bd)} triggered test images"
+    )
+    return BackdoorData(
+        train=ImageSet(images, labels),
+        original_labels=train.labels.clone(),
+        poison_indicator=poison_indicator,
+        test_clean=test,
+        test_bd=test_bd,
+        test_ra=test_ra,
+        info=info,
+    )

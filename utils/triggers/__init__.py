@@ -1,0 +1,207 @@
+"""Backdoor triggers: one module per attack, a shared base class and a registry.
+
+Every trigger works on batched ``uint8 [N, 3, 32, 32]`` tensors and returns the same
+dtype and shape. ``prepare`` trains or loads whatever auxiliary model the trigger needs
+(a no-op for static triggers); ``apply`` is deterministic: the same input and settings
+give the same bytes. ``poison_train`` builds the poisoned training images; attacks
+whose training recipe mixes in "cross" (noise-mode) samples override it.
+
+Auxiliary models are cached under ``resource_dir/<attack>/<key>/`` where ``key`` hashes
+every setting that changes the model (including a fingerprint of the training images),
+so a cache written with other settings is never silently reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from utils.data import ImageSet
+from utils.fileio import UserError, atomic_write_json
+from utils.runtime import str2bool
+
+Log = Callable[[str], None]
+
+
+class Trigger:
+    """Base class. Subclasses set the class attributes and implement ``apply``."""
+
+    name: ClassVar[str] = ""
+    clean_label: ClassVar[bool] = False
+    supports_all2all: ClassVar[bool] = True
+    defaults: ClassVar[dict[str, Any]] = {}
+    help: ClassVar[dict[str, str]] = {}
+    # images per chunk handed to the device by ``apply_batched``
+    chunk: ClassVar[int] = 1024
+
+    def __init__(
+        self,
+        params: dict[str, Any],
+        seed: int = 2022,
+        target: int = 0,
+        label_trans: str = "all2one",
+        pratio: float = 0.1,
+    ):
+        self.params = coerce_params(self.name, self.defaults, params)
+        self.seed = int(seed)
+        self.pratio = float(pratio)
+        self.target = int(target)
+        self.label_trans = label_trans
+        self.device = torch.device("cpu")
+        self.aux_info: dict[str, Any] = {}
+        self.validate()
+
+    # ------------------------------------------------------------------ hooks
+    def validate(self) -> None:
+        """Raise ``UserError`` for a bad parameter value."""
+
+    def prepare(self, train: ImageSet, device: torch.device, resource_dir: Path, log: Log = print) -> None:
+        """Train or load auxiliary models; static triggers only remember the device."""
+        self.device = device
+
+    def apply(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """Triggered copies of ``images`` (uint8 [B,3,32,32] on any device).
+
+        ``train=True`` asks for the training-time poison where it differs from the
+        test-time trigger (label-consistent adds its adversarial perturbation then)."""
+        raise NotImplementedError
+
+    def poison_train(
+        self, train: ImageSet, poison_idx: torch.Tensor, new_labels: torch.Tensor, log: Log = print
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Poisoned training images and labels, plus JSON-able extras for ``info``."""
+        images = train.images.clone()
+        labels = train.labels.clone()
+        if len(poison_idx):
+            images[poison_idx] = self.apply_batched(train.images[poison_idx], train=True)
+            labels[poison_idx] = new_labels
+        return images, labels, {}
+
+    # ------------------------------------------------------------------ helpers
+    def apply_batched(self, images: torch.Tensor, train: bool = False, desc: str | None = None) -> torch.Tensor:
+        """``apply`` over chunks on ``self.device``; returns CPU uint8 in input order."""
+        out = torch.empty_like(images, device="cpu")
+        starts = range(0, len(images), self.chunk)
+        if desc and len(images) > self.chunk:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc=desc, leave=False, dynamic_ncols=True)
+        for i in starts:
+            out[i : i + self.chunk] = self.apply(images[i : i + self.chunk].to(self.device), train=train).cpu()
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return {"params": dict(self.params), **({"aux": self.aux_info} if self.aux_info else {})}
+
+
+# ---------------------------------------------------------------------- parameters
+
+
+def coerce_params(attack: str, defaults: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The attack's own keys from ``params`` (defaults for missing ones), cast to the
+    default's type; other keys are ignored because the config also holds training keys."""
+    out: dict[str, Any] = {}
+    for key, default in defaults.items():
+        value = params.get(key, default)
+        if value is None:
+            value = default
+        out[key] = _cast(attack, key, value, default)
+    return out
+
+
+def _cast(attack: str, key: str, value: Any, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            return str2bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if isinstance(default, list):
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, list | tuple):
+                raise ValueError
+            return [list(v) if isinstance(v, list | tuple) else v for v in value]
+        if isinstance(default, str):
+            return "" if value is None else str(value)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        pass
+    else:
+        return value
+    raise UserError(f"{attack}: {key} must be {type(default).__name__}-valued (like {default!r}), got {value!r}")
+
+
+def require(cond: bool, message: str) -> None:
+    if not cond:
+        raise UserError(message)
+
+
+# ---------------------------------------------------------------------- aux-model cache
+
+
+def data_fingerprint(data: ImageSet) -> str:
+    h = hashlib.sha1()
+    h.update(np.ascontiguousarray(data.images.numpy()).tobytes())
+    h.update(np.ascontiguousarray(data.labels.numpy()).tobytes())
+    return h.hexdigest()[:16]
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def cache_dir(resource_dir: Path, attack: str, settings: dict[str, Any], prefix: str = "") -> Path:
+    """``resource_dir/<attack>/<prefix><hash of settings>/`` with the settings written
+    beside the model, so a user can see what a cache was made with."""
+    path = Path(resource_dir) / attack / f"{prefix}{settings_key(settings)}"
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / "settings.json").is_file():
+        atomic_write_json(path / "settings.json", settings)
+    return path
+
+
+def aux_subset(train: ImageSet, n: int, seed: int) -> ImageSet:
+    """The images an auxiliary model trains on: all (``n <= 0``) or a class-balanced subset."""
+    from utils.data import class_balanced_subset
+
+    if n <= 0 or n >= len(train):
+        return train
+    return train.subset(class_balanced_subset(train.labels, n, seed))
+
+
+# ---------------------------------------------------------------------- registry
+
+
+_MODULES = ("badnet", "blended", "sig", "lc", "lf", "ssba", "inputaware", "wanet", "ftrojan")
+
+
+def _registry() -> dict[str, type[Trigger]]:
+    import importlib
+
+    out: dict[str, type[Trigger]] = {}
+    for mod in _MODULES:
+        cls = importlib.import_module(f"utils.triggers.{mod}").TRIGGER
+        out[cls.name] = cls
+    return out
+
+
+TRIGGERS: dict[str, type[Trigger]] = _registry()
+
+
+def get_trigger(name: str) -> type[Trigger]:
+    if name not in TRIGGERS:
+        raise UserError(f"unknown attack {name!r}; choose from {', '.join(TRIGGERS)}")
+    return TRIGGERS[name]

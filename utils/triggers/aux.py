@@ -1,0 +1,153 @@
+"""Shared pieces of the attacks that train an auxiliary model (LC, LF, SSBA, Input-aware).
+
+* ``AUX_DEFAULTS`` / ``AUX_HELP``: the keys that size the auxiliary training, with a
+  CPU-scale preset (``CPU_SCALE``) that keeps each auxiliary model to a few minutes on
+  two cores.
+* ``Resumable``: a checkpoint file holding the settings it was written with; a file
+  written with other settings is ignored (and reported), never silently reused.
+* ``train_aux_classifier``: a cached, resumable classifier on (a subset of) the
+  attacker's training set, through ``utils.trainer.train_classifier``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from models import build_classifier
+from utils.augment import standard_augment
+from utils.data import NUM_CLASSES, ImageSet
+from utils.fileio import atomic_torch_save, safe_torch_load
+from utils.trainer import Normalized, TrainConfig, train_classifier
+from utils.triggers import Log, aux_subset, cache_dir, data_fingerprint, require
+
+AUX_HELP = {
+    "aux_arch": "architecture of the auxiliary classifier (resnet18, preactresnet18, vgg16, ...)",
+    "aux_width": "base width of the auxiliary networks (64 = paper size; 16 = CPU scale)",
+    "aux_epochs": "training epochs of the auxiliary model",
+    "aux_subset": "training images the auxiliary model sees (class-balanced; 0 = the whole training set)",
+    "aux_batch_size": "batch size of the auxiliary training",
+    "aux_lr": "learning rate of the auxiliary training",
+}
+
+# what we recommend for a 2-core CPU (each auxiliary model trains in a few minutes)
+CPU_SCALE: dict[str, dict[str, Any]] = {
+    "lc": {"aux_width": 16, "aux_epochs": 6, "aux_subset": 5000, "at_steps": 2, "at_alpha": 4.0, "adv_steps": 20},
+    "lf": {"aux_width": 16, "aux_epochs": 15, "aux_subset": 5000, "lf_max_passes": 5, "lf_max_iter_df": 50},
+    "ssba": {"aux_width": 16, "aux_epochs": 10, "aux_subset": 5000, "aux_lr": 0.001},
+    "inputaware": {"aux_width": 16, "aux_epochs": 6, "aux_subset": 5000, "mask_epochs": 2},
+}
+
+
+def check_aux(name: str, p: dict[str, Any]) -> None:
+    from models import CLASSIFIERS
+
+    if "aux_arch" in p:
+        require(
+            p["aux_arch"] in CLASSIFIERS,
+            f"{name}: aux_arch must be one of {', '.join(CLASSIFIERS)}, got {p['aux_arch']!r}",
+        )
+    require(1 <= p["aux_width"] <= 512, f"{name}: aux_width must be in 1..512, got {p['aux_width']}")
+    require(p["aux_epochs"] >= 1, f"{name}: aux_epochs must be >= 1, got {p['aux_epochs']}")
+    require(p["aux_subset"] >= 0, f"{name}: aux_subset must be >= 0 (0 = all training images), got {p['aux_subset']}")
+    require(p["aux_batch_size"] >= 2, f"{name}: aux_batch_size must be >= 2, got {p['aux_batch_size']}")
+    require(p["aux_lr"] > 0, f"{name}: aux_lr must be > 0, got {p['aux_lr']}")
+
+
+class Resumable:
+    """A checkpoint at ``path`` that only counts when its settings equal ours."""
+
+    def __init__(self, path: Path, settings: dict[str, Any], log: Log = print, what: str = "checkpoint"):
+        self.path = Path(path)
+        self.settings = settings
+        self.log = log
+        self.what = what
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        state = safe_torch_load(self.path, self.what)
+        if not isinstance(state, dict) or state.get("settings") != self.settings:
+            self.log(f"ignoring {self.path}: it was written with other settings")
+            return None
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        atomic_torch_save({**state, "settings": self.settings}, self.path)
+
+
+def train_aux_classifier(
+    attack: str,
+    p: dict[str, Any],
+    train: ImageSet,
+    device: torch.device,
+    resource_dir: Path,
+    seed: int,
+    log: Log = print,
+    lr_schedule: str = "cosine",
+) -> tuple[nn.Module, dict[str, Any], Path]:
+    """A clean classifier (BackdoorBench recipe: SGD 0.9, wd 5e-4, cosine), cached in
+    ``resource_dir/<attack>/clf-<key>/model.pt`` (returned with its info and folder); its
+    per-epoch checkpoint makes an interrupted run resume."""
+    settings = {
+        "kind": "clean classifier",
+        "arch": p["aux_arch"],
+        "width": p["aux_width"],
+        "epochs": p["aux_epochs"],
+        "subset": p["aux_subset"],
+        "batch_size": p["aux_batch_size"],
+        "lr": p["aux_lr"],
+        "schedule": lr_schedule,
+        "seed": seed,
+        "data": data_fingerprint(train),
+    }
+    folder = cache_dir(resource_dir, attack, settings, "clf-")
+    model = Normalized(build_classifier(p["aux_arch"], NUM_CLASSES, p["aux_width"]))
+    final = Resumable(folder / "model.pt", settings, log, f"{attack} auxiliary classifier")
+    state = final.load()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        log(f"{attack}: loaded the auxiliary classifier from {final.path}")
+        return model.to(device).eval(), state["info"], folder
+    data = aux_subset(train, p["aux_subset"], seed)
+    cfg = TrainConfig(
+        epochs=p["aux_epochs"],
+        batch_size=min(p["aux_batch_size"], len(data)),
+        lr=p["aux_lr"],
+        momentum=0.9,
+        weight_decay=5e-4,
+        schedule=lr_schedule,
+        test_every=max(1, p["aux_epochs"]),
+        seed=seed,
+    )
+    history = train_classifier(
+        model,
+        data,
+        standard_augment,
+        cfg,
+        device,
+        checkpoint=folder / "train_ckpt.pt",
+        log=log,
+        desc=f"{attack} aux classifier",
+    )
+    info = {
+        "path": str(final.path),
+        "train_images": len(data),
+        # summed over the epochs, so a resumed run reports its whole training time
+        "train_seconds": round(sum(h["seconds"] for h in history), 1),
+        "final_train_acc": history[-1]["train_acc"] if history else None,
+    }
+    model.cpu()
+    final.save({"model": model.state_dict(), "info": info})
+    (folder / "train_ckpt.pt").unlink(missing_ok=True)
+    return model.to(device).eval(), info, folder
+
+
+def shuffled_batches(n: int, batch_size: int, g: torch.Generator) -> list[torch.Tensor]:
+    """A fresh permutation cut into full batches (the last partial one is dropped)."""
+    perm = torch.randperm(n, generator=g)
+    steps = max(1, n // batch_size)
+    return [perm[i * batch_size : (i + 1) * batch_size] for i in range(steps)]

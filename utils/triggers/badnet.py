@@ -1,0 +1,49 @@
+"""BadNets (Gu et al., 2017) as in BackdoorBench v1 on CIFAR-10: a 4x4 colour patch in
+the bottom-right corner (rows/cols 28-31) overwrites the pixels; dirty-label.
+
+The patch is generated here rather than read from BackdoorBench's
+``bottom_right_4by4_color.npy``: four 2x2 blocks, in reading order yellow (255,255,0),
+magenta (255,0,255), cyan (0,255,255) and grey (122,122,122). ``patch_size`` scales the
+blocks (each block is ``patch_size/2`` wide), always anchored at the bottom-right corner.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from utils.triggers import Trigger, require
+
+# reading order: top-left, top-right, bottom-left, bottom-right block
+PATCH_COLOURS = ((255, 255, 0), (255, 0, 255), (0, 255, 255), (122, 122, 122))
+
+
+def badnet_patch(size: int = 4) -> torch.Tensor:
+    """uint8 [3, size, size]: the four coloured blocks."""
+    half = size // 2
+    patch = torch.empty(3, size, size, dtype=torch.uint8)
+    for k, colour in enumerate(PATCH_COLOURS):
+        r, c = divmod(k, 2)
+        patch[:, r * half : (r + 1) * half, c * half : (c + 1) * half] = torch.tensor(colour, dtype=torch.uint8)[
+            :, None, None
+        ]
+    return patch
+
+
+class TriggerBadNet(Trigger):
+    name = "badnet"
+    defaults = {"patch_size": 4}
+    help = {"patch_size": "side of the bottom-right colour patch in pixels (even, 2-16; BackdoorBench: 4)"}
+
+    def validate(self) -> None:
+        s = self.params["patch_size"]
+        require(2 <= s <= 16 and s % 2 == 0, f"badnet: patch_size must be an even number in 2..16, got {s}")
+        self.patch = badnet_patch(s)
+
+    def apply(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
+        s = self.params["patch_size"]
+        out = images.clone()
+        out[:, :, -s:, -s:] = self.patch.to(images.device)
+        return out
+
+
+TRIGGER = TriggerBadNet

@@ -1,0 +1,88 @@
+"""Blended (Chen et al., 2017) as in BackdoorBench v1: a fixed full-size trigger image
+blended into the input, ``(1 - alpha) * x + alpha * t`` with alpha 0.2 for training and
+test; dirty-label. The result is truncated to uint8, as BackdoorBench's ``astype(uint8)``.
+
+BackdoorBench blends the Hello Kitty picture, which we cannot ship. By default the
+trigger is generated here (``blended_trigger``): a seeded sum of a few random 2-D plane
+waves of low spatial frequency per channel, min-max scaled to [0, 255] — a smooth,
+structured, image-like full-size pattern. ``attack_trigger_img_path`` replaces it with
+any image file (resized to 32x32 with bilinear filtering, like torchvision's ``Resize``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.fileio import UserError
+from utils.triggers import Trigger, require
+
+
+def blended_trigger(seed: int = 0, size: int = 32, waves: int = 6) -> torch.Tensor:
+    """uint8 [3, size, size]: a deterministic smooth pattern (same seed -> same bytes)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.meshgrid(np.arange(size) / size, np.arange(size) / size, indexing="ij")
+    img = np.zeros((3, size, size))
+    for _ in range(waves):
+        freq = rng.uniform(0.5, 4.0)  # cycles per image: smooth, but visibly structured
+        theta = rng.uniform(0, np.pi)
+        phase = rng.uniform(0, 2 * np.pi)
+        amp = rng.uniform(0.2, 1.0, size=3)
+        wave = np.sin(2 * np.pi * freq * (np.cos(theta) * xx + np.sin(theta) * yy) + phase)
+        img += amp[:, None, None] * wave[None]
+    lo, hi = img.min(axis=(1, 2), keepdims=True), img.max(axis=(1, 2), keepdims=True)
+    img = (img - lo) / np.maximum(hi - lo, 1e-12) * 255.0
+    return torch.from_numpy(np.round(img).astype(np.uint8))
+
+
+def load_trigger_image(path: str | Path) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"blended: attack_trigger_img_path {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((32, 32), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"blended: cannot read trigger image {path}: {e}") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+class TriggerBlended(Trigger):
+    name = "blended"
+    defaults = {
+        "attack_train_blended_alpha": 0.2,
+        "attack_test_blended_alpha": 0.2,
+        "attack_trigger_img_path": "",
+        "trigger_seed": 0,
+    }
+    help = {
+        "attack_train_blended_alpha": "blend weight of the trigger in poisoned training images (BackdoorBench: 0.2; DataElixir: 0.1)",
+        "attack_test_blended_alpha": "blend weight of the trigger in triggered test images (BackdoorBench: 0.2)",
+        "attack_trigger_img_path": "trigger image file (resized to 32x32); empty = the generated pattern (BackdoorBench: Hello Kitty)",
+        "trigger_seed": "seed of the generated trigger pattern (used when attack_trigger_img_path is empty)",
+    }
+
+    def validate(self) -> None:
+        for key in ("attack_train_blended_alpha", "attack_test_blended_alpha"):
+            a = self.params[key]
+            require(0 < a <= 1, f"blended: {key} must be in (0, 1], got {a}")
+        path = self.params["attack_trigger_img_path"]
+        self.pattern = load_trigger_image(path) if path else blended_trigger(self.params["trigger_seed"])
+
+    def apply(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
+        a = self.params["attack_train_blended_alpha" if train else "attack_test_blended_alpha"]
+        t = self.pattern.to(images.device).float()
+        out = (1 - a) * images.float() + a * t
+        return out.clamp_(0, 255).to(torch.uint8)
+
+    def info(self) -> dict:
+        src = self.params["attack_trigger_img_path"] or f"generated (trigger_seed {self.params['trigger_seed']})"
+        return {**super().info(), "trigger_image": src}
+
+
+TRIGGER = TriggerBlended

@@ -1,0 +1,289 @@
+"""Label-consistent attack (Turner et al., 2019) following BackdoorBench.
+
+Clean-label: only target-class training images are poisoned and keep their label.
+A poisoned training image is made hard to classify by an untargeted L-inf PGD attack
+on an adversarially trained model (eps 8/255, 100 steps of 1.5/255, no random start,
+truncated to uint8 — BackdoorBench's ``resource/label-consistent`` setting), and then
+carries the trigger: a 3x3 black/white checkerboard in each of the four corners
+(``all-corners``; ``bottom-right`` for one), added as +-255 * ``reduced_amplitude`` and
+clipped (BackdoorBench's ``labelConsistentAttack``, amplitude 1). Test images get the
+corner trigger only.
+
+The adversarially trained model (BackdoorBench downloads a ResNet18 PGD-trained one) is
+trained here: PGD adversarial training (Madry et al.; ``at_steps`` steps of
+``at_alpha``/255 within ``at_eps``/255, random start) with SGD, weight decay 5e-4 and a
+cosine schedule, checkpointed every epoch under ``resource_dir/lc/at-<key>/`` and
+reused afterwards. The adversarial copies of the poisoned images are cached beside it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models import build_classifier
+from utils.augment import standard_augment, to_float
+from utils.data import NUM_CLASSES, ImageSet
+from utils.runtime import autocast
+from utils.trainer import Normalized, TrainConfig, lr_at, make_optimizer
+from utils.triggers import Log, Trigger, aux_subset, cache_dir, data_fingerprint, require, settings_key
+from utils.triggers.aux import AUX_HELP, Resumable, check_aux, shuffled_batches
+
+# +1 -> white, -1 -> black; the top-left 3x3 pattern, mirrored for the right-hand corners
+_CORNER = torch.tensor([[1, -1, -1], [-1, 1, -1], [1, -1, 1]], dtype=torch.float32)
+
+
+def lc_trigger_mask(kind: str = "all-corners", size: int = 32) -> torch.Tensor:
+    """float [1,1,size,size] of -1/0/+1: where the corner checkerboards sit."""
+    m = torch.zeros(size, size)
+    right = _CORNER.flip(1)
+    if kind == "all-corners":
+        m[:3, :3] = _CORNER
+        m[-3:, :3] = _CORNER
+        m[:3, -3:] = right
+        m[-3:, -3:] = right
+    elif kind == "bottom-right":
+        m[-3:, -3:] = right
+    else:
+        raise ValueError(kind)
+    return m[None, None]
+
+
+def pgd_linf(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    random_start: bool,
+    g: torch.Generator | None = None,
+    bf16: bool = True,
+) -> torch.Tensor:
+    """Untargeted L-inf PGD on [0,1] images (maximises the cross-entropy of ``y``)."""
+    x = x.detach()
+    adv = x.clone()
+    if random_start:
+        noise = torch.rand(x.shape, generator=g, device=g.device if g is not None else "cpu").to(x.device)
+        adv = (adv + (noise * 2 - 1) * eps).clamp(0, 1)
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        with autocast(x.device, bf16):
+            loss = F.cross_entropy(model(adv).float(), y)
+        (grad,) = torch.autograd.grad(loss, adv)
+        adv = adv.detach() + alpha * grad.sign()
+        adv = (x + (adv - x).clamp(-eps, eps)).clamp(0, 1)
+    return adv.detach()
+
+
+class TriggerLC(Trigger):
+    name = "lc"
+    clean_label = True
+    supports_all2all = False
+    chunk = 256
+    defaults = {
+        "aux_arch": "resnet18",
+        "aux_width": 64,
+        "aux_epochs": 100,
+        "aux_subset": 0,
+        "aux_batch_size": 128,
+        "aux_lr": 0.1,
+        "at_eps": 8.0,
+        "at_alpha": 2.0,
+        "at_steps": 7,
+        "adv_eps": 8.0,
+        "adv_alpha": 1.5,
+        "adv_steps": 100,
+        "reduced_amplitude": 1.0,
+        "lc_trigger": "all-corners",
+    }
+    help = {
+        **AUX_HELP,
+        "aux_arch": "adversarially trained model the poisons are crafted on (BackdoorBench: resnet18)",
+        "at_eps": "adversarial training: L-inf radius on the 0-255 scale (Madry: 8)",
+        "at_alpha": "adversarial training: PGD step on the 0-255 scale (Madry: 2)",
+        "at_steps": "adversarial training: PGD steps per batch (Madry: 7)",
+        "adv_eps": "poison crafting: L-inf radius on the 0-255 scale (BackdoorBench: 8)",
+        "adv_alpha": "poison crafting: PGD step on the 0-255 scale (BackdoorBench: 1.5)",
+        "adv_steps": "poison crafting: PGD steps (BackdoorBench: 100)",
+        "reduced_amplitude": "trigger amplitude in [0, 1] (+-255 * amplitude, clipped; BackdoorBench: 1)",
+        "lc_trigger": "all-corners (3x3 checkerboard in every corner, BackdoorBench) or bottom-right",
+    }
+
+    def validate(self) -> None:
+        p = self.params
+        check_aux("lc", p)
+        for k in ("at_eps", "at_alpha", "adv_eps", "adv_alpha"):
+            require(0 <= p[k] <= 255, f"lc: {k} must be in [0, 255] (0-255 scale), got {p[k]}")
+        require(p["at_steps"] >= 0, f"lc: at_steps must be >= 0 (0 = plain training), got {p['at_steps']}")
+        require(p["adv_steps"] >= 0, f"lc: adv_steps must be >= 0, got {p['adv_steps']}")
+        require(
+            0 <= p["reduced_amplitude"] <= 1, f"lc: reduced_amplitude must be in [0, 1], got {p['reduced_amplitude']}"
+        )
+        require(
+            p["lc_trigger"] in ("all-corners", "bottom-right"),
+            f"lc: lc_trigger must be 'all-corners' or 'bottom-right', got {p['lc_trigger']!r}",
+        )
+        self.mask = lc_trigger_mask(p["lc_trigger"])
+        self.model: nn.Module | None = None
+        self.folder: Path | None = None
+
+    # ------------------------------------------------------------------ adversarial training
+    def prepare(self, train: ImageSet, device: torch.device, resource_dir: Path, log: Log = print) -> None:
+        self.device = device
+        p = self.params
+        settings = {
+            "kind": "PGD adversarial training",
+            **{k: p[k] for k in ("aux_arch", "aux_width", "aux_epochs", "aux_subset", "aux_batch_size", "aux_lr")},
+            **{k: p[k] for k in ("at_eps", "at_alpha", "at_steps")},
+            "seed": self.seed,
+            "data": data_fingerprint(train),
+        }
+        self.folder = cache_dir(resource_dir, "lc", settings, "at-")
+        model = Normalized(build_classifier(p["aux_arch"], NUM_CLASSES, p["aux_width"]))
+        final = Resumable(self.folder / "model.pt", settings, log, "lc adversarially trained model")
+        state = final.load()
+        if state is not None:
+            model.load_state_dict(state["model"])
+            log(f"lc: loaded the adversarially trained model from {final.path}")
+            info = state["info"]
+        else:
+            info = self._adv_train(model, aux_subset(train, p["aux_subset"], self.seed), device, settings, log)
+            model.cpu()
+            final.save({"model": model.state_dict(), "info": info})
+            (self.folder / "train_ckpt.pt").unlink(missing_ok=True)
+        self.model = model.to(device).eval()
+        for q in self.model.parameters():
+            q.requires_grad_(False)
+        self.aux_info = {"model": info}
+
+    def _adv_train(self, model: nn.Module, data: ImageSet, device: torch.device, settings: dict, log: Log) -> dict:
+        p = self.params
+        bs = min(p["aux_batch_size"], len(data))
+        cfg = TrainConfig(epochs=p["aux_epochs"], batch_size=bs, lr=p["aux_lr"], weight_decay=5e-4, schedule="cosine")
+        model.to(device)
+        opt = make_optimizer(model, cfg)
+        g = torch.Generator().manual_seed(self.seed)
+        aug_g = torch.Generator().manual_seed(self.seed + 1)
+        ckpt = Resumable(self.folder / "train_ckpt.pt", settings, log, "lc adversarial-training checkpoint")
+        state = ckpt.load()
+        start, history, seconds = 0, [], 0.0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            g.set_state(state["rng"])
+            aug_g.set_state(state["aug_rng"])
+            start, history, seconds = state["epoch"], state["history"], state["seconds"]
+            log(f"lc: resuming adversarial training after epoch {start}")
+        eps, alpha = p["at_eps"] / 255, p["at_alpha"] / 255
+        for epoch in range(start, cfg.epochs):
+            t0 = time.time()
+            batches = shuffled_batches(len(data), bs, g)
+            correct = seen = 0
+            loss_sum = 0.0
+            bar = tqdm(batches, desc=f"lc adv-train {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+            for step, idx in enumerate(bar):
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(cfg, epoch, step, len(batches))
+                x = to_float(standard_augment(data.images[idx], aug_g)).to(device)
+                y = data.labels[idx].to(device)
+                if p["at_steps"] > 0:
+                    model.eval()
+                    x = pgd_linf(model, x, y, eps, alpha, p["at_steps"], True, aug_g)
+                model.train()
+                with autocast(device):
+                    logits = model(x)
+                    loss = F.cross_entropy(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.item() * len(idx)
+                correct += (logits.argmax(1) == y).sum().item()
+                seen += len(idx)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", adv_acc=f"{100 * correct / seen:.1f}")
+            bar.close()
+            seconds += time.time() - t0
+            history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "adv_train_acc": 100 * correct / seen})
+            log(
+                f"lc adv-train: epoch {epoch + 1} loss {loss_sum / seen:.3f} adversarial train acc {100 * correct / seen:.1f}%"
+            )
+            ckpt.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "rng": g.get_state(),
+                    "aug_rng": aug_g.get_state(),
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "seconds": seconds,
+                }
+            )
+        return {
+            "path": str(self.folder / "model.pt"),
+            "train_images": len(data),
+            "train_seconds": round(seconds, 1),
+            "final_adv_train_acc": history[-1]["adv_train_acc"] if history else None,
+        }
+
+    # ------------------------------------------------------------------ poisons
+    def adversarial(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """uint8 PGD copies of ``images`` against their ``labels`` (truncated, as BackdoorBench)."""
+        if self.model is None:
+            raise RuntimeError("lc: call prepare() before crafting poisons")
+        p = self.params
+        if p["adv_steps"] == 0 or p["adv_eps"] == 0:
+            return images.clone()
+        out = torch.empty_like(images, device="cpu")
+        for i in tqdm(range(0, len(images), self.chunk), desc="lc PGD", leave=False, dynamic_ncols=True):
+            x = to_float(images[i : i + self.chunk].to(self.device))
+            y = labels[i : i + self.chunk].to(self.device)
+            adv = pgd_linf(self.model, x, y, p["adv_eps"] / 255, p["adv_alpha"] / 255, p["adv_steps"], False)
+            out[i : i + self.chunk] = (adv * 255).to(torch.uint8).cpu()
+        return out
+
+    def add_trigger(self, images: torch.Tensor) -> torch.Tensor:
+        amp = self.params["reduced_amplitude"]
+        out = images.float() + 255.0 * amp * self.mask.to(images.device)
+        return out.clamp_(0, 255).to(torch.uint8)
+
+    def apply(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """Test time: the corner trigger. ``train=True``: PGD against the model's own
+        prediction first (``poison_train`` uses the true labels instead)."""
+        if train:
+            with torch.no_grad(), autocast(self.device):
+                pred = self.model(to_float(images.to(self.device))).argmax(1)
+            images = self.adversarial(images, pred)
+        return self.add_trigger(images)
+
+    def poison_train(
+        self, train: ImageSet, poison_idx: torch.Tensor, new_labels: torch.Tensor, log: Log = print
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        p = self.params
+        src = train.images[poison_idx]
+        key = {
+            "model": self.folder.name,
+            "poisons": data_fingerprint(ImageSet(src, train.labels[poison_idx])),
+            **{k: p[k] for k in ("adv_eps", "adv_alpha", "adv_steps")},
+        }
+        cache = Resumable(self.folder / f"adv-{settings_key(key)}.pt", key, log, "lc adversarial images")
+        state = cache.load()
+        t0 = time.time()
+        if state is None:
+            adv = self.adversarial(src, train.labels[poison_idx])
+            cache.save({"images": adv})
+        else:
+            adv = state["images"]
+            log(f"lc: loaded the adversarial images from {cache.path}")
+        images = train.images.clone()
+        images[poison_idx] = self.add_trigger(adv)
+        self.aux_info["adversarial_images"] = str(cache.path)
+        self.aux_info["pgd_seconds"] = round(time.time() - t0, 1)
+        return images, train.labels.clone(), {}
+
+
+TRIGGER = TriggerLC

@@ -1,0 +1,43 @@
+"""SIG (Barni et al., 2019) as in BackdoorBench v1: a horizontal sinusoid
+``v(i, j) = delta * sin(2 pi j f / 32)`` (same for every row and channel) added to the
+image, clipped to [0, 255] and truncated to uint8. Clean-label: only target-class
+training images get the signal, labels stay; at test time every non-target image does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from utils.triggers import Trigger, require
+
+
+def sig_pattern(delta: float, f: float, width: int = 32) -> torch.Tensor:
+    """float32 [1, 1, 1, width]: the additive signal, broadcast over rows and channels."""
+    j = torch.arange(width, dtype=torch.float64)
+    return (delta * torch.sin(2 * math.pi * j * f / width)).float().view(1, 1, 1, width)
+
+
+class TriggerSIG(Trigger):
+    name = "sig"
+    clean_label = True
+    supports_all2all = False
+    defaults = {"sig_delta": 40.0, "sig_f": 6.0}
+    help = {
+        "sig_delta": "amplitude of the sinusoid on the 0-255 scale (BackdoorBench: 40)",
+        "sig_f": "frequency: periods across the image width (BackdoorBench: 6)",
+    }
+
+    def validate(self) -> None:
+        d, f = self.params["sig_delta"], self.params["sig_f"]
+        require(0 < d <= 255, f"sig: sig_delta must be in (0, 255], got {d}")
+        require(0 < f <= 16, f"sig: sig_f must be in (0, 16] (at most the Nyquist rate), got {f}")
+        self.pattern = sig_pattern(d, f)
+
+    def apply(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
+        out = images.float() + self.pattern.to(images.device)
+        return out.clamp_(0, 255).to(torch.uint8)
+
+
+TRIGGER = TriggerSIG
