@@ -1,0 +1,161 @@
+"""attack/<name>.py end to end at tiny scale on real CIFAR-10 images: the attack, the
+backdoored model, DataElixir's candidates, identification, both stages and the outputs;
+then resumption and the bad-input paths of the YAML configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from utils.backdoor_flow import run_attack_then_defence
+from utils.diffusion_setup import load_diffusion_spec
+from utils.fileio import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CKPT = "diff_ckpt/cifar10/tiny/ema_0.999_1.pt"
+# a tiny run: 200 training images, 1 epoch of a width-4 PreActResNet18, a random CPU-scale
+# DDPM, 2 rounds of noise to step 20 and 4 respaced reverse steps keeping the last 2
+TINY = {
+    "subset": 200,
+    "test_subset": 100,
+    "model_width": 4,
+    "epochs": 1,
+    "batch_size": 50,
+    "diffusion_config": "config/ddpm/cpu.yml",
+    "diffusion_ckpt": CKPT,
+    "steps_T": 20,
+    "purify_respace": 4,
+    "rounds_n": 2,
+    "last_steps_m": 2,
+    "threshold_tau": 1,
+    "purify_batch_size": 100,
+    "pratio": 0.2,
+    "device": "cpu",
+}
+
+
+def _argv(work, name="run", **over):
+    cfg = {**TINY, **over}
+    out = ["--yaml_path", "config/badnet/cifar10.yaml", "--save_folder_name", name, "--work_dir", str(work)]
+    for k, v in cfg.items():
+        out += [f"--{k}", str(v)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, cifar_root):
+    w = tmp_path_factory.mktemp("attack")
+    spec = load_diffusion_spec(os.path.join(REPO, "config/ddpm/cpu.yml"))
+    torch.manual_seed(0)
+    model = spec.build_model()
+    ckpt = w / CKPT
+    ckpt.parent.mkdir(parents=True)
+    torch.save(model.state_dict(), ckpt)
+    return w
+
+
+@pytest.fixture(scope="module")
+def badnet_run(work):
+    """The real script, in a subprocess, from the repository root."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run(
+        [sys.executable, "attack/badnet.py", *_argv(work)], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return work / "record" / "run"
+
+
+def test_badnet_end_to_end_writes_every_output(badnet_run):
+    rec = badnet_run
+    for f in (
+        "config.yaml",
+        "run.log",
+        "poison_indices.json",
+        "backdoored_model.pt",
+        "stage1_model.pt",
+        "stage2_model.pt",
+        "target_detection.json",
+        "decisions.csv",
+        "purified_dataset.pt",
+        "purified_examples.png",
+        "metrics.json",
+        "backdoored_curves.png",
+    ):
+        assert (rec / f).is_file(), f
+    m = json.loads((rec / "metrics.json").read_text())
+    assert m["n_train"] == 200 and m["n_poisoned"] == 40  # round(0.2 * 200), from non-target classes
+    for key in ("BA", "ASR", "RA"):
+        assert 0 <= m["attack_metrics"][key] <= 100 and 0 <= m["defended_metrics"][key] <= 100
+    assert m["candidates_per_sample"] == 1 + 2 * 2
+    assert set(m["decisions"]) == {"kept", "relabelled", "suspicious"} and sum(m["decisions"].values()) == 200
+    assert m["TPR"] is not None and 0 <= m["TPR"] <= 1 and 0 <= m["FPR"] <= 1
+    idx = json.loads((rec / "poison_indices.json").read_text())["indices"]
+    assert len(idx) == 40
+    data = torch.load(rec / "purified_dataset.pt", weights_only=True)
+    assert data["images"].shape == (200, 3, 32, 32) and data["images"].dtype == torch.uint8
+    rows = (rec / "decisions.csv").read_text().splitlines()
+    assert len(rows) == 201
+
+
+def test_rerun_resumes_every_phase(badnet_run, work):
+    before = json.loads((badnet_run / "metrics.json").read_text())
+    again = run_attack_then_defence("badnet", _argv(work))
+    assert again["TPR"] == before["TPR"] and again["defended_metrics"] == before["defended_metrics"]
+    log = (badnet_run / "run.log").read_text()
+    for phase in ("attack", "backdoor_training", "candidates", "identification", "stage1", "stage2"):
+        assert f"phase {phase}: done earlier" in log
+
+
+def test_other_configuration_in_the_same_folder_is_refused(badnet_run, work):
+    with pytest.raises(UserError, match="different configuration.*pratio"):
+        run_attack_then_defence("badnet", _argv(work, pratio=0.3))
+
+
+def test_yaml_path_resolves_from_attack_folder(badnet_run, work):
+    """The original README's `cd attack; python badnet.py --yaml_path ../config/...` form."""
+    argv = _argv(work)
+    argv[1] = "../config/badnet/cifar10.yaml"
+    res = subprocess.run(
+        [sys.executable, "badnet.py", *argv], cwd=os.path.join(REPO, "attack"), capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--pratoi", "0.1"], "unknown option --pratoi; valid keys:"),
+        (["--pratio", "abc"], "pratio"),
+        (["--epochs", "1.5"], "epochs"),
+        (["--attack_label_trans", "one2one"], "attack_label_trans"),
+        (["--yaml_path", "config/nope.yaml"], "nope.yaml"),
+        (["--purify_respace", "1"], "purify_respace"),
+    ],
+)
+def test_bad_options_give_one_line_errors(work, extra, message):
+    res = subprocess.run(
+        [sys.executable, "attack/badnet.py", *_argv(work, name="bad"), *extra], cwd=REPO, capture_output=True, text=True
+    )
+    assert res.returncode == 2
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and message in err[0], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_unknown_key_in_yaml_names_the_file(work, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pratio: 0.1\ntrigger_size: 3\n")
+    with pytest.raises(UserError, match=r"unknown key 'trigger_size' in .*bad.yaml; valid keys:"):
+        run_attack_then_defence("badnet", ["--yaml_path", str(bad), "--work_dir", str(work)])
+
+
+def test_missing_diffusion_checkpoint_says_how_to_make_one(work):
+    argv = _argv(work, name="nockpt", diffusion_ckpt="diff_ckpt/cifar10/none/ema_0.999_5.pt", epochs=1)
+    with pytest.raises(UserError, match="diffusion checkpoint not found.*train_diffusion.py"):
+        run_attack_then_defence("badnet", argv)
+    assert not (work / "record" / "nockpt").exists()  # refused before any work or output

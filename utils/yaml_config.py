@@ -1,0 +1,273 @@
+"""YAML configuration with command-line overrides, in BackdoorBench v1's style.
+
+``python attack/<name>.py --yaml_path config/<name>/cifar10.yaml --pratio 0.05``:
+values come from the built-in defaults, then the YAML file, then ``--overlay`` files,
+then ``--key value`` options. Every key is typed by its declaration; an unknown key or a
+value of the wrong type is a ``UserError`` naming it and listing the valid keys.
+
+Overlay files (e.g. ``config/dataelixir_cpu.yaml``) are shared by all attacks, so a key
+that belongs to some other attack (``aux_epochs`` for BadNets) is ignored for this one;
+a key no attack knows is still an error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from utils.fileio import UserError
+from utils.paths import REPO_ROOT
+
+
+@dataclass(frozen=True)
+class Key:
+    default: Any
+    help: str = ""
+    type: type | None = None  # None: the default's type
+    nullable: bool = False
+    choices: tuple | None = None
+
+    @property
+    def kind(self) -> type:
+        if self.type is not None:
+            return self.type
+        if self.default is None:
+            return str
+        return type(self.default)
+
+
+def keys_from_defaults(defaults: dict[str, Any], helps: dict[str, str]) -> dict[str, Key]:
+    return {k: Key(v, helps.get(k, "")) for k, v in defaults.items()}
+
+
+def _type_name(key: Key) -> str:
+    name = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list"}.get(
+        key.kind, key.kind.__name__
+    )
+    return name + (" or null" if key.nullable else "")
+
+
+def coerce(name: str, key: Key, value: Any, valid: dict[str, Key], source: str = "") -> Any:
+    """Check and cast ``value`` (already YAML-typed) for key ``name``."""
+    where = f" in {source}" if source else ""
+
+    def bad() -> UserError:
+        return UserError(
+            f"{name}{where}: expected a {_type_name(key)}, got {value!r}; valid keys: {', '.join(sorted(valid))}"
+        )
+
+    if value is None:
+        if key.nullable:
+            return None
+        raise bad()
+    kind = key.kind
+    if kind is bool:
+        if isinstance(value, bool):
+            out: Any = value
+        elif isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            out = value.strip().lower() in ("true", "yes", "1", "on")
+        else:
+            raise bad()
+    elif kind is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            out = value
+        elif isinstance(value, float) and value.is_integer():
+            out = int(value)
+        else:
+            raise bad()
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad()
+        out = float(value)
+    elif kind is list:
+        if not isinstance(value, list):
+            raise bad()
+        out = value
+    elif kind is str:
+        if isinstance(value, list | dict):
+            raise bad()
+        out = str(value)
+    else:  # pragma: no cover - declarations use the types above
+        raise bad()
+    if key.choices is not None and out not in key.choices:
+        raise UserError(f"{name}{where}: must be one of {', '.join(map(str, key.choices))}, got {out!r}")
+    return out
+
+
+def _parse_cli_value(name: str, key: Key, raw: str) -> Any:
+    # strings are taken verbatim (a path such as "1e3" stays a string); other kinds as YAML
+    if key.kind is str and not (key.nullable and raw.strip().lower() in ("null", "none", "~")):
+        return raw
+    if key.nullable and raw.strip().lower() in ("null", "none", "~", ""):
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def resolve_path(path: str | Path, what: str = "file", must_exist: bool = True) -> Path:
+    """``path`` as given (relative to the current directory), else relative to the
+    repository root with leading ``../`` removed, so BackdoorBench's ``../config/...``
+    works from ``attack/`` and from the repository root alike."""
+    p = Path(path).expanduser()
+    tried = [p]
+    if p.exists():
+        return p
+    if not p.is_absolute():
+        parts = list(p.parts)
+        while parts and parts[0] in ("..", "."):
+            parts.pop(0)
+        alt = REPO_ROOT.joinpath(*parts) if parts else REPO_ROOT
+        tried.append(alt)
+        if alt.exists():
+            return alt
+    if must_exist:
+        raise UserError(f"{what} not found: {path} (tried {', '.join(str(t) for t in tried)})")
+    return p
+
+
+def load_yaml_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+@dataclass
+class RunArgs:
+    yaml_path: Path
+    save_folder_name: str
+    work_dir: str | None
+    overwrite: bool
+    overlays: list[Path]
+    ignored: dict[str, list[str]]  # overlay file -> keys this attack does not have
+
+
+FIXED_OPTIONS = {
+    "yaml_path": "the YAML configuration (resolved against the current directory, then the repository root)",
+    "save_folder_name": "results go to record/<save_folder_name>/ (default: the attack's name)",
+    "work_dir": "folder holding record/, resource/ and diff_ckpt/ (default: the repository root)",
+    "overwrite": "replace an existing record folder written with a different configuration",
+    "overlay": "extra YAML applied after --yaml_path (repeatable); keys of other attacks are ignored",
+}
+
+
+def help_text(prog: str, keys: dict[str, Key]) -> str:
+    lines = [
+        f"usage: {prog} --yaml_path FILE [--save_folder_name NAME] [--work_dir DIR] [--overwrite]",
+        "       [--overlay FILE] [--KEY VALUE ...]",
+        "",
+        "options:",
+    ]
+    for k, h in FIXED_OPTIONS.items():
+        lines.append(f"  --{k:<24} {h}")
+    lines += ["", "configuration keys (YAML or --KEY VALUE; defaults in brackets):"]
+    for k in keys:
+        key = keys[k]
+        lines.append(f"  --{k:<24} {key.help} [{json.dumps(key.default)}]")
+    return "\n".join(lines)
+
+
+def parse_config(
+    prog: str,
+    argv: list[str],
+    keys: dict[str, Key],
+    known_elsewhere: set[str] = frozenset(),
+    default_yaml: str | None = None,
+    default_name: str = "run",
+) -> tuple[dict[str, Any], RunArgs]:
+    """Resolve the configuration: declared defaults <- YAML <- overlays <- ``--key value``.
+
+    ``known_elsewhere``: keys that other attacks declare; overlays may hold them."""
+    fixed: dict[str, Any] = {"overlay": []}
+    overrides: list[tuple[str, str]] = []
+    i = 0
+    argv = list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(help_text(prog, keys))
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}; options look like --key value (see --help)")
+        name, eq, val = arg[2:].partition("=")
+        if name == "overwrite":
+            fixed["overwrite"] = True if not eq else _strict_bool("overwrite", val)
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(argv):
+                raise UserError(f"--{name} needs a value")
+            val = argv[i + 1]
+            i += 2
+        else:
+            i += 1
+        if name == "overlay":
+            fixed["overlay"].append(val)
+        elif name in FIXED_OPTIONS:
+            fixed[name] = val
+        elif name in keys:
+            overrides.append((name, val))
+        else:
+            raise UserError(f"unknown option --{name}; valid keys: {', '.join(sorted([*FIXED_OPTIONS, *keys]))}")
+
+    yaml_arg = fixed.get("yaml_path", default_yaml)
+    if yaml_arg is None:
+        raise UserError("--yaml_path is required (e.g. --yaml_path config/badnet/cifar10.yaml)")
+    yaml_path = resolve_path(yaml_arg, "YAML configuration")
+    cfg = {k: key.default for k, key in keys.items()}
+    for k, v in load_yaml_file(yaml_path).items():
+        if k not in keys:
+            raise UserError(f"unknown key {k!r} in {yaml_path}; valid keys: {', '.join(sorted(keys))}")
+        cfg[k] = coerce(k, keys[k], v, keys, str(yaml_path))
+    overlays: list[Path] = []
+    ignored: dict[str, list[str]] = {}
+    for o in fixed["overlay"]:
+        op = resolve_path(o, "overlay file")
+        overlays.append(op)
+        for k, v in load_yaml_file(op).items():
+            if k in keys:
+                cfg[k] = coerce(k, keys[k], v, keys, str(op))
+            elif k in known_elsewhere:
+                ignored.setdefault(str(op), []).append(k)
+            else:
+                valid = sorted(set(keys) | set(known_elsewhere))
+                raise UserError(f"unknown key {k!r} in {op}; valid keys: {', '.join(valid)}")
+    for k, raw in overrides:
+        cfg[k] = coerce(k, keys[k], _parse_cli_value(k, keys[k], raw), keys, f"--{k}")
+    name = fixed.get("save_folder_name") or default_name
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise UserError(f"--save_folder_name must be a plain folder name, got {name!r}")
+    return cfg, RunArgs(
+        yaml_path=yaml_path,
+        save_folder_name=name,
+        work_dir=fixed.get("work_dir"),
+        overwrite=bool(fixed.get("overwrite", False)),
+        overlays=overlays,
+        ignored=ignored,
+    )
+
+
+def _strict_bool(name: str, v: str) -> bool:
+    s = v.strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise UserError(f"--{name}: expected true or false, got {v!r}")
+
+
+def dump_yaml(cfg: dict[str, Any]) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
