@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--ckpt", default=None, help="trained CPU-scale checkpoint for the bf16 fidelity check")
     ap.add_argument("--config", default="config/eclipse/cpu.yml")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--images", type=int, default=256, help="training images for the bf16 fidelity check")
     args = ap.parse_args()
     device = resolve_device(args.device)
     rows = []
@@ -60,7 +61,7 @@ def main() -> None:
     model = load_diffusion_model(spec, args.ckpt, device) if args.ckpt else random_model(spec).to(device)
     from utils.data import load_cifar10
 
-    images = load_cifar10("train").images[:256].to(device)
+    images = load_cifar10("train").images[: args.images].to(device)
     base = spec.build_diffusion(respacing="")
     outs = {}
     for bf16 in (False, True):
