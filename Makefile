@@ -14,7 +14,7 @@ test: setup
 	$(PYTHON) -m pytest -q
 
 demo: setup
-	$(PYTHON) demo.py
+	$(PYTHON) demo.py --baselines
 
 lint:
 	ruff check . && ruff format --check .

@@ -66,6 +66,11 @@ TRAIN_KEYS: dict[str, Key] = {
     "sgd_momentum": Key(0.9, "SGD momentum"),
     "wd": Key(0.0005, "SGD weight decay"),
     "epochs": Key(100, "epochs of each of the three trainings (backdoored, stage 1, stage 2)"),
+    "train_augment": Key(
+        "crop_flip",
+        "training augmentation: crop_flip (BackdoorBench's RandomCrop(32, 4) + flip) or none (CPU scale)",
+        choices=("crop_flip", "none"),
+    ),
     "frequency_save": Key(100, "kept for BackdoorBench compatibility; checkpoints are written every epoch"),
 }
 
@@ -332,6 +337,10 @@ def _diffusion(cfg: dict[str, Any], work: Path, device: torch.device):
     return model, base, spec
 
 
+def _no_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return x
+
+
 def _train_phase(
     rec: Record,
     cfg: dict[str, Any],
@@ -351,6 +360,7 @@ def _train_phase(
     from utils.augment import standard_augment
     from utils.trainer import train_classifier
 
+    augment = standard_augment if cfg["train_augment"] == "crop_flip" else _no_augment
     model_file, hist_file = rec.path(f"{name}_model.pt"), rec.path(f"{name}_history.json")
     if rec.done(phase) and model_file.is_file() and hist_file.is_file():
         log(f"phase {phase}: done earlier")
@@ -362,7 +372,7 @@ def _train_phase(
     history = train_classifier(
         model,
         data,
-        standard_augment,
+        augment,
         _train_config(cfg, lr, len(data), seed_offset),
         device,
         tests=tests,
