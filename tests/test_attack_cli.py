@@ -135,6 +135,7 @@ def test_yaml_path_resolves_from_attack_folder(badnet_run, work):
         (["--attack_label_trans", "one2one"], "attack_label_trans"),
         (["--yaml_path", "config/nope.yaml"], "nope.yaml"),
         (["--purify_respace", "1"], "purify_respace"),
+        (["--purify_dense_tail", "true", "--purify_respace", "2"], "purify_dense_tail needs purify_respace (2)"),
     ],
 )
 def test_bad_options_give_one_line_errors(work, extra, message):
@@ -159,3 +160,16 @@ def test_missing_diffusion_checkpoint_says_how_to_make_one(work):
     with pytest.raises(UserError, match="diffusion checkpoint not found.*train_diffusion.py"):
         run_attack_then_defence("badnet", argv)
     assert not (work / "record" / "nockpt").exists()  # refused before any work or output
+
+
+def test_record_written_before_a_key_existed_resumes_at_its_default(tmp_path):
+    from utils.backdoor_flow import open_record
+    from utils.yaml_config import dump_yaml
+
+    rec = tmp_path / "old"
+    rec.mkdir()
+    (rec / "config.yaml").write_text(dump_yaml({"attack": "badnet", "epochs": 3}))
+    _, resumed = open_record(rec, {"attack": "badnet", "epochs": 3, "new_key": False}, False, {"new_key": False})
+    assert resumed
+    with pytest.raises(UserError, match="new_key: False -> True"):
+        open_record(rec, {"attack": "badnet", "epochs": 3, "new_key": True}, False, {"new_key": False})

@@ -602,3 +602,48 @@ def test_noise_offset_range(tiny_ddpm):
     x0 = torch.zeros(1, 3, 32, 32)
     with pytest.raises(ValueError):
         noise_and_denoise(model, base, x0, 10, noise_offset=1)  # would need a[10] of a 10-step process
+
+
+def test_truncated_steps_dense_tail():
+    from utils.diffusion import truncated_steps
+
+    assert truncated_steps(150, 10) == [0, 17, 33, 50, 66, 83, 99, 116, 132, 149]
+    # the last m steps unspaced, the rest spread over m .. T-1 (still ending at T-1)
+    assert truncated_steps(150, 10, dense_tail=5) == [0, 1, 2, 3, 4, 5, 41, 77, 113, 149]
+    assert truncated_steps(150, 6, dense_tail=5) == [0, 1, 2, 3, 4, 149]
+    assert truncated_steps(150, 10, dense_tail=0) == truncated_steps(150, 10)
+    assert truncated_steps(8, None, dense_tail=3) == list(range(8))  # nothing respaced: nothing to do
+    for bad in (10, -1):
+        with pytest.raises(ValueError, match="dense_tail"):
+            truncated_steps(150, 10, dense_tail=bad)
+
+
+def test_dense_tail_kept_samples_use_the_full_chain_steps(tiny_ddpm, images):
+    """With a dense tail the last m reverse steps call the network at original steps m-1 .. 0
+    and use the original per-step variances, so the kept candidates sit at the noise levels
+    of the unspaced chain."""
+    model, base = tiny_ddpm
+    rec = _Recorder(model)
+    x = images[:1]
+    _chunk(rec, base, x, seed=3, steps_T=10, rounds_n=1, last_steps_m=2, respace=4, dense_tail=True)
+    assert [int(t[0]) for _, t in rec.calls] == [9, 2, 1, 0]  # the network sees original step numbers
+    rec.calls.clear()
+    _chunk(rec, base, x, seed=3, steps_T=10, rounds_n=1, last_steps_m=2, respace=4)
+    assert [int(t[0]) for _, t in rec.calls] == [9, 6, 3, 0]
+    from utils.purify import _truncated_process
+
+    tail = _truncated_process(base, 10, 4, 2)
+    assert np.allclose(tail.betas[:2], base.betas[:2])
+    assert np.allclose(tail.posterior_variance[1:2], base.posterior_variance[1:2])
+
+
+def test_construct_candidates_dense_tail_setting(tiny_ddpm, tiny_classifier, images, tmp_path):
+    model, base = tiny_ddpm
+    kw = {**CAND_KW, "steps_T": 6, "respace": 3}
+    de.construct_candidates(model, base, tiny_classifier, images, tmp_path / "a", **kw)
+    with pytest.raises(UserError, match="dense_tail"):  # another setting on the same folder
+        de.construct_candidates(model, base, tiny_classifier, images, tmp_path / "a", dense_tail=True, **kw)
+    with pytest.raises(UserError, match="raise purify_respace"):  # m=2 of 2 steps leaves none
+        de.construct_candidates(
+            model, base, tiny_classifier, images, tmp_path / "b", dense_tail=True, **{**kw, "respace": 2}
+        )

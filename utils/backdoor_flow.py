@@ -87,6 +87,11 @@ DEFENCE_KEYS: dict[str, Key] = {
     "purify_respace": Key(
         None, "reverse steps per round (null = steps_T; fewer = CPU-scale deviation)", type=int, nullable=True
     ),
+    "purify_dense_tail": Key(
+        False,
+        "with purify_respace: the last last_steps_m reverse steps unspaced, so kept candidates are at the "
+        "paper's noise levels (CPU-scale option)",
+    ),
     "bf16": Key(True, "bf16 autocast for the diffusion model and the defence's classifier predictions"),
 }
 
@@ -131,6 +136,10 @@ def validate(cfg: dict[str, Any], attack: str) -> None:
             r >= cfg["last_steps_m"],
             f"purify_respace ({r}) must be >= last_steps_m ({cfg['last_steps_m']}): each round keeps its last m steps",
         )
+        need(
+            not cfg["purify_dense_tail"] or r > cfg["last_steps_m"] or r == cfg["steps_T"],
+            f"purify_dense_tail needs purify_respace ({r}) > last_steps_m ({cfg['last_steps_m']})",
+        )
     else:
         need(
             cfg["steps_T"] >= cfg["last_steps_m"],
@@ -166,8 +175,13 @@ class Record:
         return self.root.joinpath(*parts)
 
 
-def open_record(rec: Path, resolved: dict[str, Any], overwrite: bool) -> tuple[Record, bool]:
-    """Create or reopen ``rec``; returns the record and whether it resumes an earlier run."""
+def open_record(
+    rec: Path, resolved: dict[str, Any], overwrite: bool, defaults: dict[str, Any] | None = None
+) -> tuple[Record, bool]:
+    """Create or reopen ``rec``; returns the record and whether it resumes an earlier run.
+
+    A key missing from the stored configuration matches its value in ``defaults``: records
+    written before a key was added still resume when the new key keeps its default."""
     cfg_file = rec / "config.yaml"
     if rec.exists() and any(rec.iterdir()):
         if overwrite:
@@ -179,7 +193,7 @@ def open_record(rec: Path, resolved: dict[str, Any], overwrite: bool) -> tuple[R
         else:
             import yaml
 
-            old = yaml.safe_load(cfg_file.read_text()) or {}
+            old = {**(defaults or {}), **(yaml.safe_load(cfg_file.read_text()) or {})}
             diff = [
                 k
                 for k in sorted(set(old) | set(resolved))
@@ -412,7 +426,9 @@ def run_attack_then_defence(attack: str, argv: list[str]) -> dict[str, Any]:
     if not (record_dir(work, run.save_folder_name) / "candidates" / "done").is_dir():
         _diffusion_ckpt(cfg, work)
     resolved = {"attack": attack, **cfg}
-    rec, resumed = open_record(record_dir(work, run.save_folder_name), resolved, run.overwrite)
+    rec, resumed = open_record(
+        record_dir(work, run.save_folder_name), resolved, run.overwrite, {k: v.default for k, v in keys.items()}
+    )
     logger = setup_logging(rec.path("run.log"), name=f"dataelixir.{run.save_folder_name}")
     log = logger.info
     log(f"{'resuming' if resumed else 'starting'} {attack} + DataElixir in {rec.root}")
@@ -495,6 +511,7 @@ def run_attack_then_defence(attack: str, argv: list[str]) -> dict[str, Any]:
             last_steps_m=cfg["last_steps_m"],
             batch_size=cfg["purify_batch_size"],
             respace=cfg["purify_respace"],
+            dense_tail=cfg["purify_dense_tail"],
             noise_offset=cfg["noise_offset"],
             seed=cfg["random_seed"],
             bf16=cfg["bf16"],

@@ -88,6 +88,7 @@ def construct_candidates(
     last_steps_m: int,
     batch_size: int = 1024,
     respace: int | None = None,
+    dense_tail: bool = False,
     noise_offset: int = 0,
     seed: int = 0,
     bf16: bool = True,
@@ -100,6 +101,8 @@ def construct_candidates(
     Chunk ``c`` (``batch_size`` samples) uses a generator seeded from ``(seed, c)``, so
     results do not depend on where a run was interrupted. ``max_chunks`` stops after that
     many newly finished chunks (tests use it to simulate an interruption).
+    ``dense_tail`` (with ``respace``) takes the last ``last_steps_m`` reverse steps unspaced,
+    so the kept candidates are at the paper's noise levels (a CPU-scale option).
     Returns the memory-mapped candidates and labels (read-only).
     """
     if rounds_n < 1 or last_steps_m < 1 or steps_T < 1:
@@ -108,6 +111,11 @@ def construct_candidates(
     if last_steps_m > reverse_steps:
         what = f"purify_respace={respace}" if respace else f"steps_T={steps_T}"
         raise UserError(f"last_steps_m={last_steps_m} exceeds the {reverse_steps} reverse steps of {what}")
+    if dense_tail and respace and respace < steps_T and last_steps_m >= respace:
+        raise UserError(
+            f"a dense tail of last_steps_m={last_steps_m} steps leaves none of purify_respace={respace} "
+            "for the rest of the chain; raise purify_respace"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cand_p, pred_p, meta_p, done = _candidate_files(out_dir)
@@ -123,12 +131,14 @@ def construct_candidates(
         "rounds_n": rounds_n,
         "last_steps_m": last_steps_m,
         "respace": respace,
+        "dense_tail": dense_tail,
         "noise_offset": noise_offset,
         "seed": seed,
         "bf16": bf16,
     }
     if meta_p.is_file():
         old = json.loads(meta_p.read_text())
+        old.setdefault("dense_tail", False)  # written before the option existed
         if old != meta:
             raise UserError(
                 f"{out_dir} holds candidates built with other settings ({_diff(old, meta)}); delete that folder to rebuild"
@@ -162,6 +172,7 @@ def construct_candidates(
             rounds_n=rounds_n,
             last_steps_m=last_steps_m,
             respace=respace,
+            dense_tail=dense_tail,
             noise_offset=noise_offset,
             generator=torch.Generator(device=device).manual_seed(chunk_seed(seed, c)),
             bf16=bf16,
@@ -200,6 +211,7 @@ def build_chunk(
     noise_offset: int,
     generator: torch.Generator | None,
     bf16: bool,
+    dense_tail: bool = False,
 ) -> torch.Tensor:
     """Candidates of one batch: uint8 ``[B, 1 + n*m, 3, H, W]`` on the CPU.
 
@@ -216,6 +228,7 @@ def build_chunk(
             x,
             steps_T,
             respace=respace,
+            dense_tail=last_steps_m if dense_tail else 0,
             noise_offset=noise_offset,
             generator=generator,
             bf16=bf16,

@@ -334,15 +334,22 @@ class GaussianDiffusion:
         )
 
 
-def truncated_steps(t_star: int, respace: int | None = None) -> list[int]:
+def truncated_steps(t_star: int, respace: int | None = None, dense_tail: int = 0) -> list[int]:
     """The original steps ``0 .. t_star-1`` a purification visits, or ``respace`` of them
-    evenly spaced (always keeping ``0`` and ``t_star - 1``, so the noise level is unchanged)."""
+    evenly spaced (always keeping ``0`` and ``t_star - 1``, so the noise level is unchanged).
+
+    ``dense_tail=m`` keeps the last ``m`` steps ``m-1 .. 0`` unspaced and spreads the other
+    ``respace - m`` over ``m .. t_star-1``: the final reverse samples are then at the noise
+    levels of the full chain (DataElixir keeps its last samples as candidates)."""
     if t_star < 1:
         raise ValueError("t* must be >= 1")
     if respace is None or respace >= t_star:
         return list(range(t_star))
     if respace < 1:
         raise ValueError("respace must be >= 1")
-    if respace == 1:
-        return [t_star - 1]
-    return sorted({round(i * (t_star - 1) / (respace - 1)) for i in range(respace)})
+    if not 0 <= dense_tail < respace:
+        raise ValueError(f"dense_tail must be in 0..respace-1 ({respace - 1}), got {dense_tail}")
+    lo, hi, k = dense_tail, t_star - 1, respace - dense_tail
+    if k == 1:
+        return [*range(dense_tail), hi]
+    return [*range(dense_tail), *sorted({lo + round(i * (hi - lo) / (k - 1)) for i in range(k)})]

@@ -19,8 +19,10 @@ from utils.runtime import autocast
 
 
 @lru_cache(maxsize=16)
-def _truncated_process(base: GaussianDiffusion, t_star: int, respace: int | None) -> GaussianDiffusion:
-    return base.respaced(truncated_steps(t_star, respace))
+def _truncated_process(
+    base: GaussianDiffusion, t_star: int, respace: int | None, dense_tail: int = 0
+) -> GaussianDiffusion:
+    return base.respaced(truncated_steps(t_star, respace, dense_tail))
 
 
 def to_model_range(x_uint8: torch.Tensor) -> torch.Tensor:
@@ -41,6 +43,7 @@ def noise_and_denoise(
     t_star: int,
     *,
     respace: int | None = None,
+    dense_tail: int = 0,
     noise_offset: int = 0,
     generator: torch.Generator | None = None,
     bf16: bool = False,
@@ -52,7 +55,8 @@ def noise_and_denoise(
     ``x_t* = sqrt(a[t*-1]) x0 + sqrt(1 - a[t*-1]) eps`` with ``a`` the cumulative alphas of
     ``base`` (an un-respaced process), then ancestral ``p_sample`` for steps
     ``t*-1 .. 0`` — or, with ``respace=K``, for K evenly spaced steps over the same range
-    with the respaced variances (improved-diffusion's ``SpacedDiffusion`` arithmetic).
+    with the respaced variances (improved-diffusion's ``SpacedDiffusion`` arithmetic);
+    ``dense_tail`` as in :func:`utils.diffusion.truncated_steps`.
 
     ``noise_offset=1`` noises to ``a[t*]`` instead while still denoising from ``t*-1``:
     DataElixir's reference code does this (an off-by-one), offered for exact replication.
@@ -64,7 +68,7 @@ def noise_and_denoise(
         raise ValueError("pass the un-respaced diffusion process as `base`")
     if not 1 <= t_star + noise_offset <= base.num_timesteps:
         raise ValueError(f"t*={t_star} is outside the process's {base.num_timesteps} steps")
-    process = _truncated_process(base, t_star, respace)
+    process = _truncated_process(base, t_star, respace, dense_tail)
     noise_t = torch.full((x0.shape[0],), t_star - 1 + noise_offset, device=x0.device, dtype=torch.long)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
     x = (
