@@ -92,6 +92,10 @@ def test_badnet_end_to_end_writes_every_output(badnet_run):
     for key in ("BA", "ASR", "RA"):
         assert 0 <= m["attack_metrics"][key] <= 100 and 0 <= m["defended_metrics"][key] <= 100
     assert m["candidates_per_sample"] == 1 + 2 * 2
+    rates = m["candidate_label_rates"]
+    assert all(len(v) == 5 for v in rates.values())
+    # originals: the poisoned samples carry their dataset label, which is what the model learnt or not
+    assert rates["poisoned_true_label"][0] + rates["poisoned_dataset_label"][0] <= 1
     assert set(m["decisions"]) == {"kept", "relabelled", "suspicious"} and sum(m["decisions"].values()) == 200
     assert m["TPR"] is not None and 0 <= m["TPR"] <= 1 and 0 <= m["FPR"] <= 1
     idx = json.loads((rec / "poison_indices.json").read_text())["indices"]

@@ -647,3 +647,17 @@ def test_construct_candidates_dense_tail_setting(tiny_ddpm, tiny_classifier, ima
         de.construct_candidates(
             model, base, tiny_classifier, images, tmp_path / "b", dense_tail=True, **{**kw, "respace": 2}
         )
+
+
+def test_candidate_label_rates_hand_case():
+    # 3 clean samples (labels 1, 2, 3) and 2 poisoned (dataset label 0, true 4 and 5); K = 3
+    preds = np.array([[1, 1, 7], [2, 2, 2], [3, 9, 9], [0, 4, 0], [0, 0, 5]])
+    dataset = np.array([1, 2, 3, 0, 0])
+    true = np.array([1, 2, 3, 4, 5])
+    poisoned = np.array([0, 0, 0, 1, 1])
+    r = de.candidate_label_rates(preds, dataset, true, poisoned)
+    assert r["clean_dataset_label"] == pytest.approx([1.0, 2 / 3, 1 / 3])
+    assert r["poisoned_true_label"] == pytest.approx([0.0, 0.5, 0.5])
+    assert r["poisoned_dataset_label"] == pytest.approx([1.0, 0.5, 0.5])
+    none = de.candidate_label_rates(preds[:3], dataset[:3], true[:3], poisoned[:3])
+    assert none["poisoned_true_label"] == [None, None, None]

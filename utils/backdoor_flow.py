@@ -658,6 +658,7 @@ def run_attack_then_defence(attack: str, argv: list[str]) -> dict[str, Any]:
             "decisions": counts,
             "stage2_consensus": int(s2["consensus"].sum()),
             "candidates_per_sample": k,
+            "candidate_label_rates": de.candidate_label_rates(preds, labels, bd.original_labels, bd.poison_indicator),
             "timings_s": timings,
             "total_s": round(sum(t for t in timings.values() if t is not None), 3),
         }

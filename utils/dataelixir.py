@@ -517,6 +517,36 @@ def tpr_fpr(
     }
 
 
+def candidate_label_rates(
+    preds: torch.Tensor | np.ndarray,
+    dataset_labels: torch.Tensor | np.ndarray,
+    true_labels: torch.Tensor | np.ndarray,
+    poison_indicator: torch.Tensor | np.ndarray,
+) -> dict[str, list[float | None]]:
+    """Per candidate position (0 = original, then each round's kept steps), how often the
+    backdoored model gives clean samples their label, and poisoned samples their true or
+    their poisoned (dataset) label.
+
+    An experiment's diagnostic, not part of the defence (it needs the ground truth): the
+    defence works when purified clean samples keep their label and purified poisoned ones
+    go back to their true class; where the first rate is low, clean samples transition too
+    and the target class stops standing out.
+    """
+    p = np.asarray(preds)
+    y = np.asarray(dataset_labels)[:, None]
+    t = np.asarray(true_labels)[:, None]
+    pi = np.asarray(poison_indicator).astype(bool)
+
+    def rate(hit: np.ndarray, rows: np.ndarray) -> list[float | None]:
+        return hit[rows].mean(0).tolist() if rows.any() else [None] * p.shape[1]
+
+    return {
+        "clean_dataset_label": rate(p == y, ~pi),
+        "poisoned_true_label": rate(p == t, pi),
+        "poisoned_dataset_label": rate(p == y, pi),
+    }
+
+
 def gather_images(candidates: np.ndarray, rows: np.ndarray, chosen: np.ndarray) -> torch.Tensor:
     """``candidates[rows[i], chosen[i]]`` as uint8 [len(rows), 3, H, W], read in ascending row order."""
     rows = np.asarray(rows, dtype=np.int64)
