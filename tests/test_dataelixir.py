@@ -661,3 +661,28 @@ def test_candidate_label_rates_hand_case():
     assert r["poisoned_dataset_label"] == pytest.approx([1.0, 0.5, 0.5])
     none = de.candidate_label_rates(preds[:3], dataset[:3], true[:3], poisoned[:3])
     assert none["poisoned_true_label"] == [None, None, None]
+
+
+def test_detect_target_labels_upper_tail_ignores_classes_that_keep_their_label():
+    # 10 transitioning samples per class, K = 2 (original, one intermediary)
+    rows = []
+    for c, (orig_other, inter_same) in enumerate([(0, 0), (0, 0), (5, 0), (0, 9), (0, 1)]):
+        for j in range(10):
+            orig = 0 if j < orig_other else c  # class 2: half its originals already predicted 0
+            inter = c if j < inter_same else (c + 1) % 5
+            if c == 2:
+                inter = 0
+            rows.append((c, orig, inter))
+    labels = np.array([r[0] for r in rows])
+    preds = np.array([[r[1], r[2]] for r in rows])
+    kept = torch.ones(len(rows), 2, dtype=torch.bool)
+    transition = torch.ones(len(rows), dtype=torch.bool)
+    two = de.detect_target_labels(preds, kept, transition, labels, num_classes=5)
+    up = de.detect_target_labels(preds, kept, transition, labels, num_classes=5, tail="upper")
+    # metrics: -log q_i with q = 10/20, 10/20, 5/20, 19/20, 11/20
+    assert two["metrics"] == pytest.approx([math.log(2), math.log(2), math.log(4), -math.log(0.95), -math.log(0.55)])
+    assert two["targets"] == [2, 3]  # class 3 keeps its label unusually often: flagged too
+    assert up["targets"] == [2]
+    assert up["scores"][2] == pytest.approx(two["scores"][2]) and up["scores"][3] == pytest.approx(-two["scores"][3])
+    with pytest.raises(ValueError, match="tail"):
+        de.detect_target_labels(preds, kept, transition, labels, num_classes=5, tail="lower")

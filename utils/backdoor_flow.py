@@ -81,6 +81,12 @@ DEFENCE_KEYS: dict[str, Key] = {
     "last_steps_m": Key(10, "DataElixir m: reverse-step samples kept per round"),
     "threshold_tau": Key(5, "DataElixir tau: label-transition threshold"),
     "ft_lr": Key(0.002, "learning rate of the stage-2 fine-tuning"),
+    "detection_tail": Key(
+        "two_sided",
+        "target-label MAD score: two_sided (the paper's |metric - median|) or upper (only classes that "
+        "leave their label unusually often)",
+        choices=("two_sided", "upper"),
+    ),
     "diffusion_config": Key("config/ddpm/cifar10.yml", "DDPM config (config/ddpm/cpu.yml for CPU scale)"),
     "diffusion_ckpt": Key(PAPER_DDPM_CKPT, "DDPM weights (relative to --work_dir unless absolute)"),
     "noise_offset": Key(0, "0: noise to a[T-1] (exact); 1: a[T] as the reference code (off-by-one)", choices=(0, 1)),
@@ -534,7 +540,9 @@ def run_attack_then_defence(attack: str, argv: list[str]) -> dict[str, Any]:
         t0 = time.time()
         p = torch.from_numpy(np.asarray(preds).astype(np.int64))
         ident = de.label_transition(p, cfg["threshold_tau"], NUM_CLASSES)
-        det = de.detect_target_labels(p, ident["kept"], ident["transition"], labels, NUM_CLASSES)
+        det = de.detect_target_labels(
+            p, ident["kept"], ident["transition"], labels, NUM_CLASSES, tail=cfg["detection_tail"]
+        )
         detection = _finite(
             {
                 "target_labels": det["targets"],

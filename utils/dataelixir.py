@@ -303,10 +303,15 @@ def detect_target_labels(
     labels: torch.Tensor | np.ndarray,
     num_classes: int = 10,
     threshold: float = 2.0,
+    tail: str = "two_sided",
 ) -> dict[str, Any]:
     """Step 3: per class i, the histogram of kept labels of transitioning samples whose
     dataset label is i; ``metric = KL(onehot(i) || histogram)``;
     ``score = |metric - median| / 1.4826 / (MAD + 1e-6)``; targets: score > ``threshold``.
+
+    ``tail="upper"`` (an option, not the paper's) drops the absolute value: only classes
+    whose samples leave their label unusually often are flagged, not ones that keep it
+    unusually often (a class the diffusion model favours has a low outlying metric).
 
     A class without transitioning samples has no histogram: the reference computes
     ``count / len`` with Python ints there, so it stops with ``ZeroDivisionError``. Here
@@ -314,6 +319,8 @@ def detect_target_labels(
     other classes. Infinite metrics (class i never among its own kept labels) follow numpy's
     arithmetic as in the reference (|inf - finite median| = inf -> a target).
     """
+    if tail not in ("two_sided", "upper"):
+        raise ValueError(f"tail must be two_sided or upper, got {tail!r}")
     p = torch.as_tensor(np.asarray(preds), dtype=torch.long)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     w = (kept & transition[:, None]).long()
@@ -329,7 +336,8 @@ def detect_target_labels(
             v = metrics[valid]
             median = np.median(v)
             mad = np.median(np.abs(v - median))
-            scores[valid] = np.abs(v - median) / 1.4826 / (mad + 1e-6)
+            dev = np.abs(v - median) if tail == "two_sided" else v - median
+            scores[valid] = dev / 1.4826 / (mad + 1e-6)
     else:
         median = mad = float("nan")
     with np.errstate(invalid="ignore"):
