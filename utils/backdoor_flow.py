@@ -122,6 +122,7 @@ def all_known_keys() -> set[str]:
 
 def validate(cfg: dict[str, Any], attack: str) -> None:
     from models import CLASSIFIERS
+    from utils import dataelixir as de
 
     def need(ok: bool, msg: str) -> None:
         if not ok:
@@ -135,22 +136,9 @@ def validate(cfg: dict[str, Any], attack: str) -> None:
         need(cfg[k] > 0, f"{k} must be > 0, got {cfg[k]}")
     for k in ("subset", "test_subset"):
         need(cfg[k] is None or cfg[k] >= 10, f"{k} must be null or >= 10, got {cfg[k]}")
-    if cfg["purify_respace"] is not None:
-        r = cfg["purify_respace"]
-        need(1 <= r <= cfg["steps_T"], f"purify_respace must be in 1..steps_T ({cfg['steps_T']}), got {r}")
-        need(
-            r >= cfg["last_steps_m"],
-            f"purify_respace ({r}) must be >= last_steps_m ({cfg['last_steps_m']}): each round keeps its last m steps",
-        )
-        need(
-            not cfg["purify_dense_tail"] or r > cfg["last_steps_m"] or r == cfg["steps_T"],
-            f"purify_dense_tail needs purify_respace ({r}) > last_steps_m ({cfg['last_steps_m']})",
-        )
-    else:
-        need(
-            cfg["steps_T"] >= cfg["last_steps_m"],
-            f"steps_T ({cfg['steps_T']}) must be >= last_steps_m ({cfg['last_steps_m']})",
-        )
+    de.check_step_settings(
+        cfg["steps_T"], cfg["rounds_n"], cfg["last_steps_m"], cfg["purify_respace"], cfg["purify_dense_tail"]
+    )
     if cfg["attack_label_trans"] == "all2all" and not ATTACKS[attack].supports_all2all:
         raise UserError(f"{attack} supports only attack_label_trans all2one")
 

@@ -75,6 +75,33 @@ def candidates_complete(out_dir: str | Path) -> bool:
     return all((done / f"chunk_{c:05d}").is_file() for c in range(meta["chunks"]))
 
 
+# settings added after candidate folders were first written, with the value older folders used
+_META_ADDED_LATER = {"dense_tail": False}
+
+
+def check_step_settings(
+    steps_T: int, rounds_n: int, last_steps_m: int, respace: int | None = None, dense_tail: bool = False
+) -> None:
+    """The step counts of candidate construction, checked once for the attack scripts (before
+    any work) and for direct callers; a UserError names the YAML keys."""
+    if rounds_n < 1 or last_steps_m < 1 or steps_T < 1:
+        raise UserError(f"rounds_n, last_steps_m and steps_T must be >= 1 (got {rounds_n}, {last_steps_m}, {steps_T})")
+    if respace is not None and not 1 <= respace <= steps_T:
+        raise UserError(f"purify_respace must be null or in 1..steps_T ({steps_T}), got {respace}")
+    reverse_steps = respace or steps_T
+    if last_steps_m > reverse_steps:
+        what = f"purify_respace={respace}" if respace else f"steps_T={steps_T}"
+        raise UserError(
+            f"last_steps_m={last_steps_m} exceeds the {reverse_steps} reverse steps of {what}: "
+            "each round keeps its last m steps"
+        )
+    if dense_tail and reverse_steps < steps_T and last_steps_m >= reverse_steps:
+        raise UserError(
+            f"purify_dense_tail needs purify_respace ({reverse_steps}) > last_steps_m ({last_steps_m}): "
+            "the unspaced tail would leave no step for the rest of the chain; raise purify_respace"
+        )
+
+
 @torch.no_grad()
 def construct_candidates(
     diffusion_model: nn.Module,
@@ -105,17 +132,8 @@ def construct_candidates(
     so the kept candidates are at the paper's noise levels (a CPU-scale option).
     Returns the memory-mapped candidates and labels (read-only).
     """
-    if rounds_n < 1 or last_steps_m < 1 or steps_T < 1:
-        raise UserError(f"rounds_n, last_steps_m and steps_T must be >= 1 (got {rounds_n}, {last_steps_m}, {steps_T})")
-    reverse_steps = respace if respace else steps_T
-    if last_steps_m > reverse_steps:
-        what = f"purify_respace={respace}" if respace else f"steps_T={steps_T}"
-        raise UserError(f"last_steps_m={last_steps_m} exceeds the {reverse_steps} reverse steps of {what}")
-    if dense_tail and respace and respace < steps_T and last_steps_m >= respace:
-        raise UserError(
-            f"a dense tail of last_steps_m={last_steps_m} steps leaves none of purify_respace={respace} "
-            "for the rest of the chain; raise purify_respace"
-        )
+    check_step_settings(steps_T, rounds_n, last_steps_m, respace, dense_tail)
+    reverse_steps = respace or steps_T
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cand_p, pred_p, meta_p, done = _candidate_files(out_dir)
@@ -137,8 +155,7 @@ def construct_candidates(
         "bf16": bf16,
     }
     if meta_p.is_file():
-        old = json.loads(meta_p.read_text())
-        old.setdefault("dense_tail", False)  # written before the option existed
+        old = {**_META_ADDED_LATER, **json.loads(meta_p.read_text())}
         if old != meta:
             raise UserError(
                 f"{out_dir} holds candidates built with other settings ({_diff(old, meta)}); delete that folder to rebuild"
