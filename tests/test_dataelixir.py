@@ -9,6 +9,7 @@ classifier of the candidate tests are tiny random networks.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 
@@ -338,6 +339,125 @@ def test_ssim_3x3_matches_skimage():
         assert got[i].item() == pytest.approx(want, rel=1e-10, abs=1e-12)
 
 
+def _ssim_numpy_nd(a: np.ndarray, b: np.ndarray, win: int = 3, data_range: float = 255.0) -> float:
+    """skimage 0.24's structural_similarity(a, b, win_size=win) with no channel_axis, for an
+    array of any dimension -- what DataElixir's ``multichannel=True`` call (an ignored
+    keyword there) computes on an HWC image: a uniform win^ndim mean filter (scipy's
+    ``reflect`` = numpy's ``symmetric``), covariances x NP/(NP-1), NP = win^ndim, and the
+    mean of S after cropping (win-1)//2 from both ends of *every* axis, the channel axis too."""
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    r = (win - 1) // 2
+    n_p = win**a.ndim
+
+    def filt(x):
+        p = np.pad(x, r, mode="symmetric")
+        out = np.zeros_like(x)
+        for off in np.ndindex(*([win] * x.ndim)):
+            out += p[tuple(slice(o, o + n) for o, n in zip(off, x.shape))]
+        return out / n_p
+
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    ux, uy = filt(x), filt(y)
+    norm = n_p / (n_p - 1)
+    vx = norm * (filt(x * x) - ux * ux)
+    vy = norm * (filt(y * y) - uy * uy)
+    vxy = norm * (filt(x * y) - ux * uy)
+    s = (2 * ux * uy + c1) * (2 * vxy + c2) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+    return float(s[tuple(slice(r, n - r) for n in s.shape)].mean())
+
+
+def test_ssim_3x3_reference_mode_matches_numpy_skimage_formula():
+    a, b = _ssim_pairs()
+    got = de.ssim_3x3(torch.from_numpy(a), torch.from_numpy(b), mode="reference")
+    want = [_ssim_numpy_nd(a[i].transpose(1, 2, 0), b[i].transpose(1, 2, 0)) for i in range(len(a))]
+    assert got.dtype == torch.float64 and got.shape == (3,)
+    assert got.tolist() == pytest.approx(want, rel=1e-12, abs=1e-14)
+    # it is not the per-channel SSIM
+    per_channel = de.ssim_3x3(torch.from_numpy(a), torch.from_numpy(b))
+    assert (got - per_channel).abs().max() > 1e-3
+    # only the middle channel's positions are scored: changing the green channel of a
+    # pixel whose 3x3 neighbourhood stays changes it; so does R (inside the 3x3x3 window)
+    x = torch.from_numpy(a[:1]).clone()
+    y = x.clone()
+    y[0, 0, 4, 5] = 255 - y[0, 0, 4, 5]
+    assert de.ssim_3x3(x, y, mode="reference").item() < 1.0
+    # a 1-channel image has no interior along the channel axis: refused, not NaN
+    with pytest.raises(ValueError, match="channels"):
+        de.ssim_3x3(x[:, :1], y[:, :1], mode="reference")
+    with pytest.raises(ValueError, match="ssim mode"):
+        de.ssim_3x3(x, y, mode="rgb")
+
+
+def test_ssim_3x3_reference_mode_matches_skimage_0_24():
+    metrics = pytest.importorskip("skimage.metrics")
+    skimage = pytest.importorskip("skimage")
+    if not skimage.__version__.startswith("0.24"):
+        pytest.skip("DataElixir pins scikit-image 0.24")
+    a, b = _ssim_pairs()
+    got = de.ssim_3x3(torch.from_numpy(a), torch.from_numpy(b), mode="reference")
+    for i in range(len(a)):
+        x, y = a[i].transpose(1, 2, 0).copy(), b[i].transpose(1, 2, 0).copy()
+        assert got[i].item() == pytest.approx(metrics.structural_similarity(x, y, multichannel=True, win_size=3))
+
+
+def test_candidate_distances_ssim_mode(tiny_classifier):
+    g = torch.Generator().manual_seed(4)
+    cand = torch.randint(0, 256, (2, 3, 3, 32, 32), generator=g, dtype=torch.uint8).numpy()
+    rows = np.array([1, 0])
+    feats_model = _Features(tiny_classifier)
+    per = de.candidate_distances(cand, rows, feats_model, torch.device("cpu"), bf16=False)
+    ref = de.candidate_distances(cand, rows, feats_model, torch.device("cpu"), bf16=False, ssim_mode="reference")
+    c = torch.from_numpy(cand[rows])
+    for mode, d in (("per_channel", per), ("reference", ref)):
+        s = de.ssim_3x3(c[:, :1].expand_as(c).reshape(-1, 3, 32, 32), c.reshape(-1, 3, 32, 32), mode=mode)
+        feats = feats_model.features(c.reshape(-1, 3, 32, 32).float() / 255).view(2, 3, -1).double()
+        cos = torch.nn.functional.cosine_similarity(feats[:, :1], feats, dim=2)
+        want = de.selection_distance(s.view(2, 3), cos)
+        want[:, 0] = 0
+        assert d == pytest.approx(want.numpy(), abs=1e-6)
+    assert not np.allclose(per, ref)
+
+
+class _Features(nn.Module):
+    """A classifier with the ``features`` method ``candidate_distances`` needs."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+    def features(self, x):
+        return x.mean(dim=(2, 3)) * torch.tensor([1.0, -2.0, 3.0])
+
+
+def test_reference_original_round_trip():
+    u = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
+    r = de.reference_original(u)
+    # the reference's float32 chain lowers 63 of the 256 byte values by exactly one level
+    diff = u.int() - r.int()
+    assert int((diff[0, 0] != 0).sum()) == 63 and set(diff.unique().tolist()) == {0, 1}
+    assert r[0, 0, 0, 0] == 0 and r[0, 0, 15, 15] == 255  # the ends survive
+    # written out as torchvision does it: ToTensor (/255), x*2-1, tensor2img, ToPILImage
+    x = u.float().div(255) * 2 - 1
+    want = (((x.clamp(-1, 1) + 1) * 0.5).clamp(0, 1) * 255).byte()
+    assert torch.equal(r, want)
+
+
+def test_apply_reference_exact():
+    cfg = {"noise_offset": 0, "ssim_mode": "per_channel", "original_round_trip": False, "steps_T": 150}
+    assert de.apply_reference_exact({**cfg, "reference_exact": False}) == {**cfg, "reference_exact": False}
+    on = de.apply_reference_exact({**cfg, "reference_exact": True})
+    assert on == {
+        "noise_offset": 1,
+        "ssim_mode": "reference",
+        "original_round_trip": True,
+        "steps_T": 150,
+        "reference_exact": True,
+    }
+
+
 def test_selection_distance():
     # d = 0.5 (1 - (s+1)/2) + 0.5 (1 - (c+1)/2) = (2 - s - c) / 4
     s = torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=torch.float64)
@@ -499,6 +619,32 @@ def test_build_chunk_shape_original_and_rounds(tiny_ddpm, images):
         for j, s in enumerate(kept):
             assert torch.equal(out[:, 1 + r * 2 + j], to_uint8(from_model_range(s.clamp(-1, 1))))
         cur = cur.clamp(-1, 1)
+
+
+def test_build_chunk_original_round_trip(tiny_ddpm, images):
+    model, base = tiny_ddpm
+    x = images[:1]
+    exact = _chunk(model, base, x, seed=5)
+    ref = _chunk(model, base, x, seed=5, original_round_trip=True)
+    assert torch.equal(ref[:, 0], de.reference_original(x)) and not torch.equal(ref[:, 0], x)
+    assert torch.equal(ref[:, 1:], exact[:, 1:])  # the diffusion still starts from the exact bytes
+
+
+def test_construct_candidates_round_trip_setting(tiny_ddpm, tiny_classifier, images, tmp_path):
+    model, base = tiny_ddpm
+    cand, _ = de.construct_candidates(
+        model, base, tiny_classifier, images, tmp_path / "r", original_round_trip=True, **CAND_KW
+    )
+    assert np.array_equal(cand[:, 0], de.reference_original(images).numpy())
+    with pytest.raises(UserError, match="original_round_trip"):
+        de.construct_candidates(model, base, tiny_classifier, images, tmp_path / "r", **CAND_KW)
+    # a folder written before the key existed resumes with the default (False)
+    de.construct_candidates(model, base, tiny_classifier, images, tmp_path / "o", **CAND_KW)
+    meta_p = tmp_path / "o" / "meta.json"
+    meta = json.loads(meta_p.read_text())
+    del meta["original_round_trip"]
+    meta_p.write_text(json.dumps(meta))
+    de.construct_candidates(model, base, tiny_classifier, images, tmp_path / "o", **CAND_KW)
 
 
 def test_construct_candidates_resume_and_settings(tiny_ddpm, tiny_classifier, images, tmp_path):

@@ -90,6 +90,18 @@ DEFENCE_KEYS: dict[str, Key] = {
     "diffusion_config": Key("config/ddpm/cifar10.yml", "DDPM config (config/ddpm/cpu.yml for CPU scale)"),
     "diffusion_ckpt": Key(PAPER_DDPM_CKPT, "DDPM weights (relative to --work_dir unless absolute)"),
     "noise_offset": Key(0, "0: noise to a[T-1] (exact); 1: a[T] as the reference code (off-by-one)", choices=(0, 1)),
+    "ssim_mode": Key(
+        "per_channel",
+        "image-choice SSIM: per_channel (3x3 window per channel, the paper's intent) or reference (the 3x3x3 "
+        "window DataElixir's code computes with scikit-image 0.24)",
+        choices=("per_channel", "reference"),
+    ),
+    "original_round_trip": Key(
+        False, "candidate 0 = the original after the reference code's float round trip (63 byte values drop by one)"
+    ),
+    "reference_exact": Key(
+        False, "turn on every reference-code option: noise_offset 1, ssim_mode reference, original_round_trip true"
+    ),
     "purify_respace": Key(
         None, "reverse steps per round (null = steps_T; fewer = CPU-scale deviation)", type=int, nullable=True
     ),
@@ -414,6 +426,9 @@ def run_attack_then_defence(attack: str, argv: list[str]) -> dict[str, Any]:
         default_name=attack,
     )
     validate(cfg, attack)
+    from utils.dataelixir import apply_reference_exact
+
+    cfg = apply_reference_exact(cfg)
     work = work_dir(run.work_dir)
     resolve_path(cfg["diffusion_config"], "diffusion config")
     # fail before hours of attack and training, not when the defence starts
@@ -507,6 +522,7 @@ def run_attack_then_defence(attack: str, argv: list[str]) -> dict[str, Any]:
             respace=cfg["purify_respace"],
             dense_tail=cfg["purify_dense_tail"],
             noise_offset=cfg["noise_offset"],
+            original_round_trip=cfg["original_round_trip"],
             seed=cfg["random_seed"],
             bf16=cfg["bf16"],
             device=device,
@@ -548,7 +564,9 @@ def run_attack_then_defence(attack: str, argv: list[str]) -> dict[str, Any]:
         srt = de.sort_samples(p, ident, labels, det["targets"])
         decision, new_label = srt["decision"], srt["label"]
         rows = torch.nonzero(decision != de.KEPT).flatten().numpy()
-        dist = de.candidate_distances(cand, rows, backdoored, device, bf16=cfg["bf16"], desc="selection distances")
+        dist = de.candidate_distances(
+            cand, rows, backdoored, device, bf16=cfg["bf16"], desc="selection distances", ssim_mode=cfg["ssim_mode"]
+        )
         chosen = torch.zeros(n, dtype=torch.long)
         rel = decision[rows] == de.RELABELLED
         if rel.any():

@@ -12,6 +12,8 @@ One small function per step of the paper, each working on whole arrays:
 3. ``detect_target_labels``: KL divergence per class + MAD outlier score > 2.
 4. ``sort_samples``: kept / relabelled / suspicious.
 5. ``ssim_3x3``, ``selection_distance``, ``select_index``: the 0.8-quantile image choice.
+
+``REFERENCE_EXACT`` lists the options that reproduce the reference code's quirks.
 6.-8. ``stage2_selection``, ``final_relabel``, ``tpr_fpr``.
 
 The semantics follow the reference implementation (``utils/purify_utils.py`` of
@@ -76,7 +78,7 @@ def candidates_complete(out_dir: str | Path) -> bool:
 
 
 # settings added after candidate folders were first written, with the value older folders used
-_META_ADDED_LATER = {"dense_tail": False}
+_META_ADDED_LATER = {"dense_tail": False, "original_round_trip": False}
 
 
 def check_step_settings(
@@ -117,6 +119,7 @@ def construct_candidates(
     respace: int | None = None,
     dense_tail: bool = False,
     noise_offset: int = 0,
+    original_round_trip: bool = False,
     seed: int = 0,
     bf16: bool = True,
     device: torch.device = torch.device("cpu"),
@@ -130,6 +133,7 @@ def construct_candidates(
     many newly finished chunks (tests use it to simulate an interruption).
     ``dense_tail`` (with ``respace``) takes the last ``last_steps_m`` reverse steps unspaced,
     so the kept candidates are at the paper's noise levels (a CPU-scale option).
+    ``original_round_trip`` stores candidate 0 as the reference does (see :func:`reference_original`).
     Returns the memory-mapped candidates and labels (read-only).
     """
     check_step_settings(steps_T, rounds_n, last_steps_m, respace, dense_tail)
@@ -151,6 +155,7 @@ def construct_candidates(
         "respace": respace,
         "dense_tail": dense_tail,
         "noise_offset": noise_offset,
+        "original_round_trip": original_round_trip,
         "seed": seed,
         "bf16": bf16,
     }
@@ -193,6 +198,7 @@ def construct_candidates(
             noise_offset=noise_offset,
             generator=torch.Generator(device=device).manual_seed(chunk_seed(seed, c)),
             bf16=bf16,
+            original_round_trip=original_round_trip,
         )
         flat = out.reshape(-1, *out.shape[2:])
         labels = predict(classifier, flat, device, batch_size=512, bf16=bf16).argmax(1).view(len(out), k)
@@ -215,6 +221,25 @@ def _diff(old: dict, new: dict) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
 
 
+def reference_original(x_u8: torch.Tensor) -> torch.Tensor:
+    """The original image as DataElixir's code keeps it: uint8 -> ``ToTensor`` (float32 / 255)
+    -> ``x * 2 - 1`` -> clamp -> ``(x + 1) * 0.5`` -> clamp -> ``ToPILImage`` (``mul(255)``,
+    truncated). The float32 round trip lowers 63 of the 256 byte values by one level; the
+    exact original (our default) is the intent."""
+    x = x_u8.float() / 255.0 * 2 - 1
+    return to_uint8(from_model_range(x.clamp(-1, 1)))
+
+
+# every option that reproduces a quirk of DataElixir's code, with its reference value
+REFERENCE_EXACT = {"noise_offset": 1, "ssim_mode": "reference", "original_round_trip": True}
+
+
+def apply_reference_exact(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``reference_exact: true`` turns on every option of ``REFERENCE_EXACT`` (whatever they
+    were set to); otherwise ``cfg`` is returned unchanged."""
+    return {**cfg, **REFERENCE_EXACT} if cfg.get("reference_exact") else cfg
+
+
 @torch.no_grad()
 def build_chunk(
     diffusion_model: nn.Module,
@@ -229,15 +254,16 @@ def build_chunk(
     generator: torch.Generator | None,
     bf16: bool,
     dense_tail: bool = False,
+    original_round_trip: bool = False,
 ) -> torch.Tensor:
     """Candidates of one batch: uint8 ``[B, 1 + n*m, 3, H, W]`` on the CPU.
 
-    Index 0 is the original bytes. The reference converts the original through float and
-    back with truncation, which lowers 63 of the 256 byte values by one level; keeping the
-    exact original is the intent and changes no decision in practice.
+    Index 0 is the original bytes (default), or with ``original_round_trip`` the
+    reference's float round trip of them (:func:`reference_original`).
     """
     x = to_model_range(x_u8)
-    out = [x_u8.cpu().unsqueeze(1)]
+    original = reference_original(x_u8) if original_round_trip else x_u8
+    out = [original.cpu().unsqueeze(1)]
     for _ in tqdm(range(rounds_n), desc="rounds", leave=False, dynamic_ncols=True):
         x, kept = noise_and_denoise(
             diffusion_model,
@@ -406,22 +432,49 @@ def sort_samples(
 # --------------------------------------------------------------------------- 5. image selection
 
 
-def ssim_3x3(a: torch.Tensor, b: torch.Tensor, data_range: float = 255.0) -> torch.Tensor:
-    """Mean SSIM per image pair of uint8 ``[B, C, H, W]`` images, as
-    ``skimage.metrics.structural_similarity(a, b, win_size=3, channel_axis=-1)`` computes
-    it: uniform 3x3 window, sample covariance (N/(N-1)), K1=0.01, K2=0.03, the mean over
-    the interior (1-pixel border cropped) of each channel, averaged over channels.
-    Computed in float64 like skimage."""
+SSIM_MODES = ("per_channel", "reference")
+
+
+def ssim_3x3(a: torch.Tensor, b: torch.Tensor, data_range: float = 255.0, mode: str = "per_channel") -> torch.Tensor:
+    """Mean SSIM per image pair of uint8 ``[B, C, H, W]`` images with a uniform 3-wide window,
+    sample covariance, K1 = 0.01, K2 = 0.03, in float64, as skimage's ``structural_similarity``.
+
+    ``per_channel`` (default, the paper's intent): ``structural_similarity(a, b, win_size=3,
+    channel_axis=-1)`` -- a 3x3 window per channel, the mean over each channel's interior
+    (1-pixel border cropped), averaged over channels.
+
+    ``reference``: what DataElixir's code computes. It calls ``structural_similarity(a, b,
+    multichannel=True, win_size=3)`` on HWC arrays with scikit-image 0.24, where
+    ``multichannel`` is no longer a parameter and is silently ignored: the (H, W, C) array is
+    treated as a 3-D image, so the window is 3x3x3 (covariance factor 27/26) and the border
+    crop removes the first and last channel too. For RGB only the green position is scored,
+    its window spanning R, G and B, over the (H-2) x (W-2) interior.
+    """
+    if mode not in SSIM_MODES:
+        raise ValueError(f"ssim mode must be one of {SSIM_MODES}, got {mode!r}")
     x = a.to(torch.float64)
     y = b.to(torch.float64)
-    bsz, c, h, w = x.shape
+    c = x.shape[1]
     win = 3
-    cov_norm = win * win / (win * win - 1)
-    kernel = torch.full((c, 1, win, win), 1.0 / (win * win), dtype=torch.float64, device=x.device)
+    if mode == "reference":
+        if c < win:
+            raise ValueError(f"the reference SSIM needs >= {win} channels, got {c}")
+        # [B, 1, C, H, W]: a "valid" 3-D box filter = skimage's filter output after its crop
+        x, y = x.unsqueeze(1), y.unsqueeze(1)
+        kernel = torch.full((1, 1, win, win, win), 1.0 / win**3, dtype=torch.float64, device=x.device)
 
-    def box(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, kernel, groups=c)  # "valid" = skimage's filter output after the crop
+        def box(t: torch.Tensor) -> torch.Tensor:
+            return F.conv3d(t, kernel)
 
+        n_win, dims = win**3, (1, 2, 3, 4)
+    else:
+        kernel = torch.full((c, 1, win, win), 1.0 / (win * win), dtype=torch.float64, device=x.device)
+
+        def box(t: torch.Tensor) -> torch.Tensor:
+            return F.conv2d(t, kernel, groups=c)  # "valid" = skimage's filter output after the crop
+
+        n_win, dims = win * win, (2, 3)
+    cov_norm = n_win / (n_win - 1)
     ux, uy = box(x), box(y)
     uxx, uyy, uxy = box(x * x), box(y * y), box(x * y)
     vx = cov_norm * (uxx - ux * ux)
@@ -430,7 +483,8 @@ def ssim_3x3(a: torch.Tensor, b: torch.Tensor, data_range: float = 255.0) -> tor
     c1 = (0.01 * data_range) ** 2
     c2 = (0.03 * data_range) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s.mean(dim=(2, 3)).mean(1)
+    s = s.mean(dim=dims)
+    return s.flatten() if mode == "reference" else s.mean(1)
 
 
 def selection_distance(ssim: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
@@ -448,10 +502,12 @@ def candidate_distances(
     bf16: bool = True,
     samples_per_batch: int = 128,
     desc: str = "distances",
+    ssim_mode: str = "per_channel",
 ) -> np.ndarray:
     """Distances ``[len(rows), K]`` (float64) between each listed sample's original
     (candidate 0) and each of its candidates; column 0 is 0 as in the reference. Features
-    are the backdoored model's globally pooled last-stage features."""
+    are the backdoored model's globally pooled last-stage features; ``ssim_mode`` as in
+    :func:`ssim_3x3`."""
     k = candidates.shape[1]
     out = np.zeros((len(rows), k), dtype=np.float64)
     for s in tqdm(range(0, len(rows), samples_per_batch), desc=desc, unit="batch", dynamic_ncols=True):
@@ -464,7 +520,7 @@ def candidate_distances(
         feats = predict(model, flat, device, batch_size=512, bf16=bf16, features=True).view(b, k, -1).double()
         cos = F.cosine_similarity(feats[:, :1], feats, dim=2)
         orig = imgs[:, :1].expand_as(imgs).reshape(b * k, *imgs.shape[2:])
-        ssim = ssim_3x3(orig.to(device), flat.to(device)).cpu().view(b, k)
+        ssim = ssim_3x3(orig.to(device), flat.to(device), mode=ssim_mode).cpu().view(b, k)
         d = selection_distance(ssim, cos)
         d[:, 0] = 0.0
         out[s : s + b] = d.numpy()
