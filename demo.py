@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from utils.checkpoints import checkpoint_name
 from utils.fileio import atomic_write_json, atomic_write_text
 from utils.paths import REPO_ROOT, poisoned_file, purified_file
 from utils.poisons import POISONS
@@ -160,7 +161,7 @@ def main() -> None:
                         "--config",
                         "config/eclipse/cpu.yml",
                         "--sparse_diff_model",
-                        f"ema_{args.diffusion_ema}_{it}.pt",
+                        checkpoint_name("ema", it, args.diffusion_ema),
                         "--t",
                         str(args.t),
                         "--respace",

@@ -16,7 +16,6 @@ shards the batches across processes.
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from utils.checkpoints import parse_checkpoint_name, resolve_checkpoint
 from utils.data import ImageSet, read_eclipse_pkl, write_eclipse_pkl
 from utils.diffusion_setup import diffusion_train_command, load_diffusion_model, load_diffusion_spec
 from utils.fileio import UserError, atomic_write_json, cli_main, refuse_overwrite, setup_logging
@@ -86,9 +86,10 @@ def resolve_config(name: str) -> Path:
 
 
 def checkpoint_iteration(name: str) -> str:
-    """``ema_0.9999_250000.pt`` -> ``250000`` (the folder name the reference uses)."""
-    m = re.search(r"_(\d+)\.pt$", name)
-    return str(int(m.group(1))) if m else Path(name).stem
+    """``ema_0.9999_250000.pt`` -> ``250000`` (the folder name the reference uses); either
+    checkpoint spelling (``ema_0.999_003000.pt`` -> ``3000``), else the file's stem."""
+    parsed = parse_checkpoint_name(name)
+    return str(parsed.step) if parsed else Path(name).stem
 
 
 @cli_main
@@ -99,7 +100,8 @@ def main(argv=None) -> None:
     spec = load_diffusion_spec(config)
     iteration = checkpoint_iteration(args.sparse_diff_model)
     src = poisoned_file(work, args.poison)
-    ckpt = diff_ckpt_dir(work, args.sparse_set) / args.sparse_diff_model
+    # either spelling of the name loads (ECLIPSE's published ema_0.9999_250000.pt is both)
+    ckpt = resolve_checkpoint(diff_ckpt_dir(work, args.sparse_set) / args.sparse_diff_model)
     dst = purified_file(work, args.sparse_set, args.t, iteration, args.poison)
     if not src.is_file():
         raise UserError(f"poisoned dataset not found: {src}; craft it with `python poison.py --poison {args.poison}`")

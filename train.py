@@ -24,9 +24,10 @@ import torch
 
 from models import CLASSIFIERS, build_classifier
 from utils.augment import compensation_augment, grayscale, jpeg, standard_augment
+from utils.checkpoints import DEFAULT_EMA_RATE, checkpoint_name, ema_checkpoints
 from utils.data import ImageSet, class_balanced_subset, load_cifar10, read_eclipse_pkl
 from utils.fileio import UserError, atomic_write_json, cli_main, setup_logging
-from utils.paths import load_poisoned, purified_file, work_dir
+from utils.paths import diff_ckpt_dir, load_poisoned, purified_file, work_dir
 from utils.plots import history_series, save_curves
 from utils.runtime import resolve_device, seed_everything, str2bool
 from utils.trainer import TrainConfig, train_classifier
@@ -102,10 +103,17 @@ def load_training_set(args, work) -> tuple[ImageSet, str]:
         if not path.is_file():
             raise UserError(
                 f"purified dataset not found: {path}; make it with `python purification.py --poison {args.poison} "
-                f"--t {args.t} --sparse_set {args.sparse_set} --sparse_diff_model ema_0.9999_{args.iter}.pt`"
+                f"--t {args.t} --sparse_set {args.sparse_set} --sparse_diff_model {_ema_name(work, args)}`"
             )
         return read_eclipse_pkl(path), str(path)
     return load_poisoned(work, args.poison, args.data_root, args.subset, args.subset_seed)
+
+
+def _ema_name(work, args) -> str:
+    """The EMA checkpoint of iteration ``--iter`` that exists in the sparse set's folder (any
+    rate, either spelling), else the name train_diffusion.py writes at its default rate."""
+    found = ema_checkpoints(diff_ckpt_dir(work, args.sparse_set), args.iter)
+    return found[0].name if found else checkpoint_name("ema", args.iter, DEFAULT_EMA_RATE)
 
 
 @cli_main

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from utils.checkpoints import checkpoint_name
 from utils.data import load_cifar10
 from utils.diffusion_setup import load_diffusion_spec
 from utils.diffusion_training import DiffusionTrainConfig, train_diffusion
@@ -133,7 +134,7 @@ def main(argv=None) -> None:
         diffusion = spec.build_diffusion(respacing="")
         train_diffusion(model, diffusion, images, cfg, out, device, rank, world, log=log.info)
         if rank == 0:
-            log.info(f"done: {out}/ema_{cfg.ema_rate}_{cfg.iterations}.pt")
+            log.info(f"done: {out / checkpoint_name('ema', cfg.iterations, cfg.ema_rate)}")
     finally:
         cleanup_distributed()
 

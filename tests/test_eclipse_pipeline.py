@@ -219,17 +219,58 @@ def test_train_diffusion_resumes_exactly(tmp_path):
     train_diffusion.main(_td_args(resumed, 2))
     train_diffusion.main(_td_args(resumed, 4))
     run = "diff_ckpt/cifar10/test32ps64"
-    a = torch.load(straight / run / "ema_0.9999_4.pt", weights_only=True)
-    b = torch.load(resumed / run / "ema_0.9999_4.pt", weights_only=True)
+    a = torch.load(straight / run / "ema_0.9999_000004.pt", weights_only=True)
+    b = torch.load(resumed / run / "ema_0.9999_000004.pt", weights_only=True)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
     files = {p.name for p in (resumed / run).iterdir()}
-    assert {"ema_0.9999_2.pt", "ema_0.9999_4.pt", "model_4.pt", "opt_4.pt", "sparse_set.json", "loss.png"} <= files
-    assert "model_2.pt" not in files  # only the newest resumption state is kept
+    # improved-diffusion's names: model%06d.pt, ema_<rate>_%06d.pt, opt%06d.pt
+    want = {"ema_0.9999_000002.pt", "ema_0.9999_000004.pt", "model000004.pt", "opt000004.pt", "sparse_set.json"}
+    assert want | {"loss.png"} <= files
+    assert "model000002.pt" not in files  # only the newest resumption state is kept
     idx = json.loads((resumed / run / "sparse_set.json").read_text())["indices"]
     assert len(idx) == 32 and len(set(idx)) == 32
     steps = [line.split(",")[0] for line in (resumed / run / "progress.csv").read_text().splitlines()[1:]]
     assert steps == ["1", "2", "3", "4"]
+
+
+def test_train_diffusion_resumes_from_the_old_spelling(tmp_path):
+    """A run written with this project's earlier names (model_<step>.pt, ema_<rate>_<step>.pt,
+    opt_<step>.pt) resumes exactly; the stale legacy model/opt pair is removed once newer
+    improved-diffusion-named ones exist, the legacy EMA snapshot is kept."""
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    train_diffusion.main(_td_args(straight, 4))
+    train_diffusion.main(_td_args(resumed, 2))
+    run = resumed / "diff_ckpt/cifar10/test32ps64"
+    for new, old in (
+        ("model000002.pt", "model_2.pt"),
+        ("ema_0.9999_000002.pt", "ema_0.9999_2.pt"),
+        ("opt000002.pt", "opt_2.pt"),
+    ):
+        (run / new).rename(run / old)
+    train_diffusion.main(_td_args(resumed, 4))
+    assert "resuming diffusion training from step 2" in (run / "train.log").read_text()
+    a = torch.load(straight / "diff_ckpt/cifar10/test32ps64/ema_0.9999_000004.pt", weights_only=True)
+    b = torch.load(run / "ema_0.9999_000004.pt", weights_only=True)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    files = {p.name for p in run.iterdir()}
+    assert {"ema_0.9999_2.pt", "model000004.pt", "opt000004.pt"} <= files
+    assert not {"model_2.pt", "opt_2.pt"} & files
+
+
+def test_purification_loads_either_spelling(tmp_path, small_train):
+    """--sparse_diff_model names the checkpoint in either spelling; the output folder is the
+    iteration number (ECLIPSE's published ema_0.9999_250000.pt is both spellings at once)."""
+    data = small_train.subset(torch.arange(4))
+    ckpt = _setup_work(tmp_path, data, iteration=5)  # ema_0.9999_5.pt, the old spelling
+    argv = ["--poison", "URP", "--config", TINY_CFG, "--sparse_set", "tiny", "--t", "2", "--work_dir", str(tmp_path)]
+    purification.main(argv + ["--sparse_diff_model", "ema_0.9999_000005.pt"])
+    assert (tmp_path / "purified_data/cifar10/tiny/2/5/URP-pure.pkl").is_file()
+    ckpt.rename(ckpt.with_name("ema_0.9999_000005.pt"))
+    purification.main(argv + ["--sparse_diff_model", "ema_0.9999_5.pt", "--overwrite"])
+    assert purification.checkpoint_iteration("ema_0.9999_250000.pt") == "250000"
+    assert purification.checkpoint_iteration("ema_0.999_003000.pt") == "3000"
 
 
 def test_train_diffusion_refuses_mixed_runs(tmp_path, capsys):
@@ -258,8 +299,8 @@ def test_train_diffusion_ddp_two_processes(tmp_path):
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     run = tmp_path / "diff_ckpt/cifar10/test32ps64"
-    assert (run / "ema_0.9999_2.pt").is_file()
-    state = torch.load(run / "opt_2.pt", weights_only=True)
+    assert (run / "ema_0.9999_000002.pt").is_file()
+    state = torch.load(run / "opt000002.pt", weights_only=True)
     assert len(state["rng"]) == 2  # both ranks' RNG states, for an exact resume
     assert "world size 2" in (run / "train.log").read_text()
 

@@ -327,11 +327,13 @@ def predict_candidates(
 
 def _diffusion_ckpt(cfg: dict[str, Any], work: Path) -> tuple[Path, str]:
     """The DDPM checkpoint path and the hint that says how to make it; raises if it is missing."""
+    from utils.checkpoints import resolve_checkpoint
     from utils.diffusion_setup import diffusion_train_command
 
     ckpt = Path(cfg["diffusion_ckpt"]).expanduser()
     if not ckpt.is_absolute():
         ckpt = work / ckpt
+    ckpt = resolve_checkpoint(ckpt)  # either spelling of a train_diffusion.py name
     hint = (
         f"make one with `{diffusion_train_command(cfg['diffusion_config'], ckpt.parent.name, ckpt.name)}`"
         " (a DDPM trained on the clean CIFAR-10 training set), or point diffusion_ckpt at Ho's converted"

@@ -226,9 +226,11 @@ def diffusion_train_command(config: str | Path, sparse_set: str, checkpoint_name
             parts.append(f"--source {source} --num_clean {n} --replicas {total // n}")
     else:
         parts.append(f"--sparse_set {sparse_set}")
-    m = re.fullmatch(r"ema_([0-9.]+)_(\d+)\.pt", checkpoint_name)
-    if m:
-        if m.group(1) != "0.9999":
-            parts.append(f"--ema_rate {m.group(1)}")
-        parts.append(f"--iterations {int(m.group(2))}")
+    from utils.checkpoints import parse_checkpoint_name
+
+    parsed = parse_checkpoint_name(checkpoint_name)
+    if parsed and parsed.kind == "ema":
+        if parsed.rate != "0.9999":
+            parts.append(f"--ema_rate {parsed.rate}")
+        parts.append(f"--iterations {parsed.step}")
     return " ".join(parts)

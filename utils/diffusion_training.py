@@ -2,9 +2,10 @@
 
 One loop trains both model families; the loss comes from ``GaussianDiffusion.
 training_losses`` (hybrid MSE + rescaled VB for learned sigmas, plain epsilon MSE for
-the DDPM). Checkpoints are improved-diffusion's trio ``model_<step>.pt``,
-``ema_<rate>_<step>.pt`` (plain state_dicts, loadable by the reference code) and
-``opt_<step>.pt`` (optimiser + RNG state, for exact resumption). Multi-process
+the DDPM). Checkpoints are improved-diffusion's trio ``model%06d.pt``,
+``ema_<rate>_%06d.pt`` (plain state_dicts, loadable by the reference code) and
+``opt%06d.pt`` (optimiser + RNG state, for exact resumption); names come from
+``utils.checkpoints``, which also reads this project's earlier ``model_<step>.pt`` spelling. Multi-process
 data-parallel training under ``torchrun`` splits each global batch across ranks.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from utils.augment import random_flip
+from utils.checkpoints import checkpoint_name, checkpoint_steps, find_checkpoint, parse_checkpoint_name
 from utils.diffusion import GaussianDiffusion
 from utils.fileio import atomic_torch_save, atomic_write_bytes, safe_torch_load
 from utils.plots import save_curves
@@ -44,14 +45,10 @@ class DiffusionTrainConfig:
     seed: int = 0
 
 
-_CKPT = re.compile(r"^model_(\d+)\.pt$")
-
-
 def latest_step(ckpt_dir: Path, ema_rate: float) -> int:
-    """The newest step with a complete model/ema/opt trio, 0 if none."""
-    steps = sorted(int(m.group(1)) for p in ckpt_dir.glob("model_*.pt") if (m := _CKPT.match(p.name)))
-    for s in reversed(steps):
-        if (ckpt_dir / f"ema_{ema_rate}_{s}.pt").is_file() and (ckpt_dir / f"opt_{s}.pt").is_file():
+    """The newest step with a complete model/ema/opt trio (either spelling), 0 if none."""
+    for s in reversed(checkpoint_steps(ckpt_dir, "model")):
+        if find_checkpoint(ckpt_dir, "ema", s, ema_rate) and find_checkpoint(ckpt_dir, "opt", s):
             return s
     return 0
 
@@ -88,10 +85,10 @@ def train_diffusion(
 
     step = latest_step(ckpt_dir, cfg.ema_rate)
     if step:
-        model.load_state_dict(safe_torch_load(ckpt_dir / f"model_{step}.pt", "model checkpoint"))
-        ema_state = safe_torch_load(ckpt_dir / f"ema_{cfg.ema_rate}_{step}.pt", "EMA checkpoint")
+        model.load_state_dict(safe_torch_load(find_checkpoint(ckpt_dir, "model", step), "model checkpoint"))
+        ema_state = safe_torch_load(find_checkpoint(ckpt_dir, "ema", step, cfg.ema_rate), "EMA checkpoint")
         ema = [ema_state[name].to(device).clone() for name, _ in model.named_parameters()]
-        state = safe_torch_load(ckpt_dir / f"opt_{step}.pt", "optimiser checkpoint")
+        state = safe_torch_load(find_checkpoint(ckpt_dir, "opt", step), "optimiser checkpoint")
         opt.load_state_dict(state["optimizer"])
         rngs = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
         data_g.set_state(rngs["data"])
@@ -200,15 +197,15 @@ def _save(model, ema, opt, step, cfg, ckpt_dir: Path, rank: int, world: int, gen
         for name, b in model.named_buffers():
             ema_state[name] = b.detach().cpu()
         # write ema, then model, then opt: a trio is complete only once opt exists
-        atomic_torch_save(ema_state, ckpt_dir / f"ema_{cfg.ema_rate}_{step}.pt")
-        atomic_torch_save({k: v.cpu() for k, v in model.state_dict().items()}, ckpt_dir / f"model_{step}.pt")
+        atomic_torch_save(ema_state, ckpt_dir / checkpoint_name("ema", step, cfg.ema_rate))
+        model_state = {k: v.cpu() for k, v in model.state_dict().items()}
+        atomic_torch_save(model_state, ckpt_dir / checkpoint_name("model", step))
         buf = io.BytesIO()
         torch.save({"optimizer": opt.state_dict(), "step": step, "rng": rng}, buf)
-        atomic_write_bytes(ckpt_dir / f"opt_{step}.pt", buf.getvalue())
-        # resumption needs only the newest model/opt pair; EMA snapshots are all kept
-        for old in ckpt_dir.glob("model_*.pt"):
-            m = _CKPT.match(old.name)
-            if m and int(m.group(1)) < step:
+        atomic_write_bytes(ckpt_dir / checkpoint_name("opt", step), buf.getvalue())
+        # resumption needs only the newest model/opt pair (either spelling); EMA snapshots are all kept
+        for old in list(ckpt_dir.glob("model*.pt")) + list(ckpt_dir.glob("opt*.pt")):
+            parsed = parse_checkpoint_name(old.name)
+            if parsed and parsed.kind in ("model", "opt") and parsed.step < step:
                 old.unlink(missing_ok=True)
-                (ckpt_dir / f"opt_{m.group(1)}.pt").unlink(missing_ok=True)
     barrier()

@@ -35,7 +35,9 @@ def resolve_config(name: str) -> Path:
 
 
 def checkpoint_path(work: Path, params: dict[str, Any]) -> Path:
-    return diff_ckpt_dir(work, params["sparse_set"]) / params["sparse_diff_model"]
+    from utils.checkpoints import resolve_checkpoint
+
+    return resolve_checkpoint(diff_ckpt_dir(work, params["sparse_set"]) / params["sparse_diff_model"])
 
 
 def preflight(work: Path, params: dict[str, Any]) -> None:

@@ -1,0 +1,91 @@
+"""Checkpoint names (``utils/checkpoints.py``): improved-diffusion's spelling is written,
+both it and this project's earlier spelling are read."""
+
+from __future__ import annotations
+
+import pytest
+
+from utils.checkpoints import (
+    CheckpointName,
+    checkpoint_name,
+    checkpoint_steps,
+    ema_checkpoints,
+    find_checkpoint,
+    parse_checkpoint_name,
+    resolve_checkpoint,
+    spellings,
+)
+from utils.diffusion_setup import diffusion_train_command
+
+
+def test_build_improved_diffusion_and_legacy_names():
+    # improved-diffusion: f"model{step:06d}.pt", f"ema_{rate}_{step:06d}.pt", f"opt{step:06d}.pt"
+    assert checkpoint_name("model", 3000) == "model003000.pt"
+    assert checkpoint_name("opt", 3000) == "opt003000.pt"
+    assert checkpoint_name("ema", 3000, 0.999) == "ema_0.999_003000.pt"
+    assert checkpoint_name("ema", 250000, 0.9999) == "ema_0.9999_250000.pt"  # ECLIPSE's published name
+    assert checkpoint_name("model", 1234567) == "model1234567.pt"
+    assert checkpoint_name("model", 3000, legacy=True) == "model_3000.pt"
+    assert checkpoint_name("opt", 3000, legacy=True) == "opt_3000.pt"
+    assert checkpoint_name("ema", 3000, 0.999, legacy=True) == "ema_0.999_3000.pt"
+    with pytest.raises(ValueError):
+        checkpoint_name("ema", 5)
+    with pytest.raises(ValueError):
+        checkpoint_name("model", 5, 0.9999)
+    with pytest.raises(ValueError):
+        checkpoint_name("residual", 5)
+
+
+@pytest.mark.parametrize(
+    "name, want",
+    [
+        ("model003000.pt", CheckpointName("model", 3000, None, False)),
+        ("model_3000.pt", CheckpointName("model", 3000, None, True)),
+        ("opt000004.pt", CheckpointName("opt", 4, None, False)),
+        ("opt_4.pt", CheckpointName("opt", 4, None, True)),
+        ("ema_0.9999_250000.pt", CheckpointName("ema", 250000, "0.9999", False)),
+        ("ema_0.999_003000.pt", CheckpointName("ema", 3000, "0.999", False)),
+        ("ema_0.999_3000.pt", CheckpointName("ema", 3000, "0.999", True)),
+        ("ema_1e-05_000007.pt", CheckpointName("ema", 7, "1e-05", False)),
+        ("model-790000.ckpt", None),
+        ("modelA.pt", None),
+        ("ema_0.9999.pt", None),
+        ("stage1_model.pt", None),
+    ],
+)
+def test_parse_both_spellings(name, want):
+    assert parse_checkpoint_name(name) == want
+
+
+def test_round_trip():
+    for kind, rate in (("model", None), ("opt", None), ("ema", 0.9999)):
+        for step in (0, 7, 3000, 250000, 1000000):
+            for legacy in (False, True):
+                p = parse_checkpoint_name(checkpoint_name(kind, step, rate, legacy))
+                assert (p.kind, p.step) == (kind, step)
+                assert p.rate == (None if rate is None else "0.9999")
+
+
+def test_find_and_resolve(tmp_path):
+    assert spellings("ema", 250000, 0.9999) == ["ema_0.9999_250000.pt"]
+    assert spellings("model", 5) == ["model000005.pt", "model_5.pt"]
+    (tmp_path / "ema_0.999_3000.pt").write_bytes(b"x")
+    (tmp_path / "model000010.pt").write_bytes(b"x")
+    (tmp_path / "model_3000.pt").write_bytes(b"x")
+    (tmp_path / "ema_0.9999_000010.pt").write_bytes(b"x")
+    assert find_checkpoint(tmp_path, "ema", 3000, 0.999) == tmp_path / "ema_0.999_3000.pt"
+    assert find_checkpoint(tmp_path, "ema", 3000, 0.9999) is None
+    assert resolve_checkpoint(tmp_path / "ema_0.999_003000.pt") == tmp_path / "ema_0.999_3000.pt"
+    assert resolve_checkpoint(tmp_path / "ema_0.9999_10.pt") == tmp_path / "ema_0.9999_000010.pt"
+    missing = tmp_path / "ema_0.9999_250000.pt"
+    assert resolve_checkpoint(missing) == missing  # names what was asked for
+    assert resolve_checkpoint(tmp_path / "other.pt") == tmp_path / "other.pt"
+    assert checkpoint_steps(tmp_path, "model") == [10, 3000]
+    assert ema_checkpoints(tmp_path, 3000) == [tmp_path / "ema_0.999_3000.pt"]
+
+
+def test_train_command_hint_reads_both_spellings():
+    for name in ("ema_0.999_3000.pt", "ema_0.999_003000.pt"):
+        cmd = diffusion_train_command("config/eclipse/cpu.yml", "test2000ps8000", name)
+        assert cmd.endswith("--ema_rate 0.999 --iterations 3000")
+    assert diffusion_train_command("c.yml", "test2000ps8000", "ema_0.9999_250000.pt").endswith("--iterations 250000")
