@@ -5,8 +5,8 @@
     python train.py --poison EM --defense grayscale        # ISS-G baseline (ISS-J: --defense jpeg)
     python train.py --poison clean                         # clean CIFAR-10 training set
 
-Appends a row to results.csv (the reference's columns first) and writes
-runs/train/<run>/result.json (configuration, per-epoch curves, final test accuracy),
+Appends the reference's row to results.csv (its 8 columns, no header), the same row with
+our extra columns to results_extra.csv (with a header), and writes runs/train/<run>/result.json (configuration, per-epoch curves, final test accuracy),
 curves.png and train.log. An interrupted run resumes from its last epoch.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import shutil
 import sys
@@ -26,10 +27,10 @@ from models import CLASSIFIERS, build_classifier
 from utils.augment import compensation_augment, grayscale, jpeg, standard_augment
 from utils.checkpoints import DEFAULT_EMA_RATE, checkpoint_name, ema_checkpoints
 from utils.data import ImageSet, class_balanced_subset, load_cifar10, read_eclipse_pkl
-from utils.fileio import UserError, atomic_write_json, cli_main, setup_logging
+from utils.fileio import UserError, atomic_write_json, atomic_write_text, cli_main, setup_logging
 from utils.paths import diff_ckpt_dir, load_poisoned, purified_file, work_dir
 from utils.plots import history_series, save_curves
-from utils.runtime import resolve_device, seed_everything, str2bool
+from utils.runtime import resolve_device, seed_everything, set_deterministic, str2bool
 from utils.trainer import TrainConfig, train_classifier
 
 RESULTS_COLUMNS = ["pure", "arch", "poison", "sparse_set", "t", "p", "std", "acc"]
@@ -70,6 +71,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subset_seed", type=int, default=0)
     p.add_argument("--test_subset", type=int, default=None, help="evaluate on a class-balanced subset of the test set")
     p.add_argument("--quantize", choices=["truncate", "round"], default="truncate", help="compensation re-quantisation")
+    p.add_argument(
+        "--drop_last",
+        type=str2bool,
+        default=False,
+        help="drop the last partial batch of each epoch (the reference keeps it: 391 steps of 128 on 50,000)",
+    )
+    p.add_argument(
+        "--deterministic",
+        type=str2bool,
+        default=True,
+        help="cuDNN deterministic, no benchmark (the reference's same_seeds); false: fastest kernels",
+    )
     p.add_argument("--bf16", type=str2bool, default=True)
     p.add_argument("--channels_last", type=str2bool, default=True)
     p.add_argument("--device", default="auto")
@@ -134,6 +147,7 @@ def main(argv=None) -> None:
     run.mkdir(parents=True, exist_ok=True)
     log = setup_logging(run / "train.log", "train")
     seed_everything(args.seed)
+    set_deterministic(args.deterministic)
     device = resolve_device(args.device)
 
     train, source = load_training_set(args, work)
@@ -157,6 +171,7 @@ def main(argv=None) -> None:
         bf16=args.bf16,
         channels_last=args.channels_last,
         seed=args.seed,
+        drop_last=args.drop_last,
     )
     log.info(
         f"[Pure:{args.pure}] [Defense:{args.defense}] [Arch:{args.arch} w{args.width}] [Poison:{args.poison}] "
@@ -169,7 +184,7 @@ def main(argv=None) -> None:
     )
     acc = history[-1]["test_acc"]
     seconds = time.time() - t0
-    _append_results(work / "results.csv", args, acc, len(train))
+    _append_results(work, args, acc, len(train))
     save_curves(run / "curves.png", history_series(history, ["train_acc", "test_acc"]), args.run_name)
     atomic_write_json(
         result_path,
@@ -192,17 +207,38 @@ def main(argv=None) -> None:
     print(f"Finished Training: test accuracy {acc:.2f}%")
 
 
-def _append_results(path, args, acc: float, n_train: int) -> None:
-    new = not path.exists()
+def _append_results(work, args, acc: float, n_train: int) -> None:
+    """``results.csv``: the reference's row exactly (8 columns, no header, the accuracy
+    unrounded, written by ``csv.writer``); ``results_extra.csv``: that row plus our
+    columns, with a header. A ``results.csv`` of the earlier layout (header, 14 columns)
+    becomes ``results_extra.csv`` first, its reference columns copied back."""
+    path, extra = work / "results.csv", work / "results_extra.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
+    _migrate_results(path, extra)
+    row = [args.pure, args.arch, args.poison, args.sparse_set, args.t, args.p, args.std, acc]
     with open(path, "a", newline="") as f:
+        csv.writer(f).writerow(row)
+    new = not extra.exists()
+    with open(extra, "a", newline="") as f:
         w = csv.writer(f)
         if new:
             w.writerow(RESULTS_COLUMNS + EXTRA_COLUMNS)
-        w.writerow(
-            [args.pure, args.arch, args.poison, args.sparse_set, args.t, args.p, args.std, f"{acc:.2f}"]
-            + [args.defense, args.width, args.epochs, n_train, args.seed, args.run_name]
-        )
+        w.writerow(row + [args.defense, args.width, args.epochs, n_train, args.seed, args.run_name])
+
+
+def _migrate_results(path, extra) -> None:
+    if not path.is_file():
+        return
+    text = path.read_text()
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows or rows[0] != RESULTS_COLUMNS + EXTRA_COLUMNS:
+        return
+    # extra first: after a crash between the two writes the old file is still recognised
+    if not extra.exists():
+        atomic_write_text(extra, text)
+    buf = io.StringIO()
+    csv.writer(buf).writerows(r[: len(RESULTS_COLUMNS)] for r in rows[1:])
+    atomic_write_text(path, buf.getvalue())
 
 
 if __name__ == "__main__":

@@ -327,16 +327,72 @@ def test_train_cli(tmp_path, small_train, capsys):
     train.main(["--poison", "URP", *common])
     train.main(["--poison", "URP", "--defense", "grayscale", *common])
     train.main(["--poison", "clean", "--subset", "100", *common])
-    rows = (tmp_path / "results.csv").read_text().splitlines()
-    assert rows[0].startswith("pure,arch,poison,sparse_set,t,p,std,acc")
-    assert len(rows) == 4 and rows[2].split(",")[8] == "grayscale"
     res = json.loads((tmp_path / "runs/train/URP-none-resnet18-w8-s0/result.json").read_text())
+    # results.csv: the reference's csv.writer row exactly -- 8 columns, no header, accuracy unrounded
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(len(r.split(",")) == 8 for r in rows)
+    assert rows[0] == f"False,resnet18,URP,test2000ps8000,100,0.4,0.05,{res['final_test_acc']!r}"
+    assert res["final_test_acc"] == 100 * round(res["final_test_acc"]) / 100  # 100 * correct / 100 images
+    # results_extra.csv: the same row, then our columns, with a header
+    extra = (tmp_path / "results_extra.csv").read_text().splitlines()
+    assert extra[0] == "pure,arch,poison,sparse_set,t,p,std,acc,defense,width,epochs,n_train,seed,run"
+    assert len(extra) == 4 and extra[2].split(",")[8] == "grayscale" and extra[1].startswith(rows[0] + ",none,8,2,100")
     assert res["n_train"] == 100 and len(res["history"]) == 2 and 0 <= res["final_test_acc"] <= 100
+    # the reference's DataLoader keeps the last partial batch, and its same_seeds makes cuDNN deterministic
+    assert res["train_config"]["drop_last"] is False and res["settings"]["deterministic"] is True
     assert "test_acc" in res["history"][0]
     assert (tmp_path / "runs/train/URP-none-resnet18-w8-s0/curves.png").is_file()
     train.main(["--poison", "URP", *common])  # finished: reported, not re-run
     assert "is finished" in capsys.readouterr().out
-    assert len((tmp_path / "results.csv").read_text().splitlines()) == 4
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 3
+
+
+def test_results_csv_of_the_earlier_layout_is_split(tmp_path):
+    old = (
+        "pure,arch,poison,sparse_set,t,p,std,acc,defense,width,epochs,n_train,seed,run\r\n"
+        "True,resnet18,EM,test2000ps8000,100,0.4,0.05,82.80,none,64,80,50000,0,EM-pure-resnet18-s0\r\n"
+    )
+    (tmp_path / "results.csv").write_text(old)
+    args = train.parse_args(["--poison", "URP", "--run_name", "r"])
+    train._append_results(tmp_path, args, 100 * 8280 / 10000, 50000)
+    assert (tmp_path / "results.csv").read_bytes() == (
+        b"True,resnet18,EM,test2000ps8000,100,0.4,0.05,82.80\r\nFalse,resnet18,URP,test2000ps8000,100,0.4,0.05,82.8\r\n"
+    )
+    extra = (tmp_path / "results_extra.csv").read_text().splitlines()
+    assert extra[:2] == old.splitlines() and extra[2].endswith(",82.8,none,64,80,50000,0,r")
+
+
+def test_train_flags_drop_last_and_deterministic(monkeypatch):
+    a = train.parse_args(["--poison", "clean"])
+    assert a.drop_last is False and a.deterministic is True  # the reference's DataLoader and same_seeds
+    a = train.parse_args(["--poison", "clean", "--drop_last", "true", "--deterministic", "false"])
+    assert a.drop_last is True and a.deterministic is False
+    from utils.runtime import set_deterministic
+
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    set_deterministic(True)
+    assert torch.backends.cudnn.deterministic is True and torch.backends.cudnn.benchmark is False
+    set_deterministic(False)
+    assert torch.backends.cudnn.deterministic is False and torch.backends.cudnn.benchmark is True
+
+
+@pytest.mark.parametrize("drop_last, steps", [(True, 2), (False, 3)])
+def test_trainer_keeps_or_drops_the_last_partial_batch(drop_last, steps):
+    from utils.data import ImageSet
+    from utils.trainer import TrainConfig, train_classifier
+
+    data = ImageSet(torch.zeros(10, 3, 32, 32, dtype=torch.uint8), torch.arange(10) % 10)
+    sizes = []
+
+    def augment(x, g):
+        sizes.append(len(x))
+        return x
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    cfg = TrainConfig(epochs=1, batch_size=4, bf16=False, channels_last=False, drop_last=drop_last)
+    train_classifier(model, data, augment, cfg, torch.device("cpu"), log=lambda m: None)
+    assert sizes == [4, 4, 2][:steps]  # 10 images in batches of 4: 2 full steps, then 2 images
 
 
 def test_train_bad_inputs(tmp_path, capsys):
@@ -347,6 +403,16 @@ def test_train_bad_inputs(tmp_path, capsys):
         (["--poison", "clean", "--p", "1.5"], "--p must be a probability"),
         (["--poison", "clean", "--epochs", "0"], "--epochs must be >= 1"),
     ]
+    # the hint names the EMA checkpoint that exists for --iter (any rate, either spelling)
+    ckpt = tmp_path / "diff_ckpt/cifar10/test2000ps8000/ema_0.999_3000.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")
+    with pytest.raises(SystemExit):
+        train.main(["--poison", "EM", "--pure", "--iter", "3000", "--work_dir", str(tmp_path)])
+    assert "--sparse_diff_model ema_0.999_3000.pt" in _err(capsys)
+    with pytest.raises(SystemExit):
+        train.main(["--poison", "EM", "--pure", "--iter", "5000", "--work_dir", str(tmp_path)])
+    assert "--sparse_diff_model ema_0.9999_005000.pt" in _err(capsys)
     for argv, message in cases:
         with pytest.raises(SystemExit):
             train.main(argv + ["--work_dir", str(tmp_path)])

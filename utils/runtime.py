@@ -40,6 +40,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def set_deterministic(deterministic: bool) -> None:
+    """cuDNN's mode: ``True`` as ECLIPSE's ``same_seeds`` (deterministic kernels, no
+    autotuning); ``False`` lets cuDNN pick the fastest, non-deterministic kernels. The
+    flags only affect CUDA runs."""
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
 def make_generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 

@@ -43,6 +43,7 @@ class TrainConfig:
     channels_last: bool = True
     normalize: bool = False  # CIFAR-10 mean/std normalisation in front of the model
     seed: int = 0
+    drop_last: bool = True  # False: the last partial batch is a step too (a DataLoader's default)
     extra: dict = field(default_factory=dict)  # free-form, recorded with the run
 
 
@@ -114,7 +115,8 @@ def accuracy(model: nn.Module, data: ImageSet, device: torch.device, bf16: bool 
     if len(data) == 0:
         return float("nan")
     logits = predict(model, data.images, device, batch_size, bf16)
-    return 100.0 * (logits.argmax(1) == data.labels).float().mean().item()
+    # 100 * correct / total in Python arithmetic, as the references print and log it
+    return 100 * int((logits.argmax(1) == data.labels).sum()) / len(data)
 
 
 def train_classifier(
@@ -147,7 +149,8 @@ def train_classifier(
     ckpt_path = Path(checkpoint) if checkpoint else None
     if ckpt_path and ckpt_path.is_file():
         state = safe_torch_load(ckpt_path, "training checkpoint")
-        if state.get("config") == asdict(cfg) and state.get("n_train") == len(train):
+        # checkpoints written before drop_last existed dropped the last batch
+        if {"drop_last": True, **state.get("config", {})} == asdict(cfg) and state.get("n_train") == len(train):
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             g.set_state(state["rng"])
@@ -159,7 +162,10 @@ def train_classifier(
             log(f"{desc}: ignoring {ckpt_path} (it was written with other settings)")
 
     n = len(train)
-    steps = max(1, n // cfg.batch_size) if n >= cfg.batch_size else 1
+    if cfg.drop_last:
+        steps = max(1, n // cfg.batch_size) if n >= cfg.batch_size else 1
+    else:
+        steps = max(1, -(-n // cfg.batch_size))
     labels_all = train.labels
     for epoch in range(start, cfg.epochs):
         model.train()
@@ -168,7 +174,7 @@ def train_classifier(
         loss_sum = correct = seen = 0
         bar = tqdm(range(steps), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
         for step in bar:
-            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]  # drops the last partial batch
+            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             lr = lr_at(cfg, epoch, step, steps)
             for group in opt.param_groups:
                 group["lr"] = lr
