@@ -129,6 +129,52 @@ def test_eclipse_pkl_from_protocol2_with_numpy_labels(tmp_path):
     assert data.labels.tolist() == [3, 9]
 
 
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_eclipse_pkl_with_torch_and_numpy_integer_labels(tmp_path, protocol):
+    """The official loader wraps each label in ``torch.tensor(label)``, so writers may have
+    stored 0-d integer tensors or numpy integer scalars: both are read (the tensors through
+    torch's weights-only loader)."""
+    img = bytes(range(256)) * 12
+    labels = [torch.tensor(3), torch.tensor(7, dtype=torch.uint8), torch.tensor(2, dtype=torch.int32)]
+    labels += [np.int64(9), np.uint8(1), np.int32(0)]
+    (tmp_path / "t.pkl").write_bytes(pickle.dumps([(img, y) for y in labels], protocol=protocol))
+    data = read_eclipse_pkl(tmp_path / "t.pkl")
+    assert data.labels.tolist() == [3, 7, 2, 9, 1, 0] and data.labels.dtype == torch.int64
+    assert data.images[0].permute(1, 2, 0).flatten().tolist() == list(img)
+
+
+class _StoragePayload:
+    """What a tensor's storage pickles as, with a code payload in place of torch.save bytes."""
+
+    def __reduce__(self):
+        return (torch.storage._load_from_bytes, (pickle.dumps(_Exploit()),))
+
+
+class _TorchLoad:
+    def __reduce__(self):
+        return (torch.load, ("/nonexistent",))
+
+
+@pytest.mark.parametrize(
+    "label, message",
+    [
+        (lambda: torch.tensor(3.0), "is not an integer"),
+        (lambda: torch.tensor(True), "is not an integer"),
+        (lambda: torch.tensor([3]), "is not an integer"),
+        (lambda: np.float64(3.0), "is not an integer"),
+        (lambda: torch.tensor(12), "label 12 outside"),
+        (lambda: _StoragePayload(), "refused a torch storage"),
+        (lambda: _TorchLoad(), "refused to unpickle global 'torch.serialization.load'"),
+    ],
+)
+def test_eclipse_pkl_refuses_other_tensors_and_torch_payloads(tmp_path, label, message):
+    path = tmp_path / "bad.pkl"
+    path.write_bytes(pickle.dumps([(bytes(3072), 1), (bytes(3072), label())]))
+    with pytest.raises(UserError, match=message):
+        read_eclipse_pkl(path)
+    assert not os.path.exists("/tmp/should_not_exist")
+
+
 @pytest.mark.parametrize(
     "payload, message",
     [

@@ -249,6 +249,7 @@ def read_eclipse_pkl(path: str | Path) -> ImageSet:
             raise UserError(f"{path}: entry {i}: image is {type(img).__name__}, expected {IMAGE_BYTES} raw bytes")
         if len(img) != IMAGE_BYTES:
             raise UserError(f"{path}: entry {i}: image has {len(img)} bytes, expected {IMAGE_BYTES} (32x32 RGB)")
+        label = _plain_label(label)
         if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
             raise UserError(f"{path}: entry {i}: label {label!r} is not an integer")
         if not 0 <= int(label) < NUM_CLASSES:
@@ -258,6 +259,20 @@ def read_eclipse_pkl(path: str | Path) -> ImageSet:
     hwc = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(len(obj), 32, 32, 3)
     images = torch.from_numpy(np.ascontiguousarray(hwc.transpose(0, 3, 1, 2)))
     return ImageSet(images, torch.from_numpy(labels))
+
+
+def _plain_label(label: object) -> object:
+    """A 0-d integer torch tensor as its int (the official loader's ``torch.tensor(label)``
+    accepts it); anything else is returned unchanged for the caller's check."""
+    if (
+        isinstance(label, torch.Tensor)
+        and label.ndim == 0
+        and not label.dtype.is_floating_point
+        and not label.dtype.is_complex
+        and label.dtype != torch.bool
+    ):
+        return int(label.item())
+    return label
 
 
 def eclipse_pkl_bytes(data: ImageSet) -> bytes:

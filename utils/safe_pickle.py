@@ -2,8 +2,11 @@
 
 Pickle can call any importable function while loading. ``SafeUnpickler`` only lets
 through the handful of globals that plain data needs (numpy arrays and scalars, and
-``_codecs.encode`` which protocol-2 pickles use for ``bytes``); anything else is
-refused with an error that names the global, before it is imported or called.
+``_codecs.encode`` which protocol-2 pickles use for ``bytes``) and the globals of torch
+tensors that torch's own weights-only loader allows (``torch.load(weights_only=True)``'s
+allow-list); a tensor's storage, which ``pickle.dumps`` nests as ``torch.save`` bytes, is
+read back with ``torch.load(weights_only=True)``. Anything else is refused with an error
+that names the global, before it is imported or called.
 """
 
 from __future__ import annotations
@@ -42,6 +45,33 @@ class UnsafePickleError(UserError):
     pass
 
 
+def _torch_global(module: str, name: str, source: str) -> Any:
+    """A global of a pickled torch tensor when torch's weights-only loader allows it, else None."""
+    if not (module.startswith("torch") or (module, name) == ("collections", "OrderedDict")):
+        return None
+    import torch
+
+    if (module, name) == ("torch.storage", "_load_from_bytes"):
+        # pickle.dumps(tensor) stores the storage as nested torch.save bytes; torch's own
+        # _load_from_bytes reads them with weights_only=False, so read them ourselves
+        def load_storage(data: bytes) -> Any:
+            try:
+                return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+            except Exception as e:  # noqa: BLE001 - any failure is a refused file
+                raise UnsafePickleError(f"{source}: refused a torch storage ({str(e).splitlines()[0][:200]})") from None
+
+        return load_storage
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed = _get_allowed_globals()
+    except ImportError:  # pragma: no cover - a torch without that private helper
+        from torch._utils import _rebuild_tensor_v2
+
+        allowed = {"torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2}
+    return allowed.get(f"{module}.{name}")
+
+
 class SafeUnpickler(pickle.Unpickler):
     def __init__(self, file, *, source: str = "<bytes>", encoding: str = "ASCII"):
         super().__init__(file, encoding=encoding)
@@ -50,9 +80,11 @@ class SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         obj = _ALLOWED.get((module, name))
         if obj is None:
+            obj = _torch_global(module, name, self.source)
+        if obj is None:
             raise UnsafePickleError(
                 f"{self.source}: refused to unpickle global '{module}.{name}' "
-                "(only plain data — lists, tuples, bytes, ints, numpy arrays — is loaded)"
+                "(only plain data — lists, tuples, bytes, ints, numpy arrays, torch tensors — is loaded)"
             )
         return obj
 
