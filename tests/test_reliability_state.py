@@ -1,0 +1,210 @@
+"""Resumes, concurrent runs and damaged files never give silent wrong results: stores are
+keyed by their settings and inputs, checksummed, and outputs are locked."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import purification
+import utils.purify as purify_mod
+from utils.data import write_eclipse_pkl
+from utils.diffusion_setup import load_diffusion_spec
+from utils.fileio import UserError
+from utils.run_state import OutputLock, check_name, lock_path, same_settings_or_refuse
+
+TINY_CFG = "config/eclipse/cpu.yml"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _err(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def _purif_work(tmp_path, images=24):
+    """A tiny work folder: 24 random images as URP.pkl and a random tiny UNet."""
+    from utils.data import ImageSet
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (images, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(images) % 10)
+    write_eclipse_pkl(tmp_path / "poisoned_data" / "cifar10" / "URP.pkl", data)
+    spec = load_diffusion_spec(TINY_CFG)
+    torch.manual_seed(0)
+    model = spec.build_model()
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    ckpt = tmp_path / "diff_ckpt" / "cifar10" / "tiny" / "ema_0.9999_5.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save(model.state_dict(), ckpt)
+    return data
+
+
+def _purif_argv(work, *extra):
+    return [
+        *("--poison", "URP", "--config", TINY_CFG, "--sparse_set", "tiny", "--sparse_diff_model", "ema_0.9999_5.pt"),
+        *("--t", "2", "--batch_size", "8", "--bf16", "false", "--work_dir", str(work), *extra),
+    ]
+
+
+OUT = "purified_data/cifar10/tiny/2/5/URP-pure"
+
+
+def _kill_after(monkeypatch, n_ok: int):
+    """Make purification die (as on Ctrl-C) after ``n_ok`` batches."""
+    real, calls = purify_mod.noise_and_denoise, []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) > n_ok:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(purify_mod, "noise_and_denoise", dying)
+    return real
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_check_name():
+    for ok in ("EM", "EM-classwise", "a.b+c_d", "test2000ps8000", "ema_0.9999_5.pt"):
+        assert check_name(ok, "--x") == ok
+    for bad in ("/abs/x", "../../x", "a/b", "a\\b", ".", "..", "", "a b", "x;y"):
+        with pytest.raises(UserError, match="--x must be a plain name"):
+            check_name(bad, "--x")
+
+
+def test_same_settings_or_refuse_names_every_differing_key(tmp_path):
+    assert same_settings_or_refuse(tmp_path, None, {"a": 1}) is False
+    assert same_settings_or_refuse(tmp_path, {"a": 1, "b": [1]}, {"b": [1], "a": 1}) is True
+    with pytest.raises(UserError) as e:
+        same_settings_or_refuse(tmp_path, {"a": 1, "b": 2, "c": 3}, {"a": 1, "b": 5, "d": 4}, hint="do X")
+    msg = str(e.value)
+    assert "b: 2 -> 5" in msg and "c: 3 -> '<missing>'" in msg and "d: '<missing>' -> 4" in msg and "a:" not in msg
+    assert msg.endswith("do X") and "\n" not in msg
+    assert same_settings_or_refuse(tmp_path, {"a": 1}, {"a": 2}, overwrite=True) is False
+
+
+_HOLD = "import sys,time; sys.path.insert(0, sys.argv[1]); from utils.run_state import OutputLock; OutputLock(sys.argv[2]).acquire(); print('held', flush=True); time.sleep(60)"
+
+
+def test_lock_live_holder_refused_dead_holder_taken_over(tmp_path):
+    out = tmp_path / "out.pkl"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, REPO, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError) as e:
+            OutputLock(out).acquire()
+        assert f"PID {holder.pid} on {socket.gethostname()}" in str(e.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    # the killed holder left its lock file behind: a dead holder's lock is taken over
+    assert json.loads(lock_path(out).read_text())["pid"] == holder.pid
+    with OutputLock(out):
+        assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
+    assert not lock_path(out).exists()
+    # a holder recorded on another host cannot be checked from here: refused
+    lock_path(out).write_text(json.dumps({"pid": 1, "host": "elsewhere.example"}))
+    with pytest.raises(UserError, match="PID 1 on elsewhere.example"):
+        OutputLock(out).acquire()
+
+
+# --------------------------------------------------------------------------- purification
+
+
+def test_purification_after_kill_with_other_seed_is_refused_or_restarted(tmp_path, monkeypatch, capsys):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _purif_work(ref)
+    _purif_work(run)
+    purification.main(_purif_argv(ref, "--seed", "2"))
+    real = _kill_after(monkeypatch, 1)
+    with pytest.raises(SystemExit):
+        purification.main(_purif_argv(run, "--seed", "1"))
+    monkeypatch.setattr(purify_mod, "noise_and_denoise", real)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        purification.main(_purif_argv(run, "--seed", "2"))
+    assert e.value.code == 2
+    msg = _err(capsys)
+    assert "other settings (seed: 1 -> 2)" in msg and "--overwrite" in msg
+    purification.main(_purif_argv(run, "--seed", "2", "--overwrite"))
+    assert (run / f"{OUT}.pkl").read_bytes() == (ref / f"{OUT}.pkl").read_bytes()
+    assert json.loads((run / f"{OUT}.json").read_text())["seed"] == 2
+
+
+def test_purification_parts_are_keyed_by_input_and_checksummed(tmp_path, monkeypatch, capsys):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _purif_work(ref)
+    _purif_work(run)
+    purification.main(_purif_argv(ref))
+    real = _kill_after(monkeypatch, 2)
+    with pytest.raises(SystemExit):
+        purification.main(_purif_argv(run))
+    monkeypatch.setattr(purify_mod, "noise_and_denoise", real)
+    parts = run / "purified_data/cifar10/tiny/2/5/.URP-pure.parts"
+    # a damaged part (same size, other bytes) is redone, not used
+    p0 = parts / "part_00000.pt"
+    raw = bytearray(p0.read_bytes())
+    raw[-40] ^= 0xFF
+    p0.write_bytes(bytes(raw))
+    purification.main(_purif_argv(run))
+    assert (run / f"{OUT}.pkl").read_bytes() == (ref / f"{OUT}.pkl").read_bytes()
+    summary = json.loads((run / f"{OUT}.json").read_text())
+    # the rate counts this process's work only: part 1 was loaded from disk
+    assert summary["images_resumed"] == 8
+
+    # another input under the same name: the kept batches of the old input are refused
+    _kill_after(monkeypatch, 1)
+    with pytest.raises(SystemExit):
+        purification.main(_purif_argv(run, "--overwrite"))
+    monkeypatch.setattr(purify_mod, "noise_and_denoise", real)
+    _purif_work(tmp_path / "other", images=16)
+    (run / "poisoned_data/cifar10/URP.pkl").write_bytes((tmp_path / "other/poisoned_data/cifar10/URP.pkl").read_bytes())
+    (run / f"{OUT}.pkl").unlink()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        purification.main(_purif_argv(run))
+    msg = _err(capsys)
+    assert "images: '" in msg and "n: 24 -> 16" in msg
+
+
+def test_purification_refuses_a_running_output(tmp_path, capsys):
+    _purif_work(tmp_path)
+    out = tmp_path / f"{OUT}.pkl"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, REPO, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as e:
+            purification.main(_purif_argv(tmp_path))
+        assert e.value.code == 2
+        assert f"in use by another run (PID {holder.pid}" in _err(capsys)
+        assert not out.exists() and not (out.parent / ".URP-pure.parts").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    purification.main(_purif_argv(tmp_path))  # the dead holder's lock is taken over
+    assert out.is_file() and not lock_path(out).exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--poison", "/abs/x"],
+        ["--poison", "../../../x"],
+        ["--sparse_set", "../x"],
+        ["--sparse_diff_model", "../../x.pt"],
+    ],
+)
+def test_purification_names_are_not_paths(tmp_path, capsys, argv):
+    with pytest.raises(SystemExit):
+        purification.main(["--work_dir", str(tmp_path), *argv])
+    assert "must be a plain name" in _err(capsys)
