@@ -208,3 +208,87 @@ def test_purification_names_are_not_paths(tmp_path, capsys, argv):
     with pytest.raises(SystemExit):
         purification.main(["--work_dir", str(tmp_path), *argv])
     assert "must be a plain name" in _err(capsys)
+
+
+# --------------------------------------------------------------------------- DataElixir candidate store
+
+
+@pytest.fixture(scope="module")
+def tiny_store_models():
+    import torch.nn as nn
+
+    from utils.diffusion_setup import spec_from_dict
+
+    spec = spec_from_dict(
+        {
+            "model": {"architecture": "ddpm", "ch": 32, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": []},
+            "diffusion": {"num_diffusion_timesteps": 10},
+        },
+        "tiny",
+    )
+    torch.manual_seed(0)
+    model = spec.build_model().eval().requires_grad_(False)
+    torch.manual_seed(1)
+    clf = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval()
+    images = torch.randint(0, 256, (3, 3, 32, 32), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    return model, spec.build_diffusion(), clf, images
+
+
+CAND = dict(steps_T=2, rounds_n=1, last_steps_m=2, batch_size=2, seed=11, bf16=False)
+
+
+@pytest.mark.parametrize("victim", ["candidates.u8", "preds.i16"])
+def test_truncated_candidate_store_is_rebuilt_not_read_as_zeros(tmp_path, tiny_store_models, victim):
+    from utils import dataelixir as de
+
+    model, base, clf, images = tiny_store_models
+    de.construct_candidates(model, base, clf, images, tmp_path / "ref", **CAND)
+    run = tmp_path / "run"
+    de.construct_candidates(model, base, clf, images, run, **CAND)
+    with open(run / victim, "r+b") as f:  # a kill while the file was being extended
+        f.truncate(os.path.getsize(run / victim) // 2)
+    assert not de.candidates_complete(run)
+    with pytest.raises(UserError, match=f"{victim} holds"):
+        de.open_candidates(run)
+    logs: list[str] = []
+    de.construct_candidates(model, base, clf, images, run, log=logs.append, **CAND)
+    assert any("rebuilding the chunks it lost" in m for m in logs)
+    assert de.candidates_complete(run)
+    for f in ("candidates.u8", "preds.i16"):
+        assert (run / f).read_bytes() == (tmp_path / "ref" / f).read_bytes()
+
+
+def test_candidate_chunk_with_other_bytes_is_rebuilt(tmp_path, tiny_store_models):
+    from utils import dataelixir as de
+
+    model, base, clf, images = tiny_store_models
+    run = tmp_path / "run"
+    de.construct_candidates(model, base, clf, images, run, **CAND)
+    good = (run / "candidates.u8").read_bytes()
+    cand = np.memmap(run / "candidates.u8", dtype=np.uint8, mode="r+")
+    cand[-10:] = 0  # same size, damaged last chunk
+    cand.flush()
+    del cand
+    assert not de.candidates_complete(run)
+    calls = []
+    real = de.build_chunk
+    try:
+        de.build_chunk = lambda *a, **k: calls.append(1) or real(*a, **k)
+        de.construct_candidates(model, base, clf, images, run, **CAND)
+    finally:
+        de.build_chunk = real
+    assert len(calls) == 1 and (run / "candidates.u8").read_bytes() == good
+
+
+def test_candidate_store_is_keyed_by_its_inputs(tmp_path, tiny_store_models):
+    import torch.nn as nn
+
+    from utils import dataelixir as de
+
+    model, base, clf, images = tiny_store_models
+    de.construct_candidates(model, base, clf, images, tmp_path, **CAND)
+    other = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval()
+    with pytest.raises(UserError, match="classifier: '"):
+        de.construct_candidates(model, base, other, images, tmp_path, **CAND)
+    with pytest.raises(UserError, match="images: '"):
+        de.construct_candidates(model, base, clf, 255 - images, tmp_path, **CAND)
