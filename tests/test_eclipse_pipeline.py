@@ -236,7 +236,7 @@ def test_train_diffusion_refuses_mixed_runs(tmp_path, capsys):
     train_diffusion.main(_td_args(tmp_path, 1))
     with pytest.raises(SystemExit):
         train_diffusion.main(_td_args(tmp_path, 2, ["--lr", "0.5"]))
-    assert "holds a run with other training settings" in _err(capsys)
+    assert "other settings (training.lr: 0.0001 -> 0.5)" in _err(capsys)
     with pytest.raises(SystemExit):
         train_diffusion.main(_td_args(tmp_path, 2, ["--num_clean", "20000"]))
     assert "exceeds the 10000 images" in _err(capsys)

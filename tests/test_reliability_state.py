@@ -292,3 +292,71 @@ def test_candidate_store_is_keyed_by_its_inputs(tmp_path, tiny_store_models):
         de.construct_candidates(model, base, other, images, tmp_path, **CAND)
     with pytest.raises(UserError, match="images: '"):
         de.construct_candidates(model, base, clf, 255 - images, tmp_path, **CAND)
+
+
+# --------------------------------------------------------------------------- train_diffusion.py
+
+
+TINY_DDPM = """model: {architecture: ddpm, ch: 32, ch_mult: [1], num_res_blocks: 1, attn_resolutions: [], dropout: 0.1}
+diffusion: {num_diffusion_timesteps: 100}
+"""
+
+
+def _td(work, iterations, *extra):
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "tiny.yml").write_text(TINY_DDPM)
+    return [
+        *("--config", str(work / "tiny.yml"), "--num_clean", "32", "--replicas", "2", "--batch_size", "8", "--bf16", "false"),
+        *("--iterations", str(iterations), "--save_interval", "3", "--log_interval", "1", "--ema_rate", "0.5"),
+        *("--work_dir", str(work), *extra),
+    ]
+
+
+def test_train_diffusion_resumes_bit_identically_mid_epoch(tmp_path, monkeypatch):
+    """64 images in batches of 8: the checkpoint at step 3 falls mid-epoch; the run is
+    killed while saving step 6 (after logging rows 4 to 6) and resumed; dropout (0.1)
+    draws from the global generator."""
+    import train_diffusion
+    import utils.diffusion_training as dt
+
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    train_diffusion.main(_td(straight, 6))
+    real = dt._save
+
+    def killed_at_6(model, ema, opt, step, *a, **k):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real(model, ema, opt, step, *a, **k)
+
+    monkeypatch.setattr(dt, "_save", killed_at_6)
+    with pytest.raises(SystemExit):
+        train_diffusion.main(_td(resumed, 6))
+    run = "diff_ckpt/cifar10/test32ps64"
+    assert {p.name for p in (resumed / run).glob("model_*.pt")} == {"model_3.pt"}
+    monkeypatch.setattr(dt, "_save", real)
+    train_diffusion.main(_td(resumed, 6))
+    for name in ("model_6.pt", "ema_0.5_6.pt"):
+        a = torch.load(straight / run / name, weights_only=True)
+        b = torch.load(resumed / run / name, weights_only=True)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    steps = [line.split(",")[0] for line in (resumed / run / "progress.csv").read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_train_diffusion_lock_and_names(tmp_path, capsys):
+    import train_diffusion
+
+    with pytest.raises(SystemExit):
+        train_diffusion.main(_td(tmp_path, 1, "--sparse_set", "../../x"))
+    assert "--sparse_set must be a plain name" in _err(capsys)
+    out = tmp_path / "diff_ckpt/cifar10/test32ps64"
+    with OutputLock(out):
+        with pytest.raises(SystemExit):
+            train_diffusion.main(_td(tmp_path, 1))
+        assert f"in use by another run (PID {os.getpid()}" in _err(capsys)
+    train_diffusion.main(_td(tmp_path, 1))
+    with pytest.raises(SystemExit):
+        train_diffusion.main(_td(tmp_path, 2, "--lr", "0.5"))
+    assert "other settings (training.lr: 0.0001 -> 0.5)" in _err(capsys)

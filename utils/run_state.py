@@ -51,7 +51,8 @@ _MISSING = "<missing>"
 
 
 def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
-    """``key: old -> new`` for every key whose value differs (compared as JSON)."""
+    """``key: old -> new`` for every key whose value differs (compared as JSON); nested
+    mappings are compared key by key (``training.lr: 0.0001 -> 0.5``)."""
 
     def norm(v: Any) -> str:
         return json.dumps(v, sort_keys=True, default=str)
@@ -61,7 +62,9 @@ def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any], ignore: tuple[
         if k in ignore:
             continue
         a, b = old.get(k, _MISSING), new.get(k, _MISSING)
-        if norm(a) != norm(b):
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += [f"{k}.{d}" for d in settings_diff(a, b)]
+        elif norm(a) != norm(b):
             out.append(f"{k}: {a!r} -> {b!r}")
     return out
 
