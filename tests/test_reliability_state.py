@@ -360,3 +360,26 @@ def test_train_diffusion_lock_and_names(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_diffusion.main(_td(tmp_path, 2, "--lr", "0.5"))
     assert "other settings (training.lr: 0.0001 -> 0.5)" in _err(capsys)
+
+
+def test_purification_under_torchrun_locks_once_per_job(tmp_path):
+    """Two gloo ranks: a held output stops both ranks with the one-line error (no rank
+    waits for the other at a barrier); a free one is locked by rank 0 only and released."""
+    _purif_work(tmp_path)
+    out = tmp_path / f"{OUT}.pkl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
+    cmd += ["purification.py", *_purif_argv(tmp_path, "--device", "cpu")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, REPO, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+        assert res.returncode != 0
+        assert res.stderr.count(f"error: {out} is in use by another run (PID {holder.pid}") == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert out.is_file() and not lock_path(out).exists()
+    assert json.loads(out.with_suffix(".json").read_text())["processes"] == 2
