@@ -383,3 +383,52 @@ def test_purification_under_torchrun_locks_once_per_job(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert out.is_file() and not lock_path(out).exists()
     assert json.loads(out.with_suffix(".json").read_text())["processes"] == 2
+
+
+# --------------------------------------------------------------------------- train.py and the trainer
+
+
+def test_trainer_checkpoint_is_keyed_by_its_data(tmp_path):
+    import torch.nn as nn
+
+    from utils.data import ImageSet
+    from utils.trainer import TrainConfig, train_classifier
+
+    g = torch.Generator().manual_seed(0)
+    a = ImageSet(torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(16) % 10)
+    b = ImageSet(255 - a.images, a.labels)
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.01, bf16=False, channels_last=False)
+
+    def fit(data):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+        return train_classifier(model, data, lambda x, g: x, cfg, torch.device("cpu"), checkpoint=tmp_path / "c.pt")
+
+    fit(a)
+    assert len(fit(a)) == 1  # same data: resumed (nothing left to do)
+    with pytest.raises(UserError, match=r"c\.pt holds work done with other settings \(data: '"):
+        fit(b)
+
+
+def test_train_refuses_an_interrupted_run_with_other_settings(tmp_path, monkeypatch, capsys):
+    import train
+
+    common = ["--arch", "resnet18", "--width", "8", "--epochs", "1", "--test_subset", "20", "--run_name", "r"]
+    common += ["--poison", "clean", "--work_dir", str(tmp_path)]
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_classifier", killed)
+    with pytest.raises(SystemExit):
+        train.main([*common, "--subset", "20"])
+    with pytest.raises(SystemExit) as e:
+        train.main([*common, "--subset", "30"])
+    assert e.value.code == 2 and "runs/train/r holds work done with other settings (subset: 20 -> 30)" in _err(capsys)
+    with OutputLock(tmp_path / "runs/train/r"):
+        with pytest.raises(SystemExit):
+            train.main([*common, "--subset", "20"])
+        assert "in use by another run" in _err(capsys)
+    for bad in (["--run_name", "../../x"], ["--poison", "/abs/x"]):
+        with pytest.raises(SystemExit):
+            train.main(["--work_dir", str(tmp_path), *bad])
+        assert "must be a plain name" in _err(capsys)
