@@ -167,7 +167,9 @@ def main(argv=None) -> None:
         cleanup_distributed()
 
 
-def _summary(args, data: ImageSet, purified: ImageSet, seconds, steps, device, world, config, ckpt, base, stats) -> dict:
+def _summary(
+    args, data: ImageSet, purified: ImageSet, seconds, steps, device, world, config, ckpt, base, stats
+) -> dict:
     diff = purified.images.float() - data.images.float()
     mse = diff.pow(2).mean(dim=(1, 2, 3))
     return {

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -34,7 +33,9 @@ def _purif_work(tmp_path, images=24):
     from utils.data import ImageSet
 
     g = torch.Generator().manual_seed(0)
-    data = ImageSet(torch.randint(0, 256, (images, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(images) % 10)
+    data = ImageSet(
+        torch.randint(0, 256, (images, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(images) % 10
+    )
     write_eclipse_pkl(tmp_path / "poisoned_data" / "cifar10" / "URP.pkl", data)
     spec = load_diffusion_spec(TINY_CFG)
     torch.manual_seed(0)
@@ -306,7 +307,8 @@ def _td(work, iterations, *extra):
     work.mkdir(parents=True, exist_ok=True)
     (work / "tiny.yml").write_text(TINY_DDPM)
     return [
-        *("--config", str(work / "tiny.yml"), "--num_clean", "32", "--replicas", "2", "--batch_size", "8", "--bf16", "false"),
+        *("--config", str(work / "tiny.yml"), "--num_clean", "32", "--replicas", "2"),
+        *("--batch_size", "8", "--bf16", "false"),
         *("--iterations", str(iterations), "--save_interval", "3", "--log_interval", "1", "--ema_rate", "0.5"),
         *("--work_dir", str(work), *extra),
     ]

@@ -74,7 +74,9 @@ def open_candidates(out_dir: str | Path, mode: str = "r") -> tuple[np.memmap, np
     meta = json.loads(meta_p.read_text())
     for p, size, want in _store_sizes(out_dir, meta):
         if size != want:
-            raise UserError(f"{p} holds {size} bytes, its header {meta_p} says {want}; re-run to rebuild the lost chunks")
+            raise UserError(
+                f"{p} holds {size} bytes, its header {meta_p} says {want}; re-run to rebuild the lost chunks"
+            )
     n, k = meta["n"], meta["k"]
     shape = tuple(meta["image_shape"])
     cand = np.memmap(cand_p, dtype=np.uint8, mode=mode, shape=(n, k, *shape))
