@@ -163,11 +163,11 @@ def main_impl(argv: list[str] | None, locks: ExitStack) -> int:
 
     work = work_dir(args.work_dir)
     out = poisoned_file(work, name)
-    locks.enter_context(OutputLock(out))
-    refuse_overwrite(out, args.overwrite)  # before any work: an existing result stays untouched
     module = importlib.import_module(spec.module)
     if hasattr(module, "preflight"):
         module.preflight(work, params)
+    locks.enter_context(OutputLock(out))
+    refuse_overwrite(out, args.overwrite)  # before any work: an existing result stays untouched
     device = resolve_device(args.device)
     if args.threads is not None:
         if args.threads < 1:

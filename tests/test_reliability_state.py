@@ -434,3 +434,46 @@ def test_train_refuses_an_interrupted_run_with_other_settings(tmp_path, monkeypa
         with pytest.raises(SystemExit):
             train.main(["--work_dir", str(tmp_path), *bad])
         assert "must be a plain name" in _err(capsys)
+
+
+# --------------------------------------------------------------------------- poison.py
+
+
+def test_poison_state_refusal_names_the_keys_and_output_is_locked(tmp_path, capsys):
+    import poison
+
+    em = ["--poison", "EM", "--subset", "20", "--width", "8", "--pgd_steps", "1", "--train_steps", "1"]
+    em += ["--train_batch", "10", "--batch_size", "10", "--max_rounds", "1", "--work_dir", str(tmp_path)]
+    em += ["--no_progress", "--threads", "1"]
+    with pytest.raises(SystemExit) as e:
+        poison.main([*em, "--stop_after", "1"])
+    assert e.value.code == poison.PAUSED_EXIT
+    with pytest.raises(SystemExit):
+        poison.main([*em, "--eps", "4"])
+    msg = _err(capsys)
+    assert "EM.work holds work done with other settings (params.eps: 8.0 -> 4.0)" in msg and "--overwrite" in msg
+    with OutputLock(tmp_path / "poisoned_data/cifar10/EM.pkl"):
+        with pytest.raises(SystemExit):
+            poison.main(em)
+        assert "EM.pkl is in use by another run" in _err(capsys)
+    for bad in ("../x", "/abs/x", ".."):
+        with pytest.raises(SystemExit):
+            poison.main([*em, "--name", bad])
+        assert "--name must be a plain name" in _err(capsys)
+
+
+# --------------------------------------------------------------------------- attack flow
+
+
+def test_attack_flow_locks_its_record_folder_and_names_are_names(tmp_path):
+    from utils.backdoor_flow import run_attack_then_defence
+
+    (tmp_path / "ddpm.pt").write_bytes(b"")  # only its existence is checked before the lock
+    argv = ["--yaml_path", "config/badnet/cifar10.yaml", "--work_dir", str(tmp_path), "--diffusion_ckpt", "ddpm.pt"]
+    with OutputLock(tmp_path / "record" / "bn"):
+        with pytest.raises(UserError, match=f"record/bn is in use by another run \\(PID {os.getpid()}"):
+            run_attack_then_defence("badnet", [*argv, "--save_folder_name", "bn"])
+    assert not (tmp_path / "record" / "bn").exists()
+    for bad in ("../x", "/abs/x", "a/b"):
+        with pytest.raises(UserError, match="--save_folder_name must be a plain name"):
+            run_attack_then_defence("badnet", [*argv, "--save_folder_name", bad])
