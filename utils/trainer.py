@@ -147,7 +147,9 @@ def train_classifier(
     start = 0
     ckpt_path = Path(checkpoint) if checkpoint else None
     # what a checkpoint must have been written with to be resumed: the data included
-    keyed = {"config": asdict(cfg), "n_train": len(train), "data": tensor_fingerprint(train.images, train.labels)}
+    keyed = {"config": asdict(cfg), "n_train": len(train)}
+    if ckpt_path:
+        keyed["data"] = tensor_fingerprint(train.images, train.labels)
     if ckpt_path and ckpt_path.is_file():
         state = safe_torch_load(ckpt_path, "training checkpoint")
         old = {k: state.get(k, "<missing>") for k in keyed} if isinstance(state, dict) else None
