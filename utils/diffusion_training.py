@@ -206,8 +206,8 @@ def _truncate_csv(path: Path, step: int) -> None:
 def _gather_rng(gens, world: int) -> list[dict]:
     mine = {"data": gens[0].get_state(), "t": gens[1].get_state(), "noise": gens[2].get_state().cpu()}
     mine.update(perm=gens[3].clone(), pos=gens[4], torch=torch.get_rng_state())
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        mine["cuda"] = torch.cuda.get_rng_state()
+    if gens[2].device.type == "cuda":  # this rank's GPU generator (dropout on the GPU)
+        mine["cuda"] = torch.cuda.get_rng_state(gens[2].device)
     if world == 1:
         return [mine]
     out: list = [None] * world
