@@ -21,6 +21,7 @@ import platform
 import shutil
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -31,7 +32,15 @@ from utils.fileio import UserError, atomic_write_json, cli_main, refuse_overwrit
 from utils.paths import poisoned_file, resource_dir, work_dir
 from utils.plots import save_image_grid, signed_difference
 from utils.poisons import OPTIONS, POISONS, get_craft, get_poison, resolve_params
-from utils.poisons.common import CraftContext, CraftingPaused, check_budget, fingerprint_of, measure_norms
+from utils.poisons.common import (
+    CraftContext,
+    CraftingPaused,
+    check_budget,
+    fingerprint_of,
+    measure_norms,
+    state_settings_pair,
+)
+from utils.run_state import OutputLock, check_name, same_settings_or_refuse
 from utils.runtime import resolve_device, str2bool
 
 PAUSED_EXIT = 3
@@ -124,7 +133,7 @@ def preview(path: Path, clean: ImageSet, poisoned: torch.Tensor, per_class: int 
     )
 
 
-def main_impl(argv: list[str] | None) -> int:
+def main_impl(argv: list[str] | None, locks: ExitStack) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list:
@@ -150,16 +159,15 @@ def main_impl(argv: list[str] | None) -> int:
         raise UserError(f"--save_every must be > 0 seconds, got {args.save_every}")
     if args.stop_after is not None and args.stop_after < 1:
         raise UserError(f"--stop_after must be >= 1, got {args.stop_after}")
-    name = args.name or (f"{spec.name}-classwise" if params.get("classwise") else spec.name)
-    if not name or any(c in name for c in "/\\") or name.startswith("."):
-        raise UserError(f"--name {name!r} must be a plain file name")
+    name = check_name(args.name or (f"{spec.name}-classwise" if params.get("classwise") else spec.name), "--name")
 
     work = work_dir(args.work_dir)
     out = poisoned_file(work, name)
-    refuse_overwrite(out, args.overwrite)  # before any work: an existing result stays untouched
     module = importlib.import_module(spec.module)
     if hasattr(module, "preflight"):
         module.preflight(work, params)
+    locks.enter_context(OutputLock(out))
+    refuse_overwrite(out, args.overwrite)  # before any work: an existing result stays untouched
     device = resolve_device(args.device)
     if args.threads is not None:
         if args.threads < 1:
@@ -183,12 +191,9 @@ def main_impl(argv: list[str] | None) -> int:
     if state_dir.exists():
         state_file = state_dir / "state.pt"
         old = safe_torch_load(state_file, "crafting state") if state_file.is_file() else None
-        stale = not isinstance(old, dict) or old.get("fingerprint") != fingerprint
-        if stale and old is not None and not args.overwrite:
-            raise UserError(
-                f"{state_dir} holds an interrupted run with other settings; re-run its command to finish it, "
-                "or pass --overwrite to discard it"
-            )
+        pair = state_settings_pair(old, settings, fingerprint) if isinstance(old, dict) else (old, settings)
+        hint = "re-run its command to finish it, or pass --overwrite to discard it"
+        stale = not same_settings_or_refuse(state_dir, *pair, overwrite=args.overwrite, hint=hint)
     if stale:
         shutil.rmtree(state_dir)
 
@@ -217,6 +222,7 @@ def main_impl(argv: list[str] | None) -> int:
         save_every=args.save_every,
         stop_after=args.stop_after,
         fingerprint=fingerprint,
+        settings=settings,
         progress=not args.no_progress,
         work=work,
     )
@@ -282,7 +288,8 @@ def main_impl(argv: list[str] | None) -> int:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    code = main_impl(argv)
+    with ExitStack() as locks:  # the output's lock, released however the run ends
+        code = main_impl(argv, locks)
     if code:
         raise SystemExit(code)
     return code

@@ -19,6 +19,7 @@ import argparse
 import shutil
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from utils.fileio import UserError, atomic_write_json, cli_main, refuse_overwrit
 from utils.paths import REPO_ROOT, diff_ckpt_dir, poisoned_file, purified_file, work_dir
 from utils.plots import amplified_difference, save_image_grid
 from utils.purify import noise_std_at, purify_dataset
+from utils.run_state import check_name, file_fingerprint, output_lock
 from utils.runtime import cleanup_distributed, init_distributed, resolve_device, str2bool
 
 
@@ -75,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError(f"--respace must be >= 1, got {args.respace}")
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+    for flag in ("poison", "sparse_set", "sparse_diff_model"):
+        check_name(getattr(args, flag), f"--{flag}")
     return args
 
 
@@ -108,11 +112,13 @@ def main(argv=None) -> None:
     if not ckpt.is_file():
         cmd = diffusion_train_command(args.config, args.sparse_set, args.sparse_diff_model)
         raise UserError(f"diffusion checkpoint not found: {ckpt}; train it with `{cmd}`")
-    refuse_overwrite(dst, args.overwrite)
 
     device = resolve_device(args.device)
     rank, world = init_distributed(device)
+    lock = ExitStack()
     try:
+        lock.enter_context(output_lock(dst, rank, world))
+        refuse_overwrite(dst, args.overwrite)
         log = setup_logging(dst.with_suffix(".log") if rank == 0 else None, "purification")
         data = read_eclipse_pkl(src)
         base = spec.build_diffusion(respacing="")
@@ -127,6 +133,7 @@ def main(argv=None) -> None:
                 f"bf16={args.bf16}, device={device}, processes={world}"
             )
         parts = dst.parent / f".{dst.stem}.parts"
+        stats: dict = {}
         t0 = time.time()
         out = purify_dataset(
             model,
@@ -143,21 +150,28 @@ def main(argv=None) -> None:
             rank=rank,
             world=world,
             log=log.info,
+            settings={"checkpoint": file_fingerprint(ckpt), "diffusion": spec.summary()},
+            overwrite=args.overwrite,
+            stats=stats,
         )
         if rank == 0:
             seconds = time.time() - t0
             purified = ImageSet(out, data.labels)
             write_eclipse_pkl(dst, purified)
-            summary = _summary(args, data, purified, seconds, steps, device, world, str(config), str(ckpt), base)
+            summary = _summary(args, data, purified, seconds, steps, device, world, str(config), str(ckpt), base, stats)
             atomic_write_json(dst.with_suffix(".json"), summary)
             _grid(dst.with_suffix(".png"), data, purified)
             shutil.rmtree(parts, ignore_errors=True)
-            log.info(f"wrote {dst} ({seconds:.0f} s, {summary['image_steps_per_s']:.1f} image-steps/s)")
+            rate = summary["image_steps_per_s"]
+            log.info(f"wrote {dst} ({seconds:.0f} s, {rate or 0:.1f} image-steps/s)")
     finally:
+        lock.close()
         cleanup_distributed()
 
 
-def _summary(args, data: ImageSet, purified: ImageSet, seconds, steps, device, world, config, ckpt, base) -> dict:
+def _summary(
+    args, data: ImageSet, purified: ImageSet, seconds, steps, device, world, config, ckpt, base, stats
+) -> dict:
     diff = purified.images.float() - data.images.float()
     mse = diff.pow(2).mean(dim=(1, 2, 3))
     return {
@@ -177,7 +191,9 @@ def _summary(args, data: ImageSet, purified: ImageSet, seconds, steps, device, w
         "processes": world,
         "images": len(data),
         "seconds": seconds,
-        "image_steps_per_s": len(data) * steps / max(seconds, 1e-9),
+        # this process's work over this process's time: batches resumed from disk count in neither
+        "images_resumed": stats["images_resumed"],
+        "image_steps_per_s": stats["images_done"] * steps / max(seconds, 1e-9) if stats["images_done"] else None,
         "mean_abs_change": diff.abs().mean().item(),
         "mean_psnr_db": (10 * torch.log10(255.0**2 / mse.clamp(min=1e-10))).mean().item(),
         "command": " ".join(sys.argv),

@@ -30,6 +30,7 @@ from utils.data import ImageSet, class_balanced_subset, load_cifar10, read_eclip
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, cli_main, setup_logging
 from utils.paths import diff_ckpt_dir, load_poisoned, purified_file, work_dir
 from utils.plots import history_series, save_curves
+from utils.run_state import OutputLock, check_name, same_settings_or_refuse
 from utils.runtime import resolve_device, seed_everything, set_deterministic, str2bool
 from utils.trainer import TrainConfig, train_classifier
 
@@ -107,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.run_name = f"{a.poison}-{mode}-{a.arch}" + (f"-w{a.width}" if a.width != 64 else "") + f"-s{a.seed}"
         if a.subset:
             a.run_name += f"-n{a.subset}"
+    for flag in ("poison", "sparse_set", "run_name"):
+        check_name(getattr(a, flag), f"--{flag}")
     return a
 
 
@@ -136,15 +139,24 @@ def main(argv=None) -> None:
     run = work / "runs" / "train" / args.run_name
     settings = {k: v for k, v in vars(args).items() if k not in ("device", "overwrite", "work_dir", "data_root")}
     result_path = run / "result.json"
-    if result_path.is_file():
-        old = json.loads(result_path.read_text())
-        if old.get("settings") == settings and not args.overwrite:
-            print(f"{run} is finished: test accuracy {old['final_test_acc']:.2f}% (pass --overwrite to redo it)")
-            return
-        if not args.overwrite:
-            raise UserError(f"{run} holds a run with other settings; pass --run_name NAME or --overwrite")
+    with OutputLock(run):
+        _run(args, work, run, settings, result_path)
+
+
+def _run(args, work, run, settings: dict, result_path) -> None:
+    # an interrupted run records its settings too, so a re-run never resumes another's checkpoint
+    stored = run / "settings.json"
+    old = json.loads(result_path.read_text()) if result_path.is_file() else None
+    old_settings = old["settings"] if old else json.loads(stored.read_text()) if stored.is_file() else None
+    hint = "pass --run_name NAME or --overwrite"
+    same = same_settings_or_refuse(run, old_settings, settings, overwrite=args.overwrite, hint=hint)
+    if old and same and not args.overwrite:
+        print(f"{run} is finished: test accuracy {old['final_test_acc']:.2f}% (pass --overwrite to redo it)")
+        return
+    if old or (old_settings is not None and not same):
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stored, settings)
     log = setup_logging(run / "train.log", "train")
     seed_everything(args.seed)
     set_deterministic(args.deterministic)

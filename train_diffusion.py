@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from utils.diffusion_setup import load_diffusion_spec
 from utils.diffusion_training import DiffusionTrainConfig, train_diffusion
 from utils.fileio import UserError, atomic_write_json, cli_main, setup_logging
 from utils.paths import diff_ckpt_dir, work_dir
+from utils.run_state import check_name, output_lock, same_settings_or_refuse
 from utils.runtime import barrier, cleanup_distributed, init_distributed, resolve_device, seed_everything, str2bool
 
 
@@ -70,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError(f"--ema_rate must be in (0, 1), got {args.ema_rate}")
     if args.sparse_set is None:
         args.sparse_set = f"{args.source}{args.num_clean}ps{args.num_clean * args.replicas}"
+    check_name(args.sparse_set, "--sparse_set")
     return args
 
 
@@ -87,8 +90,10 @@ def main(argv=None) -> None:
     spec = load_diffusion_spec(args.config)
     device = resolve_device(args.device)
     rank, world = init_distributed(device)
+    lock = ExitStack()
     try:
         out = diff_ckpt_dir(work_dir(args.work_dir), args.sparse_set)
+        lock.enter_context(output_lock(out, rank, world))
         out.mkdir(parents=True, exist_ok=True)
         log = setup_logging(out / "train.log" if rank == 0 else None, "train_diffusion")
         cfg = DiffusionTrainConfig(
@@ -136,6 +141,7 @@ def main(argv=None) -> None:
         if rank == 0:
             log.info(f"done: {out / checkpoint_name('ema', cfg.iterations, cfg.ema_rate)}")
     finally:
+        lock.close()
         cleanup_distributed()
 
 
@@ -143,15 +149,10 @@ def _check_same_run(path: Path, settings: dict, overwrite: bool, rank: int) -> N
     """Resume only a run with the same settings; never mix two runs in one folder."""
     if not path.is_file():
         return
-    old = json.loads(path.read_text())
-    diffs = [k for k in settings if json.dumps(old.get(k), sort_keys=True) != json.dumps(settings[k], sort_keys=True)]
-    if not diffs:
+    old = {k: v for k, v in json.loads(path.read_text()).items() if k in settings}
+    hint = "choose another --sparse_set or pass --overwrite to discard it"
+    if same_settings_or_refuse(path.parent, old, settings, overwrite=overwrite, hint=hint):
         return
-    if not overwrite:
-        raise UserError(
-            f"{path.parent} holds a run with other {', '.join(diffs)} settings; "
-            "choose another --sparse_set or pass --overwrite to discard it"
-        )
     if rank == 0:
         for f in list(path.parent.glob("*.pt")) + [path.parent / "progress.csv", path.parent / "loss.png"]:
             f.unlink(missing_ok=True)

@@ -116,7 +116,7 @@ def test_rerun_resumes_every_phase(badnet_run, work):
 
 
 def test_other_configuration_in_the_same_folder_is_refused(badnet_run, work):
-    with pytest.raises(UserError, match="different configuration.*pratio"):
+    with pytest.raises(UserError, match="other settings.*pratio"):
         run_attack_then_defence("badnet", _argv(work, pratio=0.3))
 
 

@@ -73,7 +73,7 @@ def test_purify_dataset_resumes_and_shards(tmp_path, small_train):
     (tmp_path / "a" / "part_00001.pt").unlink()  # a batch lost to a crash is redone identically
     assert torch.equal(purify_dataset(model, base, images, 3, tmp_path / "a", **kw), full)
     assert purify_dataset(model, base, images, 3, tmp_path / "b", rank=1, world=2, **kw) is None
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["part_00001.pt"]
+    assert sorted(p.name for p in (tmp_path / "b").glob("part_*.pt")) == ["part_00001.pt"]
     assert torch.equal(purify_dataset(model, base, images, 3, tmp_path / "b", rank=0, world=2, **kw), full)
 
 
@@ -277,7 +277,7 @@ def test_train_diffusion_refuses_mixed_runs(tmp_path, capsys):
     train_diffusion.main(_td_args(tmp_path, 1))
     with pytest.raises(SystemExit):
         train_diffusion.main(_td_args(tmp_path, 2, ["--lr", "0.5"]))
-    assert "holds a run with other training settings" in _err(capsys)
+    assert "other settings (training.lr: 0.0001 -> 0.5)" in _err(capsys)
     with pytest.raises(SystemExit):
         train_diffusion.main(_td_args(tmp_path, 2, ["--num_clean", "20000"]))
     assert "exceeds the 10000 images" in _err(capsys)

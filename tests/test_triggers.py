@@ -393,12 +393,11 @@ def test_aux_training_resumes_after_interruption(tiny_sets, tmp_path, monkeypatc
     assert not list(tmp_path.glob("ssba/*/train_ckpt.pt"))  # cleaned up once finished
 
 
-def test_resumable_ignores_other_settings(tmp_path):
-    msgs = []
+def test_resumable_refuses_other_settings(tmp_path):
     Resumable(tmp_path / "c.pt", {"a": 1}).save({"x": torch.ones(2)})
     assert Resumable(tmp_path / "c.pt", {"a": 1}).load()["x"].sum() == 2
-    assert Resumable(tmp_path / "c.pt", {"a": 2}, log=msgs.append).load() is None
-    assert "other settings" in msgs[0]
+    with pytest.raises(UserError, match=r"other settings \(a: 1 -> 2\); delete .*c\.pt to rebuild it"):
+        Resumable(tmp_path / "c.pt", {"a": 2}).load()
 
 
 def test_apply_shapes_for_every_static_trigger(small_test):

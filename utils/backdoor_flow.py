@@ -25,6 +25,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from utils.fileio import (
     setup_logging,
 )
 from utils.paths import REPO_ROOT, record_dir, resource_dir, work_dir
+from utils.run_state import OutputLock, same_settings_or_refuse
 from utils.yaml_config import Key, dump_yaml, keys_from_defaults, parse_config, resolve_path
 
 # --------------------------------------------------------------------------- configuration keys
@@ -200,20 +202,8 @@ def open_record(
             import yaml
 
             old = {**(defaults or {}), **(yaml.safe_load(cfg_file.read_text()) or {})}
-            diff = [
-                k
-                for k in sorted(set(old) | set(resolved))
-                if k not in _RUN_ONLY and old.get(k, "<missing>") != resolved.get(k, "<missing>")
-            ]
-            if diff:
-                shown = "; ".join(
-                    f"{k}: {old.get(k, '<missing>')!r} -> {resolved.get(k, '<missing>')!r}" for k in diff[:5]
-                )
-                more = f" (+{len(diff) - 5} more)" if len(diff) > 5 else ""
-                raise UserError(
-                    f"{rec} holds a run with a different configuration ({shown}{more}); "
-                    "use another --save_folder_name or pass --overwrite to replace it"
-                )
+            hint = "use another --save_folder_name or pass --overwrite to replace it"
+            same_settings_or_refuse(rec, old, resolved, hint=hint, ignore=tuple(_RUN_ONLY))
             return Record(rec), True
     rec.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg_file, dump_yaml(resolved))
@@ -414,6 +404,11 @@ def _train_phase(
 
 def run_attack_then_defence(attack: str, argv: list[str]) -> dict[str, Any]:
     """Parse the command line, run the attack, then DataElixir; returns ``metrics.json``'s content."""
+    with ExitStack() as locks:  # the record folder's lock, released however the run ends
+        return _run_flow(attack, argv, locks)
+
+
+def _run_flow(attack: str, argv: list[str], locks: ExitStack) -> dict[str, Any]:
     from utils.runtime import resolve_device, seed_everything
 
     if attack not in ATTACKS:
@@ -437,6 +432,7 @@ def run_attack_then_defence(attack: str, argv: list[str]) -> dict[str, Any]:
     if not (record_dir(work, run.save_folder_name) / "candidates" / "done").is_dir():
         _diffusion_ckpt(cfg, work)
     resolved = {"attack": attack, **cfg}
+    locks.enter_context(OutputLock(record_dir(work, run.save_folder_name)))
     rec, resumed = open_record(
         record_dir(work, run.save_folder_name), resolved, run.overwrite, {k: v.default for k, v in keys.items()}
     )

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from utils.augment import to_uint8
 from utils.fileio import UserError, atomic_write_json, atomic_write_text
 from utils.purify import chunk_seed, from_model_range, noise_and_denoise, to_model_range
+from utils.run_state import checksum, same_settings_or_refuse, tensor_fingerprint
 from utils.trainer import predict
 
 KEPT, RELABELLED, SUSPICIOUS = 0, 1, 2
@@ -57,10 +58,27 @@ def _candidate_files(out_dir: Path) -> tuple[Path, Path, Path, Path]:
     return out_dir / "candidates.u8", out_dir / "preds.i16", out_dir / "meta.json", out_dir / "done"
 
 
+def _store_sizes(out_dir: Path, meta: dict) -> list[tuple[Path, int, int]]:
+    """(file, bytes on disk, bytes the header says) for the two memory-mapped files."""
+    cand_p, pred_p, _, _ = _candidate_files(out_dir)
+    n, k = meta["n"], meta["k"]
+    want = (n * k * int(np.prod(meta["image_shape"])), n * k * 2)
+    return [(p, p.stat().st_size if p.is_file() else -1, w) for p, w in zip((cand_p, pred_p), want)]
+
+
 def open_candidates(out_dir: str | Path, mode: str = "r") -> tuple[np.memmap, np.memmap, dict]:
-    """The candidate images ``uint8 [N, K, 3, 32, 32]`` and labels ``int16 [N, K]`` (memory-mapped)."""
-    cand_p, pred_p, meta_p, _ = _candidate_files(Path(out_dir))
+    """The candidate images ``uint8 [N, K, 3, 32, 32]`` and labels ``int16 [N, K]`` (memory-mapped).
+
+    A file whose size differs from the header's (truncated after a kill) is an error:
+    mapping it would read (mode ``r+``: silently append) zeros."""
+    out_dir = Path(out_dir)
+    cand_p, pred_p, meta_p, _ = _candidate_files(out_dir)
     meta = json.loads(meta_p.read_text())
+    for p, size, want in _store_sizes(out_dir, meta):
+        if size != want:
+            raise UserError(
+                f"{p} holds {size} bytes, its header {meta_p} says {want}; re-run to rebuild the lost chunks"
+            )
     n, k = meta["n"], meta["k"]
     shape = tuple(meta["image_shape"])
     cand = np.memmap(cand_p, dtype=np.uint8, mode=mode, shape=(n, k, *shape))
@@ -68,13 +86,31 @@ def open_candidates(out_dir: str | Path, mode: str = "r") -> tuple[np.memmap, np
     return cand, preds, meta
 
 
+def _chunk_sum(cand: np.ndarray, preds: np.ndarray, lo: int, hi: int) -> str:
+    return checksum(np.ascontiguousarray(cand[lo:hi]).data) + checksum(np.ascontiguousarray(preds[lo:hi]).data)
+
+
+def _chunk_ok(cand: np.ndarray, preds: np.ndarray, done: Path, c: int, batch_size: int) -> bool:
+    """Chunk ``c``'s marker exists and its checksum matches the bytes on disk."""
+    lo, hi = c * batch_size, min(len(cand), (c + 1) * batch_size)
+    try:
+        marker = (done / f"chunk_{c:05d}").read_text().split()
+    except OSError:
+        return False
+    return marker == [str(hi - lo), _chunk_sum(cand, preds, lo, hi)]
+
+
 def candidates_complete(out_dir: str | Path) -> bool:
+    """Every chunk is marked done and its bytes match the marker's checksum."""
     out_dir = Path(out_dir)
     _, _, meta_p, done = _candidate_files(out_dir)
     if not meta_p.is_file():
         return False
     meta = json.loads(meta_p.read_text())
-    return all((done / f"chunk_{c:05d}").is_file() for c in range(meta["chunks"]))
+    if any(size != want for _, size, want in _store_sizes(out_dir, meta)):
+        return False
+    cand, preds, _ = open_candidates(out_dir)
+    return all(_chunk_ok(cand, preds, done, c, meta["batch_size"]) for c in range(meta["chunks"]))
 
 
 # settings added after candidate folders were first written, with the value older folders used
@@ -158,14 +194,21 @@ def construct_candidates(
         "original_round_trip": original_round_trip,
         "seed": seed,
         "bf16": bf16,
+        # the inputs: the images and the model labelling the candidates
+        "images": tensor_fingerprint(images),
+        "classifier": tensor_fingerprint(*classifier.state_dict().values()),
     }
     if meta_p.is_file():
         old = {**_META_ADDED_LATER, **json.loads(meta_p.read_text())}
-        if old != meta:
-            raise UserError(
-                f"{out_dir} holds candidates built with other settings ({_diff(old, meta)}); delete that folder to rebuild"
-            )
+        same_settings_or_refuse(out_dir, old, meta, hint="delete that folder to rebuild")
         mode = "r+"
+        for p, size, want in _store_sizes(out_dir, meta):
+            if size != want:
+                # truncated (or extended) after a kill: restore the size; the chunks whose
+                # bytes no longer match their checksum are rebuilt below
+                log(f"{p} holds {size} bytes instead of {want}: rebuilding the chunks it lost")
+                with open(p, "ab") as f:
+                    f.truncate(want)
     else:
         mode = "w+"
     cand = np.memmap(cand_p, dtype=np.uint8, mode=mode, shape=(n, k, *images.shape[1:]))
@@ -175,7 +218,7 @@ def construct_candidates(
         preds.flush()
         atomic_write_json(meta_p, meta)
     done.mkdir(exist_ok=True)
-    todo = [c for c in range(meta["chunks"]) if not (done / f"chunk_{c:05d}").is_file()]
+    todo = [c for c in range(meta["chunks"]) if not _chunk_ok(cand, preds, done, c, batch_size)]
     if len(todo) < meta["chunks"]:
         log(f"candidates: {meta['chunks'] - len(todo)} of {meta['chunks']} chunks already built in {out_dir}")
     if max_chunks is not None:
@@ -207,18 +250,13 @@ def construct_candidates(
         cand.flush()
         preds.flush()
         # the marker is written only after the data is on disk, so a crash redoes the chunk
-        atomic_write_text(done / f"chunk_{c:05d}", f"{hi - lo}\n")
+        atomic_write_text(done / f"chunk_{c:05d}", f"{hi - lo} {_chunk_sum(cand, preds, lo, hi)}\n")
         rate = bar.format_dict.get("rate")
         if rate:
             bar.set_postfix(img_steps_per_s=f"{rate * (hi - lo) * image_steps:.0f}")
     bar.close()
     del cand, preds
     return open_candidates(out_dir)[:2]
-
-
-def _diff(old: dict, new: dict) -> str:
-    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
 
 
 def reference_original(x_u8: torch.Tensor) -> torch.Tensor:

@@ -84,6 +84,7 @@ def train_diffusion(
     noise_g = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 900 + rank)
 
     step = latest_step(ckpt_dir, cfg.ema_rate)
+    perm = pos = None
     if step:
         model.load_state_dict(safe_torch_load(find_checkpoint(ckpt_dir, "model", step), "model checkpoint"))
         ema_state = safe_torch_load(find_checkpoint(ckpt_dir, "ema", step, cfg.ema_rate), "EMA checkpoint")
@@ -94,6 +95,12 @@ def train_diffusion(
         data_g.set_state(rngs["data"])
         t_g.set_state(rngs["t"])
         noise_g.set_state(rngs["noise"].to(noise_g.device) if device.type == "cuda" else rngs["noise"])
+        # the data order and position within the epoch (older checkpoints lack them)
+        perm, pos = rngs.get("perm"), rngs.get("pos")
+        if "torch" in rngs:  # the global generator drives dropout
+            torch.set_rng_state(rngs["torch"])
+            if device.type == "cuda" and "cuda" in rngs:
+                torch.cuda.set_rng_state(rngs["cuda"], device)
         log(f"resuming diffusion training from step {step} in {ckpt_dir}")
     if step >= cfg.iterations:
         log(f"already trained for {step} >= {cfg.iterations} iterations; nothing to do")
@@ -106,8 +113,11 @@ def train_diffusion(
         )
     sampler = UniformTimesteps(diffusion.num_timesteps, cfg.max_timestep)
     n = len(images)
-    perm, pos = torch.randperm(n, generator=data_g), 0
+    if perm is None or len(perm) != n:
+        perm, pos = torch.randperm(n, generator=data_g), 0
     csv_path = ckpt_dir / "progress.csv"
+    if rank == 0:
+        _truncate_csv(csv_path, step)
     fields = ["step", "loss", "mse", "vb", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "images_per_s", "lr"]
     window: dict[str, list[float]] = {}
     t_last = time.time()
@@ -153,7 +163,7 @@ def train_diffusion(
                 _append_csv(csv_path, fields, rec)
                 log(" ".join(f"{k}={rec[k]:.5g}" for k in fields if k in rec))
         if step % cfg.save_interval == 0 or step == cfg.iterations:
-            _save(model, ema, opt, step, cfg, ckpt_dir, rank, world, (data_g, t_g, noise_g))
+            _save(model, ema, opt, step, cfg, ckpt_dir, rank, world, (data_g, t_g, noise_g, perm, pos))
     bar.close()
     if rank == 0:
         _plot_progress(csv_path, ckpt_dir / "loss.png")
@@ -180,8 +190,21 @@ def _plot_progress(csv_path: Path, png: Path) -> None:
     save_curves(png, series, "diffusion training loss", "step", "loss")
 
 
+def _truncate_csv(path: Path, step: int) -> None:
+    """Drop the rows logged after the checkpoint a run resumes from (they are logged again)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= step]
+    if len(keep) < len(lines):
+        atomic_write_bytes(path, "".join(keep).encode())
+
+
 def _gather_rng(gens, world: int) -> list[dict]:
     mine = {"data": gens[0].get_state(), "t": gens[1].get_state(), "noise": gens[2].get_state().cpu()}
+    mine.update(perm=gens[3].clone(), pos=gens[4], torch=torch.get_rng_state())
+    if gens[2].device.type == "cuda":  # this rank's GPU generator (dropout on the GPU)
+        mine["cuda"] = torch.cuda.get_rng_state(gens[2].device)
     if world == 1:
         return [mine]
     out: list = [None] * world

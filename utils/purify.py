@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -119,52 +121,108 @@ def purify_dataset(
     rank: int = 0,
     world: int = 1,
     log=print,
+    settings: dict | None = None,
+    overwrite: bool = False,
+    stats: dict | None = None,
 ) -> torch.Tensor | None:
     """Purify uint8 ``images`` [N, 3, 32, 32] batch by batch, in input order.
 
-    Each batch is written to ``parts_dir/part_<i>.pt`` as soon as it is done, so an
-    interrupted run resumes at the first missing batch; with ``world`` processes, rank r
-    does batches i with i % world == r. Rank 0 returns the assembled uint8 result once
-    every part exists (other ranks return None).
+    Each batch is written to ``parts_dir/part_<i>.pt`` as soon as it is done, with a
+    marker ``part_<i>.ok`` holding the key of the settings (these arguments, a fingerprint
+    of ``images`` and the caller's ``settings``) and a checksum of the part's bytes. An
+    interrupted run resumes at the parts whose marker matches; parts written with other
+    settings are refused (``overwrite``: discarded), damaged parts are redone. With
+    ``world`` processes, rank r does batches i with i % world == r. Rank 0 returns the
+    assembled uint8 result (other ranks return None). ``stats`` receives ``images_done``
+    (purified by this job, summed over ranks) and ``images_resumed`` (read from disk).
     """
     from tqdm import tqdm
 
     from utils.augment import to_uint8
-    from utils.fileio import atomic_torch_save, safe_torch_load
+    from utils.fileio import UserError, atomic_torch_save, atomic_write_json, atomic_write_text
+    from utils.run_state import checksum, on_rank0, same_settings_or_refuse, tensor_fingerprint
 
-    parts_dir.mkdir(parents=True, exist_ok=True)
+    store = {
+        "t": t_star,
+        "respace": respace,
+        "seed": seed,
+        "batch_size": batch_size,
+        "bf16": bf16,
+        "quantize": quantize,
+        "n": len(images),
+        "images": tensor_fingerprint(images),
+        **(settings or {}),
+    }
+    key = checksum(json.dumps(store, sort_keys=True, default=str).encode())
+    meta = parts_dir / "settings.json"
+
+    def open_store() -> None:
+        old = json.loads(meta.read_text()) if meta.is_file() else None
+        hint = "re-run with those settings to finish it, or pass --overwrite to discard it"
+        if not same_settings_or_refuse(parts_dir, old, store, overwrite=overwrite, hint=hint):
+            if old is not None:  # --overwrite: discard the other run's batches
+                shutil.rmtree(parts_dir, ignore_errors=True)
+            atomic_write_json(meta, store)
+
+    on_rank0(open_store, rank, world)
     n_parts = (len(images) + batch_size - 1) // batch_size
+
+    def part(i: int) -> Path:
+        return parts_dir / f"part_{i:05d}.pt"
+
+    def valid(i: int) -> bool:
+        marker = part(i).with_suffix(".ok")
+        try:
+            return marker.read_text().split() == [key, checksum(part(i).read_bytes())]
+        except OSError:
+            return False
+
+    def run(todo: list[int], who: str) -> int:
+        done = 0
+        bar = tqdm(todo, desc=who, unit="batch", dynamic_ncols=True)
+        for i in bar:
+            x = images[i * batch_size : (i + 1) * batch_size]
+            g = torch.Generator(device=device).manual_seed(chunk_seed(seed, i))
+            out, _ = noise_and_denoise(
+                model, base, to_model_range(x.to(device)), t_star, respace=respace, generator=g, bf16=bf16
+            )
+            atomic_torch_save(to_uint8(from_model_range(out), quantize).cpu(), part(i))
+            # the marker is written after the part, so a crash between them redoes the batch
+            atomic_write_text(part(i).with_suffix(".ok"), f"{key} {checksum(part(i).read_bytes())}\n")
+            done += len(x)
+            bar.set_postfix(
+                img_steps_per_s=f"{bar.format_dict['rate'] * len(x) * steps:.0f}" if bar.format_dict.get("rate") else ""
+            )
+        bar.close()
+        return done
+
     mine = [i for i in range(n_parts) if i % world == rank]
-    todo = [i for i in mine if not (parts_dir / f"part_{i:05d}.pt").is_file()]
+    todo = [i for i in mine if not valid(i)]
     if len(todo) < len(mine):
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} batches already purified in {parts_dir}")
     steps = len(truncated_steps(t_star, respace))
-    bar = tqdm(todo, desc=f"purify[{rank}]" if world > 1 else "purify", unit="batch", dynamic_ncols=True)
-    for i in bar:
-        x = images[i * batch_size : (i + 1) * batch_size]
-        g = torch.Generator(device=device).manual_seed(chunk_seed(seed, i))
-        out, _ = noise_and_denoise(
-            model, base, to_model_range(x.to(device)), t_star, respace=respace, generator=g, bf16=bf16
-        )
-        atomic_torch_save(to_uint8(from_model_range(out), quantize).cpu(), parts_dir / f"part_{i:05d}.pt")
-        bar.set_postfix(
-            img_steps_per_s=f"{bar.format_dict['rate'] * len(x) * steps:.0f}" if bar.format_dict.get("rate") else ""
-        )
-    bar.close()
+    done = run(todo, f"purify[{rank}]" if world > 1 else "purify")
     from utils.runtime import barrier
 
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        total = torch.tensor([done], dtype=torch.long)
+        torch.distributed.all_reduce(total)
+        done = int(total)
     barrier()
     if rank != 0:
         return None
+    # a part lost or damaged after its rank finished is redone here
+    missing = [i for i in range(n_parts) if not valid(i)]
+    if missing:
+        log(f"redoing {len(missing)} missing or damaged batches")
+        done += run(missing, "purify (repair)")
     parts = []
     for i in range(n_parts):
-        part = safe_torch_load(parts_dir / f"part_{i:05d}.pt", "purified batch")
+        p = torch.load(part(i), map_location="cpu", weights_only=True)
         expected = min(batch_size, len(images) - i * batch_size)
-        if (
-            not isinstance(part, torch.Tensor)
-            or part.dtype != torch.uint8
-            or part.shape != (expected, *images.shape[1:])
-        ):
-            raise ValueError(f"{parts_dir}/part_{i:05d}.pt is damaged; delete it and re-run to redo that batch")
-        parts.append(part)
+        if not isinstance(p, torch.Tensor) or p.dtype != torch.uint8 or p.shape != (expected, *images.shape[1:]):
+            raise UserError(f"{part(i)} does not hold batch {i}; delete {parts_dir} and re-run")
+        parts.append(p)
+    if stats is not None:
+        stats.update(images_done=done, images_resumed=len(images) - done)
     return torch.cat(parts)

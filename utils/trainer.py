@@ -22,6 +22,7 @@ from tqdm import tqdm
 from utils.augment import Augment, to_float
 from utils.data import ImageSet
 from utils.fileio import atomic_torch_save, safe_torch_load
+from utils.run_state import same_settings_or_refuse, tensor_fingerprint
 from utils.runtime import autocast
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -147,19 +148,24 @@ def train_classifier(
     history: list[dict] = []
     start = 0
     ckpt_path = Path(checkpoint) if checkpoint else None
+    # what a checkpoint must have been written with to be resumed: the data included
+    keyed = {"config": asdict(cfg), "n_train": len(train)}
+    if ckpt_path:
+        keyed["data"] = tensor_fingerprint(train.images, train.labels)
     if ckpt_path and ckpt_path.is_file():
         state = safe_torch_load(ckpt_path, "training checkpoint")
-        # checkpoints written before drop_last existed dropped the last batch
-        if {"drop_last": True, **state.get("config", {})} == asdict(cfg) and state.get("n_train") == len(train):
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            g.set_state(state["rng"])
-            aug_g.set_state(state["aug_rng"].to(aug_g.device) if device.type == "cuda" else state["aug_rng"])
-            history = state["history"]
-            start = state["epoch"]
-            log(f"{desc}: resuming from {ckpt_path} after epoch {start}")
-        else:
-            log(f"{desc}: ignoring {ckpt_path} (it was written with other settings)")
+        old = {k: state.get(k, "<missing>") for k in keyed} if isinstance(state, dict) else None
+        if old and isinstance(old["config"], dict):
+            # checkpoints written before drop_last existed dropped the last batch
+            old["config"] = {"drop_last": True, **old["config"]}
+        same_settings_or_refuse(ckpt_path, old or {}, keyed, hint=f"delete {ckpt_path} to train from scratch")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        g.set_state(state["rng"])
+        aug_g.set_state(state["aug_rng"].to(aug_g.device) if device.type == "cuda" else state["aug_rng"])
+        history = state["history"]
+        start = state["epoch"]
+        log(f"{desc}: resuming from {ckpt_path} after epoch {start}")
 
     n = len(train)
     if cfg.drop_last:
@@ -211,8 +217,7 @@ def train_classifier(
         if ckpt_path:
             atomic_torch_save(
                 {
-                    "config": asdict(cfg),
-                    "n_train": n,
+                    **keyed,
                     "epoch": epoch + 1,
                     "model": model.state_dict(),
                     "optimizer": opt.state_dict(),

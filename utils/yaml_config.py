@@ -21,6 +21,7 @@ import yaml
 
 from utils.fileio import UserError
 from utils.paths import REPO_ROOT
+from utils.run_state import check_name
 
 
 @dataclass(frozen=True)
@@ -247,9 +248,7 @@ def parse_config(
                 raise UserError(f"unknown key {k!r} in {op}; valid keys: {', '.join(valid)}")
     for k, raw in overrides:
         cfg[k] = coerce(k, keys[k], _parse_cli_value(k, keys[k], raw), keys, f"--{k}")
-    name = fixed.get("save_folder_name") or default_name
-    if not name or Path(name).name != name or name in (".", ".."):
-        raise UserError(f"--save_folder_name must be a plain folder name, got {name!r}")
+    name = check_name(fixed.get("save_folder_name") or default_name, "--save_folder_name")
     return cfg, RunArgs(
         yaml_path=yaml_path,
         save_folder_name=name,

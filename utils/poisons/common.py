@@ -29,6 +29,7 @@ from models import build_classifier
 from utils.augment import standard_augment, to_float
 from utils.data import ImageSet
 from utils.fileio import UserError, atomic_torch_save, safe_torch_load
+from utils.run_state import same_settings_or_refuse, tensor_fingerprint
 from utils.runtime import autocast
 
 IMAGE_DIM = 3 * 32 * 32
@@ -97,6 +98,7 @@ class CraftContext:
         fingerprint: str = "",
         progress: bool = True,
         work: Path | None = None,
+        settings: dict[str, Any] | None = None,
     ):
         self.clean = clean
         self.params = dict(params)
@@ -111,6 +113,7 @@ class CraftContext:
         self.save_every = save_every
         self.stop_after = stop_after
         self.fingerprint = fingerprint
+        self.settings = settings
         self.progress = progress
         self.work = Path(work) if work is not None else None
         self.units = 0
@@ -143,17 +146,19 @@ class CraftContext:
         if not self.state_path.is_file():
             return None
         state = safe_torch_load(self.state_path, "crafting state")
-        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
-            raise UserError(
-                f"{self.state_dir} holds an interrupted run with other settings; "
-                "re-run with those settings to finish it, or pass --overwrite to discard it"
-            )
+        if not isinstance(state, dict):
+            raise UserError(f"{self.state_path} is not a crafting state; pass --overwrite to discard it")
+        same_settings_or_refuse(
+            self.state_dir,
+            *state_settings_pair(state, self.settings, self.fingerprint),
+            hint="re-run with those settings to finish it, or pass --overwrite to discard it",
+        )
         self.prior_seconds = float(state.get("elapsed", 0.0))
         self._t_start = time.time()
         return state
 
     def save_state(self, state: dict) -> None:
-        state = dict(state, fingerprint=self.fingerprint, elapsed=self.elapsed())
+        state = dict(state, fingerprint=self.fingerprint, settings=self.settings, elapsed=self.elapsed())
         atomic_torch_save(state, self.state_path)
         self._last_save = time.time()
 
@@ -180,15 +185,21 @@ class CraftContext:
         return tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True, leave=False, disable=not self.progress)
 
 
+def state_settings_pair(state: dict, settings: dict | None, fingerprint: str) -> tuple[dict, dict]:
+    """(stored, current) settings to compare for a crafting state: the full settings when
+    both sides have them (so a refusal names the keys), else the fingerprints (states
+    written before the settings were stored)."""
+    if settings is not None and isinstance(state.get("settings"), dict):
+        return state["settings"], settings
+    return {"fingerprint": state.get("fingerprint")}, {"fingerprint": fingerprint}
+
+
 def fingerprint_of(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def data_fingerprint(data: ImageSet) -> str:
-    h = hashlib.sha1()
-    h.update(data.images.numpy().tobytes())
-    h.update(data.labels.numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensor_fingerprint(data.images, data.labels)
 
 
 # --------------------------------------------------------------------------- budgets

@@ -19,11 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from utils.data import ImageSet
 from utils.fileio import UserError, atomic_write_json
+from utils.run_state import tensor_fingerprint
 from utils.runtime import str2bool
 
 Log = Callable[[str], None]
@@ -153,10 +153,7 @@ def require(cond: bool, message: str) -> None:
 
 
 def data_fingerprint(data: ImageSet) -> str:
-    h = hashlib.sha1()
-    h.update(np.ascontiguousarray(data.images.numpy()).tobytes())
-    h.update(np.ascontiguousarray(data.labels.numpy()).tobytes())
-    return h.hexdigest()[:16]
+    return tensor_fingerprint(data.images, data.labels)
 
 
 def settings_key(settings: dict[str, Any]) -> str:

@@ -4,7 +4,7 @@
   CPU-scale preset (``CPU_SCALE``) that keeps each auxiliary model to a few minutes on
   two cores.
 * ``Resumable``: a checkpoint file holding the settings it was written with; a file
-  written with other settings is ignored (and reported), never silently reused.
+  written with other settings is refused (naming the keys), never silently reused.
 * ``train_aux_classifier``: a cached, resumable classifier on (a subset of) the
   attacker's training set, through ``utils.trainer.train_classifier``.
 """
@@ -21,6 +21,7 @@ from models import build_classifier
 from utils.augment import standard_augment
 from utils.data import NUM_CLASSES, ImageSet
 from utils.fileio import atomic_torch_save, safe_torch_load
+from utils.run_state import same_settings_or_refuse
 from utils.trainer import Normalized, TrainConfig, train_classifier
 from utils.triggers import Log, aux_subset, cache_dir, data_fingerprint, require
 
@@ -70,9 +71,8 @@ class Resumable:
         if not self.path.is_file():
             return None
         state = safe_torch_load(self.path, self.what)
-        if not isinstance(state, dict) or state.get("settings") != self.settings:
-            self.log(f"ignoring {self.path}: it was written with other settings")
-            return None
+        old = state.get("settings") if isinstance(state, dict) else None
+        same_settings_or_refuse(self.path, old or {}, self.settings, hint=f"delete {self.path} to rebuild it")
         return state
 
     def save(self, state: dict[str, Any]) -> None:
