@@ -285,6 +285,37 @@ def test_ar_filters_single_out_their_own_class(crafted, data200):
     assert (own < 0.5 * r.median(1).values).float().mean() >= 0.95
 
 
+def test_ar_search_uses_the_reference_criteria():
+    """The reference keeps a candidate only when every earlier class's filter responds to
+    it with >= 10 (CIFAR-10) after rejecting raw crop norms above 50; the old search (3 and
+    277) kept processes the earlier filters barely tell apart (median 4.7 on this seed)."""
+    from utils.poisons.ar import NORM_BOUND, find_processes, generate
+
+    windows = find_processes(torch.Generator().manual_seed(2), classes=5)
+    g = torch.Generator().manual_seed(9)
+    filters = filters_of(windows)
+    lowest_vs_earlier = []
+    for c in range(len(windows)):
+        s, raw = generate(windows[c : c + 1].expand(20, -1, -1, -1), g)
+        assert (raw <= 2 * NORM_BOUND).float().mean() >= 0.9  # stable processes
+        r = responses(filters, s / s.flatten(1).norm(dim=1).view(-1, 1, 1, 1)).median(0).values
+        if c:
+            lowest_vs_earlier.append(float(r[:c].min()))
+    assert torch.tensor(lowest_vs_earlier).median() >= 9.0, lowest_vs_earlier
+
+
+def test_ar_bounded_scan_drops_exactly_the_runaway_samples():
+    from utils.poisons.ar import generate, random_windows
+
+    w = random_windows(300, torch.Generator().manual_seed(0))
+    full, raw = generate(w, torch.Generator().manual_seed(1))
+    cut, raw_cut = generate(w, torch.Generator().manual_seed(1), bound=50.0)
+    kept = raw <= 50.0
+    assert kept.any() and (~kept).any()
+    assert torch.equal(raw_cut <= 50.0, kept)
+    assert torch.allclose(cut[kept], full[kept]) and torch.isinf(raw_cut[~kept]).all()
+
+
 def test_ops_search_matches_the_reference_score(data200):
     imgs = data200.images[data200.labels == 3]
     scores = position_scores(imgs)
