@@ -198,6 +198,7 @@ def main_impl(argv: list[str] | None) -> int:
     if args.subset is not None and args.subset < len(train):
         subset_idx = class_balanced_subset(train.labels, args.subset, args.subset_seed)
         train = train.subset(subset_idx)
+    test = load_cifar10("test", args.data_root) if spec.needs_test else None  # SEP keeps checkpoints by test accuracy
     log.info(
         f"[Poison:{spec.name}] [Name:{name}] {len(train)} images, params {params}, seed {args.seed}, "
         + (f"surrogate {arch} w{width}, " if arch else "")
@@ -219,6 +220,7 @@ def main_impl(argv: list[str] | None) -> int:
         fingerprint=fingerprint,
         progress=not args.no_progress,
         work=work,
+        test=test,
     )
     t_wall = time.time()
     try:

@@ -55,8 +55,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def data200(small_train):
-    return small_train.subset(class_balanced_subset(small_train.labels, 200, seed=0))
+def data200(small_train, small_test):
+    data = small_train.subset(class_balanced_subset(small_train.labels, 200, seed=0))
+    data.test = small_test  # the test set SEP's checkpoint rule reads (make_ctx passes it on)
+    return data
 
 
 def make_ctx(tmp, data, poison, seed=0, **opts):
@@ -73,6 +75,7 @@ def make_ctx(tmp, data, poison, seed=0, **opts):
         state_dir=tmp / "state",
         resource_dir=tmp / "resource",
         progress=False,
+        test=getattr(data, "test", None),
     )
 
 
@@ -237,6 +240,38 @@ def test_targeted_poisons_move_predictions_to_their_targets(crafted, data200, ke
     # for a clear move toward the target rather than the near-100 % of trained ones
     assert ce_poison < 0.8 * ce_clean, (ce_clean, ce_poison)
     assert hit_poison > hit_clean + 0.1, (hit_clean, hit_poison)
+
+
+def test_sep_checkpoint_rule_follows_the_reference():
+    from utils.poisons.common import SurrogateConfig, improving_epochs
+    from utils.poisons.sep import select_checkpoints
+
+    # vanilla.py writes a checkpoint whenever test accuracy beats every earlier epoch
+    assert improving_epochs([10, 30, 25, 40, 40, 55, 50, 60]) == [0, 1, 3, 5, 7]
+    # ens.py: every (saved // count)-th from that index, the start moved back until exactly count
+    assert select_checkpoints(5, 2) == [2, 4]
+    assert select_checkpoints(60, 30) == list(range(1, 60, 2))
+    assert select_checkpoints(45, 30) == list(range(15, 45))
+    assert select_checkpoints(30, 30) == list(range(30))
+    assert select_checkpoints(3, 4) == [0, 1, 2]  # fewer saved than asked: all of them
+    # epoch 0 warms the lr up linearly from 0.001 over its batches
+    cfg = SurrogateConfig(epochs=3, lr=0.1, milestones=(2,), warmup_first_epoch=True)
+    assert cfg.lr_at(0, 0, 10) == pytest.approx(0.001 + 0.099 / 10)
+    assert cfg.lr_at(0, 9, 10) == pytest.approx(0.1) and cfg.lr_at(1) == 0.1 and cfg.lr_at(2) == pytest.approx(0.01)
+
+
+def test_sep_ensemble_is_made_of_improving_checkpoints(crafted):
+    _, _, res = crafted["SEP"]
+    history = res.info["surrogate"]["training"]["history"]
+    saved = [h["epoch"] for h in history if h["snapshot"]]
+    best = 0.0
+    for h in history:
+        assert h["snapshot"] == (h["test_acc"] > best)
+        best = max(best, h["test_acc"])
+    assert saved[0] == 1 and res.info["saved_checkpoint_epochs"] == saved
+    assert set(res.info["checkpoint_epochs"]) <= set(saved) and len(res.extra_models) == len(
+        res.info["checkpoint_epochs"]
+    )
 
 
 def test_efp_push_moves_features_away_from_the_own_centroid(crafted, data200):

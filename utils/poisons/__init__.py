@@ -29,7 +29,12 @@ def _tau(p: dict) -> float:
 
 # name -> (type, minimum (inclusive) or None, help)
 OPTIONS: dict[str, tuple[type, float | None, str]] = {
-    "eps": (float, None, "budget in /255 units: L∞ radius, or for L2 poisons the per-pixel RMS (L2 = eps/255·√3072)"),
+    "eps": (
+        float,
+        None,
+        "budget in /255 units: L∞ radius, or for L2 poisons the per-pixel RMS (L2 = eps/255·√3072); "
+        "SEP's default 8 is ECLIPSE's common budget, --eps 2 is SEP's own",
+    ),
     "classwise": (bool, None, "EM: one pattern per class (Huang et al.'s class-wise variant)"),
     "step_size": (float, 1e-9, "PGD step on the perturbation, /255 units"),
     "pgd_steps": (int, 1, "PGD steps on the perturbation (per round for EM/ADP)"),
@@ -49,7 +54,7 @@ OPTIONS: dict[str, tuple[type, float | None, str]] = {
     "epochs": (int, 1, "surrogate / reference model training epochs"),
     "milestones": (str, None, "epochs (comma-separated) at which the surrogate's lr drops x0.1"),
     "restarts": (int, 1, "random restarts per image (the lowest final loss is kept)"),
-    "checkpoints": (int, 1, "SEP: checkpoints of the training run in the ensemble (evenly spaced)"),
+    "checkpoints": (int, 1, "SEP: checkpoints in the ensemble, picked among those saved when test accuracy improved"),
     "target_shift": (int, 1, "targeted poisons: target label (y + shift) mod 10"),
     "variant": (str, None, "EFP: push (away from the own class centroid) or pull (to the nearest other)"),
     "augment": (str, None, "differentiable augmentation while crafting: none or crop_flip"),
@@ -164,7 +169,10 @@ POISONS: dict[str, PoisonSpec] = {
                 batch_size=512,
             ),
             cpu_flags="--arch resnet18 --width 16 --epochs 12 --milestones 8,10 --checkpoints 4 --pgd_steps 10",
-            paper="ens.py of Sizhe-Chen/SEP (30 checkpoints of 120 epochs, 30 steps of 1/255 to (y+5) mod 10)",
+            paper="vanilla.py + ens.py of Sizhe-Chen/SEP (checkpoints kept when test accuracy improves in 120 "
+            "epochs, 30 of them picked by ens.py's index rule, 30 steps of 1/255 to (y+5) mod 10; "
+            "its own budget is --eps 2, ECLIPSE's table uses 8)",
+            needs_test=True,
         ),
         PoisonSpec(
             name="EFP",

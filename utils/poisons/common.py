@@ -57,6 +57,7 @@ class PoisonSpec:
     defaults: dict[str, Any]
     cpu_flags: str = ""  # recommended CPU-scale flags at --subset 5000 (README table)
     paper: str = ""
+    needs_test: bool = False  # crafting evaluates on the CIFAR-10 test set (SEP's checkpoint rule)
 
 
 @dataclass
@@ -97,8 +98,10 @@ class CraftContext:
         fingerprint: str = "",
         progress: bool = True,
         work: Path | None = None,
+        test: ImageSet | None = None,
     ):
         self.clean = clean
+        self.test = test
         self.params = dict(params)
         self.seed = seed
         self.device = device
@@ -418,10 +421,26 @@ class SurrogateConfig:
     adv_step: float = 0.0
     adv_steps: int = 0
     grad_clip: float | None = None
-    snapshots: tuple[int, ...] = ()  # epochs after which the weights are kept (SEP)
+    snapshots: tuple[int, ...] = ()  # epochs after which the weights are kept
+    snapshot_on_best_test: bool = False  # SEP: keep the weights whenever test accuracy improves
+    warmup_first_epoch: bool = False  # SEP: lr ramps linearly from 0.001 over epoch 0's batches
 
-    def lr_at(self, epoch: int) -> float:
+    def lr_at(self, epoch: int, step: int = 0, steps: int = 1) -> float:
+        """The lr of batch ``step`` (of ``steps``) in ``epoch`` (0-based)."""
+        if self.warmup_first_epoch and epoch == 0:
+            return 0.001 + (self.lr - 0.001) * (step + 1) / steps
         return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+
+
+def improving_epochs(test_accs: Sequence[float]) -> list[int]:
+    """Indices of the epochs whose test accuracy beats every earlier one (the first always
+    does): the checkpoints SEP's reference training (``vanilla.py``) writes."""
+    best, out = 0.0, []
+    for epoch, acc in enumerate(test_accs):
+        if acc > best:
+            best = acc
+            out.append(epoch)
+    return out
 
 
 def train_step(
@@ -454,6 +473,8 @@ def fit_surrogate(
     weight snapshots during one run (SEP) and a step schedule. Resumable per epoch from
     the crafting state; the result is cached in ``resource/poisons/`` keyed by its
     settings, the data and the seed, so other poisons and re-runs reuse it."""
+    if cfg.snapshot_on_best_test and ctx.test is None:
+        raise UserError(f"{tag}: keeping checkpoints by test accuracy needs the test set (CraftContext.test)")
     key = fingerprint_of(
         {
             "tag": tag,
@@ -462,6 +483,7 @@ def fit_surrogate(
             "cfg": cfg.__dict__,
             "seed": ctx.seed,
             "data": data_fingerprint(data),
+            "test": data_fingerprint(ctx.test) if cfg.snapshot_on_best_test else None,
             "bf16": ctx.bf16,
         }
     )
@@ -496,13 +518,13 @@ def fit_surrogate(
     bs = min(cfg.batch_size, n)
     steps = max(1, n // bs)
     for epoch in range(start, cfg.epochs):
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr_at(epoch)
         perm = torch.randperm(n, generator=g_data)
         t0 = time.time()
         loss_sum = correct = seen = 0
         bar = ctx.bar(steps, f"{tag} epoch {epoch + 1}/{cfg.epochs}")
         for s in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr_at(epoch, s, steps)
             idx = perm[s * bs : (s + 1) * bs]
             xb = data.images[idx].to(device)
             if cfg.augment:
@@ -518,14 +540,22 @@ def fit_surrogate(
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
         bar.close()
-        rec = {"epoch": epoch + 1, "lr": cfg.lr_at(epoch), "loss": loss_sum / seen, "acc": 100 * correct / seen}
+        rec = {"epoch": epoch + 1, "lr": cfg.lr_at(epoch, steps - 1, steps), "loss": loss_sum / seen}
+        rec["acc"] = 100 * correct / seen
+        keep = epoch + 1 in cfg.snapshots
+        if cfg.snapshot_on_best_test:
+            rec["test_acc"], _ = accuracy_and_loss(model, ctx.test.images, ctx.test.labels, device, bf16)
+            accs = [h["test_acc"] for h in history] + [rec["test_acc"]]
+            keep = improving_epochs(accs)[-1] == epoch
         rec["seconds"] = time.time() - t0
+        rec["snapshot"] = keep
         history.append(rec)
-        if epoch + 1 in cfg.snapshots:
+        if keep:
             snapshots.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        test_msg = f", test acc {rec['test_acc']:.2f}%" if "test_acc" in rec else ""
         ctx.log.info(
             f"{tag}: epoch {epoch + 1}/{cfg.epochs} lr {rec['lr']:.4g} loss {rec['loss']:.4f} "
-            f"train acc {rec['acc']:.2f}% ({rec['seconds']:.0f}s)"
+            f"train acc {rec['acc']:.2f}%{test_msg}{' (kept)' if keep else ''} ({rec['seconds']:.0f}s)"
         )
 
         def state(epoch=epoch):
