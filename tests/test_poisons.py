@@ -32,7 +32,7 @@ from utils.poisons.ops import COLOURS, position_scores
 TINY = {
     "EM": dict(pgd_steps=5, train_steps=8, train_batch=64, batch_size=100, stop_acc=90.0, max_rounds=5),
     "EM-classwise": dict(classwise=True, train_steps=8, train_batch=64, batch_size=100, max_rounds=4),
-    "TAP": dict(epochs=20, milestones="15", train_batch=20, pgd_steps=10, step_size=2.0, batch_size=100),
+    "TAP": dict(epochs=20, milestones="15", train_batch=20, pgd_steps=10, step_size=2.0, batch_size=100, restarts=2),
     "SEP": dict(epochs=16, milestones="12", train_batch=20, checkpoints=2, pgd_steps=10, step_size=2.0, batch_size=100),
     "EFP": dict(
         epochs=4, milestones="3", train_batch=20, adv_steps=2, adv_step=2.0, pgd_steps=5, step_size=2.0, batch_size=100
@@ -272,6 +272,63 @@ def test_sep_ensemble_is_made_of_improving_checkpoints(crafted):
     assert set(res.info["checkpoint_epochs"]) <= set(saved) and len(res.extra_models) == len(
         res.info["checkpoint_epochs"]
     )
+
+
+def test_craft_pgd_keeps_the_restart_with_the_lowest_total_loss(tmp_path, data200):
+    """TAP's reference scores each restart by its loss over the whole set and keeps that
+    restart for every image; picking the best restart per image would mix them."""
+    from utils.poisons.common import craft_pgd
+
+    data = data200.subset(range(40))
+    _, ctx = make_ctx(tmp_path, data, "TAP")
+    seen = []  # (restart's images, x) as the loss sees them, in call order
+
+    def loss(model, x, y, idx):
+        seen.append((idx.clone(), x.detach().clone()))
+        return (x - 0.5).pow(2).flatten(1).mean(1) * 100  # per-sample, differs by the random start
+
+    delta = craft_pgd(ctx, "t", [torch.nn.Identity()], loss, eps=8, step=0.0, steps=1, batch_size=20,
+                      init="randn", restarts=3)  # fmt: skip
+    assert len(seen) == 6  # 3 restarts x 2 batches, one step each
+    starts = torch.stack([torch.cat([x for _, x in seen[2 * r : 2 * r + 2]]) for r in range(3)])  # [3, 40, ...]
+    per_image = (starts - 0.5).pow(2).flatten(2).mean(2) * 100  # [3, 40]
+    best = int(per_image.sum(1).argmin())
+    want = starts[best] * 255 - data.images.float()
+    assert torch.allclose(delta, want, atol=0.02)  # every image from the best restart (float16 storage)
+    assert not torch.equal(per_image.argmin(0), torch.full((40,), best))  # per-image choice would differ
+
+
+def test_shift_is_bilinear_with_mean_colour_padding():
+    from utils.poisons.common import CIFAR10_MEAN_RGB, shift_image
+
+    ramp = (torch.arange(32.0) / 31).expand(1, 3, 32, 32).clone()  # x[c, i, j] = j / 31
+    mean = torch.tensor(CIFAR10_MEAN_RGB).view(3, 1)
+    out = shift_image(ramp, torch.tensor([[1.5, 0.0]]), torch.tensor([False]))[0]
+    j = torch.arange(30.0)
+    assert torch.allclose(out[:, :, :30], ((j + 1.5) / 31).expand(3, 32, 30), atol=1e-5)  # sub-pixel: interpolated
+    assert torch.allclose(out[:, :, 30], (0.5 * 1.0 + 0.5 * mean).expand(3, 32), atol=1e-5)  # half off the edge
+    assert torch.allclose(out[:, :, 31], mean.expand(3, 32), atol=1e-5)  # wholly outside: the mean colour
+    flipped = shift_image(ramp, torch.tensor([[1.5, 0.0]]), torch.tensor([True]))[0]
+    back = shift_image(ramp, torch.tensor([[-1.5, 0.0]]), torch.tensor([False]))[0]
+    assert torch.allclose(flipped, back.flip(-1), atol=1e-5)  # the reference mirrors the shifted grid
+    rows = ramp.transpose(2, 3)  # x[c, i, j] = i / 31, shifted up by a quarter pixel
+    up = shift_image(rows, torch.tensor([[0.0, -0.25]]), torch.tensor([False]))[0]
+    i = torch.arange(1.0, 32.0)
+    assert torch.allclose(up[:, 1:, 5], ((i - 0.25) / 31).expand(3, 31), atol=1e-5)
+    assert torch.allclose(up[:, 0, 5], 0.25 * mean[:, 0], atol=1e-5)  # 3/4 of pixel 0 (= 0) + 1/4 padding
+
+
+def test_tap_and_efp_default_to_the_references_shift():
+    from utils.poisons.common import AUGMENTS, shift_flip
+
+    for name in ("TAP", "EFP"):
+        assert resolve_params(get_poison(name), {})["augment"] == "shift_flip"
+    assert AUGMENTS["shift_flip"]() is shift_flip
+    assert resolve_params(get_poison("TAP"), {})["restarts"] == 8
+    assert "--restarts 1" in get_poison("TAP").cpu_flags
+    x = torch.rand(6, 3, 32, 32, requires_grad=True)
+    shift_flip(x, torch.Generator().manual_seed(0)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_efp_push_moves_features_away_from_the_own_centroid(crafted, data200):

@@ -53,11 +53,16 @@ OPTIONS: dict[str, tuple[type, float | None, str]] = {
     "adv_steps": (int, 0, "adversarial training PGD steps"),
     "epochs": (int, 1, "surrogate / reference model training epochs"),
     "milestones": (str, None, "epochs (comma-separated) at which the surrogate's lr drops x0.1"),
-    "restarts": (int, 1, "random restarts per image (the lowest final loss is kept)"),
+    "restarts": (int, 1, "random restarts of the whole crafting pass (the one with the lowest total loss is kept)"),
     "checkpoints": (int, 1, "SEP: checkpoints in the ensemble, picked among those saved when test accuracy improved"),
     "target_shift": (int, 1, "targeted poisons: target label (y + shift) mod 10"),
     "variant": (str, None, "EFP: push (away from the own class centroid) or pull (to the nearest other)"),
-    "augment": (str, None, "differentiable augmentation while crafting: none or crop_flip"),
+    "augment": (
+        str,
+        None,
+        "differentiable augmentation while crafting (TAP: and training its surrogate): shift_flip (the "
+        "references' bilinear ±4 px shift, mean-colour padding, flip), crop_flip (integer crop, black padding) or none",
+    ),
     "sigma": (float, 1e-9, "URP: std of the class-wise Gaussian noise, /255 (then clipped to eps)"),
     "patch": (int, 1, "LSP: patch size (pixels); 32 must be a multiple"),
     "class_sep": (float, 0.0, "LSP: make_classification class_sep"),
@@ -115,13 +120,14 @@ POISONS: dict[str, PoisonSpec] = {
                 milestones="14,25,35",
                 pgd_steps=250,
                 step_size=_tau,
-                restarts=1,
+                restarts=8,
                 target_shift=1,
-                augment="crop_flip",
+                augment="shift_flip",
                 batch_size=512,
             ),
-            cpu_flags="--arch resnet18 --width 16 --epochs 12 --milestones 6,9,11 --pgd_steps 20 --step_size 1",
-            paper="anneal.py of lhfowl/adversarial_poisons (recipe targeted, PGD, tau 0.05, 250 iterations)",
+            cpu_flags="--arch resnet18 --width 16 --epochs 12 --milestones 6,9,11 --pgd_steps 20 --step_size 1 --restarts 1",
+            paper="anneal.py of lhfowl/adversarial_poisons (recipe targeted, PGD, tau 0.05, 250 iterations, 8 restarts, "
+            "bilinear shift + flip augmentation)",
         ),
         PoisonSpec(
             name="REM",
@@ -195,7 +201,7 @@ POISONS: dict[str, PoisonSpec] = {
                 pgd_steps=300,
                 step_size=_tau,
                 restarts=1,
-                augment="crop_flip",
+                augment="shift_flip",
                 batch_size=512,
             ),
             cpu_flags="--arch resnet18 --width 16 --epochs 8 --milestones 6,7 --adv_steps 3 --adv_step 2 --pgd_steps 20 --step_size 1",
@@ -344,8 +350,8 @@ def _validate(spec: PoisonSpec, p: dict[str, Any]) -> None:
             raise UserError(f"--milestones must be increasing positive epochs, got {p['milestones']!r}")
     if p.get("variant") not in (None, "push", "pull"):
         raise UserError(f"--variant must be push or pull, got {p['variant']!r}")
-    if p.get("augment") not in (None, "none", "crop_flip"):
-        raise UserError(f"--augment must be none or crop_flip, got {p['augment']!r}")
+    if p.get("augment") not in (None, "none", "crop_flip", "shift_flip"):
+        raise UserError(f"--augment must be shift_flip, crop_flip or none, got {p['augment']!r}")
     if "patch" in p and 32 % p["patch"]:
         raise UserError(f"--patch must divide 32, got {p['patch']}")
     if "stop_acc" in p and p["stop_acc"] > 100:
