@@ -331,6 +331,48 @@ def test_tap_and_efp_default_to_the_references_shift():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def test_em_classwise_crafts_on_a_stratified_fifth(crafted, data200):
+    """The reference's class-wise command (--use_subset) trains and steps on 20 % of the
+    images, class-stratified, and stops at error 0.1; the patterns then cover every image."""
+    params = resolve_params(get_poison("EM"), {"classwise": True})
+    assert params["portion"] == 0.2 and params["stop_acc"] == 90.0 and params["pgd_steps"] == 1
+    _, ctx, res = crafted["EM-classwise"]
+    assert res.info["crafted_on_images"] == 40  # 20 % of 200
+    from utils.poisons.minmin import MinMin, MinMinConfig
+
+    sub = data200.subset(class_balanced_subset(data200.labels, 40, 0))
+    loop = MinMin(ctx, MinMinConfig(eps=8, step_size=1, pgd_steps=1, classwise=True), res.surrogate, None, sub)
+    assert len(loop.images) == 40 and torch.bincount(loop.labels, minlength=10).tolist() == [4] * 10
+    with pytest.raises(Exception, match="--portion applies to EM --classwise only"):
+        resolve_params(get_poison("EM"), {"portion": 0.5})
+
+
+def test_lsp_and_cuda_truncate_to_uint8_like_their_references(crafted, data200):
+    for name in ("LSP", "CUDA"):
+        assert resolve_params(get_poison(name), {})["quantize"] == "truncate"
+    # LSP: astype(uint8) of the float image = floor(clean + delta) where the budget allows it
+    clean = data200.images[:4]
+    delta = torch.tensor([-0.3, 0.3, 1.7, -1.2]).repeat(3072).view(4, 3, 32, 32)
+    out = apply_l2(clean, delta, radius_255=1000.0, quantize="truncate")
+    free = (clean > 2) & (clean < 253)
+    assert torch.equal((out.int() - clean.int())[free], delta.floor().int()[free])
+    rounded = apply_l2(clean, delta, radius_255=1000.0, quantize="round")
+    assert torch.equal((rounded.int() - clean.int())[free], delta.round().int()[free])
+    at_radius = apply_l2(clean, delta * 50, radius_255=l2_radius_255(6.0), quantize="truncate")
+    assert ((at_radius.float() - clean.float()).flatten(1).norm(dim=1) <= l2_radius_255(6.0) + 1e-4).all()
+    # CUDA: (conv / max) * 255 truncated
+    _, _, res = crafted["CUDA"]
+    kernels = torch.tensor(res.info["kernels"])
+    x = data200.images.float() / 255
+    for c in range(10):
+        sel = data200.labels == c
+        y = F.conv2d(x[sel], kernels[c].expand(3, 1, 3, 3), padding=1, groups=3)
+        want = (y / y.flatten(1).amax(1).view(-1, 1, 1, 1)).clamp(0, 1).mul(255).floor()
+        got = res.images[sel].float()
+        # (float summation order may move a value sitting on an integer by one level)
+        assert (want - got).abs().max() <= 1 and (want == got).float().mean() > 0.999
+
+
 def test_efp_push_moves_features_away_from_the_own_centroid(crafted, data200):
     from utils.poisons.efp import class_centroids
 

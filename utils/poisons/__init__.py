@@ -36,6 +36,7 @@ OPTIONS: dict[str, tuple[type, float | None, str]] = {
         "SEP's default 8 is ECLIPSE's common budget, --eps 2 is SEP's own",
     ),
     "classwise": (bool, None, "EM: one pattern per class (Huang et al.'s class-wise variant)"),
+    "portion": (float, 1e-9, "EM --classwise: fraction of the images (class-stratified) the patterns are crafted on"),
     "step_size": (float, 1e-9, "PGD step on the perturbation, /255 units"),
     "pgd_steps": (int, 1, "PGD steps on the perturbation (per round for EM/ADP)"),
     "train_steps": (int, 1, "surrogate SGD steps per min-min round"),
@@ -68,6 +69,7 @@ OPTIONS: dict[str, tuple[type, float | None, str]] = {
     "class_sep": (float, 0.0, "LSP: make_classification class_sep"),
     "pixels": (int, 1, "OPS: pixels set per class (L0 budget)"),
     "blur": (float, 1e-9, "CUDA: kernel entries ~ U(0, blur)"),
+    "quantize": (str, None, "LSP/CUDA: float to uint8 by truncate (the references' astype(uint8)) or round"),
     "diff_config": (str, None, "ADP: diffusion YAML (a path, or a name in config/eclipse/)"),
     "sparse_set": (str, None, "ADP: diff_ckpt/cifar10/<sparse_set>/"),
     "sparse_diff_model": (str, None, "ADP: checkpoint file in diff_ckpt/cifar10/<sparse_set>/"),
@@ -76,7 +78,8 @@ OPTIONS: dict[str, tuple[type, float | None, str]] = {
     "noise_std": (float, 0.0, "ADP: compensation Gaussian noise std on [0, 1]"),
 }
 
-_EM_CLASSWISE = {"pgd_steps": 1, "stop_acc": 90.0}
+# the reference README's class-wise command: 1 step, --use_subset (20 %), stop error 0.1
+_EM_CLASSWISE = {"pgd_steps": 1, "stop_acc": 90.0, "portion": 0.2}
 
 POISONS: dict[str, PoisonSpec] = {
     spec.name: spec
@@ -100,6 +103,7 @@ POISONS: dict[str, PoisonSpec] = {
                 weight_decay=5e-4,
                 stop_acc=99.0,
                 max_rounds=50,
+                portion=1.0,
             ),
             cpu_flags="--arch resnet18 --width 16 --pgd_steps 10 --max_rounds 8",
             paper="perturbation.py of HanxunH/Unlearnable-Examples: 20 steps of 0.8/255, 10 train batches of 512, stop at 1% error",
@@ -223,7 +227,7 @@ POISONS: dict[str, PoisonSpec] = {
             kind="sample-wise",
             model_based=False,
             module="utils.poisons.lsp",
-            defaults=dict(eps=6.0, patch=8, class_sep=10.0),
+            defaults=dict(eps=6.0, patch=8, class_sep=10.0, quantize="truncate"),
             paper="synthetic_perturbations/cifar_train.py of dayu11/Availability-Attacks-Create-Shortcuts",
         ),
         PoisonSpec(
@@ -282,7 +286,7 @@ POISONS: dict[str, PoisonSpec] = {
             kind="class-wise",
             model_based=False,
             module="utils.poisons.cuda",
-            defaults=dict(blur=0.3),
+            defaults=dict(blur=0.3, quantize="truncate"),
             paper="final_filter_unlearnable.py of vinusankars/Convolution-based-Unlearnability",
         ),
     ]
@@ -352,8 +356,14 @@ def _validate(spec: PoisonSpec, p: dict[str, Any]) -> None:
         raise UserError(f"--variant must be push or pull, got {p['variant']!r}")
     if p.get("augment") not in (None, "none", "crop_flip", "shift_flip"):
         raise UserError(f"--augment must be shift_flip, crop_flip or none, got {p['augment']!r}")
+    if p.get("quantize") not in (None, "truncate", "round"):
+        raise UserError(f"--quantize must be truncate or round, got {p['quantize']!r}")
     if "patch" in p and 32 % p["patch"]:
         raise UserError(f"--patch must divide 32, got {p['patch']}")
+    if "portion" in p and p["portion"] > 1:
+        raise UserError(f"--portion is a fraction of the images (<= 1), got {p['portion']}")
+    if "portion" in p and p["portion"] < 1 and not p.get("classwise"):
+        raise UserError("--portion applies to EM --classwise only: sample-wise noise needs every image")
     if "stop_acc" in p and p["stop_acc"] > 100:
         raise UserError(f"--stop_acc is a percentage (<= 100), got {p['stop_acc']}")
     if "gray_p" in p and p["gray_p"] > 1:

@@ -221,12 +221,17 @@ def apply_linf(clean: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Te
     return (clean.to(torch.int16) + q.cpu()).clamp(0, 255).to(torch.uint8)
 
 
-def apply_l2(clean: torch.Tensor, delta: torch.Tensor, radius_255: float, iters: int = 12) -> torch.Tensor:
+def apply_l2(
+    clean: torch.Tensor, delta: torch.Tensor, radius_255: float, iters: int = 12, quantize: str = "round"
+) -> torch.Tensor:
     """uint8 ``clean + delta`` whose per-image L2 change is at most ``radius_255`` (/255 units).
 
-    Nearest rounding adds about 1/12 per pixel to the squared norm, so an image at the
-    radius ends slightly outside; those images are shrunk a little and re-rounded, and
-    any left after ``iters`` tries are rounded toward zero (which never grows a norm)."""
+    ``quantize``: ``round`` to the nearest level, or ``truncate`` as numpy's
+    ``astype(uint8)`` does on the (non-negative) float image, i.e. floor(clean + delta) —
+    what the LSP reference writes. Either adds to the squared norm (1/12 per pixel for
+    rounding, about 1/3 for truncation), so an image at the radius ends slightly outside;
+    those images are shrunk a little and re-quantised, and any left after ``iters`` tries
+    are rounded toward zero (which never grows a norm)."""
     clean16 = clean.to(torch.int16)
     delta = delta.detach().float().cpu().clone()
     norms = delta.flatten(1).norm(dim=1)
@@ -234,7 +239,7 @@ def apply_l2(clean: torch.Tensor, delta: torch.Tensor, radius_255: float, iters:
     delta[over] *= (radius_255 / norms[over]).view(-1, 1, 1, 1)
 
     def quantise(d: torch.Tensor, idx: torch.Tensor, trunc: bool = False) -> torch.Tensor:
-        q = d.trunc() if trunc else d.round()
+        q = d.trunc() if trunc else (d.floor() if quantize == "truncate" else d.round())
         return (clean16[idx] + q.to(torch.int16)).clamp(0, 255)
 
     all_idx = torch.arange(len(clean))
