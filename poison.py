@@ -54,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, choices=list(CLASSIFIERS), help="surrogate architecture (default resnet18)")
     p.add_argument("--width", type=int, default=None, help="surrogate width (64 = the papers; 16 = CPU scale)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--bf16", type=str2bool, default=True, help="bf16 autocast for surrogates (fp32 weights)")
+    p.add_argument(
+        "--bf16",
+        type=str2bool,
+        default=False,
+        help="bf16 autocast for surrogates (fp32 weights); the references run fp32, the default (README: bf16 vs fp32)",
+    )
     p.add_argument(
         "--threads",
         type=int,
