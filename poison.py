@@ -63,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, choices=list(CLASSIFIERS), help="surrogate architecture (default resnet18)")
     p.add_argument("--width", type=int, default=None, help="surrogate width (64 = the papers; 16 = CPU scale)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--bf16", type=str2bool, default=True, help="bf16 autocast for surrogates (fp32 weights)")
+    p.add_argument(
+        "--bf16",
+        type=str2bool,
+        default=False,
+        help="bf16 autocast for surrogates (fp32 weights); the references run fp32, the default (README: bf16 vs fp32)",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -203,6 +208,7 @@ def main_impl(argv: list[str] | None, locks: ExitStack) -> int:
     if args.subset is not None and args.subset < len(train):
         subset_idx = class_balanced_subset(train.labels, args.subset, args.subset_seed)
         train = train.subset(subset_idx)
+    test = load_cifar10("test", args.data_root) if spec.needs_test else None  # SEP keeps checkpoints by test accuracy
     log.info(
         f"[Poison:{spec.name}] [Name:{name}] {len(train)} images, params {params}, seed {args.seed}, "
         + (f"surrogate {arch} w{width}, " if arch else "")
@@ -225,6 +231,7 @@ def main_impl(argv: list[str] | None, locks: ExitStack) -> int:
         settings=settings,
         progress=not args.no_progress,
         work=work,
+        test=test,
     )
     t_wall = time.time()
     try:

@@ -17,7 +17,7 @@ EM_TINY = [
 ]  # fmt: skip
 TAP_TINY = [
     "--width", "8", "--epochs", "2", "--milestones", "1", "--train_batch", "20", "--pgd_steps", "3",
-    "--step_size", "2", "--batch_size", "20",
+    "--step_size", "2", "--batch_size", "20", "--restarts", "2",
 ]  # fmt: skip
 
 

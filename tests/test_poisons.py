@@ -32,8 +32,10 @@ from utils.poisons.ops import COLOURS, position_scores
 TINY = {
     "EM": dict(pgd_steps=5, train_steps=8, train_batch=64, batch_size=100, stop_acc=90.0, max_rounds=5),
     "EM-classwise": dict(classwise=True, train_steps=8, train_batch=64, batch_size=100, max_rounds=4),
-    "TAP": dict(epochs=20, milestones="15", train_batch=20, pgd_steps=10, step_size=2.0, batch_size=100),
-    "SEP": dict(epochs=16, milestones="12", train_batch=20, checkpoints=2, pgd_steps=10, step_size=2.0, batch_size=100),
+    "TAP": dict(epochs=20, milestones="15", train_batch=20, pgd_steps=10, step_size=2.0, batch_size=100, restarts=2),
+    # (the ensemble holds an early improving checkpoint, smooth and hard to fool: the
+    # reference's 1/255 steps and a longer run give the clear move the test asks for)
+    "SEP": dict(epochs=24, milestones="18", train_batch=20, checkpoints=2, pgd_steps=30, step_size=1.0, batch_size=100),
     "EFP": dict(
         epochs=4, milestones="3", train_batch=20, adv_steps=2, adv_step=2.0, pgd_steps=5, step_size=2.0, batch_size=100
     ),
@@ -55,8 +57,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def data200(small_train):
-    return small_train.subset(class_balanced_subset(small_train.labels, 200, seed=0))
+def data200(small_train, small_test):
+    data = small_train.subset(class_balanced_subset(small_train.labels, 200, seed=0))
+    data.test = small_test  # the test set SEP's checkpoint rule reads (make_ctx passes it on)
+    return data
 
 
 def make_ctx(tmp, data, poison, seed=0, **opts):
@@ -73,6 +77,7 @@ def make_ctx(tmp, data, poison, seed=0, **opts):
         state_dir=tmp / "state",
         resource_dir=tmp / "resource",
         progress=False,
+        test=getattr(data, "test", None),
     )
 
 
@@ -239,6 +244,137 @@ def test_targeted_poisons_move_predictions_to_their_targets(crafted, data200, ke
     assert hit_poison > hit_clean + 0.1, (hit_clean, hit_poison)
 
 
+def test_sep_checkpoint_rule_follows_the_reference():
+    from utils.poisons.common import SurrogateConfig, improving_epochs
+    from utils.poisons.sep import select_checkpoints
+
+    # vanilla.py writes a checkpoint whenever test accuracy beats every earlier epoch
+    assert improving_epochs([10, 30, 25, 40, 40, 55, 50, 60]) == [0, 1, 3, 5, 7]
+    # ens.py: every (saved // count)-th from that index, the start moved back until exactly count
+    assert select_checkpoints(5, 2) == [2, 4]
+    assert select_checkpoints(60, 30) == list(range(1, 60, 2))
+    assert select_checkpoints(45, 30) == list(range(15, 45))
+    assert select_checkpoints(30, 30) == list(range(30))
+    assert select_checkpoints(3, 4) == [0, 1, 2]  # fewer saved than asked: all of them
+    # epoch 0 warms the lr up linearly from 0.001 over its batches
+    cfg = SurrogateConfig(epochs=3, lr=0.1, milestones=(2,), warmup_first_epoch=True)
+    assert cfg.lr_at(0, 0, 10) == pytest.approx(0.001 + 0.099 / 10)
+    assert cfg.lr_at(0, 9, 10) == pytest.approx(0.1) and cfg.lr_at(1) == 0.1 and cfg.lr_at(2) == pytest.approx(0.01)
+
+
+def test_sep_ensemble_is_made_of_improving_checkpoints(crafted):
+    _, _, res = crafted["SEP"]
+    history = res.info["surrogate"]["training"]["history"]
+    saved = [h["epoch"] for h in history if h["snapshot"]]
+    best = 0.0
+    for h in history:
+        assert h["snapshot"] == (h["test_acc"] > best)
+        best = max(best, h["test_acc"])
+    assert saved[0] == 1 and res.info["saved_checkpoint_epochs"] == saved
+    assert set(res.info["checkpoint_epochs"]) <= set(saved) and len(res.extra_models) == len(
+        res.info["checkpoint_epochs"]
+    )
+
+
+def test_craft_pgd_keeps_the_restart_with_the_lowest_total_loss(tmp_path, data200):
+    """TAP's reference scores each restart by its loss over the whole set and keeps that
+    restart for every image; picking the best restart per image would mix them."""
+    from utils.poisons.common import craft_pgd
+
+    data = data200.subset(range(40))
+    _, ctx = make_ctx(tmp_path, data, "TAP")
+    seen = []  # (restart's images, x) as the loss sees them, in call order
+
+    def loss(model, x, y, idx):
+        seen.append((idx.clone(), x.detach().clone()))
+        return (x - 0.5).pow(2).flatten(1).mean(1) * 100  # per-sample, differs by the random start
+
+    delta = craft_pgd(ctx, "t", [torch.nn.Identity()], loss, eps=8, step=0.0, steps=1, batch_size=20,
+                      init="randn", restarts=3)  # fmt: skip
+    assert len(seen) == 6  # 3 restarts x 2 batches, one step each
+    starts = torch.stack([torch.cat([x for _, x in seen[2 * r : 2 * r + 2]]) for r in range(3)])  # [3, 40, ...]
+    per_image = (starts - 0.5).pow(2).flatten(2).mean(2) * 100  # [3, 40]
+    best = int(per_image.sum(1).argmin())
+    want = starts[best] * 255 - data.images.float()
+    assert torch.allclose(delta, want, atol=0.02)  # every image from the best restart (float16 storage)
+    assert not torch.equal(per_image.argmin(0), torch.full((40,), best))  # per-image choice would differ
+
+
+def test_shift_is_bilinear_with_mean_colour_padding():
+    from utils.poisons.common import CIFAR10_MEAN_RGB, shift_image
+
+    ramp = (torch.arange(32.0) / 31).expand(1, 3, 32, 32).clone()  # x[c, i, j] = j / 31
+    mean = torch.tensor(CIFAR10_MEAN_RGB).view(3, 1)
+    out = shift_image(ramp, torch.tensor([[1.5, 0.0]]), torch.tensor([False]))[0]
+    j = torch.arange(30.0)
+    assert torch.allclose(out[:, :, :30], ((j + 1.5) / 31).expand(3, 32, 30), atol=1e-5)  # sub-pixel: interpolated
+    assert torch.allclose(out[:, :, 30], (0.5 * 1.0 + 0.5 * mean).expand(3, 32), atol=1e-5)  # half off the edge
+    assert torch.allclose(out[:, :, 31], mean.expand(3, 32), atol=1e-5)  # wholly outside: the mean colour
+    flipped = shift_image(ramp, torch.tensor([[1.5, 0.0]]), torch.tensor([True]))[0]
+    back = shift_image(ramp, torch.tensor([[-1.5, 0.0]]), torch.tensor([False]))[0]
+    assert torch.allclose(flipped, back.flip(-1), atol=1e-5)  # the reference mirrors the shifted grid
+    rows = ramp.transpose(2, 3)  # x[c, i, j] = i / 31, shifted up by a quarter pixel
+    up = shift_image(rows, torch.tensor([[0.0, -0.25]]), torch.tensor([False]))[0]
+    i = torch.arange(1.0, 32.0)
+    assert torch.allclose(up[:, 1:, 5], ((i - 0.25) / 31).expand(3, 31), atol=1e-5)
+    assert torch.allclose(up[:, 0, 5], 0.25 * mean[:, 0], atol=1e-5)  # 3/4 of pixel 0 (= 0) + 1/4 padding
+
+
+def test_tap_and_efp_default_to_the_references_shift():
+    from utils.poisons.common import AUGMENTS, shift_flip
+
+    for name in ("TAP", "EFP"):
+        assert resolve_params(get_poison(name), {})["augment"] == "shift_flip"
+    assert AUGMENTS["shift_flip"]() is shift_flip
+    assert resolve_params(get_poison("TAP"), {})["restarts"] == 8
+    assert "--restarts 1" in get_poison("TAP").cpu_flags
+    x = torch.rand(6, 3, 32, 32, requires_grad=True)
+    shift_flip(x, torch.Generator().manual_seed(0)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_em_classwise_crafts_on_a_stratified_fifth(crafted, data200):
+    """The reference's class-wise command (--use_subset) trains and steps on 20 % of the
+    images, class-stratified, and stops at error 0.1; the patterns then cover every image."""
+    params = resolve_params(get_poison("EM"), {"classwise": True})
+    assert params["portion"] == 0.2 and params["stop_acc"] == 90.0 and params["pgd_steps"] == 1
+    _, ctx, res = crafted["EM-classwise"]
+    assert res.info["crafted_on_images"] == 40  # 20 % of 200
+    from utils.poisons.minmin import MinMin, MinMinConfig
+
+    sub = data200.subset(class_balanced_subset(data200.labels, 40, 0))
+    loop = MinMin(ctx, MinMinConfig(eps=8, step_size=1, pgd_steps=1, classwise=True), res.surrogate, None, sub)
+    assert len(loop.images) == 40 and torch.bincount(loop.labels, minlength=10).tolist() == [4] * 10
+    with pytest.raises(Exception, match="--portion applies to EM --classwise only"):
+        resolve_params(get_poison("EM"), {"portion": 0.5})
+
+
+def test_lsp_and_cuda_truncate_to_uint8_like_their_references(crafted, data200):
+    for name in ("LSP", "CUDA"):
+        assert resolve_params(get_poison(name), {})["quantize"] == "truncate"
+    # LSP: astype(uint8) of the float image = floor(clean + delta) where the budget allows it
+    clean = data200.images[:4]
+    delta = torch.tensor([-0.3, 0.3, 1.7, -1.2]).repeat(3072).view(4, 3, 32, 32)
+    out = apply_l2(clean, delta, radius_255=1000.0, quantize="truncate")
+    free = (clean > 2) & (clean < 253)
+    assert torch.equal((out.int() - clean.int())[free], delta.floor().int()[free])
+    rounded = apply_l2(clean, delta, radius_255=1000.0, quantize="round")
+    assert torch.equal((rounded.int() - clean.int())[free], delta.round().int()[free])
+    at_radius = apply_l2(clean, delta * 50, radius_255=l2_radius_255(6.0), quantize="truncate")
+    assert ((at_radius.float() - clean.float()).flatten(1).norm(dim=1) <= l2_radius_255(6.0) + 1e-4).all()
+    # CUDA: (conv / max) * 255 truncated
+    _, _, res = crafted["CUDA"]
+    kernels = torch.tensor(res.info["kernels"])
+    x = data200.images.float() / 255
+    for c in range(10):
+        sel = data200.labels == c
+        y = F.conv2d(x[sel], kernels[c].expand(3, 1, 3, 3), padding=1, groups=3)
+        want = (y / y.flatten(1).amax(1).view(-1, 1, 1, 1)).clamp(0, 1).mul(255).floor()
+        got = res.images[sel].float()
+        # (float summation order may move a value sitting on an integer by one level)
+        assert (want - got).abs().max() <= 1 and (want == got).float().mean() > 0.999
+
+
 def test_efp_push_moves_features_away_from_the_own_centroid(crafted, data200):
     from utils.poisons.efp import class_centroids
 
@@ -283,6 +419,37 @@ def test_ar_filters_single_out_their_own_class(crafted, data200):
     assert (r.argmin(1) == data200.labels).float().mean() >= 0.95
     own = r.gather(1, data200.labels[:, None]).squeeze(1)
     assert (own < 0.5 * r.median(1).values).float().mean() >= 0.95
+
+
+def test_ar_search_uses_the_reference_criteria():
+    """The reference keeps a candidate only when every earlier class's filter responds to
+    it with >= 10 (CIFAR-10) after rejecting raw crop norms above 50; the old search (3 and
+    277) kept processes the earlier filters barely tell apart (median 4.7 on this seed)."""
+    from utils.poisons.ar import NORM_BOUND, find_processes, generate
+
+    windows = find_processes(torch.Generator().manual_seed(2), classes=5)
+    g = torch.Generator().manual_seed(9)
+    filters = filters_of(windows)
+    lowest_vs_earlier = []
+    for c in range(len(windows)):
+        s, raw = generate(windows[c : c + 1].expand(20, -1, -1, -1), g)
+        assert (raw <= 2 * NORM_BOUND).float().mean() >= 0.9  # stable processes
+        r = responses(filters, s / s.flatten(1).norm(dim=1).view(-1, 1, 1, 1)).median(0).values
+        if c:
+            lowest_vs_earlier.append(float(r[:c].min()))
+    assert torch.tensor(lowest_vs_earlier).median() >= 9.0, lowest_vs_earlier
+
+
+def test_ar_bounded_scan_drops_exactly_the_runaway_samples():
+    from utils.poisons.ar import generate, random_windows
+
+    w = random_windows(300, torch.Generator().manual_seed(0))
+    full, raw = generate(w, torch.Generator().manual_seed(1))
+    cut, raw_cut = generate(w, torch.Generator().manual_seed(1), bound=50.0)
+    kept = raw <= 50.0
+    assert kept.any() and (~kept).any()
+    assert torch.equal(raw_cut <= 50.0, kept)
+    assert torch.allclose(cut[kept], full[kept]) and torch.isinf(raw_cut[~kept]).all()
 
 
 def test_ops_search_matches_the_reference_score(data200):

@@ -29,8 +29,14 @@ def _tau(p: dict) -> float:
 
 # name -> (type, minimum (inclusive) or None, help)
 OPTIONS: dict[str, tuple[type, float | None, str]] = {
-    "eps": (float, None, "budget in /255 units: L∞ radius, or for L2 poisons the per-pixel RMS (L2 = eps/255·√3072)"),
+    "eps": (
+        float,
+        None,
+        "budget in /255 units: L∞ radius, or for L2 poisons the per-pixel RMS (L2 = eps/255·√3072); "
+        "SEP's default 8 is ECLIPSE's common budget, --eps 2 is SEP's own",
+    ),
     "classwise": (bool, None, "EM: one pattern per class (Huang et al.'s class-wise variant)"),
+    "portion": (float, 1e-9, "EM --classwise: fraction of the images (class-stratified) the patterns are crafted on"),
     "step_size": (float, 1e-9, "PGD step on the perturbation, /255 units"),
     "pgd_steps": (int, 1, "PGD steps on the perturbation (per round for EM/ADP)"),
     "train_steps": (int, 1, "surrogate SGD steps per min-min round"),
@@ -48,16 +54,22 @@ OPTIONS: dict[str, tuple[type, float | None, str]] = {
     "adv_steps": (int, 0, "adversarial training PGD steps"),
     "epochs": (int, 1, "surrogate / reference model training epochs"),
     "milestones": (str, None, "epochs (comma-separated) at which the surrogate's lr drops x0.1"),
-    "restarts": (int, 1, "random restarts per image (the lowest final loss is kept)"),
-    "checkpoints": (int, 1, "SEP: checkpoints of the training run in the ensemble (evenly spaced)"),
+    "restarts": (int, 1, "random restarts of the whole crafting pass (the one with the lowest total loss is kept)"),
+    "checkpoints": (int, 1, "SEP: checkpoints in the ensemble, picked among those saved when test accuracy improved"),
     "target_shift": (int, 1, "targeted poisons: target label (y + shift) mod 10"),
     "variant": (str, None, "EFP: push (away from the own class centroid) or pull (to the nearest other)"),
-    "augment": (str, None, "differentiable augmentation while crafting: none or crop_flip"),
+    "augment": (
+        str,
+        None,
+        "differentiable augmentation while crafting (TAP: and training its surrogate): shift_flip (the "
+        "references' bilinear ±4 px shift, mean-colour padding, flip), crop_flip (integer crop, black padding) or none",
+    ),
     "sigma": (float, 1e-9, "URP: std of the class-wise Gaussian noise, /255 (then clipped to eps)"),
     "patch": (int, 1, "LSP: patch size (pixels); 32 must be a multiple"),
     "class_sep": (float, 0.0, "LSP: make_classification class_sep"),
     "pixels": (int, 1, "OPS: pixels set per class (L0 budget)"),
     "blur": (float, 1e-9, "CUDA: kernel entries ~ U(0, blur)"),
+    "quantize": (str, None, "LSP/CUDA: float to uint8 by truncate (the references' astype(uint8)) or round"),
     "diff_config": (str, None, "ADP: diffusion YAML (a path, or a name in config/eclipse/)"),
     "sparse_set": (str, None, "ADP: diff_ckpt/cifar10/<sparse_set>/"),
     "sparse_diff_model": (str, None, "ADP: checkpoint file in diff_ckpt/cifar10/<sparse_set>/"),
@@ -66,7 +78,8 @@ OPTIONS: dict[str, tuple[type, float | None, str]] = {
     "noise_std": (float, 0.0, "ADP: compensation Gaussian noise std on [0, 1]"),
 }
 
-_EM_CLASSWISE = {"pgd_steps": 1, "stop_acc": 90.0}
+# the reference README's class-wise command: 1 step, --use_subset (20 %), stop error 0.1
+_EM_CLASSWISE = {"pgd_steps": 1, "stop_acc": 90.0, "portion": 0.2}
 
 POISONS: dict[str, PoisonSpec] = {
     spec.name: spec
@@ -90,6 +103,7 @@ POISONS: dict[str, PoisonSpec] = {
                 weight_decay=5e-4,
                 stop_acc=99.0,
                 max_rounds=50,
+                portion=1.0,
             ),
             cpu_flags="--arch resnet18 --width 16 --pgd_steps 10 --max_rounds 8",
             paper="perturbation.py of HanxunH/Unlearnable-Examples: 20 steps of 0.8/255, 10 train batches of 512, stop at 1% error",
@@ -110,13 +124,14 @@ POISONS: dict[str, PoisonSpec] = {
                 milestones="14,25,35",
                 pgd_steps=250,
                 step_size=_tau,
-                restarts=1,
+                restarts=8,
                 target_shift=1,
-                augment="crop_flip",
+                augment="shift_flip",
                 batch_size=512,
             ),
-            cpu_flags="--arch resnet18 --width 16 --epochs 12 --milestones 6,9,11 --pgd_steps 20 --step_size 1",
-            paper="anneal.py of lhfowl/adversarial_poisons (recipe targeted, PGD, tau 0.05, 250 iterations)",
+            cpu_flags="--arch resnet18 --width 16 --epochs 12 --milestones 6,9,11 --pgd_steps 20 --step_size 1 --restarts 1",
+            paper="anneal.py of lhfowl/adversarial_poisons (recipe targeted, PGD, tau 0.05, 250 iterations, 8 restarts, "
+            "bilinear shift + flip augmentation)",
         ),
         PoisonSpec(
             name="REM",
@@ -164,7 +179,10 @@ POISONS: dict[str, PoisonSpec] = {
                 batch_size=512,
             ),
             cpu_flags="--arch resnet18 --width 16 --epochs 12 --milestones 8,10 --checkpoints 4 --pgd_steps 10",
-            paper="ens.py of Sizhe-Chen/SEP (30 checkpoints of 120 epochs, 30 steps of 1/255 to (y+5) mod 10)",
+            paper="vanilla.py + ens.py of Sizhe-Chen/SEP (checkpoints kept when test accuracy improves in 120 "
+            "epochs, 30 of them picked by ens.py's index rule, 30 steps of 1/255 to (y+5) mod 10; "
+            "its own budget is --eps 2, ECLIPSE's table uses 8)",
+            needs_test=True,
         ),
         PoisonSpec(
             name="EFP",
@@ -187,7 +205,7 @@ POISONS: dict[str, PoisonSpec] = {
                 pgd_steps=300,
                 step_size=_tau,
                 restarts=1,
-                augment="crop_flip",
+                augment="shift_flip",
                 batch_size=512,
             ),
             cpu_flags="--arch resnet18 --width 16 --epochs 8 --milestones 6,7 --adv_steps 3 --adv_step 2 --pgd_steps 20 --step_size 1",
@@ -209,7 +227,7 @@ POISONS: dict[str, PoisonSpec] = {
             kind="sample-wise",
             model_based=False,
             module="utils.poisons.lsp",
-            defaults=dict(eps=6.0, patch=8, class_sep=10.0),
+            defaults=dict(eps=6.0, patch=8, class_sep=10.0, quantize="truncate"),
             paper="synthetic_perturbations/cifar_train.py of dayu11/Availability-Attacks-Create-Shortcuts",
         ),
         PoisonSpec(
@@ -268,7 +286,7 @@ POISONS: dict[str, PoisonSpec] = {
             kind="class-wise",
             model_based=False,
             module="utils.poisons.cuda",
-            defaults=dict(blur=0.3),
+            defaults=dict(blur=0.3, quantize="truncate"),
             paper="final_filter_unlearnable.py of vinusankars/Convolution-based-Unlearnability",
         ),
     ]
@@ -336,10 +354,16 @@ def _validate(spec: PoisonSpec, p: dict[str, Any]) -> None:
             raise UserError(f"--milestones must be increasing positive epochs, got {p['milestones']!r}")
     if p.get("variant") not in (None, "push", "pull"):
         raise UserError(f"--variant must be push or pull, got {p['variant']!r}")
-    if p.get("augment") not in (None, "none", "crop_flip"):
-        raise UserError(f"--augment must be none or crop_flip, got {p['augment']!r}")
+    if p.get("augment") not in (None, "none", "crop_flip", "shift_flip"):
+        raise UserError(f"--augment must be shift_flip, crop_flip or none, got {p['augment']!r}")
+    if p.get("quantize") not in (None, "truncate", "round"):
+        raise UserError(f"--quantize must be truncate or round, got {p['quantize']!r}")
     if "patch" in p and 32 % p["patch"]:
         raise UserError(f"--patch must divide 32, got {p['patch']}")
+    if "portion" in p and p["portion"] > 1:
+        raise UserError(f"--portion is a fraction of the images (<= 1), got {p['portion']}")
+    if "portion" in p and p["portion"] < 1 and not p.get("classwise"):
+        raise UserError("--portion applies to EM --classwise only: sample-wise noise needs every image")
     if "stop_acc" in p and p["stop_acc"] > 100:
         raise UserError(f"--stop_acc is a percentage (<= 100), got {p['stop_acc']}")
     if "gray_p" in p and p["gray_p"] > 1:

@@ -6,16 +6,25 @@ entry is 0 and whose other 8 entries are N(0, 1) normalised to sum to 1. A sampl
 the bottom-right 32×32 crop is scaled to L2 = 1 (ε = 255/√3072 in this toolkit's RMS
 units). Every image gets a fresh sample of its class's process.
 
-The reference ships ten fixed processes found by its greedy search; the same search runs
-here from the seed: candidates whose samples blow up (raw per-pixel RMS > 5) are rejected, and a
-candidate is kept only if every already-kept class filter responds to its samples with at
-least 3 (and, added here, its filter to theirs). A filter is the window with -1 at the
-bottom-right: it returns ~0 on its own process (the AR recursion) and large values on the
-others, which is what makes AR perturbations linearly-filter separable ("perfect model":
-predict the class whose filter responds least).
+The reference ships ten fixed processes found by its greedy search
+(``autoregressive_param_finder.py``); the same search runs here from the seed with the
+reference's CIFAR-10 criteria: a candidate is rejected when any of three samples is NaN or
+has a raw (unscaled) crop L2 norm above 50 (the reference's ``--gen_norm_upper_bound``; its
+help text says L∞ but the code measures L2), and kept only if every already-kept class
+filter responds to its (last, unit-L2) sample with at least 10 (``--required_nm_response``;
+3 is the reference's CIFAR-100 value). A filter is the window with -1 at the bottom-right:
+it returns ~0 on its own process (the AR recursion) and large values on the others, which
+is what makes AR perturbations linearly-filter separable ("perfect model": predict the
+class whose filter responds least).
+
+Only about one candidate in 80 stays under the norm bound, so the scan drops a candidate
+as soon as its partial crop norm (which only grows row by row) passes the bound: the
+result is the same as scanning it to the end, at a fraction of the cost.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +32,10 @@ import torch.nn.functional as F
 from utils.poisons.common import CraftContext, CraftResult, apply_l2, l2_radius_255
 
 START, CROP = 36, 4
-# the reference rejects processes whose raw sample has L2 > 5, but the crop of a stable
-# process started from unit Gaussian noise has an L2 norm of at least ~30, so that bound
-# rejects every candidate here; "does not blow up" is kept as a per-pixel RMS bound of 5
-NORM_BOUND = 5.0 * (3 * 32 * 32) ** 0.5
-MIN_RESPONSE = 3.0
+NORM_BOUND = 50.0  # raw L2 norm of the 32×32×3 crop (reference: --gen_norm_upper_bound 50)
+MIN_RESPONSE = 10.0  # reference: --required_nm_response 10 (CIFAR-10; 3 for CIFAR-100)
+TRIALS = 3  # samples per candidate that must stay under the bound (--num_gen_trials)
+MAX_CANDIDATES = 1_000_000  # reference: --num_samples
 
 
 def random_windows(count: int, g: torch.Generator) -> torch.Tensor:
@@ -37,17 +45,23 @@ def random_windows(count: int, g: torch.Generator) -> torch.Tensor:
     return b / b.sum(dim=(2, 3), keepdim=True)
 
 
-def generate(windows: torch.Tensor, g: torch.Generator, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+def generate(
+    windows: torch.Tensor, g: torch.Generator, bound: float | None = None, chunk: int = 8192
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One sample per window ([M, 3, 3, 3]): (cropped 32×32 samples, their raw L2 norms).
 
     The scan is sequential, but batched over samples and channels; per row, the part of
     each update that reads the two finished rows above is computed for the whole row at
-    once, leaving only the two left neighbours in the column-by-column recursion."""
+    once, leaving only the two left neighbours in the column-by-column recursion. With
+    ``bound``, a sample whose crop norm passes it (or turns NaN) is dropped mid-scan and
+    reported with norm inf and a NaN crop; the random draws do not depend on ``bound``."""
     outs, norms = [], []
     width = START - 2
     for b0 in range(0, len(windows), chunk):
         w = windows[b0 : b0 + chunk].float()
         x = torch.randn(len(w), 3, START, START, generator=g)
+        alive = torch.arange(len(w))
+        partial = torch.zeros(len(w))  # squared crop norm of the rows done so far
         for i in range(START - 2):
             above = sum(w[:, :, r, c, None] * x[:, :, i + r, c : c + width] for r in range(2) for c in range(3))
             row = x[:, :, i + 2, :].clone()
@@ -55,9 +69,19 @@ def generate(windows: torch.Tensor, g: torch.Generator, chunk: int = 8192) -> tu
             for j in range(width):
                 row[:, :, j + 2] = above[:, :, j] + w0 * row[:, :, j] + w1 * row[:, :, j + 1]
             x[:, :, i + 2, :] = row
-        crop = x[:, :, CROP:, CROP:]
+            if bound is not None and i + 2 >= CROP:
+                partial = partial + row[:, :, CROP:].pow(2).sum(dim=(1, 2))
+                keep = partial <= bound**2  # NaN compares False: dropped too
+                if not keep.all():
+                    alive, w, x, partial = alive[keep], w[keep], x[keep], partial[keep]
+        crop = torch.full((len(windows[b0 : b0 + chunk]), 3, 32, 32), float("nan"))
+        crop[alive] = x[:, :, CROP:, CROP:]
+        norm = torch.full((len(crop),), float("inf"))
+        norm[alive] = crop[alive].flatten(1).norm(dim=1)
         outs.append(crop)
-        norms.append(crop.flatten(1).norm(dim=1))
+        norms.append(norm)
+    if not outs:
+        return torch.empty(0, 3, 32, 32), torch.empty(0)
     return torch.cat(outs), torch.cat(norms)
 
 
@@ -74,29 +98,31 @@ def responses(filters: torch.Tensor, signals: torch.Tensor) -> torch.Tensor:
 
 
 def find_processes(
-    g: torch.Generator, classes: int = 10, max_candidates: int = 20000, batch: int = 256
+    g: torch.Generator,
+    classes: int = 10,
+    max_candidates: int = MAX_CANDIDATES,
+    batch: int = 8192,
+    min_response: float = MIN_RESPONSE,
+    norm_bound: float = NORM_BOUND,
 ) -> torch.Tensor:
-    """Greedy search for ``classes`` mutually separable AR processes (see the module docstring)."""
+    """Greedy search for ``classes`` separable AR processes (the reference's; module docstring)."""
     kept: list[torch.Tensor] = []
-    kept_samples: list[torch.Tensor] = []
     tried = 0
     while len(kept) < classes and tried < max_candidates:
-        cand = random_windows(batch, g)
-        tried += batch
-        # three samples per candidate: diverging or NaN processes are rejected
-        samples, raw = generate(cand.repeat_interleave(3, 0), g)
-        raw = raw.view(batch, 3)
-        ok = torch.isfinite(raw).all(1) & (raw <= NORM_BOUND).all(1)
-        unit = samples[0::3] / samples[0::3].flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        for k in torch.nonzero(ok).flatten().tolist():
-            if kept:
-                f_old = filters_of(torch.stack(kept))
-                if responses(f_old, unit[k : k + 1]).min() < MIN_RESPONSE:
-                    continue
-                if responses(filters_of(cand[k : k + 1]), torch.cat(kept_samples)).min() < MIN_RESPONSE:
-                    continue
+        cand = random_windows(min(batch, max_candidates - tried), g)
+        tried += len(cand)
+        samples = torch.empty(0, 3, 32, 32)
+        for _ in range(TRIALS):  # every sample stays under the bound; the last one is tested below
+            samples, raw = generate(cand, g, bound=norm_bound)
+            ok = raw <= norm_bound
+            cand, samples = cand[ok], samples[ok]
+            if not len(cand):
+                break
+        unit = samples / samples.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        for k in range(len(cand)):
+            if kept and responses(filters_of(torch.stack(kept)), unit[k : k + 1]).min() < min_response:
+                continue
             kept.append(cand[k])
-            kept_samples.append(unit[k : k + 1])
             if len(kept) == classes:
                 break
     if len(kept) < classes:
@@ -104,12 +130,38 @@ def find_processes(
     return torch.stack(kept)
 
 
+def lowest_nonmatching_response(windows: torch.Tensor, g: torch.Generator, samples: int = 20) -> torch.Tensor:
+    """[K]: per class, the median over fresh unit-L2 samples of the smallest response of
+    another class's filter — how far the closest other class is from being confused."""
+    filters = filters_of(windows)
+    out = []
+    for c in range(len(windows)):
+        s, _ = generate(windows[c : c + 1].expand(samples, -1, -1, -1), g)
+        r = responses(filters, s / s.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+        r[:, c] = float("inf")
+        out.append(r.min(dim=1).values.median())
+    return torch.stack(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _processes_of_seed(seed: int) -> torch.Tensor:
+    # the search is a pure function of its seed and takes ~10 s on a CPU core: a process
+    # crafting several times from one seed (the tests) searches once
+    return find_processes(torch.Generator().manual_seed(seed))
+
+
 def craft(ctx: CraftContext) -> CraftResult:
     p = ctx.params
-    g = ctx.generator(1)
-    windows = find_processes(g)
-    samples, _ = generate(windows[ctx.clean.labels], g)
+    windows = _processes_of_seed(ctx.generator(1).initial_seed()).clone()
+    samples, _ = generate(windows[ctx.clean.labels], ctx.generator(3))
     radius = l2_radius_255(p["eps"])
     delta = samples * (radius / samples.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, 1, 1, 1)
     images = apply_l2(ctx.clean.images, delta, radius)
-    return CraftResult(images=images, info={"l2_radius": radius / 255.0, "ar_windows": windows.tolist()})
+    lowest = lowest_nonmatching_response(windows, ctx.generator(2))
+    info = {
+        "l2_radius": radius / 255.0,
+        "ar_windows": windows.tolist(),
+        "lowest_nonmatching_response_per_class": [round(float(v), 3) for v in lowest],
+        "lowest_nonmatching_response_median": float(lowest.median()),
+    }
+    return CraftResult(images=images, info=info)

@@ -58,6 +58,7 @@ class PoisonSpec:
     defaults: dict[str, Any]
     cpu_flags: str = ""  # recommended CPU-scale flags at --subset 5000 (README table)
     paper: str = ""
+    needs_test: bool = False  # crafting evaluates on the CIFAR-10 test set (SEP's checkpoint rule)
 
 
 @dataclass
@@ -99,8 +100,10 @@ class CraftContext:
         progress: bool = True,
         work: Path | None = None,
         settings: dict[str, Any] | None = None,
+        test: ImageSet | None = None,
     ):
         self.clean = clean
+        self.test = test
         self.params = dict(params)
         self.seed = seed
         self.device = device
@@ -229,12 +232,17 @@ def apply_linf(clean: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Te
     return (clean.to(torch.int16) + q.cpu()).clamp(0, 255).to(torch.uint8)
 
 
-def apply_l2(clean: torch.Tensor, delta: torch.Tensor, radius_255: float, iters: int = 12) -> torch.Tensor:
+def apply_l2(
+    clean: torch.Tensor, delta: torch.Tensor, radius_255: float, iters: int = 12, quantize: str = "round"
+) -> torch.Tensor:
     """uint8 ``clean + delta`` whose per-image L2 change is at most ``radius_255`` (/255 units).
 
-    Nearest rounding adds about 1/12 per pixel to the squared norm, so an image at the
-    radius ends slightly outside; those images are shrunk a little and re-rounded, and
-    any left after ``iters`` tries are rounded toward zero (which never grows a norm)."""
+    ``quantize``: ``round`` to the nearest level, or ``truncate`` as numpy's
+    ``astype(uint8)`` does on the (non-negative) float image, i.e. floor(clean + delta) —
+    what the LSP reference writes. Either adds to the squared norm (1/12 per pixel for
+    rounding, about 1/3 for truncation), so an image at the radius ends slightly outside;
+    those images are shrunk a little and re-quantised, and any left after ``iters`` tries
+    are rounded toward zero (which never grows a norm)."""
     clean16 = clean.to(torch.int16)
     delta = delta.detach().float().cpu().clone()
     norms = delta.flatten(1).norm(dim=1)
@@ -242,7 +250,7 @@ def apply_l2(clean: torch.Tensor, delta: torch.Tensor, radius_255: float, iters:
     delta[over] *= (radius_255 / norms[over]).view(-1, 1, 1, 1)
 
     def quantise(d: torch.Tensor, idx: torch.Tensor, trunc: bool = False) -> torch.Tensor:
-        q = d.trunc() if trunc else d.round()
+        q = d.trunc() if trunc else (d.floor() if quantize == "truncate" else d.round())
         return (clean16[idx] + q.to(torch.int16)).clamp(0, 255)
 
     all_idx = torch.arange(len(clean))
@@ -300,6 +308,43 @@ def crop_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return standard_augment(x, g)
 
 
+# CIFAR-10 training-set mean (adversarial_poisons' village/consts.py): the colour the
+# reference's shift pads with, since it shifts normalised images with zero padding
+CIFAR10_MEAN_RGB = (0.4914672374725342, 0.4822617471218109, 0.4467701315879822)
+
+
+def shift_image(
+    x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, fill: Sequence[float] = CIFAR10_MEAN_RGB
+) -> torch.Tensor:
+    """Bilinear sub-pixel shift of float images ``[N, C, H, W]``: output pixel (row i, col j)
+    samples the input at (i + shifts[:, 1], j + shifts[:, 0]) (pixels); where ``flips``, the
+    sampling grid is mirrored left-right as in the reference (= shifting by -shifts[:, 0],
+    then mirroring); samples outside the image read the ``fill`` colour."""
+    n, _, h, w = x.shape
+    mean = torch.tensor(fill, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    shifts = shifts.to(device=x.device, dtype=x.dtype)
+    # grid_sample's align_corners=True grid: -1 and 1 are the centres of the edge pixels
+    gx = (
+        torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)[None, None, :]
+        + (shifts[:, 0] * 2 / (w - 1))[:, None, None]
+    )
+    gy = (
+        torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)[None, :, None]
+        + (shifts[:, 1] * 2 / (h - 1))[:, None, None]
+    )
+    gx = torch.where(flips.to(x.device)[:, None, None], -gx, gx)
+    grid = torch.stack([gx.expand(n, h, w), gy.expand(n, h, w)], dim=-1)
+    return F.grid_sample(x - mean, grid, mode="bilinear", padding_mode="zeros", align_corners=True) + mean
+
+
+def shift_flip(x: torch.Tensor, g: torch.Generator, max_shift: float = 4.0) -> torch.Tensor:
+    """The differentiable augmentation of TAP's reference (``RandomTransform``, also EntF's):
+    a uniform sub-pixel shift in [-4, 4] px per axis, bilinear, mean-colour padding, and a
+    horizontal flip with probability 1/2, drawn per image."""
+    u = torch.rand(x.shape[0], 3, generator=g, device=g.device).to(x.device)
+    return shift_image(x, (u[:, :2] - 0.5) * 2 * max_shift, u[:, 2] > 0.5)
+
+
 def soft_grayscale(x: torch.Tensor) -> torch.Tensor:
     """ITU-R 601-2 luma (PIL's weights) in float, replicated to 3 channels."""
     lum = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
@@ -325,6 +370,7 @@ def compensation_float(p: float = 0.4, std: float = 0.05) -> FloatAugment:
 AUGMENTS: dict[str, Callable[..., FloatAugment | None]] = {
     "none": lambda **_: None,
     "crop_flip": lambda **_: crop_flip,
+    "shift_flip": lambda **_: shift_flip,
     "compensation": lambda p=0.4, std=0.05, **_: compensation_float(p, std),
 }
 
@@ -424,15 +470,31 @@ class SurrogateConfig:
     batch_size: int = 128
     milestones: tuple[int, ...] = ()  # epochs at which lr *= gamma
     gamma: float = 0.1
-    augment: bool = True  # crop + flip
+    augment: bool | str = True  # True: crop + flip on the uint8 images; a name: that AUGMENTS entry in float
     adv_eps: float = 0.0  # /255
     adv_step: float = 0.0
     adv_steps: int = 0
     grad_clip: float | None = None
-    snapshots: tuple[int, ...] = ()  # epochs after which the weights are kept (SEP)
+    snapshots: tuple[int, ...] = ()  # epochs after which the weights are kept
+    snapshot_on_best_test: bool = False  # SEP: keep the weights whenever test accuracy improves
+    warmup_first_epoch: bool = False  # SEP: lr ramps linearly from 0.001 over epoch 0's batches
 
-    def lr_at(self, epoch: int) -> float:
+    def lr_at(self, epoch: int, step: int = 0, steps: int = 1) -> float:
+        """The lr of batch ``step`` (of ``steps``) in ``epoch`` (0-based)."""
+        if self.warmup_first_epoch and epoch == 0:
+            return 0.001 + (self.lr - 0.001) * (step + 1) / steps
         return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+
+
+def improving_epochs(test_accs: Sequence[float]) -> list[int]:
+    """Indices of the epochs whose test accuracy beats every earlier one (the first always
+    does): the checkpoints SEP's reference training (``vanilla.py``) writes."""
+    best, out = 0.0, []
+    for epoch, acc in enumerate(test_accs):
+        if acc > best:
+            best = acc
+            out.append(epoch)
+    return out
 
 
 def train_step(
@@ -465,6 +527,8 @@ def fit_surrogate(
     weight snapshots during one run (SEP) and a step schedule. Resumable per epoch from
     the crafting state; the result is cached in ``resource/poisons/`` keyed by its
     settings, the data and the seed, so other poisons and re-runs reuse it."""
+    if cfg.snapshot_on_best_test and ctx.test is None:
+        raise UserError(f"{tag}: keeping checkpoints by test accuracy needs the test set (CraftContext.test)")
     key = fingerprint_of(
         {
             "tag": tag,
@@ -473,6 +537,7 @@ def fit_surrogate(
             "cfg": cfg.__dict__,
             "seed": ctx.seed,
             "data": data_fingerprint(data),
+            "test": data_fingerprint(ctx.test) if cfg.snapshot_on_best_test else None,
             "bf16": ctx.bf16,
         }
     )
@@ -507,18 +572,20 @@ def fit_surrogate(
     bs = min(cfg.batch_size, n)
     steps = max(1, n // bs)
     for epoch in range(start, cfg.epochs):
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr_at(epoch)
         perm = torch.randperm(n, generator=g_data)
         t0 = time.time()
         loss_sum = correct = seen = 0
         bar = ctx.bar(steps, f"{tag} epoch {epoch + 1}/{cfg.epochs}")
         for s in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr_at(epoch, s, steps)
             idx = perm[s * bs : (s + 1) * bs]
             xb = data.images[idx].to(device)
-            if cfg.augment:
+            if cfg.augment is True:
                 xb = standard_augment(xb, g_aug)
             x = to_float(xb)
+            if isinstance(cfg.augment, str) and (float_aug := AUGMENTS[cfg.augment]()) is not None:
+                x = float_aug(x, g_aug)
             y = data.labels[idx].to(device)
             if cfg.adv_steps:
                 x = pgd_attack(model, x, y, cfg.adv_eps, cfg.adv_step, cfg.adv_steps, g_aug, bf16)
@@ -529,14 +596,22 @@ def fit_surrogate(
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
         bar.close()
-        rec = {"epoch": epoch + 1, "lr": cfg.lr_at(epoch), "loss": loss_sum / seen, "acc": 100 * correct / seen}
+        rec = {"epoch": epoch + 1, "lr": cfg.lr_at(epoch, steps - 1, steps), "loss": loss_sum / seen}
+        rec["acc"] = 100 * correct / seen
+        keep = epoch + 1 in cfg.snapshots
+        if cfg.snapshot_on_best_test:
+            rec["test_acc"], _ = accuracy_and_loss(model, ctx.test.images, ctx.test.labels, device, bf16)
+            accs = [h["test_acc"] for h in history] + [rec["test_acc"]]
+            keep = improving_epochs(accs)[-1] == epoch
         rec["seconds"] = time.time() - t0
+        rec["snapshot"] = keep
         history.append(rec)
-        if epoch + 1 in cfg.snapshots:
+        if keep:
             snapshots.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        test_msg = f", test acc {rec['test_acc']:.2f}%" if "test_acc" in rec else ""
         ctx.log.info(
             f"{tag}: epoch {epoch + 1}/{cfg.epochs} lr {rec['lr']:.4g} loss {rec['loss']:.4f} "
-            f"train acc {rec['acc']:.2f}% ({rec['seconds']:.0f}s)"
+            f"train acc {rec['acc']:.2f}%{test_msg}{' (kept)' if keep else ''} ({rec['seconds']:.0f}s)"
         )
 
         def state(epoch=epoch):
@@ -583,32 +658,49 @@ def craft_pgd(
     Each step moves by ``step`` (/255) against the sign of the gradient averaged over
     ``models`` (one backward per model, so an ensemble costs no extra memory), then
     projects onto the ball and [0, 255]. ``loss_fn(model, x, y_or_target, idx)`` returns
-    per-sample losses. With ``restarts`` > 1 each image keeps the restart that ended with
-    the lowest loss. Progress is saved per batch; returns the perturbation in /255 units."""
+    per-sample losses. With ``restarts`` > 1 the whole set is crafted once per restart and
+    the restart whose total loss over the set (at its last step, as the TAP reference
+    scores a trial) is lowest is kept for every image. Progress is saved per batch;
+    returns the perturbation in /255 units."""
     n, device = ctx.n, ctx.device
     labels = ctx.clean.labels if targets is None else targets
-    delta_all = torch.zeros(n, 3, 32, 32, dtype=torch.float16)
+    current = torch.zeros(n, 3, 32, 32, dtype=torch.float16)
+    best: torch.Tensor | None = None
+    best_total, total = float("inf"), 0.0
     g = ctx.generator(201, device)
-    done = 0
+    restart, done = 0, 0
     st = ctx.load_state()
     if st and st.get("phase") == tag:
-        delta_all, done = st["delta"], st["done"]
+        current, done, restart = st["delta"], st["done"], st.get("restart", 0)
+        best, best_total, total = st.get("best"), st.get("best_total", float("inf")), st.get("total", 0.0)
         g.set_state(st["g"].to(g.device) if device.type == "cuda" else st["g"])
-        ctx.log.info(f"{tag}: resuming at image {done}/{n}")
+        ctx.log.info(f"{tag}: resuming at image {done}/{n} (restart {restart + 1}/{restarts})")
     for m in models:
         m.eval()
         freeze(m)
     batches = list(range(0, n, batch_size))
-    bar = ctx.bar(len(batches), tag, initial=done // batch_size)
-    for b0 in batches:
-        if b0 < done:
-            continue
-        idx = torch.arange(b0, min(b0 + batch_size, n))
-        clean255 = ctx.clean.images[idx].to(device).float()
-        y = labels[idx].to(device)
-        best = None
-        best_loss = torch.full((len(idx),), float("inf"), device=device)
-        for _ in range(restarts):
+
+    def state() -> dict:
+        return {
+            "phase": tag,
+            "delta": current,
+            "done": done,
+            "restart": restart,
+            "best": best,
+            "best_total": best_total,
+            "total": total,
+            "g": g.get_state().cpu(),
+        }
+
+    while restart < restarts:
+        desc = tag if restarts == 1 else f"{tag} restart {restart + 1}/{restarts}"
+        bar = ctx.bar(len(batches), desc, initial=done // batch_size)
+        for b0 in batches:
+            if b0 < done:
+                continue
+            idx = torch.arange(b0, min(b0 + batch_size, n))
+            clean255 = ctx.clean.images[idx].to(device).float()
+            y = labels[idx].to(device)
             if init == "randn":
                 d = torch.randn(clean255.shape, generator=g, device=g.device).to(device) * eps
             elif init == "uniform":
@@ -616,30 +708,34 @@ def craft_pgd(
             else:
                 d = torch.zeros_like(clean255)
             d = project_linf(d, clean255, eps)
+            last = torch.zeros(len(idx), device=device)
             for _ in range(steps):
                 d.requires_grad_(True)
                 grad = torch.zeros_like(clean255)
+                last = torch.zeros(len(idx), device=device)
                 for m in models:
                     x = (clean255 + d) / 255.0
                     if augment is not None:
                         x = augment(x, g)
-                    loss = loss_fn(m, x, y, idx).sum()
-                    grad += torch.autograd.grad(loss, d)[0]
+                    per_sample = loss_fn(m, x, y, idx)
+                    grad += torch.autograd.grad(per_sample.sum(), d)[0]
+                    last += per_sample.detach() / len(models)
                 with torch.no_grad():
                     d = project_linf(d - step * grad.sign(), clean255, eps)
-            with torch.no_grad():
-                final = sum(loss_fn(m, (clean255 + d) / 255.0, y, idx) for m in models) / len(models)
-                better = final < best_loss
-                best = d if best is None else torch.where(better[:, None, None, None], d, best)
-                best_loss = torch.where(better, final, best_loss)
-        delta_all[idx] = best.detach().cpu().half()
-        done = int(idx[-1]) + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{best_loss.mean().item():.3f}")
-        ctx.tick(lambda done=done: {"phase": tag, "delta": delta_all, "done": done, "g": g.get_state().cpu()})
-    bar.close()
-    ctx.save_state({"phase": f"{tag}:done", "delta": delta_all, "done": n, "g": g.get_state().cpu()})
-    return delta_all.float()
+            current[idx] = d.detach().cpu().half()
+            total += float(last.sum())
+            done = int(idx[-1]) + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / done:.3f}")
+            ctx.tick(state)
+        bar.close()
+        if restarts > 1:
+            ctx.log.info(f"{tag}: restart {restart + 1}/{restarts} mean loss {total / n:.4f}")
+        if total < best_total or best is None:
+            best, best_total = current.clone() if restarts > 1 else current, total
+        restart, done, total = restart + 1, 0, 0.0
+    ctx.save_state(state() | {"phase": f"{tag}:done"})
+    return (current if best is None else best).float()
 
 
 def targeted_ce(shift: int, bf16: bool) -> PerSampleLoss:

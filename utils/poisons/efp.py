@@ -4,7 +4,8 @@ A reference ResNet18 is adversarially trained on the clean data (ε 4/255, 10 PG
 2/255 with random start; SGD lr 0.1, momentum 0.9, weight decay 5e-4, ×0.1 at epochs 75
 and 90; 100 epochs). Class centroids are the mean penultimate (pooled) features of the
 clean training images in eval mode. Each image then takes 300 sign steps of 0.05·ε from a
-Gaussian start through differentiable crop + flip:
+Gaussian start through the reference's differentiable augmentation (``shift_flip``, the
+same bilinear ±4 px shift + flip as TAP's; ``--augment crop_flip`` for the integer crop):
 
 * ``push`` (the default: the EntF README's command and its code's default) maximises the
   MSE between the image's feature and its own class centroid;

@@ -6,7 +6,9 @@ noise). Its recipe, re-implemented with numpy: each class's cluster centre is a 
 random vertex of the hypercube {-class_sep, +class_sep}^48, and its points are standard
 normal vectors times a random matrix U(-1, 1)^(48×48) plus the centre. Each image gets a
 fresh point of its class, reshaped to 4×4×3, upsampled to 32×32 by 8×8 patches and scaled
-to the L2 norm of the ε-RMS ball (ε = 6: √((6/255)²·3072) ≈ 1.30).
+to the L2 norm of the ε-RMS ball (ε = 6: √((6/255)²·3072) ≈ 1.30). The reference writes
+uint8 with ``astype(uint8)``, which truncates: floor(x + δ) (``--quantize round`` for the
+nearest level); the budget is then enforced on the bytes (``apply_l2``).
 """
 
 from __future__ import annotations
@@ -49,5 +51,5 @@ def craft(ctx: CraftContext) -> CraftResult:
     p = ctx.params
     radius = l2_radius_255(p["eps"])
     delta = patterns(ctx.clean.labels, p["patch"], p["class_sep"], radius, ctx.seed)
-    images = apply_l2(ctx.clean.images, delta, radius)
+    images = apply_l2(ctx.clean.images, delta, radius, quantize=p["quantize"])
     return CraftResult(images=images, info={"l2_radius": radius / 255.0, "features": (32 // p["patch"]) ** 2 * 3})

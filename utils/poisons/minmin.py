@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.data import ImageSet
 from utils.poisons.common import (
     CraftContext,
     FloatAugment,
@@ -72,10 +73,19 @@ def _project(delta: torch.Tensor, clean255: torch.Tensor | None, eps: float) -> 
 class MinMin:
     """Runs the loop with resumable state; see the module docstring."""
 
-    def __init__(self, ctx: CraftContext, cfg: MinMinConfig, model: nn.Module, transform: FloatAugment | None):
+    def __init__(
+        self,
+        ctx: CraftContext,
+        cfg: MinMinConfig,
+        model: nn.Module,
+        transform: FloatAugment | None,
+        data: ImageSet | None = None,
+    ):
         self.ctx, self.cfg, self.model, self.transform = ctx, cfg, model, transform
         self.device, self.bf16 = ctx.device, ctx.bf16
-        self.images, self.labels = ctx.clean.images, ctx.clean.labels
+        # the images the loop trains and steps on (class-wise EM: a subset, see em.py)
+        data = ctx.clean if data is None else data
+        self.images, self.labels = data.images, data.labels
         n = len(self.images)
         shape = (10, 3, 32, 32) if cfg.classwise else (n, 3, 32, 32)
         # /255 units in float16: half the memory and checkpoint size of float32 at
@@ -347,10 +357,17 @@ class MinMin:
 
 
 def run_min_min(
-    ctx: CraftContext, cfg: MinMinConfig, model: nn.Module, transform: FloatAugment | None = None
+    ctx: CraftContext,
+    cfg: MinMinConfig,
+    model: nn.Module,
+    transform: FloatAugment | None = None,
+    data: ImageSet | None = None,
 ) -> tuple[torch.Tensor, MinMin]:
-    """Run the loop; returns the per-image δ in /255 units (float) and the loop object."""
-    loop = MinMin(ctx, cfg, model, transform)
+    """Run the loop on ``data`` (default: every image; class-wise only may use a subset);
+    returns the δ of every image of ``ctx.clean`` in /255 units (float) and the loop object."""
+    if data is not None and not cfg.classwise and len(data) != ctx.n:
+        raise ValueError("a sample-wise min-min needs every image: only class-wise noise can be crafted on a subset")
+    loop = MinMin(ctx, cfg, model, transform, data)
     noise = loop.run()
     delta = noise[ctx.clean.labels] if cfg.classwise else noise
     return delta.float(), loop

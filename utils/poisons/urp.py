@@ -1,9 +1,14 @@
 """URP: class-wise universal random perturbation.
 
-One pattern per class, drawn from N(0, σ²) per pixel (σ = ε by default) and clipped to the
-L∞ ball, added to every image of the class and rounded to pixel levels; clipping to
-[0, 255] happens per image, so saturated pixels are the only place where two images of a
-class differ in their perturbation.
+No reference code exists: ECLIPSE describes URP only as one random Gaussian noise per
+class under the common 8/255 budget. The distribution used here: per class one pattern of
+i.i.d. N(0, σ²) pixels with σ = ε (``--sigma``), clipped to [-ε, ε] and rounded to pixel
+levels. Why σ = ε: it is the one scale the description fixes, and it spends the budget
+(about a third of the pixels sit at ±ε, the mean |δ| is ~0.6 ε) while keeping a Gaussian
+profile; a much smaller σ would leave most of the budget unused, a much larger one turns
+the pattern into ±ε binary noise. The pattern is added to every image of the class;
+clipping to [0, 255] happens per image, so saturated pixels are the only place where two
+images of a class differ in their perturbation.
 """
 
 from __future__ import annotations
