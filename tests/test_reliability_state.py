@@ -334,10 +334,10 @@ def test_train_diffusion_resumes_bit_identically_mid_epoch(tmp_path, monkeypatch
     with pytest.raises(SystemExit):
         train_diffusion.main(_td(resumed, 6))
     run = "diff_ckpt/cifar10/test32ps64"
-    assert {p.name for p in (resumed / run).glob("model_*.pt")} == {"model_3.pt"}
+    assert {p.name for p in (resumed / run).glob("model*.pt")} == {"model000003.pt"}
     monkeypatch.setattr(dt, "_save", real)
     train_diffusion.main(_td(resumed, 6))
-    for name in ("model_6.pt", "ema_0.5_6.pt"):
+    for name in ("model000006.pt", "ema_0.5_000006.pt"):
         a = torch.load(straight / run / name, weights_only=True)
         b = torch.load(resumed / run / name, weights_only=True)
         assert a.keys() == b.keys()

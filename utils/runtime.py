@@ -8,6 +8,7 @@ import random
 
 import numpy as np
 import torch
+from torch import nn
 
 from utils.fileio import UserError
 
@@ -32,6 +33,32 @@ def autocast(device: torch.device, enabled: bool = True):
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def channels_last_safe(model: nn.Module, device: torch.device) -> bool:
+    """Whether ``model`` may train in channels_last on ``device``.
+
+    torch 2.13's CPU (oneDNN) backward of a strided 1x1 convolution with fewer than 16 input
+    channels in channels_last corrupts the heap when more than one thread runs (the process
+    aborts, e.g. the shortcut of a width-4 or width-8 ResNet at batch 25); such models train
+    in the default layout on CPU. Wider models (the CPU recipe's width 16 and up) are unaffected.
+    """
+    if device.type != "cpu":
+        return True
+    return not any(
+        isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels < 16
+        for m in model.modules()
+    )
+
+
+def memory_format(model: nn.Module) -> torch.memory_format:
+    """The layout ``model``'s inputs should have: its first convolution's weight layout."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            if m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous():
+                return torch.channels_last
+            return torch.contiguous_format
+    return torch.contiguous_format
 
 
 def seed_everything(seed: int) -> None:

@@ -23,7 +23,7 @@ from utils.augment import Augment, to_float
 from utils.data import ImageSet
 from utils.fileio import atomic_torch_save, safe_torch_load
 from utils.run_state import same_settings_or_refuse, tensor_fingerprint
-from utils.runtime import autocast
+from utils.runtime import autocast, channels_last_safe
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.247, 0.243, 0.261)  # BackdoorBench's values
@@ -140,7 +140,8 @@ def train_classifier(
     """
     tests = tests or {}
     model.to(device)
-    if cfg.channels_last:
+    channels_last = cfg.channels_last and channels_last_safe(model, device)
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     opt = optimizer or make_optimizer(model, cfg)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -185,7 +186,7 @@ def train_classifier(
             for group in opt.param_groups:
                 group["lr"] = lr
             xb = augment(train.images[idx].to(device), aug_g)
-            x = prepare_batch(xb, device, cfg.channels_last)
+            x = prepare_batch(xb, device, channels_last)
             y = labels_all[idx].to(device)
             with autocast(device, cfg.bf16):
                 logits = model(x)

@@ -30,7 +30,7 @@ from utils.augment import standard_augment, to_float
 from utils.data import ImageSet
 from utils.fileio import UserError, atomic_torch_save, safe_torch_load
 from utils.run_state import same_settings_or_refuse, tensor_fingerprint
-from utils.runtime import autocast
+from utils.runtime import autocast, channels_last_safe, memory_format
 
 IMAGE_DIM = 3 * 32 * 32
 NUM_CLASSES = 10
@@ -179,10 +179,11 @@ class CraftContext:
 
     # -- models
     def build_surrogate(self, arch: str | None = None, width: int | None = None, seed_stream: int = 0) -> nn.Module:
-        """A fresh classifier (seeded), on the device, channels_last."""
+        """A fresh classifier (seeded), on the device, channels_last where that is safe."""
         torch.manual_seed(self.seed * 7919 + seed_stream)
         model = build_classifier(arch or self.arch, 10, width or self.width)
-        return model.to(self.device).to(memory_format=torch.channels_last)
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if channels_last_safe(model, self.device) else model
 
     def bar(self, total: int | None, desc: str, initial: int = 0) -> tqdm:
         return tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True, leave=False, disable=not self.progress)
@@ -379,8 +380,8 @@ AUGMENTS: dict[str, Callable[..., FloatAugment | None]] = {
 
 
 def forward(model: nn.Module, x: torch.Tensor, bf16: bool, features: bool = False) -> torch.Tensor:
-    """Logits (or pooled features) in float32, the network run in bf16 and channels_last."""
-    x = x.contiguous(memory_format=torch.channels_last)
+    """Logits (or pooled features) in float32, the network run in bf16, in the model's layout."""
+    x = x.contiguous(memory_format=memory_format(model))
     with autocast(x.device, bf16):
         out = model.features(x) if features else model(x)
     return out.float()
