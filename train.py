@@ -25,6 +25,7 @@ import torch
 from models import CLASSIFIERS, build_classifier
 from utils.augment import compensation_augment, grayscale, jpeg, standard_augment
 from utils.data import ImageSet, class_balanced_subset, load_cifar10, read_eclipse_pkl
+from utils.download import eclipse_manual
 from utils.fileio import UserError, atomic_write_json, cli_main, setup_logging
 from utils.paths import load_poisoned, purified_file, work_dir
 from utils.plots import history_series, save_curves
@@ -73,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels_last", type=str2bool, default=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--data_root", default=None)
+    p.add_argument("--download", type=str2bool, default=None, help="fetch CIFAR-10 when missing (default: on)")
     p.add_argument("--work_dir", default=None, help="folder holding poisoned_data/, purified_data/, runs/, results.csv")
     p.add_argument(
         "--run_name", default=None, help="folder name under runs/train/ (default: derived from the settings)"
@@ -102,10 +104,11 @@ def load_training_set(args, work) -> tuple[ImageSet, str]:
         if not path.is_file():
             raise UserError(
                 f"purified dataset not found: {path}; make it with `python purification.py --poison {args.poison} "
-                f"--t {args.t} --sparse_set {args.sparse_set} --sparse_diff_model ema_0.9999_{args.iter}.pt`"
+                f"--t {args.t} --sparse_set {args.sparse_set} --sparse_diff_model ema_0.9999_{args.iter}.pt`, "
+                + eclipse_manual("purified")
             )
         return read_eclipse_pkl(path), str(path)
-    return load_poisoned(work, args.poison, args.data_root, args.subset, args.subset_seed)
+    return load_poisoned(work, args.poison, args.data_root, args.subset, args.subset_seed, args.download)
 
 
 @cli_main
@@ -113,7 +116,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     work = work_dir(args.work_dir)
     run = work / "runs" / "train" / args.run_name
-    settings = {k: v for k, v in vars(args).items() if k not in ("device", "overwrite", "work_dir", "data_root")}
+    settings = {
+        k: v for k, v in vars(args).items() if k not in ("device", "overwrite", "work_dir", "data_root", "download")
+    }
     result_path = run / "result.json"
     if result_path.is_file():
         old = json.loads(result_path.read_text())
@@ -134,7 +139,7 @@ def main(argv=None) -> None:
     elif args.defense == "jpeg":
         train = ImageSet(jpeg(train.images, args.jpeg_quality), train.labels)
     augment = compensation_augment(args.p, args.std, args.quantize) if args.pure else standard_augment
-    test = load_cifar10("test", args.data_root)
+    test = load_cifar10("test", args.data_root, download=args.download)
     if args.test_subset:
         test = test.subset(class_balanced_subset(test.labels, args.test_subset, 0))
     model = build_classifier(args.arch, 10, args.width)
