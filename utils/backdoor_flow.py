@@ -304,13 +304,12 @@ def predict_candidates(
     samples_per_batch: int = 256,
 ) -> torch.Tensor:
     """Labels ``[len(rows), K]`` of every candidate of the listed samples."""
-    from tqdm import tqdm
-
+    from utils.progress import progress
     from utils.trainer import predict
 
     k = cand.shape[1]
     out = torch.empty(len(rows), k, dtype=torch.long)
-    for s in tqdm(range(0, len(rows), samples_per_batch), desc=desc, unit="batch", dynamic_ncols=True):
+    for s in progress(range(0, len(rows), samples_per_batch), desc=desc, unit="batch", dynamic_ncols=True):
         idx = rows[s : s + samples_per_batch]
         imgs = torch.from_numpy(np.ascontiguousarray(cand[idx]))
         flat = imgs.reshape(-1, *imgs.shape[2:])

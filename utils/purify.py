@@ -127,10 +127,9 @@ def purify_dataset(
     does batches i with i % world == r. Rank 0 returns the assembled uint8 result once
     every part exists (other ranks return None).
     """
-    from tqdm import tqdm
-
     from utils.augment import to_uint8
     from utils.fileio import atomic_torch_save, safe_torch_load
+    from utils.progress import progress
 
     parts_dir.mkdir(parents=True, exist_ok=True)
     n_parts = (len(images) + batch_size - 1) // batch_size
@@ -139,7 +138,7 @@ def purify_dataset(
     if len(todo) < len(mine):
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} batches already purified in {parts_dir}")
     steps = len(truncated_steps(t_star, respace))
-    bar = tqdm(todo, desc=f"purify[{rank}]" if world > 1 else "purify", unit="batch", dynamic_ncols=True)
+    bar = progress(todo, desc=f"purify[{rank}]" if world > 1 else "purify", unit="batch", dynamic_ncols=True)
     for i in bar:
         x = images[i * batch_size : (i + 1) * batch_size]
         g = torch.Generator(device=device).manual_seed(chunk_seed(seed, i))

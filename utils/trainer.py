@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from utils.augment import Augment, to_float
 from utils.data import ImageSet
 from utils.fileio import atomic_torch_save, safe_torch_load
+from utils.progress import progress
 from utils.runtime import autocast
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -166,7 +166,7 @@ def train_classifier(
         t0 = time.time()
         perm = torch.randperm(n, generator=g)
         loss_sum = correct = seen = 0
-        bar = tqdm(range(steps), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+        bar = progress(range(steps), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
         for step in bar:
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]  # drops the last partial batch
             lr = lr_at(cfg, epoch, step, steps)

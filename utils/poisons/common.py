@@ -23,12 +23,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from models import build_classifier
 from utils.augment import standard_augment, to_float
 from utils.data import ImageSet
 from utils.fileio import UserError, atomic_torch_save, safe_torch_load
+from utils.progress import progress
 from utils.runtime import autocast
 
 IMAGE_DIM = 3 * 32 * 32
@@ -176,8 +176,10 @@ class CraftContext:
         model = build_classifier(arch or self.arch, 10, width or self.width)
         return model.to(self.device).to(memory_format=torch.channels_last)
 
-    def bar(self, total: int | None, desc: str, initial: int = 0) -> tqdm:
-        return tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True, leave=False, disable=not self.progress)
+    def bar(self, total: int | None, desc: str, initial: int = 0) -> Any:
+        return progress(
+            total=total, desc=desc, initial=initial, dynamic_ncols=True, leave=False, disable=not self.progress
+        )
 
 
 def fingerprint_of(obj: Any) -> str:

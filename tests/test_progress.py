@@ -1,0 +1,101 @@
+"""utils/progress.py: a bar on a terminal, plain lines with the same numbers elsewhere."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from tqdm import tqdm
+
+from utils import progress as pm
+from utils.progress import LineProgress, progress
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(autouse=True)
+def _defaults(monkeypatch):
+    monkeypatch.delenv("PROGRESS", raising=False)
+    monkeypatch.delenv("PROGRESS_PERCENT", raising=False)
+    monkeypatch.delenv("PROGRESS_SECONDS", raising=False)
+    monkeypatch.setattr(pm, "MIN_GAP_S", 0.0)  # every 10 % step prints, however fast the loop
+
+
+def test_log_gets_one_plain_line_per_ten_percent():
+    out = io.StringIO()
+    bar = progress(total=100, desc="train", unit="batch", file=out, mininterval=0)
+    assert isinstance(bar, LineProgress)
+    for _ in range(100):
+        bar.update(1)
+        bar.set_postfix(loss="0.5")
+    bar.close()
+    text = out.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert [ln.split(": ", 1)[1].split(" ", 1)[0] for ln in lines] == [f"{n}/100" for n in range(10, 101, 10)]
+    assert "(50%)" in lines[4] and "batch/s" in lines[4] and "ETA" in lines[4] and "loss=0.5" in lines[4]
+    assert lines[-1].startswith("train: 100/100 batch (100%)") and "ETA" not in lines[-1]
+
+
+def test_iterables_resumed_bars_and_byte_units(monkeypatch):
+    monkeypatch.setattr(pm, "MIN_GAP_S", 1e9)
+    out = io.StringIO()
+    assert list(progress(range(5), desc="loop", file=out)) == list(range(5))
+    assert out.getvalue().splitlines() == [out.getvalue().splitlines()[-1]]  # a fast loop: its closing line only
+    assert out.getvalue().startswith("loop: 5/5 it (100%)")
+
+    monkeypatch.setattr(pm, "MIN_GAP_S", 0.0)
+    out = io.StringIO()
+    bar = progress(total=10, initial=5, desc="resumed", file=out, mininterval=0)
+    bar.update(5)
+    bar.close()
+    assert [ln.split(" ")[1] for ln in out.getvalue().splitlines()] == ["10/10"]
+
+    out = io.StringIO()
+    bar = progress(total=4 << 20, desc="file", unit="B", unit_scale=True, unit_divisor=1024, file=out)
+    bar.update(4 << 20)
+    bar.close()
+    assert out.getvalue().startswith("file: 4.00M/4.00M B (100%)")
+
+
+def test_time_based_lines_when_total_is_unknown(monkeypatch):
+    monkeypatch.setenv("PROGRESS_SECONDS", "0")
+    out = io.StringIO()
+    bar = progress(desc="stream", file=out, mininterval=0)
+    for _ in range(3):
+        bar.update(2)
+    bar.close()
+    assert [ln.split(", ")[0] for ln in out.getvalue().splitlines()] == ["stream: 2 it", "stream: 4 it", "stream: 6 it"]
+
+
+def test_terminal_gets_a_tqdm_bar_and_the_style_can_be_forced(monkeypatch):
+    tty = _Tty()
+    bar = progress(total=3, file=tty)
+    assert type(bar) is tqdm
+    bar.update(3)
+    bar.close()
+    assert "\r" in tty.getvalue()
+
+    monkeypatch.setenv("PROGRESS", "lines")
+    assert isinstance(progress(total=3, file=_Tty()), LineProgress)
+    monkeypatch.setenv("PROGRESS", "off")
+    quiet = io.StringIO()
+    bar = progress(total=3, file=quiet)
+    bar.update(3)
+    bar.close()
+    assert quiet.getvalue() == ""
+
+
+def test_tqdm_api_used_by_the_call_sites_works():
+    out = io.StringIO()
+    bar = progress(range(4), desc="x", file=out, leave=False, dynamic_ncols=True, disable=False)
+    for _ in bar:
+        bar.set_postfix(a=1)
+        assert "rate" in bar.format_dict
+    off = progress(total=2, file=out, disable=True)
+    off.update(2)
+    off.close()
+    assert out.getvalue().count("\n") == 1
