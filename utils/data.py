@@ -94,6 +94,12 @@ def _detect_layout(root: Path) -> tuple[str, Path]:
     return "", root
 
 
+def cifar10_present(data_root: str | Path | None = None) -> bool:
+    """Whether CIFAR-10 (either layout) is at the resolved root, i.e. nothing would be downloaded."""
+    root = resolve_data_root(data_root)
+    return root.is_dir() and bool(_detect_layout(root)[0])
+
+
 def _fingerprint(paths: list[Path]) -> str:
     h = hashlib.sha1()
     for p in paths:
