@@ -99,3 +99,61 @@ def test_tqdm_api_used_by_the_call_sites_works():
     off.update(2)
     off.close()
     assert out.getvalue().count("\n") == 1
+
+
+# --------------------------------------------------------------------------- make demo: a run a person can follow
+
+
+def _demo(monkeypatch, capsys, argv: list[str]) -> tuple[str, list[list[str]]]:
+    import demo
+
+    ran: list[list[str]] = []
+    monkeypatch.setattr(demo, "run", lambda cmd, log: ran.append(cmd) or 0.0)
+    monkeypatch.setattr("sys.argv", ["demo.py", *argv])
+    demo.main()
+    return capsys.readouterr().out, ran
+
+
+def test_demo_prints_its_plan_then_step_k_of_n(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CIFAR10_ROOT", str(tmp_path / "no_data"))
+    work = tmp_path / "demo"
+    done = work / "diff_ckpt" / "cifar10" / "test2000ps8000" / "ema_0.999_3000.pt"
+    done.parent.mkdir(parents=True)
+    done.write_bytes(b"")
+    out, ran = _demo(monkeypatch, capsys, ["--baselines", "--work_dir", str(work)])
+    plan, _, rest = out.partition("an interrupted demo resumes")
+    assert "sparse diffusion model (3000 iterations): done earlier, skipped" in plan
+    assert "1. victim on the clean subset: ~2.7 min" in plan and "2. craft EM on 5000 images: ~7.4 min" in plan
+    assert "7 step(s) to run, ~27 min" in plan and "GPU: not measured" in plan
+    assert f"CIFAR-10 is not at {tmp_path / 'no_data'}: the first step downloads" in plan
+    assert [ln for ln in rest.splitlines() if ln.startswith("== step")][0].startswith("== step 1 of 7: victim on")
+    assert "== step 7 of 7: victim on EM, ECLIPSE" in rest and len(ran) == 7
+    assert "| poison | clean subset |" in rest and "EM purified:" in rest and rest.rstrip().endswith("EM-pure.png")
+
+
+def test_demo_plan_only_runs_nothing(tmp_path, monkeypatch, capsys):
+    out, ran = _demo(monkeypatch, capsys, ["--plan", "--poisons", "LSP", "--work_dir", str(tmp_path)])
+    assert ran == [] and "craft LSP on 5000 images: time not measured" in out and "1 untimed step(s)" in out
+
+
+def test_makefile_uses_shared_data_only_when_present_and_one_quiet_flag(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in __import__("os").environ.items() if k != "CIFAR10_ROOT"}
+
+    def make_vars(shared) -> str:
+        res = subprocess.run(
+            ["make", "-pn", "demo", f"SHARED={shared}"], cwd=repo, env=env, capture_output=True, text=True
+        )
+        return res.stdout
+
+    assert "CIFAR10_ROOT" not in make_vars(tmp_path / "absent")
+    (tmp_path / "datasets" / "cifar10").mkdir(parents=True)
+    assert "CIFAR10_ROOT = " in make_vars(tmp_path)
+    dry = subprocess.run(["make", "-n", "test"], cwd=repo, env=env, capture_output=True, text=True).stdout
+    addopts = (repo / "pyproject.toml").read_text().split("addopts", 1)[1].splitlines()[0]
+    assert ("-q" in dry) + ("-q" in addopts) == 1  # -qq would hide pytest's summary line
