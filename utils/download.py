@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from utils.fileio import UserError
+from utils.fileio import UserError, _atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 1 << 20
@@ -150,49 +150,42 @@ def fetch(remote: Remote, dest: str | Path) -> Path:
     dest = Path(dest)
     url, md5 = remote.resolved_url, remote.resolved_md5
     manual = remote.manual.format(url=url, dest=dest.parent if remote is CIFAR10 else dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
+
+    def stream(f: BinaryIO) -> None:
         h = hashlib.md5()
-        with os.fdopen(fd, "wb") as f:
-            print(f"downloading {remote.what} from {url} to {dest}", flush=True)
-            try:
-                req = urllib.request.Request(url, headers={"User-Agent": "eclipse-dataelixir/1"})
-                with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:
-                    length = r.headers.get("Content-Length")
-                    total = int(length) if length and length.isdigit() else None
-                    got = 0
-                    bar = progress(total=total, desc=remote.what, unit="B", unit_scale=True, unit_divisor=1024)
-                    try:
-                        while chunk := r.read(CHUNK):
-                            f.write(chunk)
-                            h.update(chunk)
-                            got += len(chunk)
-                            bar.update(len(chunk))
-                    finally:
-                        bar.close()
-            except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-                if isinstance(e, http.client.IncompleteRead):
-                    raise DownloadError(
-                        f"download of {url} was cut off ({_reason(e)}); nothing was kept, re-run to try again"
-                    ) from None
-                raise DownloadError(f"cannot download {url} ({_reason(e)}); {manual}") from None
-            if total is not None and got != total:
-                raise DownloadError(
-                    f"download of {url} was cut off: {got} of {total} bytes; nothing was kept, re-run to try again"
-                )
-            f.flush()
-            os.fsync(f.fileno())
-        actual = h.hexdigest()
-        if md5 and actual != md5:
-            raise DownloadError(f"checksum mismatch for {url}: expected MD5 {md5}, got {actual}; nothing was kept")
-        os.replace(tmp, dest)
-    except BaseException:
+        print(f"downloading {remote.what} from {url} to {dest}", flush=True)
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            req = urllib.request.Request(url, headers={"User-Agent": "eclipse-dataelixir/1"})
+            with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:
+                length = r.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+                got = 0
+                bar = progress(total=total, desc=remote.what, unit="B", unit_scale=True, unit_divisor=1024)
+                try:
+                    while chunk := r.read(CHUNK):
+                        f.write(chunk)
+                        h.update(chunk)
+                        got += len(chunk)
+                        bar.update(len(chunk))
+                finally:
+                    bar.close()
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+            if isinstance(e, http.client.IncompleteRead):
+                raise DownloadError(
+                    f"download of {url} was cut off ({_reason(e)}); nothing was kept, re-run to try again"
+                ) from None
+            raise DownloadError(f"cannot download {url} ({_reason(e)}); {manual}") from None
+        if total is not None and got != total:
+            raise DownloadError(
+                f"download of {url} was cut off: {got} of {total} bytes; nothing was kept, re-run to try again"
+            )
+        if md5 and h.hexdigest() != md5:
+            raise DownloadError(
+                f"checksum mismatch for {url}: expected MD5 {md5}, got {h.hexdigest()}; nothing was kept"
+            )
+
+    # a temporary file unique to this process, removed on any failure, renamed into place
+    _atomic_write(dest, stream)
     return dest
 
 
