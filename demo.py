@@ -21,11 +21,13 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from utils.checkpoints import checkpoint_name
+from utils.checkpoints import checkpoint_name, resolve_checkpoint
+from utils.data import cifar10_present, resolve_data_root
 from utils.fileio import atomic_write_json, atomic_write_text
-from utils.paths import REPO_ROOT, poisoned_file, purified_file
+from utils.paths import REPO_ROOT, diff_ckpt_dir, poisoned_file, purified_file
 from utils.poisons import POISONS
 
 # the CPU-scale recipe (README, "CPU-scale recipe"); the paper's values are the scripts' defaults
@@ -53,9 +55,23 @@ VARIANTS = {
 }
 
 
+# wall time of each step in the README's CPU-scale recipe (2 CPU cores), in minutes; poisons
+# other than EM have not been timed
+EXPECTED_MIN = {"diffusion": 43.0, "poison:EM": 7.4, "purification": 6.4, "victim": 2.7}
+
+
+@dataclass
+class Step:
+    key: str  # name in summary.json's step_seconds
+    title: str
+    cmd: list[str]
+    minutes: float | None  # expected wall time on 2 CPU cores (None: not measured)
+    done: bool  # its output exists, so it is skipped
+
+
 def run(cmd: list[str], log) -> float:
     line = " ".join(shlex.quote(c) for c in cmd)
-    print(f"\n$ {line}", flush=True)
+    print(f"$ {line}", flush=True)
     log.write(f"$ {line}\n")
     log.flush()
     t0 = time.time()
@@ -75,6 +91,29 @@ def parse_poisons(text: str) -> list[str]:
     return names
 
 
+def _minutes(m: float | None) -> str:
+    return "time not measured" if m is None else f"~{m:.0f} min" if m >= 10 else f"~{m:.1f} min"
+
+
+def print_plan(steps: list[Step], recipe_changed: bool) -> None:
+    todo = [s for s in steps if not s.done]
+    known = sum(s.minutes or 0.0 for s in todo)
+    unknown = sum(s.minutes is None for s in todo)
+    print("demo plan (expected wall time on 2 CPU cores, from the README's CPU-scale recipe; GPU: not measured yet)")
+    k = 0
+    for s in steps:
+        if s.done:
+            print(f"   -  {s.title}: done earlier, skipped")
+        else:
+            k += 1
+            print(f"  {k:2d}. {s.title}: {_minutes(s.minutes)}")
+    total = f"~{known:.0f} min" + (f" plus {unknown} untimed step(s)" if unknown else "")
+    print(f"  {len(todo)} step(s) to run, {total}" + (" (times are the default recipe's)" if recipe_changed else ""))
+    if not cifar10_present():
+        print(f"  CIFAR-10 is not at {resolve_data_root()}: the first step downloads the official archive (163 MB)")
+    print("  an interrupted demo resumes where it stopped when run again", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--poisons", default="EM", help="comma-separated poisons to craft and defend against, or 'all'")
@@ -83,6 +122,7 @@ def main() -> None:
     ap.add_argument(
         "--skip_clean", action="store_true", help="do not train the clean-subset victim (another process does)"
     )
+    ap.add_argument("--plan", action="store_true", help="print the plan and stop")
     for k, v in RECIPE.items():
         ap.add_argument(f"--{k}", type=type(v), default=v)
     args = ap.parse_args()
@@ -108,11 +148,15 @@ def main() -> None:
         str(work),
     ]
 
-    def train(name: str, flags: list[str], log) -> None:
-        timings[name] = run([py, "train.py", *flags, *common, "--run_name", name], log)
+    def victim(name: str, title: str, flags: list[str]) -> Step:
+        done = (work / "runs" / "train" / name / "result.json").is_file()
+        cmd = [py, "train.py", *flags, *common, "--run_name", name]
+        return Step(name, title, cmd, EXPECTED_MIN["victim"], done)
 
-    with open(work / "demo.log", "a") as log:
-        timings["diffusion"] = run(
+    steps = [
+        Step(
+            "diffusion",
+            f"sparse diffusion model ({it} iterations)",
             [
                 py,
                 "train_diffusion.py",
@@ -131,49 +175,71 @@ def main() -> None:
                 "--work_dir",
                 str(work),
             ],
-            log,
+            EXPECTED_MIN["diffusion"],
+            resolve_checkpoint(
+                diff_ckpt_dir(work, SPARSE_SET) / checkpoint_name("ema", it, args.diffusion_ema)
+            ).is_file(),
         )
-        if not args.skip_clean:
-            train("demo-clean", ["--poison", "clean", "--subset", str(args.subset)], log)
-        for poison in poisons:
-            if not poisoned_file(work, poison).is_file():
-                timings[f"{poison} poison"] = run(
-                    [
-                        py,
-                        "poison.py",
-                        "--poison",
-                        poison,
-                        "--subset",
-                        str(args.subset),
-                        "--work_dir",
-                        str(work),
-                        *POISONS[poison].cpu_flags.split(),
-                    ],
-                    log,
+    ]
+    if not args.skip_clean:
+        steps.append(
+            victim("demo-clean", "victim on the clean subset", ["--poison", "clean", "--subset", str(args.subset)])
+        )
+    for poison in poisons:
+        steps.append(
+            Step(
+                f"{poison} poison",
+                f"craft {poison} on {args.subset} images",
+                [py, "poison.py", "--poison", poison, "--subset", str(args.subset), "--work_dir", str(work)]
+                + POISONS[poison].cpu_flags.split(),
+                EXPECTED_MIN.get(f"poison:{poison}"),
+                poisoned_file(work, poison).is_file(),
+            )
+        )
+        steps.append(
+            Step(
+                f"{poison} purification",
+                f"purify {poison} (ECLIPSE stage 1)",
+                [
+                    py,
+                    "purification.py",
+                    "--poison",
+                    poison,
+                    "--config",
+                    "config/eclipse/cpu.yml",
+                    "--sparse_diff_model",
+                    checkpoint_name("ema", it, args.diffusion_ema),
+                    "--t",
+                    str(args.t),
+                    "--respace",
+                    str(args.respace),
+                    "--work_dir",
+                    str(work),
+                ],
+                EXPECTED_MIN["purification"],
+                purified_file(work, SPARSE_SET, args.t, it, poison).is_file(),
+            )
+        )
+        for v in variants:
+            extra = ["--t", str(args.t), "--iter", str(it)] if v == "eclipse" else []
+            steps.append(
+                victim(
+                    f"demo-{poison}-{v}",
+                    f"victim on {poison}, {VARIANTS[v][0]}",
+                    ["--poison", poison, *VARIANTS[v][1], *extra],
                 )
-            if not purified_file(work, SPARSE_SET, args.t, it, poison).is_file():
-                timings[f"{poison} purification"] = run(
-                    [
-                        py,
-                        "purification.py",
-                        "--poison",
-                        poison,
-                        "--config",
-                        "config/eclipse/cpu.yml",
-                        "--sparse_diff_model",
-                        checkpoint_name("ema", it, args.diffusion_ema),
-                        "--t",
-                        str(args.t),
-                        "--respace",
-                        str(args.respace),
-                        "--work_dir",
-                        str(work),
-                    ],
-                    log,
-                )
-            for v in variants:
-                extra = ["--t", str(args.t), "--iter", str(it)] if v == "eclipse" else []
-                train(f"demo-{poison}-{v}", ["--poison", poison, *VARIANTS[v][1], *extra], log)
+            )
+
+    print_plan(steps, any(getattr(args, k) != v for k, v in RECIPE.items()))
+    if args.plan:
+        return
+    todo = [s for s in steps if not s.done]
+    with open(work / "demo.log", "a") as log:
+        for k, s in enumerate(todo, 1):
+            banner = f"step {k} of {len(todo)}: {s.title} ({_minutes(s.minutes)})"
+            print(f"\n== {banner}", flush=True)
+            log.write(f"== {banner}\n")
+            timings[s.key] = run(s.cmd, log)
 
     def acc(name: str) -> float | None:
         f = work / "runs" / "train" / name / "result.json"
@@ -196,11 +262,10 @@ def main() -> None:
     ] + [f"| {p} | {cell(clean)} | " + " | ".join(cell(results[p][v]) for v in VARIANTS) + " |" for p in shown]
     table = "\n".join(lines)
     print("\n" + table)
+    print("\nimage grids (clean / poisoned / purified samples):")
     for p in poisons:
-        pure = purified_file(work, SPARSE_SET, args.t, it, p)
-        print(
-            f"\n{p} images: {poisoned_file(work, p).with_suffix('.png')}\n{' ' * len(p)}         {pure.with_suffix('.png')}"
-        )
+        print(f"  {p} poisoned: {poisoned_file(work, p).with_suffix('.png')}")
+        print(f"  {p} purified: {purified_file(work, SPARSE_SET, args.t, it, p).with_suffix('.png')}")
     atomic_write_text(work / "summary.md", table + "\n")
     atomic_write_json(work / "summary.json", {"recipe": vars(args), "results": results, "step_seconds": timings})
 

@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU threads (default: torch's); 1 is several times faster on a machine whose cores are busy",
     )
     p.add_argument("--data_root", default=None, help="CIFAR-10 root (else $CIFAR10_ROOT, else data/cifar10)")
+    p.add_argument("--download", type=str2bool, default=None, help="fetch CIFAR-10 when missing (default: on)")
     p.add_argument(
         "--work_dir", default=None, help="folder holding poisoned_data/ and resource/ (default: the repository)"
     )
@@ -203,7 +204,7 @@ def main_impl(argv: list[str] | None, locks: ExitStack) -> int:
         shutil.rmtree(state_dir)
 
     log = setup_logging(out.with_suffix(".log"), "poison")
-    train = load_cifar10("train", args.data_root)
+    train = load_cifar10("train", args.data_root, download=args.download)
     subset_idx = None
     if args.subset is not None and args.subset < len(train):
         subset_idx = class_balanced_subset(train.labels, args.subset, args.subset_seed)

@@ -27,6 +27,7 @@ import torch
 from utils.checkpoints import parse_checkpoint_name, resolve_checkpoint
 from utils.data import ImageSet, read_eclipse_pkl, write_eclipse_pkl
 from utils.diffusion_setup import diffusion_train_command, load_diffusion_model, load_diffusion_spec
+from utils.download import eclipse_manual
 from utils.fileio import UserError, atomic_write_json, cli_main, refuse_overwrite, setup_logging
 from utils.paths import REPO_ROOT, diff_ckpt_dir, poisoned_file, purified_file, work_dir
 from utils.plots import amplified_difference, save_image_grid
@@ -108,10 +109,15 @@ def main(argv=None) -> None:
     ckpt = resolve_checkpoint(diff_ckpt_dir(work, args.sparse_set) / args.sparse_diff_model)
     dst = purified_file(work, args.sparse_set, args.t, iteration, args.poison)
     if not src.is_file():
-        raise UserError(f"poisoned dataset not found: {src}; craft it with `python poison.py --poison {args.poison}`")
+        raise UserError(
+            f"poisoned dataset not found: {src}; craft it with `python poison.py --poison {args.poison}`, "
+            + eclipse_manual("poisoned")
+        )
     if not ckpt.is_file():
         cmd = diffusion_train_command(args.config, args.sparse_set, args.sparse_diff_model)
-        raise UserError(f"diffusion checkpoint not found: {ckpt}; train it with `{cmd}`")
+        raise UserError(
+            f"diffusion checkpoint not found: {ckpt}; train it with `{cmd}`, " + eclipse_manual("checkpoint")
+        )
 
     device = resolve_device(args.device)
     rank, world = init_distributed(device)

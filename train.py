@@ -27,6 +27,7 @@ from models import CLASSIFIERS, build_classifier
 from utils.augment import compensation_augment, grayscale, jpeg, standard_augment
 from utils.checkpoints import DEFAULT_EMA_RATE, checkpoint_name, ema_checkpoints
 from utils.data import ImageSet, class_balanced_subset, load_cifar10, read_eclipse_pkl
+from utils.download import eclipse_manual
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, cli_main, setup_logging
 from utils.paths import diff_ckpt_dir, load_poisoned, purified_file, work_dir
 from utils.plots import history_series, save_curves
@@ -88,6 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels_last", type=str2bool, default=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--data_root", default=None)
+    p.add_argument("--download", type=str2bool, default=None, help="fetch CIFAR-10 when missing (default: on)")
     p.add_argument("--work_dir", default=None, help="folder holding poisoned_data/, purified_data/, runs/, results.csv")
     p.add_argument(
         "--run_name", default=None, help="folder name under runs/train/ (default: derived from the settings)"
@@ -119,10 +121,11 @@ def load_training_set(args, work) -> tuple[ImageSet, str]:
         if not path.is_file():
             raise UserError(
                 f"purified dataset not found: {path}; make it with `python purification.py --poison {args.poison} "
-                f"--t {args.t} --sparse_set {args.sparse_set} --sparse_diff_model {_ema_name(work, args)}`"
+                f"--t {args.t} --sparse_set {args.sparse_set} --sparse_diff_model {_ema_name(work, args)}`, "
+                + eclipse_manual("purified")
             )
         return read_eclipse_pkl(path), str(path)
-    return load_poisoned(work, args.poison, args.data_root, args.subset, args.subset_seed)
+    return load_poisoned(work, args.poison, args.data_root, args.subset, args.subset_seed, args.download)
 
 
 def _ema_name(work, args) -> str:
@@ -137,7 +140,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     work = work_dir(args.work_dir)
     run = work / "runs" / "train" / args.run_name
-    settings = {k: v for k, v in vars(args).items() if k not in ("device", "overwrite", "work_dir", "data_root")}
+    settings = {
+        k: v for k, v in vars(args).items() if k not in ("device", "overwrite", "work_dir", "data_root", "download")
+    }
     result_path = run / "result.json"
     with OutputLock(run):
         _run(args, work, run, settings, result_path)
@@ -168,7 +173,7 @@ def _run(args, work, run, settings: dict, result_path) -> None:
     elif args.defense == "jpeg":
         train = ImageSet(jpeg(train.images, args.jpeg_quality), train.labels)
     augment = compensation_augment(args.p, args.std, args.quantize) if args.pure else standard_augment
-    test = load_cifar10("test", args.data_root)
+    test = load_cifar10("test", args.data_root, download=args.download)
     if args.test_subset:
         test = test.subset(class_balanced_subset(test.labels, args.test_subset, 0))
     model = build_classifier(args.arch, 10, args.width)

@@ -62,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the sparse-set draw and of training")
     p.add_argument("--device", default="auto")
     p.add_argument("--data_root", default=None, help="CIFAR-10 root (else $CIFAR10_ROOT, else data/cifar10)")
+    p.add_argument("--download", type=str2bool, default=None, help="fetch CIFAR-10 when missing (default: on)")
     p.add_argument("--work_dir", default=None, help="folder holding diff_ckpt/ (default: the repository)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run with other settings")
     args = p.parse_args(argv)
@@ -123,7 +124,7 @@ def main(argv=None) -> None:
         }
         _check_same_run(out / "run.json", settings, args.overwrite, rank)
 
-        clean = load_cifar10(args.source, args.data_root)
+        clean = load_cifar10(args.source, args.data_root, download=args.download)
         idx = sparse_set_indices(len(clean), args.num_clean, args.seed)
         images = clean.images[idx].repeat(args.replicas, 1, 1, 1)  # ECLIPSE Eq. 3: D_s plus its duplicates
         if rank == 0:

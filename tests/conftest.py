@@ -21,6 +21,9 @@ CIFAR_ROOT = Path(os.environ.get("CIFAR10_ROOT", SHARED / "datasets" / "cifar10"
 FIXTURES = SHARED / "fixtures"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# the suite never touches the network: tests of the downloads switch them on against a local server
+os.environ.setdefault("CIFAR10_DOWNLOAD", "0")
+os.environ.setdefault("DDPM_DOWNLOAD", "0")
 if CIFAR_ROOT.exists():
     # the CLI tests (and the processes they start) find the data the way a user's run does
     os.environ.setdefault("CIFAR10_ROOT", str(CIFAR_ROOT))

@@ -48,7 +48,8 @@ from utils.yaml_config import Key, dump_yaml, keys_from_defaults, parse_config, 
 
 # --------------------------------------------------------------------------- configuration keys
 
-PAPER_DDPM_CKPT = "diff_ckpt/cifar10/train50000ps50000/ema_0.9999_800000.pt"
+# Ho et al.'s CIFAR-10 DDPM as pytorch_diffusion converted it (non-EMA, as DataElixir's code)
+PAPER_DDPM_CKPT = "cifar10"
 
 TRAIN_KEYS: dict[str, Key] = {
     "device": Key("auto", "auto (CUDA when present), cpu, cuda, cuda:N"),
@@ -90,7 +91,11 @@ DEFENCE_KEYS: dict[str, Key] = {
         choices=("two_sided", "upper"),
     ),
     "diffusion_config": Key("config/ddpm/cifar10.yml", "DDPM config (config/ddpm/cpu.yml for CPU scale)"),
-    "diffusion_ckpt": Key(PAPER_DDPM_CKPT, "DDPM weights (relative to --work_dir unless absolute)"),
+    "diffusion_ckpt": Key(
+        PAPER_DDPM_CKPT,
+        "DDPM weights: cifar10 | ema_cifar10 (Ho et al.'s, pytorch_diffusion's names; downloaded once) "
+        "or a path (relative to --work_dir unless absolute)",
+    ),
     "noise_offset": Key(0, "0: noise to a[T-1] (exact); 1: a[T] as the reference code (off-by-one)", choices=(0, 1)),
     "ssim_mode": Key(
         "per_channel",
@@ -301,13 +306,12 @@ def predict_candidates(
     samples_per_batch: int = 256,
 ) -> torch.Tensor:
     """Labels ``[len(rows), K]`` of every candidate of the listed samples."""
-    from tqdm import tqdm
-
+    from utils.progress import progress
     from utils.trainer import predict
 
     k = cand.shape[1]
     out = torch.empty(len(rows), k, dtype=torch.long)
-    for s in tqdm(range(0, len(rows), samples_per_batch), desc=desc, unit="batch", dynamic_ncols=True):
+    for s in progress(range(0, len(rows), samples_per_batch), desc=desc, unit="batch", dynamic_ncols=True):
         idx = rows[s : s + samples_per_batch]
         imgs = torch.from_numpy(np.ascontiguousarray(cand[idx]))
         flat = imgs.reshape(-1, *imgs.shape[2:])
@@ -319,7 +323,11 @@ def _diffusion_ckpt(cfg: dict[str, Any], work: Path) -> tuple[Path, str]:
     """The DDPM checkpoint path and the hint that says how to make it; raises if it is missing."""
     from utils.checkpoints import resolve_checkpoint
     from utils.diffusion_setup import diffusion_train_command
+    from utils.download import DDPM_CHECKPOINTS, ddpm_checkpoint
 
+    if cfg["diffusion_ckpt"] in DDPM_CHECKPOINTS:
+        hint = f"Ho et al.'s DDPM {cfg['diffusion_ckpt']!r} goes with diffusion_config config/ddpm/cifar10.yml"
+        return ddpm_checkpoint(cfg["diffusion_ckpt"]), hint
     ckpt = Path(cfg["diffusion_ckpt"]).expanduser()
     if not ckpt.is_absolute():
         ckpt = work / ckpt

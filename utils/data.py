@@ -40,7 +40,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 _SOURCES_HELP = (
     "provide CIFAR-10 with --data_root, or $CIFAR10_ROOT, or at data/cifar10, as either "
-    "the standard 'cifar-10-batches-py' folder or an image tree train|test/<class>/*.png|jpg"
+    "the standard 'cifar-10-batches-py' folder or an image tree train|test/<class>/*.png|jpg, "
+    "or let the official archive be downloaded there (--download true / CIFAR10_DOWNLOAD=1, the default)"
 )
 
 
@@ -91,6 +92,12 @@ def _detect_layout(root: Path) -> tuple[str, Path]:
     if (root / "train").is_dir() or (root / "test").is_dir():
         return "folders", root
     return "", root
+
+
+def cifar10_present(data_root: str | Path | None = None) -> bool:
+    """Whether CIFAR-10 (either layout) is at the resolved root, i.e. nothing would be downloaded."""
+    root = resolve_data_root(data_root)
+    return root.is_dir() and bool(_detect_layout(root)[0])
 
 
 def _fingerprint(paths: list[Path]) -> str:
@@ -166,14 +173,24 @@ def _read_folders(files: list[str]) -> np.ndarray:
     return hwc.transpose(0, 3, 1, 2)
 
 
-def load_cifar10(split: str = "train", data_root: str | Path | None = None, cache: bool = True) -> ImageSet:
-    """Load the CIFAR-10 ``train`` or ``test`` split as an :class:`ImageSet`."""
+def load_cifar10(
+    split: str = "train", data_root: str | Path | None = None, cache: bool = True, download: bool | None = None
+) -> ImageSet:
+    """Load the CIFAR-10 ``train`` or ``test`` split as an :class:`ImageSet`.
+
+    When the root holds no CIFAR-10, the official archive is downloaded and extracted
+    there, unless ``download`` is False (``None``: ``$CIFAR10_DOWNLOAD``, default on)."""
+    from utils.download import download_cifar10, enabled
+
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = resolve_data_root(data_root)
+    layout, folder = _detect_layout(root) if root.is_dir() else ("", root)
+    if not layout and enabled(download, "CIFAR10_DOWNLOAD"):
+        download_cifar10(root)
+        layout, folder = _detect_layout(root)
     if not root.exists():
         raise UserError(f"CIFAR-10 not found at {root}; {_SOURCES_HELP}")
-    layout, folder = _detect_layout(root)
     if not layout:
         raise UserError(f"{root} holds neither 'cifar-10-batches-py' nor train/ and test/ folders; {_SOURCES_HELP}")
 

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from utils.augment import to_uint8
 from utils.fileio import UserError, atomic_write_json, atomic_write_text
+from utils.progress import progress
 from utils.purify import chunk_seed, from_model_range, noise_and_denoise, to_model_range
 from utils.run_state import checksum, same_settings_or_refuse, tensor_fingerprint
 from utils.trainer import predict
@@ -225,7 +225,7 @@ def construct_candidates(
         todo = todo[:max_chunks]
     image_steps = rounds_n * reverse_steps
     classifier.eval()
-    bar = tqdm(todo, desc="candidates", unit="chunk", dynamic_ncols=True)
+    bar = progress(todo, desc="candidates", unit="chunk", dynamic_ncols=True)
     for c in bar:
         lo, hi = c * batch_size, min(n, (c + 1) * batch_size)
         x_u8 = images[lo:hi]
@@ -302,7 +302,7 @@ def build_chunk(
     x = to_model_range(x_u8)
     original = reference_original(x_u8) if original_round_trip else x_u8
     out = [original.cpu().unsqueeze(1)]
-    for _ in tqdm(range(rounds_n), desc="rounds", leave=False, dynamic_ncols=True):
+    for _ in progress(range(rounds_n), desc="rounds", leave=False, dynamic_ncols=True):
         x, kept = noise_and_denoise(
             diffusion_model,
             base_diffusion,
@@ -548,7 +548,7 @@ def candidate_distances(
     :func:`ssim_3x3`."""
     k = candidates.shape[1]
     out = np.zeros((len(rows), k), dtype=np.float64)
-    for s in tqdm(range(0, len(rows), samples_per_batch), desc=desc, unit="batch", dynamic_ncols=True):
+    for s in progress(range(0, len(rows), samples_per_batch), desc=desc, unit="batch", dynamic_ncols=True):
         idx = rows[s : s + samples_per_batch]
         imgs = torch.from_numpy(np.ascontiguousarray(candidates[np.sort(idx)]))
         order = np.argsort(np.argsort(idx))  # memmaps are read fastest in ascending order

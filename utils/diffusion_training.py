@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from utils.augment import random_flip
 from utils.checkpoints import checkpoint_name, checkpoint_steps, find_checkpoint, parse_checkpoint_name
 from utils.diffusion import GaussianDiffusion
 from utils.fileio import atomic_torch_save, atomic_write_bytes, safe_torch_load
 from utils.plots import save_curves
+from utils.progress import progress
 from utils.purify import to_model_range
 from utils.runtime import autocast, barrier
 
@@ -121,7 +121,7 @@ def train_diffusion(
     fields = ["step", "loss", "mse", "vb", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "images_per_s", "lr"]
     window: dict[str, list[float]] = {}
     t_last = time.time()
-    bar = tqdm(total=cfg.iterations, initial=step, desc="diffusion", dynamic_ncols=True, disable=rank != 0)
+    bar = progress(total=cfg.iterations, initial=step, desc="diffusion", dynamic_ncols=True, disable=rank != 0)
     while step < cfg.iterations:
         if pos + per_rank > n:
             perm, pos = torch.randperm(n, generator=data_g), 0

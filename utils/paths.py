@@ -46,7 +46,12 @@ def resource_dir(work: Path) -> Path:
 
 
 def load_poisoned(
-    work: Path, poison: str, data_root: str | Path | None = None, subset: int | None = None, subset_seed: int = 0
+    work: Path,
+    poison: str,
+    data_root: str | Path | None = None,
+    subset: int | None = None,
+    subset_seed: int = 0,
+    download: bool | None = None,
 ):
     """The training set named ``poison``: ``poisoned_data/cifar10/<poison>.pkl``, or for
     ``clean`` (when no ``clean.pkl`` exists) the CIFAR-10 training set itself.
@@ -55,6 +60,7 @@ def load_poisoned(
     ``--subset N`` draws the same images with the same seed.
     """
     from utils.data import class_balanced_subset, load_cifar10, read_eclipse_pkl
+    from utils.download import eclipse_manual
     from utils.fileio import UserError
 
     path = poisoned_file(work, poison)
@@ -67,8 +73,11 @@ def load_poisoned(
             )
         return data, str(path)
     if poison != "clean":
-        raise UserError(f"poisoned dataset not found: {path}; craft it with `python poison.py --poison {poison}`")
-    data = load_cifar10("train", data_root)
+        raise UserError(
+            f"poisoned dataset not found: {path}; craft it with `python poison.py --poison {poison}`, "
+            + eclipse_manual("poisoned")
+        )
+    data = load_cifar10("train", data_root, download=download)
     if subset is not None:
         data = data.subset(class_balanced_subset(data.labels, subset, subset_seed))
     return data, f"CIFAR-10 train ({len(data)} images)"

@@ -136,10 +136,9 @@ def purify_dataset(
     assembled uint8 result (other ranks return None). ``stats`` receives ``images_done``
     (purified by this job, summed over ranks) and ``images_resumed`` (read from disk).
     """
-    from tqdm import tqdm
-
     from utils.augment import to_uint8
     from utils.fileio import UserError, atomic_torch_save, atomic_write_json, atomic_write_text
+    from utils.progress import progress
     from utils.run_state import checksum, on_rank0, same_settings_or_refuse, tensor_fingerprint
 
     store = {
@@ -179,7 +178,7 @@ def purify_dataset(
 
     def run(todo: list[int], who: str) -> int:
         done = 0
-        bar = tqdm(todo, desc=who, unit="batch", dynamic_ncols=True)
+        bar = progress(todo, desc=who, unit="batch", dynamic_ncols=True)
         for i in bar:
             x = images[i * batch_size : (i + 1) * batch_size]
             g = torch.Generator(device=device).manual_seed(chunk_seed(seed, i))

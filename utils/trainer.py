@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from utils.augment import Augment, to_float
 from utils.data import ImageSet
 from utils.fileio import atomic_torch_save, safe_torch_load
+from utils.progress import progress
 from utils.run_state import same_settings_or_refuse, tensor_fingerprint
 from utils.runtime import autocast, channels_last_safe
 
@@ -179,7 +179,7 @@ def train_classifier(
         t0 = time.time()
         perm = torch.randperm(n, generator=g)
         loss_sum = correct = seen = 0
-        bar = tqdm(range(steps), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+        bar = progress(range(steps), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
         for step in bar:
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             lr = lr_at(cfg, epoch, step, steps)

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from models import build_classifier
 from utils.augment import standard_augment, to_float
 from utils.data import ImageSet
 from utils.fileio import UserError, atomic_torch_save, safe_torch_load
+from utils.progress import progress
 from utils.run_state import same_settings_or_refuse, tensor_fingerprint
 from utils.runtime import autocast, channels_last_safe, memory_format
 
@@ -185,8 +185,10 @@ class CraftContext:
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if channels_last_safe(model, self.device) else model
 
-    def bar(self, total: int | None, desc: str, initial: int = 0) -> tqdm:
-        return tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True, leave=False, disable=not self.progress)
+    def bar(self, total: int | None, desc: str, initial: int = 0) -> Any:
+        return progress(
+            total=total, desc=desc, initial=initial, dynamic_ncols=True, leave=False, disable=not self.progress
+        )
 
 
 def state_settings_pair(state: dict, settings: dict | None, fingerprint: str) -> tuple[dict, dict]:

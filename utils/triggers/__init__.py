@@ -89,9 +89,9 @@ class Trigger:
         out = torch.empty_like(images, device="cpu")
         starts = range(0, len(images), self.chunk)
         if desc and len(images) > self.chunk:
-            from tqdm import tqdm
+            from utils.progress import progress
 
-            starts = tqdm(starts, desc=desc, leave=False, dynamic_ncols=True)
+            starts = progress(starts, desc=desc, leave=False, dynamic_ncols=True)
         for i in starts:
             out[i : i + self.chunk] = self.apply(images[i : i + self.chunk].to(self.device), train=train).cpu()
         return out

@@ -34,11 +34,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from models import build_classifier
 from utils.augment import standard_augment, to_float
 from utils.data import NUM_CLASSES, ImageSet
+from utils.progress import progress
 from utils.runtime import autocast
 from utils.trainer import Normalized
 from utils.triggers import Log, Trigger, aux_subset, cache_dir, data_fingerprint, require
@@ -230,7 +230,7 @@ class TriggerInputAware(Trigger):
                 group["lr"] = p["lr_M"] * (0.1 ** sum(m_done >= f * p["mask_epochs"] for f in (0.4, 0.8)))
             mgen.train()
             stats = np.zeros(3)
-            bar = tqdm(
+            bar = progress(
                 shuffled_batches(len(data), bs, g), desc=f"inputaware mask {m_done + 1}/{p['mask_epochs']}", leave=False
             )
             for idx in bar:
@@ -271,7 +271,7 @@ class TriggerInputAware(Trigger):
             clf.train()
             gen.train()
             stats = np.zeros(6)
-            bar = tqdm(
+            bar = progress(
                 shuffled_batches(len(data), bs, g), desc=f"inputaware joint {j_done + 1}/{p['aux_epochs']}", leave=False
             )
             for idx in bar:

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from models import build_classifier
 from utils.augment import standard_augment, to_float
 from utils.data import NUM_CLASSES, ImageSet
+from utils.progress import progress
 from utils.runtime import autocast
 from utils.trainer import Normalized, TrainConfig, lr_at, make_optimizer
 from utils.triggers import Log, Trigger, aux_subset, cache_dir, data_fingerprint, require, settings_key
@@ -186,7 +186,7 @@ class TriggerLC(Trigger):
             batches = shuffled_batches(len(data), bs, g)
             correct = seen = 0
             loss_sum = 0.0
-            bar = tqdm(batches, desc=f"lc adv-train {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+            bar = progress(batches, desc=f"lc adv-train {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
             for step, idx in enumerate(bar):
                 for group in opt.param_groups:
                     group["lr"] = lr_at(cfg, epoch, step, len(batches))
@@ -239,7 +239,7 @@ class TriggerLC(Trigger):
         if p["adv_steps"] == 0 or p["adv_eps"] == 0:
             return images.clone()
         out = torch.empty_like(images, device="cpu")
-        for i in tqdm(range(0, len(images), self.chunk), desc="lc PGD", leave=False, dynamic_ncols=True):
+        for i in progress(range(0, len(images), self.chunk), desc="lc PGD", leave=False, dynamic_ncols=True):
             x = to_float(images[i : i + self.chunk].to(self.device))
             y = labels[i : i + self.chunk].to(self.device)
             adv = pgd_linf(self.model, x, y, p["adv_eps"] / 255, p["adv_alpha"] / 255, p["adv_steps"], False)

@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from utils.augment import to_float
 from utils.data import ImageSet, class_balanced_subset
+from utils.progress import progress
 from utils.triggers import Log, Trigger, require, settings_key
 from utils.triggers.aux import AUX_HELP, Resumable, check_aux, train_aux_classifier
 
@@ -179,7 +179,7 @@ class TriggerLF(Trigger):
             t0 = time.time()
             order = torch.randperm(len(fit), generator=g)
             bs = p["lf_batch"]
-            bar = tqdm(range(0, len(order), bs), desc=f"lf UAP pass {state['passes'] + 1}", leave=False)
+            bar = progress(range(0, len(order), bs), desc=f"lf UAP pass {state['passes'] + 1}", leave=False)
             for i in bar:
                 x = fit[order[i : i + bs]]
                 with torch.no_grad():

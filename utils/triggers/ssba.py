@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from utils.augment import random_flip, to_float
 from utils.data import ImageSet
+from utils.progress import progress
 from utils.runtime import autocast
 from utils.triggers import Log, Trigger, aux_subset, cache_dir, data_fingerprint, require
 from utils.triggers.aux import AUX_HELP, Resumable, check_aux, shuffled_batches
@@ -182,7 +182,7 @@ class TriggerSSBA(Trigger):
             t0 = time.time()
             bit_acc = l2 = 0.0
             batches = shuffled_batches(len(data), bs, g)
-            bar = tqdm(batches, desc=f"ssba enc/dec {epoch + 1}/{p['aux_epochs']}", leave=False, dynamic_ncols=True)
+            bar = progress(batches, desc=f"ssba enc/dec {epoch + 1}/{p['aux_epochs']}", leave=False, dynamic_ncols=True)
             for step, idx in enumerate(bar):
                 x = to_float(random_flip(data.images[idx], g)).to(device, memory_format=torch.channels_last)
                 bits = torch.randint(0, 2, (len(idx), p["ssba_bits"]), generator=g).float().to(device)

@@ -1,0 +1,305 @@
+"""Downloads of the published files the pipelines need: CIFAR-10 and Ho et al.'s DDPMs.
+
+Every download streams to a temporary file unique to this process (with progress: size,
+rate, ETA), checks the byte count and the MD5, and only then is renamed into place, so an
+interrupted or corrupt transfer never leaves a file that looks complete and two processes
+fetching the same file cannot corrupt each other. Only the standard library (urllib) is
+used. URLs and checksums can be overridden per file by environment variables (a mirror,
+a ``file://`` copy, a test server).
+
+ECLIPSE's own checkpoint and its poisoned / purified sets are on Google Drive, which does
+not allow plain downloads: :func:`eclipse_manual` says where to get them and where to put
+them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from utils.fileio import UserError, _atomic_write
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHUNK = 1 << 20
+TIMEOUT_S = 60
+
+
+class DownloadError(UserError):
+    """A download that failed or did not verify (one line, with the manual steps)."""
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A published file: where it is, its MD5, and the variables that override both."""
+
+    what: str
+    url: str
+    md5: str
+    env: str  # ``<env>_URL`` / ``<env>_MD5`` override url / md5
+    manual: str  # how to get the file by hand
+
+    @property
+    def resolved_url(self) -> str:
+        return os.environ.get(f"{self.env}_URL") or self.url
+
+    @property
+    def resolved_md5(self) -> str:
+        return (os.environ.get(f"{self.env}_MD5") or self.md5).strip().lower()
+
+
+# the official archive, as torchvision's CIFAR10 fetches it
+CIFAR10 = Remote(
+    "CIFAR-10",
+    "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "c58f30108f718f92721af3b95e74349a",
+    "CIFAR10",
+    "download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz by hand and extract it into {dest} "
+    "(it holds cifar-10-batches-py/), or point --data_root / $CIFAR10_ROOT at a copy",
+)
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+
+# Ho et al.'s CIFAR-10 DDPMs converted by pesser/pytorch_diffusion (its ckpt_util.py names,
+# URLs, MD5s and cache layout), so a checkpoint that pytorch_diffusion fetched is reused
+_DDPM_MANUAL = (
+    "download {url} by hand (pytorch_diffusion's converted DDPM) to {dest}, or set diffusion_ckpt to the path of a copy"
+)
+DDPM_CHECKPOINTS: dict[str, tuple[str, Remote]] = {
+    "cifar10": (
+        "diffusion_cifar10_model/model-790000.ckpt",
+        Remote(
+            "DDPM cifar10",
+            "https://heibox.uni-heidelberg.de/f/869980b53bf5416c8a28/?dl=1",
+            "82ed3067fd1002f5cf4c339fb80c4669",
+            "DDPM_CIFAR10",
+            _DDPM_MANUAL,
+        ),
+    ),
+    "ema_cifar10": (
+        "ema_diffusion_cifar10_model/model-790000.ckpt",
+        Remote(
+            "DDPM ema_cifar10",
+            "https://heibox.uni-heidelberg.de/f/2e4f01e2d9ee49bab1d5/?dl=1",
+            "1fa350b952534ae442b1d5235cce5cd3",
+            "DDPM_EMA_CIFAR10",
+            _DDPM_MANUAL,
+        ),
+    ),
+}
+
+# ECLIPSE's published files (its README): Google Drive folders, no plain download
+ECLIPSE_FILES: dict[str, tuple[str, str]] = {
+    "checkpoint": (
+        "https://drive.google.com/drive/folders/1_L8p-mH2W383LspXuYsZPbksA9Hn2eTq",
+        "diff_ckpt/cifar10/test2000ps8000/ema_0.9999_250000.pt",
+    ),
+    "poisoned": (
+        "https://drive.google.com/drive/folders/1KzHl0H-CfkXeBqyLhIw8l1NimQTzQx1_",
+        "poisoned_data/cifar10/<POISON>.pkl",
+    ),
+    "purified": (
+        "https://drive.google.com/drive/u/0/folders/1FrEdxOIrxl6MvfDPaPAgsb_QkBkLxwu7",
+        "purified_data/cifar10/test2000ps8000/100/250000/<POISON>-pure.pkl",
+    ),
+}
+
+
+def eclipse_manual(kind: str) -> str:
+    """How to get ECLIPSE's published ``kind`` (checkpoint | poisoned | purified) by hand."""
+    url, dest = ECLIPSE_FILES[kind]
+    return f"or download ECLIPSE's published {kind} file(s) from {url} (Google Drive, in a browser) to {dest}"
+
+
+def enabled(flag: bool | None, env: str) -> bool:
+    """``flag`` when given, else ``$env`` (default on)."""
+    if flag is not None:
+        return flag
+    return os.environ.get(env, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def md5_of(path: str | Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code} {e.reason}"
+    if isinstance(e, urllib.error.URLError):
+        return str(e.reason)
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def fetch(remote: Remote, dest: str | Path) -> Path:
+    """Download ``remote`` to ``dest``: streamed to a per-process temporary file beside it,
+    verified (length and MD5), then atomically renamed into place."""
+    from utils.progress import progress
+
+    dest = Path(dest)
+    url, md5 = remote.resolved_url, remote.resolved_md5
+    manual = remote.manual.format(url=url, dest=dest.parent if remote is CIFAR10 else dest)
+
+    def stream(f: BinaryIO) -> None:
+        h = hashlib.md5()
+        print(f"downloading {remote.what} from {url} to {dest}", flush=True)
+        try:
+            req = urllib.request.Request(url, headers={"User-Agent": "eclipse-dataelixir/1"})
+            with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:
+                length = r.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+                got = 0
+                bar = progress(total=total, desc=remote.what, unit="B", unit_scale=True, unit_divisor=1024)
+                try:
+                    while chunk := r.read(CHUNK):
+                        f.write(chunk)
+                        h.update(chunk)
+                        got += len(chunk)
+                        bar.update(len(chunk))
+                finally:
+                    bar.close()
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+            if isinstance(e, http.client.IncompleteRead):
+                raise DownloadError(
+                    f"download of {url} was cut off ({_reason(e)}); nothing was kept, re-run to try again"
+                ) from None
+            raise DownloadError(f"cannot download {url} ({_reason(e)}); {manual}") from None
+        if total is not None and got != total:
+            raise DownloadError(
+                f"download of {url} was cut off: {got} of {total} bytes; nothing was kept, re-run to try again"
+            )
+        if md5 and h.hexdigest() != md5:
+            raise DownloadError(
+                f"checksum mismatch for {url}: expected MD5 {md5}, got {h.hexdigest()}; nothing was kept"
+            )
+
+    # a temporary file unique to this process, removed on any failure, renamed into place
+    _atomic_write(dest, stream)
+    return dest
+
+
+# --------------------------------------------------------------------------- archives
+
+
+def _check_member(m: tarfile.TarInfo, target: Path, source: str) -> None:
+    if not (m.isfile() or m.isdir()):
+        raise UserError(f"{source}: member {m.name!r} is a link or special file; refusing to extract")
+    parts = PurePosixPath(m.name).parts
+    if m.name.startswith(("/", "\\")) or ".." in parts or not (target / m.name).resolve().is_relative_to(target):
+        raise UserError(f"{source}: member {m.name!r} would land outside {target}; refusing to extract")
+
+
+def safe_extract(archive: BinaryIO, target: str | Path, source: str) -> Path:
+    """Extract a tar archive into a fresh temporary folder inside ``target`` and return it.
+
+    Only regular files and folders whose paths stay inside the folder are allowed; anything
+    else is refused before a single byte is written."""
+    target = Path(target).resolve()
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target))
+    try:
+        with tarfile.open(fileobj=archive, mode="r:*") as tf:
+            members = tf.getmembers()
+            for m in members:
+                _check_member(m, tmp, source)
+            kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tf.extractall(tmp, members=members, **kw)  # noqa: S202 - members checked above
+    except tarfile.TarError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{source}: not a readable tar archive ({e})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def download_cifar10(root: str | Path) -> Path:
+    """Fetch, verify and extract the official CIFAR-10 archive into ``root``; returns
+    ``root/cifar-10-batches-py``. A verified archive left by an earlier run is reused."""
+    root = Path(root)
+    folder = root / CIFAR10_FOLDER
+    archive = root / CIFAR10_ARCHIVE
+    md5 = CIFAR10.resolved_md5
+    for attempt in range(2):
+        if folder.is_dir():
+            return folder  # another process finished first
+        if not archive.is_file():
+            fetch(CIFAR10, archive)
+        try:
+            f = open(archive, "rb")
+        except FileNotFoundError:  # another process extracted and removed it meanwhile
+            continue
+        with f:
+            # verify and extract from one open handle, so a concurrent removal cannot interfere
+            h = hashlib.md5()
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+            if md5 and h.hexdigest() != md5:
+                if attempt == 0:  # a stale or foreign archive: fetch a fresh one
+                    archive.unlink(missing_ok=True)
+                    continue
+                raise DownloadError(f"{archive}: expected MD5 {md5}, got {h.hexdigest()}")
+            f.seek(0)
+            print(f"extracting {archive} into {root}", flush=True)
+            tmp = safe_extract(f, root, str(archive))
+        try:
+            if not (tmp / CIFAR10_FOLDER).is_dir():
+                raise UserError(f"{archive}: the archive holds no {CIFAR10_FOLDER}/ folder")
+            try:
+                os.rename(tmp / CIFAR10_FOLDER, folder)
+            except OSError:
+                if not folder.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        archive.unlink(missing_ok=True)  # the extracted batches are what is read
+        return folder
+    if folder.is_dir():
+        return folder
+    raise DownloadError(f"{archive} disappeared twice while extracting; re-run to try again")
+
+
+# --------------------------------------------------------------------------- DDPM checkpoints
+
+
+def pytorch_diffusion_cache() -> Path:
+    """pytorch_diffusion's own download folder (``get_ckpt_path``'s default root)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "diffusion_models_converted"
+
+
+def model_cache() -> Path:
+    """Where this project keeps downloaded checkpoints: ``$MODEL_CACHE`` or ``data/pretrained``."""
+    return Path(os.environ.get("MODEL_CACHE") or REPO_ROOT / "data" / "pretrained").expanduser()
+
+
+def ddpm_checkpoint(name: str, download: bool | None = None) -> Path:
+    """The local path of pytorch_diffusion's converted DDPM ``name`` (``cifar10`` or
+    ``ema_cifar10``): pytorch_diffusion's cache if it holds a verified copy, else ours,
+    else downloaded into ours (``DDPM_DOWNLOAD=0`` forbids that)."""
+    if name not in DDPM_CHECKPOINTS:
+        raise UserError(f"unknown DDPM checkpoint name {name!r}; choose from {', '.join(DDPM_CHECKPOINTS)}")
+    rel, remote = DDPM_CHECKPOINTS[name]
+    md5 = remote.resolved_md5
+    ours = model_cache() / rel
+    for path in (pytorch_diffusion_cache() / rel, ours):
+        # pytorch_diffusion writes its downloads in place, so a copy there may be partial
+        if path.is_file() and (not md5 or md5_of(path) == md5):
+            return path
+    if not enabled(download, "DDPM_DOWNLOAD"):
+        raise UserError(
+            f"DDPM checkpoint {name!r} not found in {pytorch_diffusion_cache() / rel} or {ours} and downloads are "
+            f"off (DDPM_DOWNLOAD=0); " + remote.manual.format(url=remote.resolved_url, dest=ours)
+        )
+    return fetch(remote, ours)
