@@ -192,7 +192,7 @@ def build_backdoor_data(
     t0 = time.time()
     keep = torch.ones(len(test), dtype=torch.bool) if trans == "all2all" else test.labels != target
     bd_src = test.subset(torch.nonzero(keep).flatten())
-    bd_images = trigger.apply_batched(bd_src.images, train=False)
+    bd_images = trigger.poison_test(bd_src.images, bd_src.labels, log)
     test_bd = ImageSet(bd_images, attack_targets(bd_src.labels, target, trans))
     test_ra = ImageSet(bd_images.clone(), bd_src.labels.clone())
     timings["poison_test_s"] = round(time.time() - t0, 3)
