@@ -153,7 +153,7 @@ def test_tiny_pratio_that_poisons_nothing_is_an_error(small_train, small_test, t
 # --------------------------------------------------------------------------- selection
 
 
-def test_selection_follows_backdoorbench_rule():
+def test_selection_follows_the_dataelixir_fork_rule():
     labels = torch.arange(1000) % 10
     idx = select_poison_indices(labels, 0.1, 3, "all2one", False, 7)
     assert len(idx) == 100 and (labels[idx] != 3).all() and len(np.unique(idx)) == 100
