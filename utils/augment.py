@@ -10,6 +10,7 @@ that a run is reproducible and resumable.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -38,8 +39,12 @@ def _uniform(n: int, g: torch.Generator, device) -> torch.Tensor:
     return torch.rand(n, generator=g, device=g.device).to(device)
 
 
-def random_crop(x: torch.Tensor, g: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Zero-pad by ``padding`` and take a random crop of the original size, per image."""
+def random_crop(x: torch.Tensor, g: torch.Generator, padding: int = 4, p: float = 1.0) -> torch.Tensor:
+    """Zero-pad by ``padding`` and take a random crop of the original size, per image
+    (each image with probability ``p``; ``p = 1`` draws nothing extra)."""
+    if p < 1:
+        pick = (_uniform(x.shape[0], g, x.device) < p)[:, None, None, None]
+        return torch.where(pick, random_crop(x, g, padding), x)
     B, C, H, W = x.shape
     padded = torch.nn.functional.pad(x, (padding,) * 4)
     dy = torch.randint(0, 2 * padding + 1, (B,), generator=g, device=g.device).to(x.device)
@@ -75,6 +80,47 @@ def gaussian_noise(x: torch.Tensor, g: torch.Generator, std: float, quantize: st
     y = to_float(x)
     y.add_(torch.randn(x.shape, generator=g, device=g.device).to(x.device).mul_(std)).clamp_(0, 1).mul_(255.0)
     return (y.round_() if quantize == "round" else y).to(torch.uint8)
+
+
+def rotate(x: torch.Tensor, degrees: torch.Tensor, mode: str = "nearest") -> torch.Tensor:
+    """Rotate image i of uint8 ``x`` by ``degrees[i]`` about its centre, zero fill.
+    ``nearest`` is torchvision's ``RandomRotation`` default (exact uint8 values);
+    ``bilinear`` is kornia's, rounded back to uint8."""
+    if mode not in ("nearest", "bilinear"):
+        raise ValueError(f"rotation mode must be 'nearest' or 'bilinear', got {mode!r}")
+    angle = degrees.to(x.device, torch.float32) * (math.pi / 180)
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    # output -> input sampling coordinates; normalised coordinates of a square image keep angles
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(x.float(), grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def random_rotate(
+    x: torch.Tensor, g: torch.Generator, degrees: float, p: float = 1.0, mode: str = "nearest"
+) -> torch.Tensor:
+    """Rotate each image, with probability ``p``, by an angle uniform in [-degrees, degrees]."""
+    B = x.shape[0]
+    angle = (_uniform(B, g, x.device) * 2 - 1) * degrees
+    pick = _uniform(B, g, x.device) < p
+    return torch.where(pick[:, None, None, None], rotate(x, angle, mode), x)
+
+
+def crop_rotate_flip(
+    padding: int = 5, degrees: float = 10.0, crop_p: float = 1.0, rotation_p: float = 1.0, mode: str = "nearest"
+) -> Augment:
+    """BackdoorBench's WaNet / Input-aware training transform: RandomCrop(32, padding) ->
+    RandomRotation(degrees) -> RandomHorizontalFlip, each crop and rotation applied to an
+    image with probability ``crop_p`` / ``rotation_p``."""
+
+    def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        x = random_crop(x, g, padding, crop_p)
+        if degrees > 0:
+            x = random_rotate(x, g, degrees, rotation_p, mode)
+        return random_flip(x, g)
+
+    return augment
 
 
 def standard_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """Poisoned CIFAR-10 training and test sets for the nine backdoor attacks.
 
 ``build_backdoor_data(attack, cfg, train, test, device, resource_dir)`` follows
-BackdoorBench v1's conventions:
+BackdoorBench v1's conventions as DataElixir's fork uses them:
 
 * poisoned-index selection: dirty-label all2one draws ``round(pratio * N)`` training
-  samples from the non-target classes, all2all draws from every class, clean-label
+  samples from the non-target classes (the fork's rule; v1 draws from every class),
+  all2all draws from every class, clean-label
   attacks (SIG, LC) draw ``round(pratio * N)`` from the target class (capped at its
   size). The draw uses ``numpy.random.default_rng(random_seed)``, so it is reproducible.
 * labels: all2one relabels a poisoned sample to ``attack_target``; all2all to
@@ -127,7 +128,7 @@ def select_poison_indices(
     seed: int,
     log: Callable[[str], None] = print,
 ) -> np.ndarray:
-    """Sorted indices of the training samples that get the trigger (BackdoorBench v1 rule)."""
+    """Sorted indices of the training samples that get the trigger (DataElixir fork's rule)."""
     y = np.asarray(labels)
     n_want = int(round(pratio * len(y)))
     if clean_label:
@@ -192,7 +193,7 @@ def build_backdoor_data(
     t0 = time.time()
     keep = torch.ones(len(test), dtype=torch.bool) if trans == "all2all" else test.labels != target
     bd_src = test.subset(torch.nonzero(keep).flatten())
-    bd_images = trigger.apply_batched(bd_src.images, train=False)
+    bd_images = trigger.poison_test(bd_src.images, bd_src.labels, log)
     test_bd = ImageSet(bd_images, attack_targets(bd_src.labels, target, trans))
     test_ra = ImageSet(bd_images.clone(), bd_src.labels.clone())
     timings["poison_test_s"] = round(time.time() - t0, 3)

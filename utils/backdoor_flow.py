@@ -62,8 +62,12 @@ TRAIN_KEYS: dict[str, Key] = {
     "model_width": Key(64, "base width of the classifier (64 = paper size)"),
     "client_optimizer": Key("sgd", "optimiser (only sgd)", choices=("sgd",)),
     "lr_scheduler": Key(
-        "CosineAnnealingLR", "per-epoch schedule (only CosineAnnealingLR)", choices=("CosineAnnealingLR",)
+        "CosineAnnealingLR",
+        "per-epoch schedule: CosineAnnealingLR (BackdoorBench's default) or MultiStepLR (its WaNet and Input-aware)",
+        choices=("CosineAnnealingLR", "MultiStepLR"),
     ),
+    "steplr_milestones": Key([100, 200, 300, 400], "MultiStepLR: epochs at which the lr is multiplied by steplr_gamma"),
+    "steplr_gamma": Key(0.1, "MultiStepLR: factor applied at each milestone"),
     "batch_size": Key(128, "training batch size"),
     "lr": Key(0.01, "learning rate of the backdoored and stage-1 models"),
     "sgd_momentum": Key(0.9, "SGD momentum"),
@@ -71,8 +75,19 @@ TRAIN_KEYS: dict[str, Key] = {
     "epochs": Key(100, "epochs of each of the three trainings (backdoored, stage 1, stage 2)"),
     "train_augment": Key(
         "crop_flip",
-        "training augmentation: crop_flip (BackdoorBench's RandomCrop(32, 4) + flip) or none (CPU scale)",
-        choices=("crop_flip", "none"),
+        "training augmentation: crop_flip (BackdoorBench's RandomCrop(32, 4) + flip), crop_rotate_flip "
+        "(its WaNet and Input-aware: RandomCrop(32, random_crop) + RandomRotation(random_rotation) + flip) "
+        "or none (CPU scale)",
+        choices=("crop_flip", "crop_rotate_flip", "none"),
+    ),
+    "random_crop": Key(5, "crop_rotate_flip: zero padding of the random crop (BackdoorBench: 5)"),
+    "random_rotation": Key(10.0, "crop_rotate_flip: largest rotation in degrees (BackdoorBench: 10)"),
+    "crop_prob": Key(1.0, "crop_rotate_flip: probability that an image is cropped"),
+    "rotation_prob": Key(1.0, "crop_rotate_flip: probability that an image is rotated"),
+    "rotation_interp": Key(
+        "nearest",
+        "crop_rotate_flip: nearest (torchvision, Input-aware) or bilinear (kornia, WaNet)",
+        choices=("nearest", "bilinear"),
     ),
     "frequency_save": Key(100, "kept for BackdoorBench compatibility; checkpoints are written every epoch"),
 }
@@ -151,6 +166,18 @@ def validate(cfg: dict[str, Any], attack: str) -> None:
     for k in ("model_width", "batch_size", "epochs", "purify_batch_size", "steps_T", "rounds_n", "last_steps_m"):
         need(cfg[k] >= 1, f"{k} must be >= 1, got {cfg[k]}")
     need(cfg["threshold_tau"] >= 0, f"threshold_tau must be >= 0, got {cfg['threshold_tau']}")
+    ms = cfg["steplr_milestones"]
+    need(
+        all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in ms),
+        f"steplr_milestones must be a list of epochs >= 1, got {ms!r}",
+    )
+    need(cfg["steplr_gamma"] > 0, f"steplr_gamma must be > 0, got {cfg['steplr_gamma']}")
+    need(0 <= cfg["random_crop"] <= 16, f"random_crop must be in 0..16 (padding in pixels), got {cfg['random_crop']}")
+    need(
+        0 <= cfg["random_rotation"] <= 180, f"random_rotation must be in [0, 180] degrees, got {cfg['random_rotation']}"
+    )
+    for k in ("crop_prob", "rotation_prob"):
+        need(0 <= cfg[k] <= 1, f"{k} must be in [0, 1], got {cfg[k]}")
     for k in ("lr", "ft_lr"):
         need(cfg[k] > 0, f"{k} must be > 0, got {cfg[k]}")
     for k in ("subset", "test_subset"):
@@ -271,16 +298,32 @@ def _build_model(cfg: dict[str, Any]) -> torch.nn.Module:
     return Normalized(net)
 
 
+def train_augment(cfg: dict[str, Any]):
+    """The training augmentation the keys ``train_augment`` etc. select."""
+    from utils.augment import crop_rotate_flip, no_augment, standard_augment
+
+    if cfg["train_augment"] == "crop_flip":
+        return standard_augment
+    if cfg["train_augment"] == "crop_rotate_flip":
+        return crop_rotate_flip(
+            cfg["random_crop"], cfg["random_rotation"], cfg["crop_prob"], cfg["rotation_prob"], cfg["rotation_interp"]
+        )
+    return no_augment
+
+
 def _train_config(cfg: dict[str, Any], lr: float, n_train: int, seed_offset: int):
     from utils.trainer import TrainConfig
 
+    multistep = cfg["lr_scheduler"] == "MultiStepLR"
     return TrainConfig(
         epochs=cfg["epochs"],
         batch_size=min(cfg["batch_size"], max(1, n_train)),
         lr=lr,
         momentum=cfg["sgd_momentum"],
         weight_decay=cfg["wd"],
-        schedule="cosine",
+        schedule="multistep" if multistep else "cosine",
+        milestones=tuple(cfg["steplr_milestones"]) if multistep else (),
+        gamma=cfg["steplr_gamma"] if multistep else 0.1,
         test_every=1,
         bf16=cfg["amp"],
         channels_last=True,
@@ -357,10 +400,6 @@ def _diffusion(cfg: dict[str, Any], work: Path, device: torch.device):
     return model, base, spec
 
 
-def _no_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    return x
-
-
 def _train_phase(
     rec: Record,
     cfg: dict[str, Any],
@@ -377,10 +416,9 @@ def _train_phase(
 ) -> tuple[torch.nn.Module, list[dict]]:
     """One of the three classifier trainings (fresh, or fine-tuned from ``init``): resumable
     per epoch, skipped when done; writes ``<name>_model.pt``, ``_history.json|csv`` and curves."""
-    from utils.augment import standard_augment
     from utils.trainer import train_classifier
 
-    augment = standard_augment if cfg["train_augment"] == "crop_flip" else _no_augment
+    augment = train_augment(cfg)
     model_file, hist_file = rec.path(f"{name}_model.pt"), rec.path(f"{name}_history.json")
     if rec.done(phase) and model_file.is_file() and hist_file.is_file():
         log(f"phase {phase}: done earlier")

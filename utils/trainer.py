@@ -37,7 +37,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     nesterov: bool = False
-    schedule: str = "constant"  # constant | cosine (per epoch, T_max=epochs) | onecycle (per step)
+    schedule: str = "constant"  # constant | cosine (per epoch, T_max=epochs) | onecycle (per step) | multistep
+    milestones: tuple[int, ...] = ()  # multistep: lr *= gamma at each of these epochs (MultiStepLR)
+    gamma: float = 0.1
     test_every: int = 5  # evaluate every N epochs and after the last one
     grad_clip: float | None = None
     bf16: bool = True
@@ -75,6 +77,9 @@ def lr_at(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> floa
         return cfg.lr
     if cfg.schedule == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    if cfg.schedule == "multistep":
+        # MultiStepLR stepped once per epoch: epoch e (0-based) has passed every milestone <= e
+        return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
     if cfg.schedule == "onecycle":
         total = cfg.epochs * steps_per_epoch
         pos = (epoch * steps_per_epoch + step) / max(total, 1)
@@ -82,7 +87,7 @@ def lr_at(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> floa
         if pos < warm:
             return cfg.lr * (0.04 + 0.96 * pos / warm)
         return cfg.lr * max(0.0, 1 - (pos - warm) / (1 - warm))
-    raise ValueError(f"unknown schedule {cfg.schedule!r}; expected constant, cosine or onecycle")
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; expected constant, cosine, onecycle or multistep")
 
 
 def prepare_batch(x_uint8: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:

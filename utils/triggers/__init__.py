@@ -83,6 +83,11 @@ class Trigger:
             labels[poison_idx] = new_labels
         return images, labels, {}
 
+    def poison_test(self, images: torch.Tensor, labels: torch.Tensor, log: Log = print) -> torch.Tensor:
+        """Triggered copies of test images (``labels``: their true labels) for ASR and RA;
+        label-consistent overrides it to add its adversarial perturbation first."""
+        return self.apply_batched(images, train=False)
+
     # ------------------------------------------------------------------ helpers
     def apply_batched(self, images: torch.Tensor, train: bool = False, desc: str | None = None) -> torch.Tensor:
         """``apply`` over chunks on ``self.device``; returns CPU uint8 in input order."""

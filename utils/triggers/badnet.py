@@ -1,10 +1,16 @@
-"""BadNets (Gu et al., 2017) as in BackdoorBench v1 on CIFAR-10: a 4x4 colour patch in
-the bottom-right corner (rows/cols 28-31) overwrites the pixels; dirty-label.
+"""BadNets (Gu et al., 2017) as in DataElixir's BackdoorBench fork on CIFAR-10: a 4x4
+colour patch in the bottom-right corner (rows/cols 28-31); dirty-label.
 
-The patch is generated here rather than read from BackdoorBench's
-``bottom_right_4by4_color.npy``: four 2x2 blocks, in reading order yellow (255,255,0),
-magenta (255,0,255), cyan (0,255,255) and grey (122,122,122). ``patch_size`` scales the
-blocks (each block is ``patch_size/2`` wide), always anchored at the bottom-right corner.
+The patch is the fork's ``resource/badnet/bottom_right_4by4_color.npy`` (BackdoorBench
+v1's own default is a 3x3 white square), generated here: four 2x2 blocks, in reading
+order yellow (255,255,0), magenta (255,0,255), cyan (0,255,255) and grey (122,122,122).
+``patch_size`` scales the blocks (each block is ``patch_size/2`` wide), always anchored at
+the bottom-right corner.
+
+It is applied as BackdoorBench's ``AddMaskPatchTrigger``, per pixel and channel
+``img * (patch == 0) + patch * (patch > 0)``: a zero channel of the patch keeps the
+image's value, so the yellow block keeps the image's blue channel, magenta its green and
+cyan its red.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ class TriggerBadNet(Trigger):
     def apply(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
         s = self.params["patch_size"]
         out = images.clone()
-        out[:, :, -s:, -s:] = self.patch.to(images.device)
+        patch = self.patch.to(images.device)
+        out[:, :, -s:, -s:] = torch.where(patch > 0, patch, out[:, :, -s:, -s:])
         return out
 
 

@@ -61,7 +61,10 @@ class TriggerBlended(Trigger):
         "trigger_seed": 0,
     }
     help = {
-        "attack_train_blended_alpha": "blend weight of the trigger in poisoned training images (BackdoorBench: 0.2; DataElixir: 0.1)",
+        "attack_train_blended_alpha": (
+            "blend weight of the trigger in poisoned training images (BackdoorBench v1: 0.2; the DataElixir fork "
+            "ships no Blended config, so a DataElixir-specific value is unverified)"
+        ),
         "attack_test_blended_alpha": "blend weight of the trigger in triggered test images (BackdoorBench: 0.2)",
         "attack_trigger_img_path": "trigger image file (resized to 32x32); empty = the generated pattern (BackdoorBench: Hello Kitty)",
         "trigger_seed": "seed of the generated trigger pattern (used when attack_trigger_img_path is empty)",

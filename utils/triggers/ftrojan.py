@@ -3,13 +3,22 @@
 RGB -> YCrCb (OpenCV's ``COLOR_RGB2YCrCb``, which BackdoorBench calls "YUV"), an
 orthonormal 2-D DCT-II per ``window_size`` block and channel, ``magnitude`` added to the
 coefficients at ``pos_list`` in the channels of ``channel_list``, inverse DCT, truncate
-to uint8 (BackdoorBench's ``astype(uint8)``; we clamp first where it would wrap around),
-YCrCb -> RGB rounded. Dirty-label. Everything is batched tensor algebra: the DCT is a
-matrix product with the DCT basis, the colour transform a 3x3 matrix.
+to uint8 (BackdoorBench's ``astype(uint8)``), YCrCb -> RGB. Dirty-label.
 
-Defaults follow the brief's BackdoorBench setting: window 32, positions (15,15) and
-(31,31), magnitude 50, all three channels (BackdoorBench's code loops over every channel;
-the FTrojan paper perturbs only the two chroma channels, ``channel_list: [1, 2]``).
+Defaults are BackdoorBench v2's (``config/attack/ftrojannn/default.yaml``): YUV,
+channels U and V only (``[1, 2]``), window 32, positions (15,15) and (31,31),
+magnitude 30, pratio 0.1. (The fork DataElixir builds on perturbs all three channels;
+v1's yaml uses position (31,31) only and magnitude 50.)
+
+Arithmetic:
+- the colour conversions are OpenCV's 8-bit fixed-point formulas (14-bit coefficients,
+  round half up, saturated), so they give OpenCV's bytes, not a float approximation;
+- the DCT is linear, so ``IDCT(DCT(x) + shift) = x + IDCT(shift)``: the trigger is a fixed
+  float pattern added to the integer YCrCb image. Exact for the untouched channels (a DCT
+  round trip in floating point can land just below an integer, which truncation would
+  turn into a lost unit);
+- deviation: BackdoorBench's ``astype(uint8)`` wraps values outside 0..255 around
+  (-1 -> 255); we clamp them to 0..255 first.
 """
 
 from __future__ import annotations
@@ -20,23 +29,30 @@ import torch
 
 from utils.triggers import Trigger, require
 
-# OpenCV's documented RGB <-> YCrCb coefficients (8-bit: delta 128)
-_Y = (0.299, 0.587, 0.114)
-_CR, _CB = 0.713, 0.564
-_INV = ((1.0, 1.403, 0.0), (1.0, -0.714, -0.344), (1.0, 0.0, 1.773))  # rows R, G, B; cols Y, Cr-128, Cb-128
+# OpenCV's 8-bit YCrCb coefficients (color_yuv: yuv_shift 14)
+_SHIFT = 14
+_HALF = 1 << (_SHIFT - 1)
+_R2Y, _G2Y, _B2Y, _CR, _CB = 4899, 9617, 1868, 11682, 9241
+_CR2R, _CR2G, _CB2G, _CB2B = 22987, -11698, -5636, 29049
 
 
 def rgb_to_ycrcb(x: torch.Tensor) -> torch.Tensor:
-    """float [B,3,H,W] RGB in 0..255 -> float YCrCb (not rounded)."""
-    r, g, b = x[:, 0], x[:, 1], x[:, 2]
-    y = _Y[0] * r + _Y[1] * g + _Y[2] * b
-    return torch.stack([y, (r - y) * _CR + 128.0, (b - y) * _CB + 128.0], dim=1)
+    """uint8 [B,3,H,W] RGB -> int64 YCrCb in 0..255, as OpenCV's ``COLOR_RGB2YCrCb``."""
+    r, g, b = x.long().unbind(1)
+    y = (r * _R2Y + g * _G2Y + b * _B2Y + _HALF) >> _SHIFT
+    cr = ((r - y) * _CR + (128 << _SHIFT) + _HALF) >> _SHIFT
+    cb = ((b - y) * _CB + (128 << _SHIFT) + _HALF) >> _SHIFT
+    return torch.stack([y, cr, cb], dim=1).clamp(0, 255)
 
 
 def ycrcb_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """float [B,3,H,W] YCrCb -> float RGB (not rounded)."""
-    y, cr, cb = x[:, 0], x[:, 1] - 128.0, x[:, 2] - 128.0
-    return torch.stack([y + _INV[0][1] * cr, y + _INV[1][1] * cr + _INV[1][2] * cb, y + _INV[2][2] * cb], dim=1)
+    """integer YCrCb in 0..255 [B,3,H,W] -> uint8 RGB, as OpenCV's ``COLOR_YCrCb2RGB``."""
+    y, cr, cb = x.long().unbind(1)
+    cr, cb = cr - 128, cb - 128
+    r = y + ((cr * _CR2R + _HALF) >> _SHIFT)
+    g = y + ((cb * _CB2G + cr * _CR2G + _HALF) >> _SHIFT)
+    b = y + ((cb * _CB2B + _HALF) >> _SHIFT)
+    return torch.stack([r, g, b], dim=1).clamp(0, 255).to(torch.uint8)
 
 
 def dct_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
@@ -66,15 +82,15 @@ class TriggerFTrojan(Trigger):
         "yuv_flag": True,
         "window_size": 32,
         "pos_list": [[15, 15], [31, 31]],
-        "magnitude": 50.0,
-        "channel_list": [0, 1, 2],
+        "magnitude": 30.0,
+        "channel_list": [1, 2],
     }
     help = {
-        "yuv_flag": "perturb the DCT of the YCrCb image (True, BackdoorBench) or of the RGB image",
+        "yuv_flag": "perturb the DCT of the YCrCb image (True, BackdoorBench's YUV) or of the RGB image",
         "window_size": "DCT block size dividing 32 (BackdoorBench: 32, one block per image)",
-        "pos_list": "DCT coefficients [row, col] within each block that get the magnitude (default (15,15) and (31,31))",
-        "magnitude": "amount added to each chosen DCT coefficient (BackdoorBench: 50)",
-        "channel_list": "channels whose coefficients are perturbed (BackdoorBench: all; FTrojan paper: [1, 2])",
+        "pos_list": "DCT coefficients [row, col] within each block that get the magnitude (BackdoorBench v2: (15,15), (31,31))",
+        "magnitude": "amount added to each chosen DCT coefficient (BackdoorBench v2: 30)",
+        "channel_list": "channels whose coefficients are perturbed (BackdoorBench v2: [1, 2], U and V)",
     }
 
     def validate(self) -> None:
@@ -92,26 +108,23 @@ class TriggerFTrojan(Trigger):
         )
         m = self.params["magnitude"]
         require(0 < abs(m) <= 1000, f"ftrojan: magnitude must be non-zero and at most 1000 in size, got {m}")
-        mask = torch.zeros(3, w, w, dtype=torch.float64)
+        mask = torch.zeros(1, 3, w, w, dtype=torch.float64)
         for c in ch:
             for r, col in pos:
-                mask[c, r, col] += m
-        self.coef = mask.repeat(1, 32 // w, 32 // w)  # the shift of every block's coefficients
+                mask[0, c, r, col] += m
+        # the pixel-domain pattern that the coefficient shift of every block adds
+        self.pattern = blockwise_dct(mask.repeat(1, 1, 32 // w, 32 // w), w, inverse=True)
 
     def perturbed_float(self, images: torch.Tensor) -> torch.Tensor:
-        """The perturbed image in the DCT's colour space, before any rounding (float64)."""
-        x = images.double()
-        if self.params["yuv_flag"]:
-            x = rgb_to_ycrcb(x).round().clamp(0, 255)  # OpenCV returns uint8 YCrCb
-        w = self.params["window_size"]
-        coef = blockwise_dct(x, w) + self.coef.to(x.device)
-        return blockwise_dct(coef, w, inverse=True)
+        """The perturbed image in the DCT's colour space, before truncation (float64)."""
+        x = rgb_to_ycrcb(images) if self.params["yuv_flag"] else images.long()
+        return x.double() + self.pattern.to(images.device)
 
     def apply(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
-        x = self.perturbed_float(images).clamp(0, 255).floor()
+        x = self.perturbed_float(images).clamp(0, 255).floor()  # astype(uint8), clamped instead of wrapped
         if self.params["yuv_flag"]:
-            x = ycrcb_to_rgb(x).round()
-        return x.clamp(0, 255).to(torch.uint8)
+            return ycrcb_to_rgb(x)
+        return x.to(torch.uint8)
 
 
 TRIGGER = TriggerFTrojan

@@ -5,17 +5,23 @@ Auxiliary training (cached under ``resource_dir/inputaware/gen-<key>/``, checkpo
 every epoch, resumable in either phase):
 
 1. mask phase (``mask_epochs``, BackdoorBench's ``clean_train_epochs`` 25): the mask
-   generator M (an encoder-decoder ending in ``tanh(20 z)/2 + 1/2``) is trained alone on
-   ``lambda_norm * mean(relu(m - mask_density)) + lambda_div * |x1-x2| / |m1-m2|``
-   (density 0.032, lambda_norm 100, lambda_div 1; Adam lr 0.01, betas 0.5/0.9);
+   generator M (an encoder-decoder ending in ``tanh(10 tanh(z))/2 + 1/2``: BackdoorBench's
+   output ``tanh(z)/2 + 1/2`` passed through its ``threshold`` ``tanh(20 m - 10)/2 + 1/2``)
+   is trained alone on ``lambda_norm * mean(relu(m - mask_density)) + lambda_div * div``
+   (density 0.032, lambda_norm 100, lambda_div 1; Adam lr 0.01, betas 0.5/0.9), where
+   ``div`` is the mean over pairs (x1_i, x2_i) of ``|x1_i - x2_i| / |m1_i - m2_i|`` (RMS
+   distances per pair, images CIFAR-normalised as BackdoorBench's loaders give them;
+   BackdoorBench applies lambda_div twice here, the same at its default 1);
 2. joint phase (``aux_epochs``): M is frozen; a classifier C (PreActResNet18; SGD 0.01,
    momentum 0.9, wd 5e-4) and the pattern generator G (same encoder-decoder, output
    ``(tanh + 1)/2``; Adam lr 0.01, betas 0.5/0.9) are trained together. In every batch a
    fraction ``pratio`` of the images becomes backdoored, ``x + (G(x) - x) * M(x)`` with the
    target label, the next ``cross_ratio * pratio`` become cross samples
    ``x + (G(x') - x) * M(x')`` with the trigger of another image x' and their own label,
-   and the rest stay clean; loss = CE + ``lambda_div`` x G's diversity loss
-   ``|x1-x2| / |G(x1)-G(x2)|``.
+   and the rest stay clean; loss = CE + ``lambda_div`` x G's diversity loss, the mean over
+   the pairs (backdoored image x_i, the image x'_i whose trigger the i-th cross sample
+   borrows) of ``|x_i - x'_i| / |G(x_i) - G(x'_i)|`` (normalised as above). Both phases
+   augment with BackdoorBench's RandomCrop(32, 5) + RandomRotation(10) + flip.
 
 Static dataset (deviation, because DataElixir purifies a fixed training set): after
 training, the ``pratio`` poisoned samples chosen by ``build_backdoor_data`` get their own
@@ -36,11 +42,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import build_classifier
-from utils.augment import standard_augment, to_float
+from utils.augment import crop_rotate_flip, to_float
 from utils.data import NUM_CLASSES, ImageSet
 from utils.progress import progress
 from utils.runtime import autocast
-from utils.trainer import Normalized
+from utils.trainer import CIFAR10_MEAN, CIFAR10_STD, Normalized
 from utils.triggers import Log, Trigger, aux_subset, cache_dir, data_fingerprint, require
 from utils.triggers.aux import AUX_HELP, Resumable, check_aux, shuffled_batches
 from utils.triggers.wanet import choose_cross
@@ -78,13 +84,37 @@ def pattern_of(gen: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (torch.tanh(gen(x)) + 1) / 2
 
 
+def mask_nonlinearity(z: torch.Tensor) -> torch.Tensor:
+    """BackdoorBench's mask: ``tanh(20 * (tanh(z)/2 + 1/2) - 10)/2 + 1/2 = tanh(10 tanh(z))/2 + 1/2``."""
+    return torch.tanh(10 * torch.tanh(z)) / 2 + 0.5
+
+
 def mask_of(mgen: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return torch.tanh(mgen(x) * 20) / 2 + 0.5
+    return mask_nonlinearity(mgen(x))
 
 
 def _dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # the epsilon keeps the gradient finite when a batch pairs an image with itself
     return ((a - b).pow(2).flatten(1).mean(1) + 1e-12).sqrt()
+
+
+def diversity_loss(x1: torch.Tensor, x2: torch.Tensor, out1: torch.Tensor, out2: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs i of ``|x1_i - x2_i| / (|out1_i - out2_i| + 1e-7)`` (RMS distances)."""
+    return (_dist(x1, x2) / (_dist(out1, out2) + 1e-7)).mean()
+
+
+_MEAN = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """CIFAR-10 mean/std normalisation: BackdoorBench measures the diversity distances on
+    normalised images (and normalised patterns)."""
+    return (x - _MEAN.to(x.device)) / _STD.to(x.device)
+
+
+# BackdoorBench's Input-aware training transform (crop padding 5, rotation 10, flip)
+_AUGMENT = crop_rotate_flip(5, 10.0)
 
 
 class TriggerInputAware(Trigger):
@@ -141,6 +171,8 @@ class TriggerInputAware(Trigger):
         p = self.params
         settings = {
             "kind": "input-aware generators",
+            # the training recipe: tanh(10 tanh) mask, per-pair normalised diversity, crop 5 + rotation 10 + flip
+            "recipe": 2,
             **{k: p[k] for k in self.defaults if k != "cross_ratio"},
             "cross_ratio": p["cross_ratio"],
             "pratio": self.pratio,
@@ -234,12 +266,12 @@ class TriggerInputAware(Trigger):
                 shuffled_batches(len(data), bs, g), desc=f"inputaware mask {m_done + 1}/{p['mask_epochs']}", leave=False
             )
             for idx in bar:
-                x1 = to_float(standard_augment(data.images[idx], g)).to(device, memory_format=torch.channels_last)
+                x1 = to_float(_AUGMENT(data.images[idx], g)).to(device, memory_format=torch.channels_last)
                 x2 = x1[torch.randperm(len(x1), generator=g).to(device)]
                 with autocast(device):
                     m1, m2 = mask_of(mgen, x1).float(), mask_of(mgen, x2).float()
                 norm = F.relu(m1 - p["mask_density"]).mean()
-                div = (_dist(x1, x2) / (_dist(m1, m2) + 1e-7)).mean()
+                div = diversity_loss(normalise(x1), normalise(x2), m1, m2)
                 loss = p["lambda_norm"] * norm + p["lambda_div"] * div
                 opt_m.zero_grad(set_to_none=True)
                 loss.backward()
@@ -264,6 +296,7 @@ class TriggerInputAware(Trigger):
         n_cross = int(round(n_bd * p["cross_ratio"]))
         n_bd = min(n_bd, bs)
         n_cross = min(n_cross, bs - n_bd)
+        n_pair = min(n_bd, bs - n_bd)  # diversity pairs (BackdoorBench: num_bd)
         while j_done < p["aux_epochs"]:
             t0 = time.time()
             for group in opt_c.param_groups:  # C: milestones 100.. of 100 epochs: constant
@@ -275,22 +308,26 @@ class TriggerInputAware(Trigger):
                 shuffled_batches(len(data), bs, g), desc=f"inputaware joint {j_done + 1}/{p['aux_epochs']}", leave=False
             )
             for idx in bar:
-                x = to_float(standard_augment(data.images[idx], g)).to(device, memory_format=torch.channels_last)
+                x = to_float(_AUGMENT(data.images[idx], g)).to(device, memory_format=torch.channels_last)
                 y = data.labels[idx].to(device)
                 x2 = x[torch.randperm(len(x), generator=g).to(device)]
+                # x2[n_bd + i] lends its trigger to cross sample i and is the diversity partner of x[i]
+                src = x2[n_bd : n_bd + max(n_pair, n_cross)]
                 with autocast(device):
-                    pat = pattern_of(gen, x).float()
-                    pat2 = pattern_of(gen, x2).float()
-                    m = mask_of(mgen, x).float()
-                    m2 = mask_of(mgen, x2).float()
-                    bd = x[:n_bd] + (pat[:n_bd] - x[:n_bd]) * m[:n_bd]
+                    pat = pattern_of(gen, x[:n_bd]).float()
+                    pat2 = pattern_of(gen, src).float()
+                    m = mask_of(mgen, x[:n_bd]).float()
+                    m2 = mask_of(mgen, src[:n_cross]).float()
+                    bd = x[:n_bd] + (pat - x[:n_bd]) * m
                     sl = slice(n_bd, n_bd + n_cross)
-                    cross = x[sl] + (pat2[sl] - x[sl]) * m2[sl]
+                    cross = x[sl] + (pat2[:n_cross] - x[sl]) * m2
                     inputs = torch.cat([bd, cross, x[n_bd + n_cross :]])
                     labels = torch.cat([self._targets(y[:n_bd]), y[n_bd:]])
                     logits = clf(inputs).float()
                 ce = F.cross_entropy(logits, labels)
-                div = (_dist(x, x2) / (_dist(pat, pat2) + 1e-7)).mean()
+                div = diversity_loss(
+                    normalise(x[:n_pair]), normalise(src[:n_pair]), normalise(pat[:n_pair]), normalise(pat2[:n_pair])
+                )
                 loss = ce + p["lambda_div"] * div
                 opt_c.zero_grad(set_to_none=True)
                 opt_g.zero_grad(set_to_none=True)

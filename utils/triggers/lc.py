@@ -1,19 +1,25 @@
-"""Label-consistent attack (Turner et al., 2019) following BackdoorBench.
+"""Label-consistent attack (Turner et al., 2019) following BackdoorBench v1.
 
 Clean-label: only target-class training images are poisoned and keep their label.
 A poisoned training image is made hard to classify by an untargeted L-inf PGD attack
 on an adversarially trained model (eps 8/255, 100 steps of 1.5/255, no random start,
 truncated to uint8 — BackdoorBench's ``resource/label-consistent`` setting), and then
-carries the trigger: a 3x3 black/white checkerboard in each of the four corners
-(``all-corners``; ``bottom-right`` for one), added as +-255 * ``reduced_amplitude`` and
-clipped (BackdoorBench's ``labelConsistentAttack``, amplitude 1). Test images get the
-corner trigger only.
+carries the trigger: a 3x3 black/white checkerboard in the bottom-right corner
+(``lc_trigger: bottom-right``, v1's default, which DataElixir builds on; v2 changed the
+default to ``all-corners``, one in each corner), added as +-255 * ``reduced_amplitude``
+and clipped (BackdoorBench's ``labelConsistentAttack``, amplitude 1).
+
+Test images (ASR / RA): with ``lc_test_pgd: true`` (default, v1) the triggered test
+images are PGD-perturbed copies of the test images (against their true labels, same
+settings) plus the trigger, as v1's ``attack_test_replace_imgs_path``; with ``false``
+they carry the trigger only, like every other attack's.
 
 The adversarially trained model (BackdoorBench downloads a ResNet18 PGD-trained one) is
 trained here: PGD adversarial training (Madry et al.; ``at_steps`` steps of
 ``at_alpha``/255 within ``at_eps``/255, random start) with SGD, weight decay 5e-4 and a
 cosine schedule, checkpointed every epoch under ``resource_dir/lc/at-<key>/`` and
-reused afterwards. The adversarial copies of the poisoned images are cached beside it.
+reused afterwards. The adversarial copies of the poisoned (and test) images are cached
+beside it.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from utils.triggers.aux import AUX_HELP, Resumable, check_aux, shuffled_batches
 _CORNER = torch.tensor([[1, -1, -1], [-1, 1, -1], [1, -1, 1]], dtype=torch.float32)
 
 
-def lc_trigger_mask(kind: str = "all-corners", size: int = 32) -> torch.Tensor:
+def lc_trigger_mask(kind: str = "bottom-right", size: int = 32) -> torch.Tensor:
     """float [1,1,size,size] of -1/0/+1: where the corner checkerboards sit."""
     m = torch.zeros(size, size)
     right = _CORNER.flip(1)
@@ -100,7 +106,8 @@ class TriggerLC(Trigger):
         "adv_alpha": 1.5,
         "adv_steps": 100,
         "reduced_amplitude": 1.0,
-        "lc_trigger": "all-corners",
+        "lc_trigger": "bottom-right",
+        "lc_test_pgd": True,
     }
     help = {
         **AUX_HELP,
@@ -112,7 +119,8 @@ class TriggerLC(Trigger):
         "adv_alpha": "poison crafting: PGD step on the 0-255 scale (BackdoorBench: 1.5)",
         "adv_steps": "poison crafting: PGD steps (BackdoorBench: 100)",
         "reduced_amplitude": "trigger amplitude in [0, 1] (+-255 * amplitude, clipped; BackdoorBench: 1)",
-        "lc_trigger": "all-corners (3x3 checkerboard in every corner, BackdoorBench) or bottom-right",
+        "lc_trigger": "bottom-right (3x3 checkerboard, BackdoorBench v1) or all-corners (one in every corner, v2)",
+        "lc_test_pgd": "ASR/RA on PGD-perturbed test images plus the trigger (true, BackdoorBench v1) or on the trigger alone",
     }
 
     def validate(self) -> None:
@@ -260,30 +268,39 @@ class TriggerLC(Trigger):
             images = self.adversarial(images, pred)
         return self.add_trigger(images)
 
-    def poison_train(
-        self, train: ImageSet, poison_idx: torch.Tensor, new_labels: torch.Tensor, log: Log = print
-    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def cached_adversarial(self, images: torch.Tensor, labels: torch.Tensor, what: str, log: Log) -> torch.Tensor:
+        """``adversarial(images, labels)``, cached beside the model (keyed by the images)."""
         p = self.params
-        src = train.images[poison_idx]
         key = {
             "model": self.folder.name,
-            "poisons": data_fingerprint(ImageSet(src, train.labels[poison_idx])),
+            "poisons": data_fingerprint(ImageSet(images, labels)),
             **{k: p[k] for k in ("adv_eps", "adv_alpha", "adv_steps")},
         }
-        cache = Resumable(self.folder / f"adv-{settings_key(key)}.pt", key, log, "lc adversarial images")
+        cache = Resumable(self.folder / f"adv-{settings_key(key)}.pt", key, log, f"lc adversarial {what} images")
         state = cache.load()
         t0 = time.time()
         if state is None:
-            adv = self.adversarial(src, train.labels[poison_idx])
+            adv = self.adversarial(images, labels)
             cache.save({"images": adv})
         else:
             adv = state["images"]
-            log(f"lc: loaded the adversarial images from {cache.path}")
+            log(f"lc: loaded the adversarial {what} images from {cache.path}")
+        self.aux_info[f"adversarial_{what}_images"] = str(cache.path)
+        self.aux_info[f"pgd_{what}_seconds"] = round(time.time() - t0, 1)
+        return adv
+
+    def poison_train(
+        self, train: ImageSet, poison_idx: torch.Tensor, new_labels: torch.Tensor, log: Log = print
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        adv = self.cached_adversarial(train.images[poison_idx], train.labels[poison_idx], "train", log)
         images = train.images.clone()
         images[poison_idx] = self.add_trigger(adv)
-        self.aux_info["adversarial_images"] = str(cache.path)
-        self.aux_info["pgd_seconds"] = round(time.time() - t0, 1)
         return images, train.labels.clone(), {}
+
+    def poison_test(self, images: torch.Tensor, labels: torch.Tensor, log: Log = print) -> torch.Tensor:
+        if not self.params["lc_test_pgd"]:
+            return super().poison_test(images, labels, log)
+        return self.add_trigger(self.cached_adversarial(images, labels, "test", log))
 
 
 TRIGGER = TriggerLC

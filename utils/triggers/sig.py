@@ -1,7 +1,8 @@
 """SIG (Barni et al., 2019) as in BackdoorBench v1: a horizontal sinusoid
 ``v(i, j) = delta * sin(2 pi j f / 32)`` (same for every row and channel) added to the
-image, clipped to [0, 255] and truncated to uint8. Clean-label: only target-class
-training images get the signal, labels stay; at test time every non-target image does.
+image (float32 pattern, summed in float64 as the reference does), clipped to [0, 255]
+and truncated to uint8. Clean-label: only target-class training images get the signal,
+labels stay; at test time every non-target image does.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ class TriggerSIG(Trigger):
         self.pattern = sig_pattern(d, f)
 
     def apply(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
-        out = images.float() + self.pattern.to(images.device)
+        # BackdoorBench adds the float32 pattern to uint32 pixels in float64, so where the
+        # sine should be 0 but is -3e-14 (column 16 at f 6) truncation loses one unit: kept
+        out = images.double() + self.pattern.to(images.device).double()
         return out.clamp_(0, 255).to(torch.uint8)
 
 
