@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from models import build_classifier
-from utils.runtime import channels_last_safe, memory_format
+from utils.runtime import channels_last_safe, to_channels_last
 from utils.trainer import TrainConfig, train_classifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,10 +23,16 @@ def test_narrow_strided_shortcuts_train_in_the_default_layout_on_cpu():
     assert channels_last_safe(build_classifier("resnet18", 10, 4), torch.device("cuda"))
 
 
-def test_memory_format_follows_the_first_convolution():
-    m = build_classifier("resnet18", 10, 16)
-    assert memory_format(m) == torch.contiguous_format
-    assert memory_format(m.to(memory_format=torch.channels_last)) == torch.channels_last
+def test_to_channels_last_converts_safe_models_and_guards_the_others():
+    cpu = torch.device("cpu")
+    wide = to_channels_last(build_classifier("resnet18", 10, 16), cpu)
+    assert wide.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    narrow = to_channels_last(build_classifier("resnet18", 10, 4), cpu)
+    assert narrow.conv1.weight.is_contiguous()
+    seen = []
+    narrow.conv1.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+    narrow(torch.rand(3, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    assert seen == [True]  # a channels_last batch enters in the default layout
 
 
 def test_width4_classifier_trains_with_two_threads(small_train):
@@ -53,4 +59,4 @@ def test_width4_classifier_trains_with_two_threads(small_train):
     model = build_classifier("preactresnet18", 10, 4)
     cfg = TrainConfig(epochs=1, batch_size=25, lr=0.01, test_every=1)
     train_classifier(model, data, lambda x, g: x, cfg, torch.device("cpu"), log=lambda *_: None)
-    assert memory_format(model) == torch.contiguous_format
+    assert model.conv1.weight.is_contiguous()

@@ -36,12 +36,12 @@ def autocast(device: torch.device, enabled: bool = True):
 
 
 def channels_last_safe(model: nn.Module, device: torch.device) -> bool:
-    """Whether ``model`` may train in channels_last on ``device``.
+    """Whether ``model`` may run in channels_last on ``device``.
 
     torch 2.13's CPU (oneDNN) backward of a strided 1x1 convolution with fewer than 16 input
     channels in channels_last corrupts the heap when more than one thread runs (the process
-    aborts, e.g. the shortcut of a width-4 or width-8 ResNet at batch 25); such models train
-    in the default layout on CPU. Wider models (the CPU recipe's width 16 and up) are unaffected.
+    aborts, e.g. in the shortcut of a width-4 or width-8 ResNet at batch 25; seen on AMD EPYC
+    with AVX-512 bf16). Wider models (the CPU recipe's width 16 and up) are unaffected.
     """
     if device.type != "cpu":
         return True
@@ -51,14 +51,19 @@ def channels_last_safe(model: nn.Module, device: torch.device) -> bool:
     )
 
 
-def memory_format(model: nn.Module) -> torch.memory_format:
-    """The layout ``model``'s inputs should have: its first convolution's weight layout."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            if m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous():
-                return torch.channels_last
-            return torch.contiguous_format
-    return torch.contiguous_format
+def _contiguous_input(_module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.contiguous() if torch.is_tensor(a) else a for a in args)
+
+
+def to_channels_last(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` on ``device`` in channels_last (faster for convolutions under bf16), or,
+    where that is unsafe (:func:`channels_last_safe`), in the default layout with its inputs
+    made contiguous on entry, so callers may pass channels_last batches either way."""
+    model.to(device)
+    if channels_last_safe(model, device):
+        return model.to(memory_format=torch.channels_last)
+    model.register_forward_pre_hook(_contiguous_input)
+    return model
 
 
 def seed_everything(seed: int) -> None:

@@ -23,7 +23,7 @@ from utils.data import ImageSet
 from utils.fileio import atomic_torch_save, safe_torch_load
 from utils.progress import progress
 from utils.run_state import same_settings_or_refuse, tensor_fingerprint
-from utils.runtime import autocast, channels_last_safe
+from utils.runtime import autocast, to_channels_last
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.247, 0.243, 0.261)  # BackdoorBench's values
@@ -144,10 +144,10 @@ def train_classifier(
     optimiser, RNG and history are saved after each epoch and a re-run resumes there.
     """
     tests = tests or {}
-    model.to(device)
-    channels_last = cfg.channels_last and channels_last_safe(model, device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    if cfg.channels_last:
+        to_channels_last(model, device)
+    else:
+        model.to(device)
     opt = optimizer or make_optimizer(model, cfg)
     g = torch.Generator().manual_seed(cfg.seed)
     aug_g = torch.Generator(device=device).manual_seed(cfg.seed + 1)
@@ -191,7 +191,7 @@ def train_classifier(
             for group in opt.param_groups:
                 group["lr"] = lr
             xb = augment(train.images[idx].to(device), aug_g)
-            x = prepare_batch(xb, device, channels_last)
+            x = prepare_batch(xb, device, cfg.channels_last)
             y = labels_all[idx].to(device)
             with autocast(device, cfg.bf16):
                 logits = model(x)

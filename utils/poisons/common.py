@@ -30,7 +30,7 @@ from utils.data import ImageSet
 from utils.fileio import UserError, atomic_torch_save, safe_torch_load
 from utils.progress import progress
 from utils.run_state import same_settings_or_refuse, tensor_fingerprint
-from utils.runtime import autocast, channels_last_safe, memory_format
+from utils.runtime import autocast, channels_last_safe, to_channels_last
 
 IMAGE_DIM = 3 * 32 * 32
 NUM_CLASSES = 10
@@ -182,8 +182,7 @@ class CraftContext:
         """A fresh classifier (seeded), on the device, channels_last where that is safe."""
         torch.manual_seed(self.seed * 7919 + seed_stream)
         model = build_classifier(arch or self.arch, 10, width or self.width)
-        model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if channels_last_safe(model, self.device) else model
+        return to_channels_last(model, self.device)
 
     def bar(self, total: int | None, desc: str, initial: int = 0) -> Any:
         return progress(
@@ -382,8 +381,11 @@ AUGMENTS: dict[str, Callable[..., FloatAugment | None]] = {
 
 
 def forward(model: nn.Module, x: torch.Tensor, bf16: bool, features: bool = False) -> torch.Tensor:
-    """Logits (or pooled features) in float32, the network run in bf16, in the model's layout."""
-    x = x.contiguous(memory_format=memory_format(model))
+    """Logits (or pooled features) in float32, the network run in bf16, channels_last where
+    that is safe (``features`` bypasses :func:`to_channels_last`'s input hook)."""
+    x = x.contiguous(
+        memory_format=torch.channels_last if channels_last_safe(model, x.device) else torch.contiguous_format
+    )
     with autocast(x.device, bf16):
         out = model.features(x) if features else model(x)
     return out.float()

@@ -45,7 +45,7 @@ from models import build_classifier
 from utils.augment import crop_rotate_flip, to_float
 from utils.data import NUM_CLASSES, ImageSet
 from utils.progress import progress
-from utils.runtime import autocast
+from utils.runtime import autocast, to_channels_last
 from utils.trainer import CIFAR10_MEAN, CIFAR10_STD, Normalized
 from utils.triggers import Log, Trigger, aux_subset, cache_dir, data_fingerprint, require
 from utils.triggers.aux import AUX_HELP, Resumable, check_aux, shuffled_batches
@@ -196,8 +196,8 @@ class TriggerInputAware(Trigger):
             info["path"] = str(final.path)
             final.save({"gen": gen.cpu().state_dict(), "mgen": mgen.cpu().state_dict(), "info": info})
             (folder / "train_ckpt.pt").unlink(missing_ok=True)
-        self.gen = gen.to(device, memory_format=torch.channels_last).eval()
-        self.mgen = mgen.to(device, memory_format=torch.channels_last).eval()
+        self.gen = to_channels_last(gen, device).eval()
+        self.mgen = to_channels_last(mgen, device).eval()
         self.aux_info = {"generators": info}
 
     def _targets(self, y: torch.Tensor) -> torch.Tensor:
@@ -210,7 +210,7 @@ class TriggerInputAware(Trigger):
         clf = Normalized(build_classifier(p["aux_arch"], NUM_CLASSES, p["aux_width"])).to(device)
         # channels_last: several times faster for these narrow convolutions on CPU
         for net in (clf, gen, mgen):
-            net.to(device, memory_format=torch.channels_last)
+            to_channels_last(net, device)
         opt_c = torch.optim.SGD(clf.parameters(), lr=p["aux_lr"], momentum=0.9, weight_decay=5e-4)
         opt_g = torch.optim.Adam(gen.parameters(), lr=p["lr_G"], betas=(0.5, 0.9))
         opt_m = torch.optim.Adam(mgen.parameters(), lr=p["lr_M"], betas=(0.5, 0.9))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from utils.augment import random_flip, to_float
 from utils.data import ImageSet
 from utils.progress import progress
-from utils.runtime import autocast
+from utils.runtime import autocast, to_channels_last
 from utils.triggers import Log, Trigger, aux_subset, cache_dir, data_fingerprint, require
 from utils.triggers.aux import AUX_HELP, Resumable, check_aux, shuffled_batches
 
@@ -154,15 +154,15 @@ class TriggerSSBA(Trigger):
             info["path"] = str(final.path)
             final.save({"encoder": enc.cpu().state_dict(), "decoder": dec.cpu().state_dict(), "info": info})
             (folder / "train_ckpt.pt").unlink(missing_ok=True)
-        self.encoder = enc.to(device, memory_format=torch.channels_last).eval()
-        self.decoder = dec.to(device, memory_format=torch.channels_last).eval()
+        self.encoder = to_channels_last(enc, device).eval()
+        self.decoder = to_channels_last(dec, device).eval()
         self.aux_info = {"encoder": info}
 
     def _train(self, enc, dec, data: ImageSet, device, folder: Path, settings: dict, log: Log) -> dict:
         p = self.params
         # channels_last: several times faster for these narrow convolutions on CPU
-        enc.to(device, memory_format=torch.channels_last).train()
-        dec.to(device, memory_format=torch.channels_last).train()
+        to_channels_last(enc, device).train()
+        to_channels_last(dec, device).train()
         opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=p["aux_lr"])
         g = torch.Generator().manual_seed(self.seed)
         ckpt = Resumable(folder / "train_ckpt.pt", settings, log, "ssba training checkpoint")
