@@ -21,7 +21,6 @@ ties) the choice made here is documented at the function.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from utils.augment import to_uint8
-from utils.fileio import UserError, atomic_write_json, atomic_write_text
+from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_state_json
 from utils.purify import chunk_seed, from_model_range, noise_and_denoise, to_model_range
 from utils.trainer import predict
 
@@ -55,10 +54,14 @@ def _candidate_files(out_dir: Path) -> tuple[Path, Path, Path, Path]:
     return out_dir / "candidates.u8", out_dir / "preds.i16", out_dir / "meta.json", out_dir / "done"
 
 
+def _read_meta(meta_p: Path) -> dict:
+    return read_state_json(meta_p, f"delete {meta_p.parent} to rebuild the candidates (the run resumes from there)")
+
+
 def open_candidates(out_dir: str | Path, mode: str = "r") -> tuple[np.memmap, np.memmap, dict]:
     """The candidate images ``uint8 [N, K, 3, 32, 32]`` and labels ``int16 [N, K]`` (memory-mapped)."""
     cand_p, pred_p, meta_p, _ = _candidate_files(Path(out_dir))
-    meta = json.loads(meta_p.read_text())
+    meta = _read_meta(meta_p)
     n, k = meta["n"], meta["k"]
     shape = tuple(meta["image_shape"])
     cand = np.memmap(cand_p, dtype=np.uint8, mode=mode, shape=(n, k, *shape))
@@ -71,7 +74,7 @@ def candidates_complete(out_dir: str | Path) -> bool:
     _, _, meta_p, done = _candidate_files(out_dir)
     if not meta_p.is_file():
         return False
-    meta = json.loads(meta_p.read_text())
+    meta = _read_meta(meta_p)
     return all((done / f"chunk_{c:05d}").is_file() for c in range(meta["chunks"]))
 
 
@@ -155,7 +158,7 @@ def construct_candidates(
         "bf16": bf16,
     }
     if meta_p.is_file():
-        old = {**_META_ADDED_LATER, **json.loads(meta_p.read_text())}
+        old = {**_META_ADDED_LATER, **_read_meta(meta_p)}
         if old != meta:
             raise UserError(
                 f"{out_dir} holds candidates built with other settings ({_diff(old, meta)}); delete that folder to rebuild"
