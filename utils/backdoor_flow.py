@@ -38,6 +38,7 @@ from utils.fileio import (
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
+    check_finite,
     read_state_json,
     read_text_file,
     safe_torch_load,
@@ -303,7 +304,9 @@ def _train_config(cfg: dict[str, Any], lr: float, n_train: int, seed_offset: int
 
 def _load_model(cfg: dict[str, Any], path: Path, device: torch.device) -> torch.nn.Module:
     model = _build_model(cfg)
-    model.load_state_dict(safe_torch_load(path, "classifier"))
+    state = safe_torch_load(path, "classifier")
+    check_finite(state, path)
+    model.load_state_dict(state)
     return model.to(device).eval()
 
 
@@ -391,7 +394,7 @@ def _train_phase(
     model_file, hist_file = rec.path(f"{name}_model.pt"), rec.path(f"{name}_history.json")
     if rec.done(phase) and model_file.is_file() and hist_file.is_file():
         log(f"phase {phase}: done earlier")
-        return _load_model(cfg, model_file, device), json.loads(hist_file.read_text())
+        return _load_model(cfg, model_file, device), read_state_json(hist_file, _DAMAGED_HOW.format(rec=rec.root))
     t0 = time.time()
     model = _build_model(cfg)
     if init is not None:
@@ -549,7 +552,7 @@ def run_attack_then_defence(attack: str, argv: list[str]) -> dict[str, Any]:
     if rec.done("identification") and ident_file.is_file():
         log("phase identification: done earlier")
         st = safe_torch_load(ident_file, "identification results")
-        detection = json.loads(rec.path("target_detection.json").read_text())
+        detection = read_state_json(rec.path("target_detection.json"), _DAMAGED_HOW.format(rec=rec.root))
     else:
         t0 = time.time()
         p = torch.from_numpy(np.asarray(preds).astype(np.int64))

@@ -117,7 +117,7 @@ def _load_failure(e: Exception) -> str:
 
 def check_finite(state: dict, path: str | Path) -> None:
     """Refuse weights holding NaN or Inf: a diverged checkpoint would purify into garbage."""
-    for k, v in state.items():
+    for k, v in state.items() if isinstance(state, dict) else ():
         if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
             bad = "NaN" if bool(torch.isnan(v).any()) else "Inf"
             raise UserError(

@@ -7,6 +7,7 @@ import contextlib
 import math
 import os
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -121,7 +122,9 @@ class ArgParser(argparse.ArgumentParser):
     """argparse whose errors (a bad flag or value) are one-line ``UserError``s, not usage dumps."""
 
     def error(self, message: str):  # type: ignore[override]
-        raise UserError(f"{message} (see --help)")
+        # "argument --lr: must be > 0, got -1" -> "--lr must be > 0, got -1"
+        m = re.match(r"argument (\S+): (must be .*)", message)
+        raise UserError(f"{m.group(1)} {m.group(2)}" if m else f"{message} (see --help)")
 
 
 # --------------------------------------------------------------------------- torchrun
