@@ -181,7 +181,8 @@ def help_text(prog: str, keys: dict[str, Key]) -> str:
     lines += ["", "configuration keys (YAML or --KEY VALUE; defaults in brackets):"]
     for k in keys:
         key = keys[k]
-        lines.append(f"  --{k:<24} {key.help} [{json.dumps(key.default)}]")
+        rng = f" ({key.range.describe()})" if key.range is not None else ""
+        lines.append(f"  --{k:<24} {key.help}{rng} [{json.dumps(key.default)}]")
     return "\n".join(lines)
 
 
