@@ -41,13 +41,22 @@ from utils.poisons.common import (
     state_settings_pair,
 )
 from utils.run_state import OutputLock, check_name, same_settings_or_refuse
-from utils.runtime import resolve_device, str2bool
+from utils.runtime import (
+    ArgParser,
+    Range,
+    number_type,
+    positive_float,
+    positive_int,
+    resolve_device,
+    str2bool,
+    subset_size,
+)
 
 PAUSED_EXIT = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgParser(
         description=__doc__.splitlines()[0],
         epilog="Poison-specific options default to the poison's paper settings (see --list).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -58,10 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--name", default=None, help="output name (default: the poison's name; EM-classwise for --classwise)"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--subset", type=int, default=None, help="CPU scale: poison a class-balanced subset of N images")
+    p.add_argument(
+        "--subset", type=subset_size, default=None, help="CPU scale: poison a class-balanced subset of N images"
+    )
     p.add_argument("--subset_seed", type=int, default=0, help="seed of the subset draw (train.py --subset uses 0)")
     p.add_argument("--arch", default=None, choices=list(CLASSIFIERS), help="surrogate architecture (default resnet18)")
-    p.add_argument("--width", type=int, default=None, help="surrogate width (64 = the papers; 16 = CPU scale)")
+    p.add_argument("--width", type=positive_int, default=None, help="surrogate width (64 = the papers; 16 = CPU scale)")
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--bf16",
@@ -71,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="CPU threads (default: torch's); 1 is several times faster on a machine whose cores are busy",
     )
@@ -81,20 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--work_dir", default=None, help="folder holding poisoned_data/ and resource/ (default: the repository)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs / discard an interrupted run")
-    p.add_argument("--save_every", type=float, default=300.0, help="seconds between state checkpoints")
+    p.add_argument("--save_every", type=positive_float, default=300.0, help="seconds between state checkpoints")
     p.add_argument(
         "--stop_after",
-        type=int,
+        type=positive_int,
         default=None,
         help="pause (state saved, exit code 3) after N units of work (batches/epochs); re-run to resume",
     )
     p.add_argument("--no_progress", action="store_true", help="no progress bars (logs only)")
     g = p.add_argument_group("poison options (each poison takes a subset; defaults: --list)")
-    for name, (typ, _, help_) in OPTIONS.items():
+    for name, (typ, low, help_) in OPTIONS.items():
         if typ is bool:
             g.add_argument(f"--{name}", action="store_true", default=None, help=help_.replace("%", "%%"))
         else:
-            g.add_argument(f"--{name}", type=typ, default=None, help=help_.replace("%", "%%"))
+            # numbers: finite and at least the declared minimum (NaN would pass a plain `v < low` test)
+            kind = number_type(typ, Range(low)) if typ in (int, float) else typ
+            g.add_argument(f"--{name}", type=kind, default=None, help=help_.replace("%", "%%"))
     return p
 
 
@@ -157,14 +170,6 @@ def main_impl(argv: list[str] | None, locks: ExitStack) -> int:
             why = "its surrogate is the diffusion UNet" if spec.name == "ADP" else "it uses no surrogate model"
             raise UserError(f"--arch/--width do not apply to {spec.name}: {why}")
         arch, width = None, None
-    if args.width is not None and args.width < 1:
-        raise UserError(f"--width must be >= 1, got {args.width}")
-    if args.subset is not None and args.subset < 10:
-        raise UserError(f"--subset must be >= 10 (one image per class at least), got {args.subset}")
-    if args.save_every <= 0:
-        raise UserError(f"--save_every must be > 0 seconds, got {args.save_every}")
-    if args.stop_after is not None and args.stop_after < 1:
-        raise UserError(f"--stop_after must be >= 1, got {args.stop_after}")
     name = check_name(args.name or (f"{spec.name}-classwise" if params.get("classwise") else spec.name), "--name")
 
     work = work_dir(args.work_dir)
@@ -172,13 +177,14 @@ def main_impl(argv: list[str] | None, locks: ExitStack) -> int:
     module = importlib.import_module(spec.module)
     if hasattr(module, "preflight"):
         module.preflight(work, params)
-    locks.enter_context(OutputLock(out))
     refuse_overwrite(out, args.overwrite)  # before any work: an existing result stays untouched
     device = resolve_device(args.device)
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    # the data is read (and so checked) before anything is written or discarded
+    train = load_cifar10("train", args.data_root, download=args.download)
+    locks.enter_context(OutputLock(out))
+    refuse_overwrite(out, args.overwrite)  # again under the lock: another process may have finished it
 
     state_dir = out.with_suffix(".work")
     settings = {
@@ -204,7 +210,6 @@ def main_impl(argv: list[str] | None, locks: ExitStack) -> int:
         shutil.rmtree(state_dir)
 
     log = setup_logging(out.with_suffix(".log"), "poison")
-    train = load_cifar10("train", args.data_root, download=args.download)
     subset_idx = None
     if args.subset is not None and args.subset < len(train):
         subset_idx = class_balanced_subset(train.labels, args.subset, args.subset_seed)

@@ -28,32 +28,40 @@ from utils.checkpoints import parse_checkpoint_name, resolve_checkpoint
 from utils.data import ImageSet, read_eclipse_pkl, write_eclipse_pkl
 from utils.diffusion_setup import diffusion_train_command, load_diffusion_model, load_diffusion_spec
 from utils.download import eclipse_manual
-from utils.fileio import UserError, atomic_write_json, cli_main, refuse_overwrite, setup_logging
+from utils.fileio import UserError, atomic_write_json, cli_main, refuse_overwrite, safe_torch_load, setup_logging
 from utils.paths import REPO_ROOT, diff_ckpt_dir, poisoned_file, purified_file, work_dir
 from utils.plots import amplified_difference, save_image_grid
 from utils.purify import noise_std_at, purify_dataset
 from utils.run_state import check_name, file_fingerprint, output_lock
-from utils.runtime import cleanup_distributed, init_distributed, resolve_device, str2bool
+from utils.runtime import (
+    ArgParser,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+    positive_int,
+    resolve_device,
+    str2bool,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = ArgParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # the reference's flags and defaults
     p.add_argument("--config", default="cifar10.yml", help="diffusion YAML: a path, or a file name in config/eclipse/")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--t", type=int, default=100, help="t*: noise level (diffusion step) and number of reverse steps")
+    p.add_argument(
+        "--t", type=positive_int, default=100, help="t*: noise level (diffusion step) and number of reverse steps"
+    )
     p.add_argument(
         "--sparse_diff_model", default="ema_0.9999_250000.pt", help="checkpoint file in diff_ckpt/cifar10/<sparse_set>/"
     )
     p.add_argument("--sparse_set", default="test2000ps8000")
-    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--batch_size", type=positive_int, default=256)
     p.add_argument("--poison", default="EM", help="poisoned_data/cifar10/<POISON>.pkl")
     # additions
     p.add_argument(
         "--respace",
-        type=int,
+        type=positive_int,
         default=None,
         help="K < t*: K evenly spaced reverse steps over the same noise level (faster, a deviation from the paper)",
     )
@@ -72,12 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing purified file")
     args = p.parse_args(argv)
-    if args.t < 1:
-        raise UserError(f"--t must be >= 1, got {args.t}")
-    if args.respace is not None and not 1 <= args.respace:
-        raise UserError(f"--respace must be >= 1, got {args.respace}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     for flag in ("poison", "sparse_set", "sparse_diff_model"):
         check_name(getattr(args, flag), f"--{flag}")
     return args
@@ -123,14 +125,24 @@ def main(argv=None) -> None:
     rank, world = init_distributed(device)
     lock = ExitStack()
     try:
-        lock.enter_context(output_lock(dst, rank, world))
-        refuse_overwrite(dst, args.overwrite)
-        log = setup_logging(dst.with_suffix(".log") if rank == 0 else None, "purification")
+        # every input is checked (and read) before the log or any output is written
         data = read_eclipse_pkl(src)
         base = spec.build_diffusion(respacing="")
         if args.t > base.num_timesteps:
             raise UserError(f"--t {args.t} exceeds the diffusion's {base.num_timesteps} steps")
         model = load_diffusion_model(spec, ckpt, device, hint="train it with train_diffusion.py")
+        lock.enter_context(output_lock(dst, rank, world))
+        refuse_overwrite(dst, args.overwrite)
+        parts = dst.parent / f".{dst.stem}.parts"
+        try:
+            _check_parts_batch_size(parts, len(data), args.batch_size)
+        except UserError:
+            if not args.overwrite:
+                raise
+            if rank == 0:
+                shutil.rmtree(parts, ignore_errors=True)
+            barrier()
+        log = setup_logging(dst.with_suffix(".log") if rank == 0 else None, "purification")
         steps = args.t if args.respace is None else min(args.respace, args.t)
         if rank == 0:
             log.info(
@@ -138,7 +150,6 @@ def main(argv=None) -> None:
                 f"{len(data)} images, {steps} reverse steps, noise std {noise_std_at(base, args.t):.4f} on [-1,1], "
                 f"bf16={args.bf16}, device={device}, processes={world}"
             )
-        parts = dst.parent / f".{dst.stem}.parts"
         stats: dict = {}
         t0 = time.time()
         out = purify_dataset(
@@ -173,6 +184,24 @@ def main(argv=None) -> None:
     finally:
         lock.close()
         cleanup_distributed()
+
+
+def _check_parts_batch_size(parts: Path, n_images: int, batch_size: int) -> None:
+    """Batches of an interrupted run resume only with the same ``--batch_size``: each batch's
+    noise comes from its index, so other batches would mix two runs' noise."""
+    found = sorted(parts.glob("part_*.pt")) if parts.is_dir() else []
+    if not found:
+        return
+    first = found[0]  # the lowest-numbered batch: full-sized unless it is the last one
+    i = int(first.stem.split("_")[1])
+    part = safe_torch_load(first, "purified batch")
+    had = len(part) if isinstance(part, torch.Tensor) else -1
+    expected = max(0, min(batch_size, n_images - i * batch_size))
+    if had != expected:
+        raise UserError(
+            f"{parts} holds batches of an interrupted run with --batch_size {had}, this run has --batch_size "
+            f"{batch_size}; re-run with --batch_size {had} to resume it, or pass --overwrite to start afresh"
+        )
 
 
 def _summary(

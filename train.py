@@ -15,24 +15,43 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import shutil
 import sys
 import time
 from dataclasses import asdict
-
-import torch
 
 from models import CLASSIFIERS, build_classifier
 from utils.augment import compensation_augment, grayscale, jpeg, standard_augment
 from utils.checkpoints import DEFAULT_EMA_RATE, checkpoint_name, ema_checkpoints
 from utils.data import ImageSet, class_balanced_subset, load_cifar10, read_eclipse_pkl
 from utils.download import eclipse_manual
-from utils.fileio import UserError, atomic_write_json, atomic_write_text, cli_main, setup_logging
+from utils.fileio import (
+    UserError,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    cli_main,
+    read_state_json,
+    setup_logging,
+)
 from utils.paths import diff_ckpt_dir, load_poisoned, purified_file, work_dir
 from utils.plots import history_series, save_curves
 from utils.run_state import OutputLock, check_name, same_settings_or_refuse
-from utils.runtime import resolve_device, seed_everything, set_deterministic, str2bool
+from utils.runtime import (
+    ArgParser,
+    Range,
+    fraction,
+    nonneg_float,
+    nonneg_int,
+    number_type,
+    positive_float,
+    positive_int,
+    resolve_device,
+    seed_everything,
+    set_deterministic,
+    str2bool,
+    subset_size,
+)
 from utils.trainer import TrainConfig, train_classifier
 
 RESULTS_COLUMNS = ["pure", "arch", "poison", "sparse_set", "t", "p", "std", "acc"]
@@ -40,20 +59,20 @@ EXTRA_COLUMNS = ["defense", "width", "epochs", "n_train", "seed", "run"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = ArgParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # the reference's flags and defaults
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--epochs", type=int, default=80)
+    p.add_argument("--lr", type=positive_float, default=0.1)
+    p.add_argument("--epochs", type=positive_int, default=80)
     p.add_argument("--arch", default="resnet18", choices=list(CLASSIFIERS))
     p.add_argument("--poison", default="EM", help="poisoned_data/cifar10/<POISON>.pkl, or 'clean'")
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--t", type=int, default=100, help="t* of the purified set (with --pure)")
-    p.add_argument("--iter", type=int, default=250000, help="diffusion iteration of the purified set (with --pure)")
+    p.add_argument("--batch_size", type=positive_int, default=128)
+    p.add_argument("--t", type=positive_int, default=100, help="t* of the purified set (with --pure)")
+    p.add_argument(
+        "--iter", type=nonneg_int, default=250000, help="diffusion iteration of the purified set (with --pure)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--std", type=float, default=0.05, help="compensation: Gaussian noise std on [0, 1]")
-    p.add_argument("--p", type=float, default=0.4, help="compensation: random grayscale probability")
+    p.add_argument("--std", type=nonneg_float, default=0.05, help="compensation: Gaussian noise std on [0, 1]")
+    p.add_argument("--p", type=fraction, default=0.4, help="compensation: random grayscale probability")
     p.add_argument("--sparse_set", default="test2000ps8000")
     p.add_argument(
         "--pure", action="store_true", help="ECLIPSE: train on the purified set with corruption compensation"
@@ -62,16 +81,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--defense", choices=["none", "jpeg", "grayscale"], default="none", help="ISS baselines (JPEG / grayscale)"
     )
-    p.add_argument("--jpeg_quality", type=int, default=10)
-    p.add_argument("--width", type=int, default=64, help="first-stage channels (64 = paper; 16 = CPU-scale variant)")
-    p.add_argument("--weight_decay", type=float, default=0.0, help="the reference uses none")
+    p.add_argument("--jpeg_quality", type=number_type(int, Range(1, 100)), default=10)
+    p.add_argument(
+        "--width", type=positive_int, default=64, help="first-stage channels (64 = paper; 16 = CPU-scale variant)"
+    )
+    p.add_argument("--weight_decay", type=nonneg_float, default=0.0, help="the reference uses none")
     p.add_argument(
         "--schedule", choices=["constant", "cosine", "onecycle"], default="constant", help="the reference: constant"
     )
-    p.add_argument("--test_every", type=int, default=5)
-    p.add_argument("--subset", type=int, default=None, help="--poison clean only: class-balanced subset of N images")
+    p.add_argument("--test_every", type=positive_int, default=5)
+    p.add_argument(
+        "--subset", type=subset_size, default=None, help="--poison clean only: class-balanced subset of N images"
+    )
     p.add_argument("--subset_seed", type=int, default=0)
-    p.add_argument("--test_subset", type=int, default=None, help="evaluate on a class-balanced subset of the test set")
+    p.add_argument(
+        "--test_subset", type=subset_size, default=None, help="evaluate on a class-balanced subset of the test set"
+    )
     p.add_argument("--quantize", choices=["truncate", "round"], default="truncate", help="compensation re-quantisation")
     p.add_argument(
         "--drop_last",
@@ -96,13 +121,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--overwrite", action="store_true", help="redo a finished run with the same name")
     a = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "width", "test_every"):
-        if getattr(a, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(a, name)}")
-    if not 0 <= a.p <= 1:
-        raise UserError(f"--p must be a probability in [0, 1], got {a.p}")
-    if a.std < 0:
-        raise UserError(f"--std must be >= 0, got {a.std}")
     if a.pure and a.defense != "none":
         raise UserError("--pure (ECLIPSE) and --defense (ISS) are alternative defences; pick one")
     if a.run_name is None:
@@ -144,36 +162,39 @@ def main(argv=None) -> None:
         k: v for k, v in vars(args).items() if k not in ("device", "overwrite", "work_dir", "data_root", "download")
     }
     result_path = run / "result.json"
-    with OutputLock(run):
-        _run(args, work, run, settings, result_path)
-
-
-def _run(args, work, run, settings: dict, result_path) -> None:
     # an interrupted run records its settings too, so a re-run never resumes another's checkpoint
     stored = run / "settings.json"
-    old = json.loads(result_path.read_text()) if result_path.is_file() else None
-    old_settings = old["settings"] if old else json.loads(stored.read_text()) if stored.is_file() else None
     hint = "pass --run_name NAME or --overwrite"
+    old = read_state_json(result_path, hint) if result_path.is_file() else None
+    old_settings = old.get("settings") if old else read_state_json(stored, hint) if stored.is_file() else None
     same = same_settings_or_refuse(run, old_settings, settings, overwrite=args.overwrite, hint=hint)
     if old and same and not args.overwrite:
         print(f"{run} is finished: test accuracy {old['final_test_acc']:.2f}% (pass --overwrite to redo it)")
         return
-    if old or (old_settings is not None and not same):
+    # every input is checked (and read) before the run folder is made
+    device = resolve_device(args.device)
+    train, source = load_training_set(args, work)
+    test = load_cifar10("test", args.data_root, download=args.download)
+    discard = bool(old) or (old_settings is not None and not same)
+    with OutputLock(run):
+        _run(args, work, run, settings, discard, device, train, source, test)
+
+
+def _run(args, work, run, settings: dict, discard: bool, device, train: ImageSet, source: str, test: ImageSet) -> None:
+    result_path, stored = run / "result.json", run / "settings.json"
+    if discard:
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(stored, settings)
     log = setup_logging(run / "train.log", "train")
     seed_everything(args.seed)
     set_deterministic(args.deterministic)
-    device = resolve_device(args.device)
 
-    train, source = load_training_set(args, work)
     if args.defense == "grayscale":
         train = ImageSet(grayscale(train.images), train.labels)
     elif args.defense == "jpeg":
         train = ImageSet(jpeg(train.images, args.jpeg_quality), train.labels)
     augment = compensation_augment(args.p, args.std, args.quantize) if args.pure else standard_augment
-    test = load_cifar10("test", args.data_root, download=args.download)
     if args.test_subset:
         test = test.subset(class_balanced_subset(test.labels, args.test_subset, 0))
     model = build_classifier(args.arch, 10, args.width)
@@ -219,7 +240,7 @@ def _run(args, work, run, settings: dict, result_path) -> None:
         },
     )
     (run / "checkpoint.pt").unlink(missing_ok=True)
-    torch.save(model.state_dict(), run / "model.pt")
+    atomic_torch_save(model.state_dict(), run / "model.pt")
     log.info(f"Test Acc: {acc:.2f}  ({seconds:.0f} s) -> {result_path}")
     print(f"Finished Training: test accuracy {acc:.2f}%")
 
@@ -233,14 +254,17 @@ def _append_results(work, args, acc: float, n_train: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     _migrate_results(path, extra)
     row = [args.pure, args.arch, args.poison, args.sparse_set, args.t, args.p, args.std, acc]
-    with open(path, "a", newline="") as f:
-        csv.writer(f).writerow(row)
     new = not extra.exists()
-    with open(extra, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(RESULTS_COLUMNS + EXTRA_COLUMNS)
-        w.writerow(row + [args.defense, args.width, args.epochs, n_train, args.seed, args.run_name])
+    try:
+        with open(path, "a", newline="") as f:
+            csv.writer(f).writerow(row)
+        with open(extra, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(RESULTS_COLUMNS + EXTRA_COLUMNS)
+            w.writerow(row + [args.defense, args.width, args.epochs, n_train, args.seed, args.run_name])
+    except OSError as e:  # a full disk fails the write itself, with no path in the error
+        raise OSError(e.errno, e.strerror, e.filename or str(path)) from e
 
 
 def _migrate_results(path, extra) -> None:

@@ -17,7 +17,6 @@ Re-running the same command resumes from the newest checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from contextlib import ExitStack
 from dataclasses import asdict
@@ -29,32 +28,44 @@ from utils.checkpoints import checkpoint_name
 from utils.data import load_cifar10
 from utils.diffusion_setup import load_diffusion_spec
 from utils.diffusion_training import DiffusionTrainConfig, train_diffusion
-from utils.fileio import UserError, atomic_write_json, cli_main, setup_logging
+from utils.fileio import UserError, atomic_write_json, cli_main, read_state_json, setup_logging
 from utils.paths import diff_ckpt_dir, work_dir
 from utils.run_state import check_name, output_lock, same_settings_or_refuse
-from utils.runtime import barrier, cleanup_distributed, init_distributed, resolve_device, seed_everything, str2bool
+from utils.runtime import (
+    ArgParser,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+    nonneg_float,
+    open_fraction,
+    positive_float,
+    positive_int,
+    resolve_device,
+    seed_everything,
+    str2bool,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = ArgParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default="config/eclipse/cifar10.yml", help="model + diffusion YAML")
     p.add_argument("--source", choices=["test", "train"], default="test", help="split the clean images come from")
-    p.add_argument("--num_clean", type=int, default=2000, help="B: clean images drawn at random (with --seed)")
-    p.add_argument("--replicas", type=int, default=4, help="M: copies of each image in the training set")
+    p.add_argument("--num_clean", type=positive_int, default=2000, help="B: clean images drawn at random (with --seed)")
+    p.add_argument("--replicas", type=positive_int, default=4, help="M: copies of each image in the training set")
     p.add_argument("--sparse_set", default=None, help="run name; default <source><B>ps<B*M>, e.g. test2000ps8000")
-    p.add_argument("--iterations", type=int, default=250_000)
-    p.add_argument("--batch_size", type=int, default=128, help="global batch (split across torchrun processes)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight_decay", type=float, default=0.0)
-    p.add_argument("--ema_rate", type=float, default=0.9999)
-    p.add_argument("--save_interval", type=int, default=10_000)
-    p.add_argument("--log_interval", type=int, default=100)
+    p.add_argument("--iterations", type=positive_int, default=250_000)
+    p.add_argument(
+        "--batch_size", type=positive_int, default=128, help="global batch (split across torchrun processes)"
+    )
+    p.add_argument("--lr", type=positive_float, default=1e-4)
+    p.add_argument("--weight_decay", type=nonneg_float, default=0.0)
+    p.add_argument("--ema_rate", type=open_fraction, default=0.9999)
+    p.add_argument("--save_interval", type=positive_int, default=10_000)
+    p.add_argument("--log_interval", type=positive_int, default=100)
     p.add_argument("--flip", type=str2bool, default=False, help="random horizontal flip (the paper: off)")
     p.add_argument(
         "--max_timestep",
-        type=int,
+        type=positive_int,
         default=None,
         help="CPU-scale deviation: sample training timesteps only below this (purification uses t < t*)",
     )
@@ -66,11 +77,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work_dir", default=None, help="folder holding diff_ckpt/ (default: the repository)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run with other settings")
     args = p.parse_args(argv)
-    for name in ("num_clean", "replicas", "iterations", "batch_size", "save_interval", "log_interval"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not 0 < args.ema_rate < 1:
-        raise UserError(f"--ema_rate must be in (0, 1), got {args.ema_rate}")
     if args.sparse_set is None:
         args.sparse_set = f"{args.source}{args.num_clean}ps{args.num_clean * args.replicas}"
     check_name(args.sparse_set, "--sparse_set")
@@ -89,14 +95,14 @@ def sparse_set_indices(n_available: int, num_clean: int, seed: int) -> torch.Ten
 def main(argv=None) -> None:
     args = parse_args(argv)
     spec = load_diffusion_spec(args.config)
+    steps = spec.build_diffusion(respacing="").num_timesteps
+    if args.max_timestep is not None and args.max_timestep > steps:
+        raise UserError(f"--max_timestep {args.max_timestep} exceeds the diffusion's {steps} steps ({args.config})")
     device = resolve_device(args.device)
     rank, world = init_distributed(device)
     lock = ExitStack()
     try:
         out = diff_ckpt_dir(work_dir(args.work_dir), args.sparse_set)
-        lock.enter_context(output_lock(out, rank, world))
-        out.mkdir(parents=True, exist_ok=True)
-        log = setup_logging(out / "train.log" if rank == 0 else None, "train_diffusion")
         cfg = DiffusionTrainConfig(
             iterations=args.iterations,
             batch_size=args.batch_size,
@@ -122,11 +128,19 @@ def main(argv=None) -> None:
                 k: v for k, v in asdict(cfg).items() if k not in ("iterations", "save_interval", "log_interval")
             },
         }
-        _check_same_run(out / "run.json", settings, args.overwrite, rank)
-
+        # every input is checked before the run folder is made or an old run is discarded
         clean = load_cifar10(args.source, args.data_root, download=args.download)
+        lock.enter_context(output_lock(out, rank, world))
+        discard = _check_same_run(out / "run.json", settings, args.overwrite)
         idx = sparse_set_indices(len(clean), args.num_clean, args.seed)
         images = clean.images[idx].repeat(args.replicas, 1, 1, 1)  # ECLIPSE Eq. 3: D_s plus its duplicates
+        if discard and rank == 0:
+            for f in list(out.glob("*.pt")) + [out / "progress.csv", out / "loss.png"]:
+                f.unlink(missing_ok=True)
+        barrier()
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        log = setup_logging(out / "train.log" if rank == 0 else None, "train_diffusion")
         if rank == 0:
             atomic_write_json(
                 out / "sparse_set.json", {**settings["sparse_set"], "split": args.source, "indices": idx.tolist()}
@@ -146,18 +160,22 @@ def main(argv=None) -> None:
         cleanup_distributed()
 
 
-def _check_same_run(path: Path, settings: dict, overwrite: bool, rank: int) -> None:
-    """Resume only a run with the same settings; never mix two runs in one folder."""
+def _check_same_run(path: Path, settings: dict, overwrite: bool) -> bool:
+    """Resume only a run with the same settings; never mix two runs in one folder.
+    Returns whether the folder's run is to be discarded (``--overwrite``)."""
     if not path.is_file():
-        return
-    old = {k: v for k, v in json.loads(path.read_text()).items() if k in settings}
+        return False
+    try:
+        old = read_state_json(
+            path, "pass --overwrite to discard the run in that folder, or choose another --sparse_set"
+        )
+    except UserError:
+        if overwrite:
+            return True
+        raise
+    old = {k: v for k, v in old.items() if k in settings} if isinstance(old, dict) else None
     hint = "choose another --sparse_set or pass --overwrite to discard it"
-    if same_settings_or_refuse(path.parent, old, settings, overwrite=overwrite, hint=hint):
-        return
-    if rank == 0:
-        for f in list(path.parent.glob("*.pt")) + [path.parent / "progress.csv", path.parent / "loss.png"]:
-            f.unlink(missing_ok=True)
-    barrier()
+    return not same_settings_or_refuse(path.parent, old, settings, overwrite=overwrite, hint=hint)
 
 
 if __name__ == "__main__":

@@ -400,7 +400,7 @@ def test_train_bad_inputs(tmp_path, capsys):
         (["--poison", "EM", "--pure"], "purified dataset not found"),
         (["--poison", "EM", "--pure", "--defense", "jpeg"], "alternative defences"),
         (["--poison", "EM"], "poison.py --poison EM"),
-        (["--poison", "clean", "--p", "1.5"], "--p must be a probability"),
+        (["--poison", "clean", "--p", "1.5"], "--p must be in [0, 1]"),
         (["--poison", "clean", "--epochs", "0"], "--epochs must be >= 1"),
     ]
     # the hint names the EMA checkpoint that exists for --iter (any rate, either spelling)

@@ -33,18 +33,26 @@ import numpy as np
 import torch
 
 from utils.backdoor import ATTACKS, COMMON_DEFAULTS, COMMON_HELP, BackdoorData, build_backdoor_data
-from utils.data import NUM_CLASSES, ImageSet, class_balanced_subset, load_cifar10
+from utils.data import NUM_CLASSES, ImageSet, class_balanced_subset, load_cifar10, locate_cifar10
 from utils.fileio import (
     UserError,
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
+    check_finite,
+    read_state_json,
+    read_text_file,
     safe_torch_load,
     setup_logging,
 )
 from utils.paths import REPO_ROOT, record_dir, resource_dir, work_dir
 from utils.run_state import OutputLock, same_settings_or_refuse
+from utils.runtime import Range
 from utils.yaml_config import Key, dump_yaml, keys_from_defaults, parse_config, resolve_path
+
+_POS, _NONNEG, _GT0 = Range(1), Range(0), Range(0, low_open=True)
+# a class-balanced subset needs one image per class at least
+_SUBSET = Range(10)
 
 # --------------------------------------------------------------------------- configuration keys
 
@@ -56,23 +64,23 @@ TRAIN_KEYS: dict[str, Key] = {
     "amp": Key(False, "bf16 autocast for the three classifier trainings (BackdoorBench's amp flag)"),
     "dataset": Key("cifar10", "dataset (only cifar10)", choices=("cifar10",)),
     "dataset_path": Key(None, "CIFAR-10 folder (default: $CIFAR10_ROOT, else data/cifar10)", type=str, nullable=True),
-    "subset": Key(None, "class-balanced training subset size (CPU scale; null = all 50,000)", type=int, nullable=True),
-    "test_subset": Key(None, "class-balanced test subset size (null = all 10,000)", type=int, nullable=True),
+    "subset": Key(None, "class-balanced training subset size (CPU scale; null = all 50,000)", int, True, range=_SUBSET),
+    "test_subset": Key(None, "class-balanced test subset size (null = all 10,000)", int, True, range=_SUBSET),
     "model": Key("preactresnet18", "classifier architecture (BackdoorBench: preactresnet18)"),
-    "model_width": Key(64, "base width of the classifier (64 = paper size)"),
+    "model_width": Key(64, "base width of the classifier (64 = paper size)", range=_POS),
     "client_optimizer": Key("sgd", "optimiser (only sgd)", choices=("sgd",)),
     "lr_scheduler": Key(
         "CosineAnnealingLR",
         "per-epoch schedule: CosineAnnealingLR (BackdoorBench's default) or MultiStepLR (its WaNet and Input-aware)",
         choices=("CosineAnnealingLR", "MultiStepLR"),
     ),
+    "batch_size": Key(128, "training batch size", range=_POS),
+    "lr": Key(0.01, "learning rate of the backdoored and stage-1 models", range=_GT0),
+    "sgd_momentum": Key(0.9, "SGD momentum", range=Range(0, 1, high_open=True)),
+    "wd": Key(0.0005, "SGD weight decay", range=_NONNEG),
+    "epochs": Key(100, "epochs of each of the three trainings (backdoored, stage 1, stage 2)", range=_POS),
     "steplr_milestones": Key([100, 200, 300, 400], "MultiStepLR: epochs at which the lr is multiplied by steplr_gamma"),
-    "steplr_gamma": Key(0.1, "MultiStepLR: factor applied at each milestone"),
-    "batch_size": Key(128, "training batch size"),
-    "lr": Key(0.01, "learning rate of the backdoored and stage-1 models"),
-    "sgd_momentum": Key(0.9, "SGD momentum"),
-    "wd": Key(0.0005, "SGD weight decay"),
-    "epochs": Key(100, "epochs of each of the three trainings (backdoored, stage 1, stage 2)"),
+    "steplr_gamma": Key(0.1, "MultiStepLR: factor applied at each milestone", range=_GT0),
     "train_augment": Key(
         "crop_flip",
         "training augmentation: crop_flip (BackdoorBench's RandomCrop(32, 4) + flip), crop_rotate_flip "
@@ -80,25 +88,27 @@ TRAIN_KEYS: dict[str, Key] = {
         "or none (CPU scale)",
         choices=("crop_flip", "crop_rotate_flip", "none"),
     ),
-    "random_crop": Key(5, "crop_rotate_flip: zero padding of the random crop (BackdoorBench: 5)"),
-    "random_rotation": Key(10.0, "crop_rotate_flip: largest rotation in degrees (BackdoorBench: 10)"),
-    "crop_prob": Key(1.0, "crop_rotate_flip: probability that an image is cropped"),
-    "rotation_prob": Key(1.0, "crop_rotate_flip: probability that an image is rotated"),
+    "random_crop": Key(5, "crop_rotate_flip: zero padding of the random crop (BackdoorBench: 5)", range=Range(0, 16)),
+    "random_rotation": Key(
+        10.0, "crop_rotate_flip: largest rotation in degrees (BackdoorBench: 10)", range=Range(0, 180)
+    ),
+    "crop_prob": Key(1.0, "crop_rotate_flip: probability that an image is cropped", range=Range(0, 1)),
+    "rotation_prob": Key(1.0, "crop_rotate_flip: probability that an image is rotated", range=Range(0, 1)),
     "rotation_interp": Key(
         "nearest",
         "crop_rotate_flip: nearest (torchvision, Input-aware) or bilinear (kornia, WaNet)",
         choices=("nearest", "bilinear"),
     ),
-    "frequency_save": Key(100, "kept for BackdoorBench compatibility; checkpoints are written every epoch"),
+    "frequency_save": Key(100, "kept for BackdoorBench compatibility; checkpoints are written every epoch", range=_POS),
 }
 
 DEFENCE_KEYS: dict[str, Key] = {
-    "purify_batch_size": Key(1024, "samples per candidate-construction chunk (one resumable unit)"),
-    "steps_T": Key(150, "DataElixir T: noise to step T, then T reverse steps"),
-    "rounds_n": Key(5, "DataElixir n: rounds of noise-and-denoise per sample"),
-    "last_steps_m": Key(10, "DataElixir m: reverse-step samples kept per round"),
-    "threshold_tau": Key(5, "DataElixir tau: label-transition threshold"),
-    "ft_lr": Key(0.002, "learning rate of the stage-2 fine-tuning"),
+    "purify_batch_size": Key(1024, "samples per candidate-construction chunk (one resumable unit)", range=_POS),
+    "steps_T": Key(150, "DataElixir T: noise to step T, then T reverse steps", range=_POS),
+    "rounds_n": Key(5, "DataElixir n: rounds of noise-and-denoise per sample", range=_POS),
+    "last_steps_m": Key(10, "DataElixir m: reverse-step samples kept per round", range=_POS),
+    "threshold_tau": Key(5, "DataElixir tau: label-transition threshold", range=_NONNEG),
+    "ft_lr": Key(0.002, "learning rate of the stage-2 fine-tuning", range=_GT0),
     "detection_tail": Key(
         "two_sided",
         "target-label MAD score: two_sided (the paper's |metric - median|) or upper (only classes that "
@@ -125,7 +135,7 @@ DEFENCE_KEYS: dict[str, Key] = {
         False, "turn on every reference-code option: noise_offset 1, ssim_mode reference, original_round_trip true"
     ),
     "purify_respace": Key(
-        None, "reverse steps per round (null = steps_T; fewer = CPU-scale deviation)", type=int, nullable=True
+        None, "reverse steps per round (null = steps_T; fewer = CPU-scale deviation)", int, True, range=_POS
     ),
     "purify_dense_tail": Key(
         False,
@@ -140,6 +150,8 @@ def attack_keys(attack: str) -> dict[str, Key]:
     spec = ATTACKS[attack]
     common = keys_from_defaults(COMMON_DEFAULTS, COMMON_HELP)
     common["attack_label_trans"] = Key("all2one", COMMON_HELP["attack_label_trans"], choices=("all2one", "all2all"))
+    common["attack_target"] = Key(0, COMMON_HELP["attack_target"], range=Range(0, NUM_CLASSES - 1))
+    common["pratio"] = Key(COMMON_DEFAULTS["pratio"], COMMON_HELP["pratio"], range=Range(0, 1, low_open=True))
     own = keys_from_defaults(spec.defaults, spec.help)
     clash = set(own) & (set(TRAIN_KEYS) | set(DEFENCE_KEYS) | set(common))
     if clash:  # pragma: no cover - a programming error in a trigger module
@@ -155,42 +167,35 @@ def all_known_keys() -> set[str]:
 
 
 def validate(cfg: dict[str, Any], attack: str) -> None:
+    """Checks beyond each key's type and range (those are checked while parsing)."""
     from models import CLASSIFIERS
     from utils import dataelixir as de
+    from utils.triggers import get_trigger
 
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise UserError(msg)
-
-    need(cfg["model"] in CLASSIFIERS, f"model must be one of {', '.join(CLASSIFIERS)}, got {cfg['model']!r}")
-    for k in ("model_width", "batch_size", "epochs", "purify_batch_size", "steps_T", "rounds_n", "last_steps_m"):
-        need(cfg[k] >= 1, f"{k} must be >= 1, got {cfg[k]}")
-    need(cfg["threshold_tau"] >= 0, f"threshold_tau must be >= 0, got {cfg['threshold_tau']}")
+    if cfg["model"] not in CLASSIFIERS:
+        raise UserError(f"model must be one of {', '.join(CLASSIFIERS)}, got {cfg['model']!r}")
     ms = cfg["steplr_milestones"]
-    need(
-        all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in ms),
-        f"steplr_milestones must be a list of epochs >= 1, got {ms!r}",
-    )
-    need(cfg["steplr_gamma"] > 0, f"steplr_gamma must be > 0, got {cfg['steplr_gamma']}")
-    need(0 <= cfg["random_crop"] <= 16, f"random_crop must be in 0..16 (padding in pixels), got {cfg['random_crop']}")
-    need(
-        0 <= cfg["random_rotation"] <= 180, f"random_rotation must be in [0, 180] degrees, got {cfg['random_rotation']}"
-    )
-    for k in ("crop_prob", "rotation_prob"):
-        need(0 <= cfg[k] <= 1, f"{k} must be in [0, 1], got {cfg[k]}")
-    for k in ("lr", "ft_lr"):
-        need(cfg[k] > 0, f"{k} must be > 0, got {cfg[k]}")
-    for k in ("subset", "test_subset"):
-        need(cfg[k] is None or cfg[k] >= 10, f"{k} must be null or >= 10, got {cfg[k]}")
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in ms):
+        raise UserError(f"steplr_milestones must be a list of epochs >= 1, got {ms!r}")
     de.check_step_settings(
         cfg["steps_T"], cfg["rounds_n"], cfg["last_steps_m"], cfg["purify_respace"], cfg["purify_dense_tail"]
     )
     if cfg["attack_label_trans"] == "all2all" and not ATTACKS[attack].supports_all2all:
         raise UserError(f"{attack} supports only attack_label_trans all2one")
+    # the trigger checks its own keys when built (cheap: its models are made later, in prepare)
+    get_trigger(attack)(
+        cfg,
+        seed=cfg["random_seed"],
+        target=cfg["attack_target"],
+        label_trans=cfg["attack_label_trans"],
+        pratio=cfg["pratio"],
+    )
 
 
 # --------------------------------------------------------------------------- record folder
 
+# how to go on from a damaged state file of a record folder
+_DAMAGED_HOW = "re-run with --overwrite to start {rec} afresh, or use another --save_folder_name"
 PHASES = ("attack", "backdoor_training", "candidates", "identification", "stage1", "stage2", "final")
 # settings that do not change results: a resumed run may use another value
 _RUN_ONLY = {"device", "frequency_save"}
@@ -202,7 +207,9 @@ class Record:
     def __init__(self, root: Path):
         self.root = root
         self.phases_file = root / "phases.json"
-        self.phases: dict[str, dict] = json.loads(self.phases_file.read_text()) if self.phases_file.is_file() else {}
+        self.phases: dict[str, dict] = (
+            read_state_json(self.phases_file, _DAMAGED_HOW.format(rec=root)) if self.phases_file.is_file() else {}
+        )
 
     def done(self, phase: str) -> bool:
         return bool(self.phases.get(phase, {}).get("done"))
@@ -233,7 +240,13 @@ def open_record(
         else:
             import yaml
 
-            old = {**(defaults or {}), **(yaml.safe_load(cfg_file.read_text()) or {})}
+            try:
+                stored = yaml.safe_load(read_text_file(cfg_file, "record configuration"))
+            except yaml.YAMLError:
+                stored = None
+            if not isinstance(stored, dict) or "attack" not in stored:
+                raise UserError(f"{cfg_file} is damaged; " + _DAMAGED_HOW.format(rec=rec))
+            old = {**(defaults or {}), **stored}
             hint = "use another --save_folder_name or pass --overwrite to replace it"
             same_settings_or_refuse(rec, old, resolved, hint=hint, ignore=tuple(_RUN_ONLY))
             return Record(rec), True
@@ -334,7 +347,9 @@ def _train_config(cfg: dict[str, Any], lr: float, n_train: int, seed_offset: int
 
 def _load_model(cfg: dict[str, Any], path: Path, device: torch.device) -> torch.nn.Module:
     model = _build_model(cfg)
-    model.load_state_dict(safe_torch_load(path, "classifier"))
+    state = safe_torch_load(path, "classifier")
+    check_finite(state, path)
+    model.load_state_dict(state)
     return model.to(device).eval()
 
 
@@ -422,7 +437,7 @@ def _train_phase(
     model_file, hist_file = rec.path(f"{name}_model.pt"), rec.path(f"{name}_history.json")
     if rec.done(phase) and model_file.is_file() and hist_file.is_file():
         log(f"phase {phase}: done earlier")
-        return _load_model(cfg, model_file, device), json.loads(hist_file.read_text())
+        return _load_model(cfg, model_file, device), read_state_json(hist_file, _DAMAGED_HOW.format(rec=rec.root))
     t0 = time.time()
     model = _build_model(cfg)
     if init is not None:
@@ -473,23 +488,30 @@ def _run_flow(attack: str, argv: list[str], locks: ExitStack) -> dict[str, Any]:
 
     cfg = apply_reference_exact(cfg)
     work = work_dir(run.work_dir)
+    # everything is checked before the record folder is made, so a refused command leaves nothing behind
     resolve_path(cfg["diffusion_config"], "diffusion config")
-    # fail before hours of attack and training, not when the defence starts
-    if not (record_dir(work, run.save_folder_name) / "candidates" / "done").is_dir():
-        _diffusion_ckpt(cfg, work)
+    rec_dir = record_dir(work, run.save_folder_name)
+    if not (rec_dir / "attack_data.pt").is_file():
+        locate_cifar10(_data_root(cfg))
+    device = resolve_device(cfg["device"])
+    if not (rec_dir / "candidates" / "done").is_dir():
+        # load the DDPM now (weights-only, strict, finite): a bad file fails before hours of attack and training
+        _diffusion(cfg, work, torch.device("cpu"))
     resolved = {"attack": attack, **cfg}
-    locks.enter_context(OutputLock(record_dir(work, run.save_folder_name)))
-    rec, resumed = open_record(
-        record_dir(work, run.save_folder_name), resolved, run.overwrite, {k: v.default for k, v in keys.items()}
-    )
+    locks.enter_context(OutputLock(rec_dir))
+    rec, resumed = open_record(rec_dir, resolved, run.overwrite, {k: v.default for k, v in keys.items()})
     logger = setup_logging(rec.path("run.log"), name=f"dataelixir.{run.save_folder_name}")
     log = logger.info
     log(f"{'resuming' if resumed else 'starting'} {attack} + DataElixir in {rec.root}")
     log(f"configuration: {run.yaml_path}" + "".join(f" + overlay {o}" for o in run.overlays))
+    if run.empty_yaml:
+        logger.warning(
+            f"{run.yaml_path} sets no key: every key not given on the command line takes its built-in default "
+            "(the paper's full scale: all 50,000 images, 100 epochs per training)"
+        )
     for o, ks in run.ignored.items():
         log(f"overlay {o}: keys not used by {attack} ignored: {', '.join(ks)}")
     log("resolved configuration: " + json.dumps(resolved))
-    device = resolve_device(cfg["device"])
     seed_everything(cfg["random_seed"])
     torch.backends.cudnn.benchmark = True
 
@@ -583,7 +605,7 @@ def _run_flow(attack: str, argv: list[str], locks: ExitStack) -> dict[str, Any]:
     if rec.done("identification") and ident_file.is_file():
         log("phase identification: done earlier")
         st = safe_torch_load(ident_file, "identification results")
-        detection = json.loads(rec.path("target_detection.json").read_text())
+        detection = read_state_json(rec.path("target_detection.json"), _DAMAGED_HOW.format(rec=rec.root))
     else:
         t0 = time.time()
         p = torch.from_numpy(np.asarray(preds).astype(np.int64))

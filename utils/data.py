@@ -138,10 +138,14 @@ def _decode_files(files: list[str]) -> np.ndarray:
 
     out = np.empty((len(files), 32, 32, 3), dtype=np.uint8)
     for i, f in enumerate(files):
-        with Image.open(f) as im:
-            if im.size != (32, 32):
-                raise UserError(f"{f}: image is {im.size[0]}x{im.size[1]}, expected 32x32")
-            out[i] = np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(f) as im:
+                if im.size != (32, 32):
+                    raise UserError(f"{f}: image is {im.size[0]}x{im.size[1]}, expected 32x32")
+                out[i] = np.asarray(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a truncated or corrupt file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{f}: cannot decode the image ({first}); replace or remove the file") from None
     return out
 
 
@@ -173,17 +177,13 @@ def _read_folders(files: list[str]) -> np.ndarray:
     return hwc.transpose(0, 3, 1, 2)
 
 
-def load_cifar10(
-    split: str = "train", data_root: str | Path | None = None, cache: bool = True, download: bool | None = None
-) -> ImageSet:
-    """Load the CIFAR-10 ``train`` or ``test`` split as an :class:`ImageSet`.
+def locate_cifar10(data_root: str | Path | None = None, download: bool | None = None) -> tuple[str, Path]:
+    """The layout (``batches`` or ``folders``) and folder of CIFAR-10; a cheap existence check.
 
     When the root holds no CIFAR-10, the official archive is downloaded and extracted
     there, unless ``download`` is False (``None``: ``$CIFAR10_DOWNLOAD``, default on)."""
     from utils.download import download_cifar10, enabled
 
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = resolve_data_root(data_root)
     layout, folder = _detect_layout(root) if root.is_dir() else ("", root)
     if not layout and enabled(download, "CIFAR10_DOWNLOAD"):
@@ -193,6 +193,17 @@ def load_cifar10(
         raise UserError(f"CIFAR-10 not found at {root}; {_SOURCES_HELP}")
     if not layout:
         raise UserError(f"{root} holds neither 'cifar-10-batches-py' nor train/ and test/ folders; {_SOURCES_HELP}")
+    return layout, folder
+
+
+def load_cifar10(
+    split: str = "train", data_root: str | Path | None = None, cache: bool = True, download: bool | None = None
+) -> ImageSet:
+    """Load the CIFAR-10 ``train`` or ``test`` split as an :class:`ImageSet` (downloading it
+    when absent, see :func:`locate_cifar10`)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    layout, folder = locate_cifar10(data_root, download)
 
     if layout == "batches":
         names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
@@ -261,7 +272,7 @@ def read_eclipse_pkl(path: str | Path) -> ImageSet:
             raise UserError(f"{path}: entry {i} is not an (image bytes, label) pair")
         img, label = entry
         if isinstance(img, np.ndarray):
-            img = img.astype(np.uint8, copy=False).tobytes()
+            img = _uint8_bytes(img, path, i)
         if not isinstance(img, (bytes, bytearray)):
             raise UserError(f"{path}: entry {i}: image is {type(img).__name__}, expected {IMAGE_BYTES} raw bytes")
         if len(img) != IMAGE_BYTES:
@@ -290,6 +301,19 @@ def _plain_label(label: object) -> object:
     ):
         return int(label.item())
     return label
+
+
+def _uint8_bytes(img: np.ndarray, path: Path, i: int) -> bytes:
+    """A numpy image as raw bytes: uint8, or integers already in 0..255 (never wrapped modulo 256)."""
+    if img.dtype != np.uint8:
+        if not np.issubdtype(img.dtype, np.integer):
+            raise UserError(f"{path}: entry {i}: image array is {img.dtype}, expected uint8 (or integers in 0..255)")
+        if img.size and (img.min() < 0 or img.max() > 255):
+            raise UserError(
+                f"{path}: entry {i}: image values span {img.min()}..{img.max()}, expected uint8 values in 0..255"
+            )
+        img = img.astype(np.uint8)
+    return np.ascontiguousarray(img).tobytes()
 
 
 def eclipse_pkl_bytes(data: ImageSet) -> bytes:

@@ -23,7 +23,6 @@ ties) the choice made here is documented at the function.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.augment import to_uint8
-from utils.fileio import UserError, atomic_write_json, atomic_write_text
+from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_state_json
 from utils.progress import progress
 from utils.purify import chunk_seed, from_model_range, noise_and_denoise, to_model_range
 from utils.run_state import checksum, same_settings_or_refuse, tensor_fingerprint
@@ -58,6 +57,10 @@ def _candidate_files(out_dir: Path) -> tuple[Path, Path, Path, Path]:
     return out_dir / "candidates.u8", out_dir / "preds.i16", out_dir / "meta.json", out_dir / "done"
 
 
+def _read_meta(meta_p: Path) -> dict:
+    return read_state_json(meta_p, f"delete {meta_p.parent} to rebuild the candidates (the run resumes from there)")
+
+
 def _store_sizes(out_dir: Path, meta: dict) -> list[tuple[Path, int, int]]:
     """(file, bytes on disk, bytes the header says) for the two memory-mapped files."""
     cand_p, pred_p, _, _ = _candidate_files(out_dir)
@@ -73,7 +76,7 @@ def open_candidates(out_dir: str | Path, mode: str = "r") -> tuple[np.memmap, np
     mapping it would read (mode ``r+``: silently append) zeros."""
     out_dir = Path(out_dir)
     cand_p, pred_p, meta_p, _ = _candidate_files(out_dir)
-    meta = json.loads(meta_p.read_text())
+    meta = _read_meta(meta_p)
     for p, size, want in _store_sizes(out_dir, meta):
         if size != want:
             raise UserError(
@@ -106,7 +109,7 @@ def candidates_complete(out_dir: str | Path) -> bool:
     _, _, meta_p, done = _candidate_files(out_dir)
     if not meta_p.is_file():
         return False
-    meta = json.loads(meta_p.read_text())
+    meta = _read_meta(meta_p)
     if any(size != want for _, size, want in _store_sizes(out_dir, meta)):
         return False
     cand, preds, _ = open_candidates(out_dir)
@@ -199,7 +202,7 @@ def construct_candidates(
         "classifier": tensor_fingerprint(*classifier.state_dict().values()),
     }
     if meta_p.is_file():
-        old = {**_META_ADDED_LATER, **json.loads(meta_p.read_text())}
+        old = {**_META_ADDED_LATER, **_read_meta(meta_p)}
         same_settings_or_refuse(out_dir, old, meta, hint="delete that folder to rebuild")
         mode = "r+"
         for p, size, want in _store_sizes(out_dir, meta):

@@ -22,7 +22,7 @@ import torch.nn as nn
 import yaml
 
 from utils.diffusion import GaussianDiffusion, get_named_beta_schedule, space_timesteps
-from utils.fileio import UserError, load_state_dict_strict, safe_torch_load
+from utils.fileio import UserError, load_state_dict_strict, read_text_file, safe_torch_load
 
 # improved-diffusion's model_and_diffusion_defaults()
 IMPROVED_DEFAULTS: dict[str, Any] = dict(
@@ -200,7 +200,7 @@ def load_diffusion_spec(path: str | Path) -> DiffusionSpec:
     if not path.is_file():
         raise UserError(f"diffusion config not found: {path} (see config/eclipse/ and config/ddpm/)")
     try:
-        cfg = yaml.safe_load(path.read_text())
+        cfg = yaml.safe_load(read_text_file(path, "diffusion config"))
     except yaml.YAMLError as e:
         raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     return spec_from_dict(cfg, str(path))

@@ -7,10 +7,12 @@ place, so a crash never leaves a half-written result. Every checkpoint read uses
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -33,12 +35,28 @@ def _atomic_write(path: Path, write_fn) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None:
+            # a failed write on the open file (disk full) carries no path: name the destination
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
+
+
+def read_text_file(path: str | Path, what: str = "file") -> str:
+    """A UTF-8 text file's content; a folder, an unreadable or a binary file is a ``UserError``."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, expected a file")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start}); expected a YAML/JSON text file") from None
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -80,8 +98,40 @@ def safe_torch_load(path: str | Path, what: str = "checkpoint", hint: str = "") 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to parse is the user's file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load {what} {path}: {first[:300]}") from None
+        raise UserError(f"cannot load {what} {path}: {_load_failure(e)}") from None
+
+
+def _load_failure(e: Exception) -> str:
+    """One line on why ``torch.load(weights_only=True)`` refused a file. PyTorch's own text
+    suggests ``weights_only=False`` (running the file's code): never pass that on."""
+    text = str(e).strip()
+    if "Weights only load failed" in text:
+        m = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f"the global {m.group(1)}" if m else "objects other than tensors"
+        return (
+            f"it refers to {what}, which a weights-only load refuses (loading it could run code); "
+            "use a file that holds only tensors (a state_dict)"
+        )
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def check_finite(state: dict, path: str | Path) -> None:
+    """Refuse weights holding NaN or Inf: a diverged checkpoint would purify into garbage."""
+    for k, v in state.items() if isinstance(state, dict) else ():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = "NaN" if bool(torch.isnan(v).any()) else "Inf"
+            raise UserError(
+                f"{path}: tensor {k} holds {bad} values; the checkpoint is damaged or its training diverged"
+            )
+
+
+def read_state_json(path: str | Path, how: str) -> Any:
+    """A JSON file a script wrote to keep its state; a damaged one is a one-line error saying ``how`` to go on."""
+    path = Path(path)
+    try:
+        return json.loads(read_text_file(path, "state file"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is damaged ({e.msg} at line {e.lineno}); {how}") from None
 
 
 def load_state_dict_strict(model: torch.nn.Module, state: dict, path: str | Path) -> None:
@@ -106,6 +156,7 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict, path: str | Path
                 f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})"
             )
         raise UserError(f"{path} does not match the configured model: " + "; ".join(parts))
+    check_finite(state, path)
     model.load_state_dict(state, strict=True)
 
 
@@ -142,6 +193,12 @@ def cli_main(fn):
             return fn(argv)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except OSError as e:
+            # read-only or full output folder, a path blocked by a file, ...: the path and the errno text
+            name = errno.errorcode.get(e.errno or 0, "")
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"error: {where}{e.strerror or e}" + (f" ({name})" if name else ""), file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt:
             print("interrupted; finished work is saved and a re-run resumes from it", file=sys.stderr)

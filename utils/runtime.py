@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import math
 import os
 import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,6 +99,72 @@ def str2bool(v: str | bool) -> bool:
     if s in ("0", "false", "no", "n", "off"):
         return False
     raise ValueError(f"expected a boolean (true/false), got {v!r}")
+
+
+# --------------------------------------------------------------------------- value ranges
+# One mechanism for every numeric setting: argparse flags use the type functions below,
+# YAML keys carry a ``Range`` in their ``Key`` declaration (utils/yaml_config.py).
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval; ``None`` = unbounded. NaN and infinities are never inside."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: low itself is excluded
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}" if self.low is not None else "finite"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+def number_type(kind: type, rng: Range) -> Callable[[str], Any]:
+    """An argparse ``type=`` that parses ``kind`` (int or float) and requires ``rng``."""
+
+    def parse(raw: str) -> Any:
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {raw!r}"
+            ) from None
+        if value not in rng:
+            raise argparse.ArgumentTypeError(f"must be {rng.describe()}, got {raw}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} {rng.describe()}"
+    return parse
+
+
+positive_int = number_type(int, Range(1))
+nonneg_int = number_type(int, Range(0))
+positive_float = number_type(float, Range(0, low_open=True))
+nonneg_float = number_type(float, Range(0))
+fraction = number_type(float, Range(0, 1))
+open_fraction = number_type(float, Range(0, 1, low_open=True, high_open=True))
+# a class-balanced subset needs one image per class at least
+subset_size = number_type(int, Range(10))
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose errors (a bad flag or value) are one-line ``UserError``s, not usage dumps."""
+
+    def error(self, message: str):  # type: ignore[override]
+        # "argument --lr: must be > 0, got -1" -> "--lr must be > 0, got -1"
+        m = re.match(r"argument (\S+): (must be .*)", message)
+        raise UserError(f"{m.group(1)} {m.group(2)}" if m else f"{message} (see --help)")
 
 
 # --------------------------------------------------------------------------- torchrun

@@ -98,7 +98,8 @@ def safe_loads(data: bytes, *, source: str = "<bytes>", encoding: str = "ASCII")
     except UserError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
-        raise UserError(f"{source}: not a valid pickle file ({type(e).__name__}: {str(e)[:200]})") from None
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UserError(f"{source}: not a valid pickle file ({type(e).__name__}: {first})") from None
 
 
 def safe_load(path: str | Path, *, encoding: str = "ASCII") -> Any:

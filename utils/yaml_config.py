@@ -19,9 +19,10 @@ from typing import Any
 
 import yaml
 
-from utils.fileio import UserError
+from utils.fileio import UserError, read_text_file
 from utils.paths import REPO_ROOT
 from utils.run_state import check_name
+from utils.runtime import Range
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Key:
     type: type | None = None  # None: the default's type
     nullable: bool = False
     choices: tuple | None = None
+    range: Range | None = None  # numbers only; checked by ``coerce``
 
     @property
     def kind(self) -> type:
@@ -98,6 +100,8 @@ def coerce(name: str, key: Key, value: Any, valid: dict[str, Key], source: str =
         raise bad()
     if key.choices is not None and out not in key.choices:
         raise UserError(f"{name}{where}: must be one of {', '.join(map(str, key.choices))}, got {out!r}")
+    if key.range is not None and out not in key.range:
+        raise UserError(f"{name}{where}: must be {key.range.describe()}, got {out!r}")
     return out
 
 
@@ -136,7 +140,7 @@ def resolve_path(path: str | Path, what: str = "file", must_exist: bool = True) 
 
 def load_yaml_file(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text_file(path, "YAML configuration"))
     except yaml.YAMLError as e:
         raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if data is None:
@@ -154,6 +158,7 @@ class RunArgs:
     overwrite: bool
     overlays: list[Path]
     ignored: dict[str, list[str]]  # overlay file -> keys this attack does not have
+    empty_yaml: bool = False  # --yaml_path set nothing: every key not on the command line is its default
 
 
 FIXED_OPTIONS = {
@@ -177,7 +182,8 @@ def help_text(prog: str, keys: dict[str, Key]) -> str:
     lines += ["", "configuration keys (YAML or --KEY VALUE; defaults in brackets):"]
     for k in keys:
         key = keys[k]
-        lines.append(f"  --{k:<24} {key.help} [{json.dumps(key.default)}]")
+        rng = f" ({key.range.describe()})" if key.range is not None else ""
+        lines.append(f"  --{k:<24} {key.help}{rng} [{json.dumps(key.default)}]")
     return "\n".join(lines)
 
 
@@ -229,7 +235,8 @@ def parse_config(
         raise UserError("--yaml_path is required (e.g. --yaml_path config/badnet/cifar10.yaml)")
     yaml_path = resolve_path(yaml_arg, "YAML configuration")
     cfg = {k: key.default for k, key in keys.items()}
-    for k, v in load_yaml_file(yaml_path).items():
+    from_yaml = load_yaml_file(yaml_path)
+    for k, v in from_yaml.items():
         if k not in keys:
             raise UserError(f"unknown key {k!r} in {yaml_path}; valid keys: {', '.join(sorted(keys))}")
         cfg[k] = coerce(k, keys[k], v, keys, str(yaml_path))
@@ -256,6 +263,7 @@ def parse_config(
         overwrite=bool(fixed.get("overwrite", False)),
         overlays=overlays,
         ignored=ignored,
+        empty_yaml=not from_yaml,
     )
 
 
