@@ -467,9 +467,12 @@ def test_poison_state_refusal_names_the_keys_and_output_is_locked(tmp_path, caps
 
 def test_attack_flow_locks_its_record_folder_and_names_are_names(tmp_path):
     from utils.backdoor_flow import run_attack_then_defence
+    from utils.diffusion_setup import load_diffusion_spec
 
-    (tmp_path / "ddpm.pt").write_bytes(b"")  # only its existence is checked before the lock
+    # the DDPM is load-checked before the lock is taken: a real (tiny, random) one
+    torch.save(load_diffusion_spec("config/ddpm/cpu.yml").build_model().state_dict(), tmp_path / "ddpm.pt")
     argv = ["--yaml_path", "config/badnet/cifar10.yaml", "--work_dir", str(tmp_path), "--diffusion_ckpt", "ddpm.pt"]
+    argv += ["--diffusion_config", "config/ddpm/cpu.yml"]
     with OutputLock(tmp_path / "record" / "bn"):
         with pytest.raises(UserError, match=f"record/bn is in use by another run \\(PID {os.getpid()}"):
             run_attack_then_defence("badnet", [*argv, "--save_folder_name", "bn"])

@@ -337,6 +337,14 @@ def test_new_keys_are_checked():
     from utils.fileio import UserError
 
     cfg = _resolved("wanet")
-    for key, bad in (("steplr_milestones", [100, "x"]), ("crop_prob", 1.5), ("random_rotation", -1.0)):
+    with pytest.raises(UserError, match="steplr_milestones"):
+        validate(dict(cfg, steplr_milestones=[100, "x"]), "wanet")
+    # ranges are checked while parsing, from the YAML or the command line
+    for key, bad in (("crop_prob", "1.5"), ("random_rotation", "-1.0"), ("random_crop", "17")):
         with pytest.raises(UserError, match=key):
-            validate(dict(cfg, **{key: bad}), "wanet")
+            parse_config(
+                "attack/wanet.py",
+                ["--yaml_path", "config/wanet/cifar10.yaml", f"--{key}", bad],
+                attack_keys("wanet"),
+                known_elsewhere=all_known_keys(),
+            )
