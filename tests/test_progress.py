@@ -123,8 +123,8 @@ def test_demo_prints_its_plan_then_step_k_of_n(tmp_path, monkeypatch, capsys):
     out, ran = _demo(monkeypatch, capsys, ["--baselines", "--work_dir", str(work)])
     plan, _, rest = out.partition("an interrupted demo resumes")
     assert "sparse diffusion model (3000 iterations): done earlier, skipped" in plan
-    assert "1. victim on the clean subset: ~2.7 min" in plan and "2. craft EM on 5000 images: ~7.4 min" in plan
-    assert "7 step(s) to run, ~27 min" in plan and "GPU: not measured" in plan
+    assert "1. victim on the clean subset: ~2.7 min" in plan and "2. craft EM on 5000 images: ~18 min" in plan
+    assert "7 step(s) to run, ~38 min" in plan and "GPU: not measured" in plan
     assert f"CIFAR-10 is not at {tmp_path / 'no_data'}: the first step downloads" in plan
     assert [ln for ln in rest.splitlines() if ln.startswith("== step")][0].startswith("== step 1 of 7: victim on")
     assert "== step 7 of 7: victim on EM, ECLIPSE" in rest and len(ran) == 7
