@@ -12,12 +12,17 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
-# builds a tiny random DDPM and classifier (fixed seeds), then the candidates of 5 images in
-# chunks of 2 (3 chunks: rank 0 builds 0 and 2, rank 1 builds 1) into argv[1]
+# a tiny random DDPM (32 channels, one level, 10 steps) and a linear classifier
+TINY_DDPM = {
+    "model": {"architecture": "ddpm", "ch": 32, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": []},
+    "diffusion": {"num_diffusion_timesteps": 10},
+}
+
+# the candidates of the inputs in argv[1] (5 images in chunks of 2: rank 0 of 2 builds chunks
+# 0 and 2, rank 1 chunk 1) into argv[2]
 _SCRIPT = """
 import sys
 import torch
-import torch.nn as nn
 sys.path.insert(0, {repo!r})
 from utils import dataelixir as de
 from utils.diffusion_setup import spec_from_dict
@@ -25,38 +30,49 @@ from utils.runtime import cleanup_distributed, init_distributed
 
 torch.set_num_threads(1)
 rank, world = init_distributed(torch.device("cpu"))
-spec = spec_from_dict(
-    {{
-        "model": {{"architecture": "ddpm", "ch": 32, "ch_mult": [1], "num_res_blocks": 1,
-                   "attn_resolutions": [], "dropout": 0.0}},
-        "diffusion": {{"num_diffusion_timesteps": 10}},
-    }},
-    "tiny",
-)
-torch.manual_seed(0)
-model = spec.build_model().eval().requires_grad_(False)
-torch.manual_seed(1)
-classifier = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval()
-images = torch.randint(0, 256, (5, 3, 32, 32), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+inputs = torch.load(sys.argv[1], weights_only=False)
+spec = spec_from_dict(inputs["spec"], "tiny")
+ddpm = spec.build_model().eval()
+ddpm.load_state_dict(inputs["ddpm"])
 logs = []
 de.construct_candidates(
-    model, spec.build_diffusion(), classifier, images, sys.argv[1], steps_T=2, rounds_n=2, last_steps_m=2,
-    batch_size=2, seed=11, bf16=False, rank=rank, world=world, log=logs.append,
+    ddpm, spec.build_diffusion(), inputs["classifier"], inputs["images"], sys.argv[2], steps_T=2, rounds_n=2,
+    last_steps_m=2, batch_size=2, seed=11, bf16=False, rank=rank, world=world, log=logs.append,
 )
 print(*logs, f"rank {{rank}} of {{world}} done", sep="\\n", flush=True)
 cleanup_distributed()
 """
 
 
+def _inputs(path: Path) -> Path:
+    import torch
+    import torch.nn as nn
+
+    from utils.diffusion_setup import spec_from_dict
+
+    g = torch.Generator().manual_seed(2)
+    torch.manual_seed(0)
+    inputs = {
+        "spec": TINY_DDPM,
+        "ddpm": spec_from_dict(TINY_DDPM, "tiny").build_model().state_dict(),
+        "classifier": nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval(),
+        "images": torch.randint(0, 256, (5, 3, 32, 32), generator=g, dtype=torch.uint8),
+    }
+    torch.save(inputs, path)
+    return path
+
+
 def _run(tmp_path: Path, out: Path, processes: int) -> subprocess.CompletedProcess:
     script = tmp_path / "build_candidates.py"
     script.write_text(_SCRIPT.format(repo=str(REPO)))
+    inputs = tmp_path / "inputs.pt"
+    if not inputs.is_file():
+        _inputs(inputs)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    if processes == 1:
-        cmd = [sys.executable, str(script), str(out)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_port=29541"]
-        cmd += [str(script), str(out)]
+    cmd = [sys.executable]
+    if processes > 1:
+        cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_port=29541"]
+    cmd += [str(script), str(inputs), str(out)]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return res

@@ -183,6 +183,9 @@ def init_distributed(device: torch.device, timeout: timedelta | None = None) -> 
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend=backend, **({"timeout": timeout} if timeout else {}))
+        if device.type == "cuda" and device.index is not None:
+            # NCCL's object collectives (on_rank0's broadcast) use the current device
+            torch.cuda.set_device(device)
         if device.type == "cpu":
             # share the machine's cores between the ranks instead of oversubscribing
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
