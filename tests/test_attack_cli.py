@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -113,6 +114,37 @@ def test_rerun_resumes_every_phase(badnet_run, work):
     log = (badnet_run / "run.log").read_text()
     for phase in ("attack", "backdoor_training", "candidates", "identification", "stage1", "stage2"):
         assert f"phase {phase}: done earlier" in log
+
+
+def test_torchrun_shards_the_candidates_and_matches_one_process(badnet_run, work):
+    """Two gloo ranks: rank 0 runs the flow, rank 1 joins it to build every other chunk of
+    the candidates; the store is the one-process run's, byte for byte; then a resumed run
+    tells rank 1 there is nothing to build, and a held record stops both ranks with the
+    same one-line error."""
+    from utils.run_state import OutputLock, lock_path
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29542"]
+    cmd += ["attack/badnet.py", *_argv(work, name="ddp", purify_batch_size=50)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rec = work / "record" / "ddp"
+    # 200 images in chunks of 50: rank 1 built chunks 1 and 3 into the store rank 0 made;
+    # one process rebuilding the candidates from the same record writes the same bytes
+    assert "[rank 1]" not in res.stdout  # nothing resumed on rank 1
+    one = work / "record" / "one"
+    shutil.copytree(rec, one)
+    shutil.rmtree(one / "candidates")
+    run_attack_then_defence("badnet", _argv(work, name="one", purify_batch_size=50))
+    for name in ("candidates.u8", "preds.i16"):
+        assert (rec / "candidates" / name).read_bytes() == (one / "candidates" / name).read_bytes(), name
+    assert not lock_path(rec).exists()
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "phase candidates: done earlier" in (rec / "run.log").read_text()
+    with OutputLock(rec):
+        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0
+    assert res.stderr.count(f"error: {rec} is in use by another run (PID {os.getpid()}") == 2
 
 
 def test_other_configuration_in_the_same_folder_is_refused(badnet_run, work):

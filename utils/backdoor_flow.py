@@ -26,6 +26,7 @@ import math
 import shutil
 import time
 from contextlib import ExitStack
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ from utils.fileio import (
 )
 from utils.paths import REPO_ROOT, record_dir, resource_dir, work_dir
 from utils.run_state import OutputLock, same_settings_or_refuse
-from utils.runtime import Range
+from utils.runtime import Range, dist_info
 from utils.yaml_config import Key, dump_yaml, keys_from_defaults, parse_config, resolve_path
 
 _POS, _NONNEG, _GT0 = Range(1), Range(0), Range(0, low_open=True)
@@ -463,14 +464,108 @@ def _train_phase(
 # --------------------------------------------------------------------------- the flow
 
 
+# the other torchrun ranks wait at one broadcast while rank 0 runs the attack and trains the
+# backdoored model: hours at the paper's scale, beyond torch's default 30-minute timeout
+_RANK_WAIT = timedelta(days=7)
+
+
+class _RankGate:
+    """Rank 0 tells the other torchrun ranks, once, what to do at the candidates phase:
+    ``build``, ``skip`` (built earlier), or ``error: <message>`` (rank 0 stopped before it)."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    def send(self, message: str) -> None:
+        if self.sent or dist_info()[0] != 0 or not torch.distributed.is_initialized():
+            return
+        self.sent = True
+        torch.distributed.broadcast_object_list([message], src=0)
+
+    def receive(self) -> str:
+        box: list[Any] = [None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+
 def run_attack_then_defence(attack: str, argv: list[str]) -> dict[str, Any]:
-    """Parse the command line, run the attack, then DataElixir; returns ``metrics.json``'s content."""
-    with ExitStack() as locks:  # the record folder's lock, released however the run ends
-        return _run_flow(attack, argv, locks)
+    """Parse the command line, run the attack, then DataElixir; returns ``metrics.json``'s content.
+
+    Under ``torchrun`` rank 0 runs the whole flow; the other ranks only help build the
+    candidates (sharded by chunk, the same bytes as one process) and return ``{}``."""
+    from utils.runtime import cleanup_distributed
+
+    gate = _RankGate()
+    try:
+        with ExitStack() as locks:  # the record folder's lock, released however the run ends
+            return _run_flow(attack, argv, locks, gate)
+    except Exception as e:
+        # the waiting ranks stop with rank 0's one-line error instead of at a timeout
+        gate.send(f"error: {e}" if isinstance(e, UserError) else f"error: rank 0 failed ({type(e).__name__}: {e})")
+        raise
+    finally:
+        cleanup_distributed()
 
 
-def _run_flow(attack: str, argv: list[str], locks: ExitStack) -> dict[str, Any]:
-    from utils.runtime import resolve_device, seed_everything
+def _build_candidates(
+    cfg: dict[str, Any],
+    work: Path,
+    rec_dir: Path,
+    images: torch.Tensor,
+    device: torch.device,
+    rank: int,
+    world: int,
+    log: Any,
+) -> tuple[np.memmap, np.memmap]:
+    """DataElixir's candidates of ``images`` in ``rec_dir/candidates`` (this rank's share)."""
+    from utils import dataelixir as de
+
+    diff_model, base, _spec = _diffusion(cfg, work, device)
+    # every rank labels with the saved backdoored model, so the labels do not depend on
+    # whether rank 0 trained it in this process (its weights then in another memory layout)
+    classifier = _load_model(cfg, rec_dir / "backdoored_model.pt", device)
+    return de.construct_candidates(
+        diff_model,
+        base,
+        classifier,
+        images,
+        rec_dir / "candidates",
+        steps_T=cfg["steps_T"],
+        rounds_n=cfg["rounds_n"],
+        last_steps_m=cfg["last_steps_m"],
+        batch_size=cfg["purify_batch_size"],
+        respace=cfg["purify_respace"],
+        dense_tail=cfg["purify_dense_tail"],
+        noise_offset=cfg["noise_offset"],
+        original_round_trip=cfg["original_round_trip"],
+        seed=cfg["random_seed"],
+        bf16=cfg["bf16"],
+        device=device,
+        rank=rank,
+        world=world,
+        log=log,
+    )
+
+
+def _candidates_rank(
+    cfg: dict[str, Any], work: Path, rec_dir: Path, device: torch.device, rank: int, world: int, gate: _RankGate
+) -> dict[str, Any]:
+    """A torchrun rank other than 0: wait for rank 0's word, build this rank's chunks, leave."""
+    message = gate.receive()
+    if message.startswith("error: "):
+        raise UserError(message.removeprefix("error: "))
+    if message == "build":
+        bd = _load_bd(rec_dir / "attack_data.pt")
+
+        def log(m: str) -> None:
+            print(f"[rank {rank}] {m}", flush=True)
+
+        _build_candidates(cfg, work, rec_dir, bd.train.images, device, rank, world, log)
+    return {}
+
+
+def _run_flow(attack: str, argv: list[str], locks: ExitStack, gate: _RankGate) -> dict[str, Any]:
+    from utils.runtime import init_distributed, resolve_device, seed_everything
 
     if attack not in ATTACKS:
         raise UserError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
@@ -494,6 +589,12 @@ def _run_flow(attack: str, argv: list[str], locks: ExitStack) -> dict[str, Any]:
     if not (rec_dir / "attack_data.pt").is_file():
         locate_cifar10(_data_root(cfg))
     device = resolve_device(cfg["device"])
+    threads = torch.get_num_threads()
+    rank, world = init_distributed(device, _RANK_WAIT)
+    shard_threads = torch.get_num_threads()
+    if rank != 0:
+        return _candidates_rank(cfg, work, rec_dir, device, rank, world, gate)
+    torch.set_num_threads(threads)  # rank 0 runs the other phases alone, on every core
     if not (rec_dir / "candidates" / "done").is_dir():
         # load the DDPM now (weights-only, strict, finite): a bad file fails before hours of attack and training
         _diffusion(cfg, work, torch.device("cpu"))
@@ -570,31 +671,15 @@ def _run_flow(attack: str, argv: list[str], locks: ExitStack) -> dict[str, Any]:
 
     cand_dir = rec.path("candidates")
     if rec.done("candidates") and de.candidates_complete(cand_dir):
+        gate.send("skip")
         log("phase candidates: done earlier")
         cand, preds, _ = de.open_candidates(cand_dir)
     else:
         t0 = time.time()
-        diff_model, base, _spec = _diffusion(cfg, work, device)
-        cand, preds = de.construct_candidates(
-            diff_model,
-            base,
-            backdoored,
-            bd.train.images,
-            cand_dir,
-            steps_T=cfg["steps_T"],
-            rounds_n=cfg["rounds_n"],
-            last_steps_m=cfg["last_steps_m"],
-            batch_size=cfg["purify_batch_size"],
-            respace=cfg["purify_respace"],
-            dense_tail=cfg["purify_dense_tail"],
-            noise_offset=cfg["noise_offset"],
-            original_round_trip=cfg["original_round_trip"],
-            seed=cfg["random_seed"],
-            bf16=cfg["bf16"],
-            device=device,
-            log=log,
-        )
-        del diff_model
+        gate.send("build")
+        torch.set_num_threads(shard_threads)
+        cand, preds = _build_candidates(cfg, work, rec.root, bd.train.images, device, rank, world, log)
+        torch.set_num_threads(threads)
         # after an interruption this is the time of the resuming run only
         rec.mark("candidates", time.time() - t0)
     k = cand.shape[1]

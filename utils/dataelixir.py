@@ -36,7 +36,8 @@ from utils.augment import to_uint8
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_state_json
 from utils.progress import progress
 from utils.purify import chunk_seed, from_model_range, noise_and_denoise, to_model_range
-from utils.run_state import checksum, same_settings_or_refuse, tensor_fingerprint
+from utils.run_state import checksum, on_rank0, same_settings_or_refuse, tensor_fingerprint
+from utils.runtime import barrier
 from utils.trainer import predict
 
 KEPT, RELABELLED, SUSPICIOUS = 0, 1, 2
@@ -163,6 +164,8 @@ def construct_candidates(
     bf16: bool = True,
     device: torch.device = torch.device("cpu"),
     max_chunks: int | None = None,
+    rank: int = 0,
+    world: int = 1,
     log: Log = print,
 ) -> tuple[np.memmap, np.memmap]:
     """Build the candidate sets of uint8 ``images`` [N, 3, H, W] and label them.
@@ -170,6 +173,9 @@ def construct_candidates(
     Chunk ``c`` (``batch_size`` samples) uses a generator seeded from ``(seed, c)``, so
     results do not depend on where a run was interrupted. ``max_chunks`` stops after that
     many newly finished chunks (tests use it to simulate an interruption).
+    With ``world`` processes (torchrun, every rank calling with the same arguments), rank
+    ``r`` builds the chunks ``c`` with ``c % world == r`` into the one store that rank 0
+    creates or checks first; the bytes do not depend on ``world``.
     ``dense_tail`` (with ``respace``) takes the last ``last_steps_m`` reverse steps unspaced,
     so the kept candidates are at the paper's noise levels (a CPU-scale option).
     ``original_round_trip`` stores candidate 0 as the reference does (see :func:`reference_original`).
@@ -201,64 +207,79 @@ def construct_candidates(
         "images": tensor_fingerprint(images),
         "classifier": tensor_fingerprint(*classifier.state_dict().values()),
     }
-    if meta_p.is_file():
-        old = {**_META_ADDED_LATER, **_read_meta(meta_p)}
-        same_settings_or_refuse(out_dir, old, meta, hint="delete that folder to rebuild")
-        mode = "r+"
-        for p, size, want in _store_sizes(out_dir, meta):
-            if size != want:
-                # truncated (or extended) after a kill: restore the size; the chunks whose
-                # bytes no longer match their checksum are rebuilt below
-                log(f"{p} holds {size} bytes instead of {want}: rebuilding the chunks it lost")
-                with open(p, "ab") as f:
-                    f.truncate(want)
-    else:
-        mode = "w+"
-    cand = np.memmap(cand_p, dtype=np.uint8, mode=mode, shape=(n, k, *images.shape[1:]))
-    preds = np.memmap(pred_p, dtype=np.int16, mode=mode, shape=(n, k))
-    if mode == "w+":
-        cand.flush()
-        preds.flush()
-        atomic_write_json(meta_p, meta)
-    done.mkdir(exist_ok=True)
-    todo = [c for c in range(meta["chunks"]) if not _chunk_ok(cand, preds, done, c, batch_size)]
-    if len(todo) < meta["chunks"]:
-        log(f"candidates: {meta['chunks'] - len(todo)} of {meta['chunks']} chunks already built in {out_dir}")
+
+    def open_store() -> None:
+        # rank 0 alone creates or checks the store (header, file sizes) before any rank maps it
+        if meta_p.is_file():
+            old = {**_META_ADDED_LATER, **_read_meta(meta_p)}
+            same_settings_or_refuse(out_dir, old, meta, hint="delete that folder to rebuild")
+            for p, size, want in _store_sizes(out_dir, meta):
+                if size != want:
+                    # truncated (or extended) after a kill: restore the size; the chunks whose
+                    # bytes no longer match their checksum are rebuilt below
+                    log(f"{p} holds {size} bytes instead of {want}: rebuilding the chunks it lost")
+                    with open(p, "ab") as f:
+                        f.truncate(want)
+        else:
+            for p, _, want in _store_sizes(out_dir, meta):
+                with open(p, "wb") as f:
+                    f.truncate(want)  # zeros, as a fresh memmap
+            atomic_write_json(meta_p, meta)
+        done.mkdir(exist_ok=True)
+
+    on_rank0(open_store, rank, world)
+    # every rank maps the same files (MAP_SHARED): chunks are disjoint slices, and a page two
+    # chunks share is one page of the page cache, so no rank's bytes overwrite another's
+    cand = np.memmap(cand_p, dtype=np.uint8, mode="r+", shape=(n, k, *images.shape[1:]))
+    preds = np.memmap(pred_p, dtype=np.int16, mode="r+", shape=(n, k))
+    mine = [c for c in range(meta["chunks"]) if c % world == rank]
+    todo = [c for c in mine if not _chunk_ok(cand, preds, done, c, batch_size)]
+    if len(todo) < len(mine):
+        log(f"candidates: {len(mine) - len(todo)} of {len(mine)} chunks already built in {out_dir}")
     if max_chunks is not None:
         todo = todo[:max_chunks]
     image_steps = rounds_n * reverse_steps
     classifier.eval()
-    bar = progress(todo, desc="candidates", unit="chunk", dynamic_ncols=True)
-    for c in bar:
-        lo, hi = c * batch_size, min(n, (c + 1) * batch_size)
-        x_u8 = images[lo:hi]
-        out = build_chunk(
-            diffusion_model,
-            base_diffusion,
-            x_u8.to(device),
-            steps_T=steps_T,
-            rounds_n=rounds_n,
-            last_steps_m=last_steps_m,
-            respace=respace,
-            dense_tail=dense_tail,
-            noise_offset=noise_offset,
-            generator=torch.Generator(device=device).manual_seed(chunk_seed(seed, c)),
-            bf16=bf16,
-            original_round_trip=original_round_trip,
-        )
-        flat = out.reshape(-1, *out.shape[2:])
-        labels = predict(classifier, flat, device, batch_size=512, bf16=bf16).argmax(1).view(len(out), k)
-        cand[lo:hi] = out.numpy()
-        preds[lo:hi] = labels.numpy().astype(np.int16)
-        cand.flush()
-        preds.flush()
-        # the marker is written only after the data is on disk, so a crash redoes the chunk
-        atomic_write_text(done / f"chunk_{c:05d}", f"{hi - lo} {_chunk_sum(cand, preds, lo, hi)}\n")
-        rate = bar.format_dict.get("rate")
-        if rate:
-            bar.set_postfix(img_steps_per_s=f"{rate * (hi - lo) * image_steps:.0f}")
-    bar.close()
-    del cand, preds
+
+    def build(chunks: list[int], desc: str) -> None:
+        bar = progress(chunks, desc=desc, unit="chunk", dynamic_ncols=True)
+        for c in bar:
+            lo, hi = c * batch_size, min(n, (c + 1) * batch_size)
+            out = build_chunk(
+                diffusion_model,
+                base_diffusion,
+                images[lo:hi].to(device),
+                steps_T=steps_T,
+                rounds_n=rounds_n,
+                last_steps_m=last_steps_m,
+                respace=respace,
+                dense_tail=dense_tail,
+                noise_offset=noise_offset,
+                generator=torch.Generator(device=device).manual_seed(chunk_seed(seed, c)),
+                bf16=bf16,
+                original_round_trip=original_round_trip,
+            )
+            flat = out.reshape(-1, *out.shape[2:])
+            labels = predict(classifier, flat, device, batch_size=512, bf16=bf16).argmax(1).view(len(out), k)
+            cand[lo:hi] = out.numpy()
+            preds[lo:hi] = labels.numpy().astype(np.int16)
+            cand.flush()
+            preds.flush()
+            # the marker is written only after the data is on disk, so a crash redoes the chunk
+            atomic_write_text(done / f"chunk_{c:05d}", f"{hi - lo} {_chunk_sum(cand, preds, lo, hi)}\n")
+            rate = bar.format_dict.get("rate")
+            if rate:
+                bar.set_postfix(img_steps_per_s=f"{rate * (hi - lo) * image_steps:.0f}")
+        bar.close()
+
+    build(todo, f"candidates[{rank}]" if world > 1 else "candidates")
+    barrier()
+    if rank == 0 and world > 1 and max_chunks is None:
+        # a chunk whose marker is missing after every rank finished (its rank lost it) is built here
+        lost = [c for c in range(meta["chunks"]) if not (done / f"chunk_{c:05d}").is_file()]
+        if lost:
+            log(f"candidates: building {len(lost)} chunks the other ranks left undone")
+            build(lost, "candidates (repair)")
     return open_candidates(out_dir)[:2]
 
 

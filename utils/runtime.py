@@ -10,6 +10,7 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -175,12 +176,16 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Start the process group under torchrun (gloo on CPU, NCCL on GPU)."""
+def init_distributed(device: torch.device, timeout: timedelta | None = None) -> tuple[int, int]:
+    """Start the process group under torchrun (gloo on CPU, NCCL on GPU); ``timeout``: how
+    long a collective may wait for a rank (torch's default: 30 minutes)."""
     rank, world = dist_info()
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend)
+        torch.distributed.init_process_group(backend=backend, **({"timeout": timeout} if timeout else {}))
+        if device.type == "cuda" and device.index is not None:
+            # NCCL's object collectives (on_rank0's broadcast) use the current device
+            torch.cuda.set_device(device)
         if device.type == "cpu":
             # share the machine's cores between the ranks instead of oversubscribing
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
