@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bf16",
         type=str2bool,
         default=False,
-        help="bf16 autocast for surrogates (fp32 weights); the references run fp32, the default (README: bf16 vs fp32)",
+        help="bf16 autocast for surrogates (fp32 weights); the references run fp32, the default (docs/RESULTS.md: bf16 vs fp32)",
     )
     p.add_argument(
         "--threads",
