@@ -134,7 +134,11 @@ def test_interrupted_training_resumes_bit_identically(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b.pt")
     monkeypatch.setattr(trainer, "atomic_torch_save", real_save)
-    assert torch.load(tmp_path / "b.pt", weights_only=False)["epoch"] == 1
+    state = torch.load(tmp_path / "b.pt", weights_only=False)
+    assert state["epoch"] == 1
+    # a checkpoint written while TrainConfig still had ``normalize`` and ``extra`` resumes too
+    state["config"] = {**state["config"], "normalize": True, "extra": {}}
+    torch.save(state, tmp_path / "b.pt")
     resumed, hist_b = run(tmp_path / "b.pt")
 
     a, b = straight.state_dict(), resumed.state_dict()

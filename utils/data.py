@@ -334,7 +334,7 @@ def load_poisoned(
     subset: int | None = None,
     subset_seed: int = 0,
     download: bool | None = None,
-):
+) -> tuple[ImageSet, str]:
     """The training set named ``poison``: ``poisoned_data/cifar10/<poison>.pkl``, or for
     ``clean`` (when no ``clean.pkl`` exists) the CIFAR-10 training set itself.
 
