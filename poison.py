@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
-import os
 import platform
 import shutil
 import sys
@@ -78,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bf16",
         type=str2bool,
         default=False,
-        help="bf16 autocast for surrogates (fp32 weights); the references run fp32, the default (README: bf16 vs fp32)",
+        help="bf16 autocast for surrogates (fp32 weights); the references run fp32, the default (docs/RESULTS.md: bf16 vs fp32)",
     )
     p.add_argument(
         "--threads",
@@ -309,5 +308,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main()

@@ -23,7 +23,7 @@ from dataclasses import asdict
 from models import CLASSIFIERS, build_classifier
 from utils.augment import compensation_augment, grayscale, jpeg, standard_augment
 from utils.checkpoints import DEFAULT_EMA_RATE, checkpoint_name, ema_checkpoints
-from utils.data import ImageSet, class_balanced_subset, load_cifar10, read_eclipse_pkl
+from utils.data import ImageSet, class_balanced_subset, load_cifar10, load_poisoned, read_eclipse_pkl
 from utils.download import eclipse_manual
 from utils.fileio import (
     UserError,
@@ -34,7 +34,7 @@ from utils.fileio import (
     read_state_json,
     setup_logging,
 )
-from utils.paths import diff_ckpt_dir, load_poisoned, purified_file, work_dir
+from utils.paths import diff_ckpt_dir, purified_file, work_dir
 from utils.plots import history_series, save_curves
 from utils.run_state import OutputLock, check_name, same_settings_or_refuse
 from utils.runtime import (

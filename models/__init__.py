@@ -1,4 +1,5 @@
-"""Model zoo: victim classifiers and the two diffusion UNets."""
+"""The victim classifiers by name (``build_classifier``); the diffusion UNets are imported
+from their own modules, ``models.unet`` (improved-diffusion) and ``models.ddpm`` (DDPM)."""
 
 from __future__ import annotations
 

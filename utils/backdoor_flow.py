@@ -100,7 +100,9 @@ TRAIN_KEYS: dict[str, Key] = {
         "crop_rotate_flip: nearest (torchvision, Input-aware) or bilinear (kornia, WaNet)",
         choices=("nearest", "bilinear"),
     ),
-    "frequency_save": Key(100, "kept for BackdoorBench compatibility; checkpoints are written every epoch", range=_POS),
+    "frequency_save": Key(
+        100, "accepted for BackdoorBench compatibility and ignored: checkpoints are written every epoch", range=_POS
+    ),
 }
 
 DEFENCE_KEYS: dict[str, Key] = {
@@ -341,7 +343,6 @@ def _train_config(cfg: dict[str, Any], lr: float, n_train: int, seed_offset: int
         test_every=1,
         bf16=cfg["amp"],
         channels_last=True,
-        normalize=True,
         seed=cfg["random_seed"] + seed_offset,
     )
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from utils.fileio import UserError, atomic_write_bytes
+from utils.paths import REPO_ROOT, poisoned_file
 from utils.safe_pickle import safe_load
 
 CIFAR10_CLASSES = (
@@ -36,7 +37,6 @@ CIFAR10_CLASSES = (
 )
 NUM_CLASSES = 10
 IMAGE_BYTES = 32 * 32 * 3
-REPO_ROOT = Path(__file__).resolve().parents[1]
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 _SOURCES_HELP = (
     "provide CIFAR-10 with --data_root, or $CIFAR10_ROOT, or at data/cifar10, as either "
@@ -325,3 +325,39 @@ def eclipse_pkl_bytes(data: ImageSet) -> bytes:
 def write_eclipse_pkl(path: str | Path, data: ImageSet) -> None:
     """Write ``data`` in the ECLIPSE format, atomically."""
     atomic_write_bytes(path, eclipse_pkl_bytes(data))
+
+
+def load_poisoned(
+    work: Path,
+    poison: str,
+    data_root: str | Path | None = None,
+    subset: int | None = None,
+    subset_seed: int = 0,
+    download: bool | None = None,
+) -> tuple[ImageSet, str]:
+    """The training set named ``poison``: ``poisoned_data/cifar10/<poison>.pkl``, or for
+    ``clean`` (when no ``clean.pkl`` exists) the CIFAR-10 training set itself.
+
+    ``subset`` keeps a class-balanced subset (the CPU-scale recipe); poison.py's
+    ``--subset N`` draws the same images with the same seed.
+    """
+    from utils.download import eclipse_manual
+
+    path = poisoned_file(work, poison)
+    if path.is_file():
+        data = read_eclipse_pkl(path)
+        if subset is not None and subset < len(data):
+            raise UserError(
+                f"{path} holds {len(data)} images; --subset {subset} applies only to the clean set "
+                "(craft the poison with poison.py --subset instead)"
+            )
+        return data, str(path)
+    if poison != "clean":
+        raise UserError(
+            f"poisoned dataset not found: {path}; craft it with `python poison.py --poison {poison}`, "
+            + eclipse_manual("poisoned")
+        )
+    data = load_cifar10("train", data_root, download=download)
+    if subset is not None:
+        data = data.subset(class_balanced_subset(data.labels, subset, subset_seed))
+    return data, f"CIFAR-10 train ({len(data)} images)"

@@ -136,7 +136,6 @@ class GaussianDiffusion:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}")
         betas = np.asarray(betas, dtype=np.float64)
         self.original_num_steps = len(betas)
-        self.base_betas = betas
         if use_timesteps is not None:
             keep = sorted(set(int(t) for t in use_timesteps))
             if not keep or keep[0] < 0 or keep[-1] >= len(betas):
@@ -162,10 +161,8 @@ class GaussianDiffusion:
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas, axis=0)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
-        self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
-        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
@@ -183,12 +180,6 @@ class GaussianDiffusion:
         return self.model_var_type in ("learned", "learned_range")
 
     # ----------------------------------------------------------------- forward process
-
-    def q_mean_variance(self, x_start, t):
-        mean = _extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = _extract(1.0 - self.alphas_cumprod, t, x_start.shape)
-        log_variance = _extract(self.log_one_minus_alphas_cumprod, t, x_start.shape)
-        return mean, variance, log_variance
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Sample ``x_t ~ q(x_t | x_0)`` in one shot."""

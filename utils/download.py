@@ -27,8 +27,8 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from utils.fileio import UserError, _atomic_write
+from utils.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 1 << 20
 TIMEOUT_S = 60
 

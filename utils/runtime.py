@@ -87,10 +87,6 @@ def set_deterministic(deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def make_generator(device: torch.device, seed: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 def str2bool(v: str | bool) -> bool:
     if isinstance(v, bool):
         return v

@@ -1,8 +1,9 @@
 """One classifier training loop for every script (victims, surrogates, backdoored models).
 
 Data stays as uint8 tensors; each batch is augmented on the fly with batched tensor ops
-(``utils.augment``), converted to float, optionally normalised, and fed to the model
-under bf16 autocast with channels_last. The loop checkpoints after every epoch and
+(``utils.augment``), converted to float in [0, 1] and fed to the model under bf16
+autocast with channels_last (a model that expects normalised input is wrapped in
+``Normalized``). The loop checkpoints after every epoch and
 resumes from its checkpoint, so a crash never costs more than one epoch.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -44,10 +45,8 @@ class TrainConfig:
     grad_clip: float | None = None
     bf16: bool = True
     channels_last: bool = True
-    normalize: bool = False  # CIFAR-10 mean/std normalisation in front of the model
     seed: int = 0
     drop_last: bool = True  # False: the last partial batch is a step too (a DataLoader's default)
-    extra: dict = field(default_factory=dict)  # free-form, recorded with the run
 
 
 class Normalized(nn.Module):
@@ -164,6 +163,9 @@ def train_classifier(
         if old and isinstance(old["config"], dict):
             # checkpoints written before drop_last existed dropped the last batch
             old["config"] = {"drop_last": True, **old["config"]}
+            # older checkpoints carried two fields that never changed training
+            for gone in ("normalize", "extra"):
+                old["config"].pop(gone, None)
         same_settings_or_refuse(ckpt_path, old or {}, keyed, hint=f"delete {ckpt_path} to train from scratch")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])

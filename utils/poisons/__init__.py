@@ -18,7 +18,7 @@ from typing import Any
 from utils.fileio import UserError
 from utils.poisons.common import CraftContext, CraftResult, PoisonSpec
 
-__all__ = ["POISONS", "OPTIONS", "PoisonSpec", "CraftContext", "CraftResult", "resolve_params", "get_poison", "craft"]
+__all__ = ["POISONS", "OPTIONS", "PoisonSpec", "CraftContext", "CraftResult", "resolve_params", "get_poison"]
 
 AR_EPS = 255.0 / math.sqrt(3 * 32 * 32)  # L2 = 1 on the [0, 1] scale, as an RMS in /255 units
 
@@ -376,7 +376,3 @@ def _validate(spec: PoisonSpec, p: dict[str, Any]) -> None:
 
 def get_craft(spec: PoisonSpec) -> Callable[[CraftContext], CraftResult]:
     return importlib.import_module(spec.module).craft
-
-
-def craft(spec: PoisonSpec, ctx: CraftContext) -> CraftResult:
-    return get_craft(spec)(ctx)

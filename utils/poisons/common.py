@@ -203,10 +203,6 @@ def fingerprint_of(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def data_fingerprint(data: ImageSet) -> str:
-    return tensor_fingerprint(data.images, data.labels)
-
-
 # --------------------------------------------------------------------------- budgets
 
 
@@ -541,8 +537,8 @@ def fit_surrogate(
             "width": ctx.width,
             "cfg": cfg.__dict__,
             "seed": ctx.seed,
-            "data": data_fingerprint(data),
-            "test": data_fingerprint(ctx.test) if cfg.snapshot_on_best_test else None,
+            "data": tensor_fingerprint(data.images, data.labels),
+            "test": tensor_fingerprint(ctx.test.images, ctx.test.labels) if cfg.snapshot_on_best_test else None,
             "bf16": ctx.bf16,
         }
     )

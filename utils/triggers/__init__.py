@@ -23,7 +23,6 @@ import torch
 
 from utils.data import ImageSet
 from utils.fileio import UserError, atomic_write_json
-from utils.run_state import tensor_fingerprint
 from utils.runtime import str2bool
 
 Log = Callable[[str], None]
@@ -155,10 +154,6 @@ def require(cond: bool, message: str) -> None:
 
 
 # ---------------------------------------------------------------------- aux-model cache
-
-
-def data_fingerprint(data: ImageSet) -> str:
-    return tensor_fingerprint(data.images, data.labels)
 
 
 def settings_key(settings: dict[str, Any]) -> str:

@@ -21,9 +21,9 @@ from models import build_classifier
 from utils.augment import standard_augment
 from utils.data import NUM_CLASSES, ImageSet
 from utils.fileio import atomic_torch_save, safe_torch_load
-from utils.run_state import same_settings_or_refuse
+from utils.run_state import same_settings_or_refuse, tensor_fingerprint
 from utils.trainer import Normalized, TrainConfig, train_classifier
-from utils.triggers import Log, aux_subset, cache_dir, data_fingerprint, require
+from utils.triggers import Log, aux_subset, cache_dir, require
 
 AUX_HELP = {
     "aux_arch": "architecture of the auxiliary classifier (resnet18, preactresnet18, vgg16, ...)",
@@ -102,7 +102,7 @@ def train_aux_classifier(
         "lr": p["aux_lr"],
         "schedule": lr_schedule,
         "seed": seed,
-        "data": data_fingerprint(train),
+        "data": tensor_fingerprint(train.images, train.labels),
     }
     folder = cache_dir(resource_dir, attack, settings, "clf-")
     model = Normalized(build_classifier(p["aux_arch"], NUM_CLASSES, p["aux_width"]))

@@ -45,9 +45,10 @@ from models import build_classifier
 from utils.augment import crop_rotate_flip, to_float
 from utils.data import NUM_CLASSES, ImageSet
 from utils.progress import progress
+from utils.run_state import tensor_fingerprint
 from utils.runtime import autocast, to_channels_last
 from utils.trainer import CIFAR10_MEAN, CIFAR10_STD, Normalized
-from utils.triggers import Log, Trigger, aux_subset, cache_dir, data_fingerprint, require
+from utils.triggers import Log, Trigger, aux_subset, cache_dir, require
 from utils.triggers.aux import AUX_HELP, Resumable, check_aux, shuffled_batches
 from utils.triggers.wanet import choose_cross
 
@@ -179,7 +180,7 @@ class TriggerInputAware(Trigger):
             "target": self.target,
             "label_trans": self.label_trans,
             "seed": self.seed,
-            "data": data_fingerprint(train),
+            "data": tensor_fingerprint(train.images, train.labels),
         }
         folder = cache_dir(resource_dir, "inputaware", settings, "gen-")
         gen, mgen = EncoderDecoder(3, p["gen_width"]), EncoderDecoder(1, p["gen_width"])
@@ -200,12 +201,9 @@ class TriggerInputAware(Trigger):
         self.mgen = to_channels_last(mgen, device).eval()
         self.aux_info = {"generators": info}
 
-    def _targets(self, y: torch.Tensor) -> torch.Tensor:
-        if self.label_trans == "all2all":
-            return (y + 1) % NUM_CLASSES
-        return torch.full_like(y, self.target)
-
     def _train(self, gen, mgen, data: ImageSet, device, folder: Path, settings: dict, log: Log) -> dict:
+        from utils.backdoor import attack_targets  # here: utils.backdoor imports the trigger registry
+
         p = self.params
         clf = Normalized(build_classifier(p["aux_arch"], NUM_CLASSES, p["aux_width"])).to(device)
         # channels_last: several times faster for these narrow convolutions on CPU
@@ -322,7 +320,7 @@ class TriggerInputAware(Trigger):
                     sl = slice(n_bd, n_bd + n_cross)
                     cross = x[sl] + (pat2[:n_cross] - x[sl]) * m2
                     inputs = torch.cat([bd, cross, x[n_bd + n_cross :]])
-                    labels = torch.cat([self._targets(y[:n_bd]), y[n_bd:]])
+                    labels = torch.cat([attack_targets(y[:n_bd], self.target, self.label_trans), y[n_bd:]])
                     logits = clf(inputs).float()
                 ce = F.cross_entropy(logits, labels)
                 div = diversity_loss(

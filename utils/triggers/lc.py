@@ -35,9 +35,10 @@ from models import build_classifier
 from utils.augment import standard_augment, to_float
 from utils.data import NUM_CLASSES, ImageSet
 from utils.progress import progress
+from utils.run_state import tensor_fingerprint
 from utils.runtime import autocast
 from utils.trainer import Normalized, TrainConfig, lr_at, make_optimizer
-from utils.triggers import Log, Trigger, aux_subset, cache_dir, data_fingerprint, require, settings_key
+from utils.triggers import Log, Trigger, aux_subset, cache_dir, require, settings_key
 from utils.triggers.aux import AUX_HELP, Resumable, check_aux, shuffled_batches
 
 # +1 -> white, -1 -> black; the top-left 3x3 pattern, mirrored for the right-hand corners
@@ -150,7 +151,7 @@ class TriggerLC(Trigger):
             **{k: p[k] for k in ("aux_arch", "aux_width", "aux_epochs", "aux_subset", "aux_batch_size", "aux_lr")},
             **{k: p[k] for k in ("at_eps", "at_alpha", "at_steps")},
             "seed": self.seed,
-            "data": data_fingerprint(train),
+            "data": tensor_fingerprint(train.images, train.labels),
         }
         self.folder = cache_dir(resource_dir, "lc", settings, "at-")
         model = Normalized(build_classifier(p["aux_arch"], NUM_CLASSES, p["aux_width"]))
@@ -273,7 +274,7 @@ class TriggerLC(Trigger):
         p = self.params
         key = {
             "model": self.folder.name,
-            "poisons": data_fingerprint(ImageSet(images, labels)),
+            "poisons": tensor_fingerprint(images, labels),
             **{k: p[k] for k in ("adv_eps", "adv_alpha", "adv_steps")},
         }
         cache = Resumable(self.folder / f"adv-{settings_key(key)}.pt", key, log, f"lc adversarial {what} images")

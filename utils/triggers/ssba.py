@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from utils.augment import random_flip, to_float
 from utils.data import ImageSet
 from utils.progress import progress
+from utils.run_state import tensor_fingerprint
 from utils.runtime import autocast, to_channels_last
-from utils.triggers import Log, Trigger, aux_subset, cache_dir, data_fingerprint, require
+from utils.triggers import Log, Trigger, aux_subset, cache_dir, require
 from utils.triggers.aux import AUX_HELP, Resumable, check_aux, shuffled_batches
 
 
@@ -138,7 +139,7 @@ class TriggerSSBA(Trigger):
             **{k: p[k] for k in ("aux_width", "aux_epochs", "aux_subset", "aux_batch_size", "aux_lr")},
             **{k: p[k] for k in ("ssba_bits", "ssba_l2_weight")},
             "seed": self.seed,
-            "data": data_fingerprint(train),
+            "data": tensor_fingerprint(train.images, train.labels),
         }
         folder = cache_dir(resource_dir, "ssba", settings, "enc-")
         enc, dec = StegaEncoder(p["ssba_bits"], p["aux_width"]), StegaDecoder(p["ssba_bits"], p["aux_width"])
