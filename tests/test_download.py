@@ -336,27 +336,10 @@ def test_attack_script_fetches_and_loads_a_named_ddpm(server, tmp_path, cifar_ro
         DDPM_CIFAR10_MD5=_md5(body),
         DDPM_DOWNLOAD="1",
     )
-    # the tiny scale of test_attack_cli.py; the checkpoint has config/ddpm/cpu.yml's shapes
-    cfg = dict(
-        subset=100,
-        test_subset=50,
-        model_width=4,
-        epochs=1,
-        batch_size=50,
-        diffusion_config="config/ddpm/cpu.yml",
-        diffusion_ckpt="cifar10",
-        steps_T=10,
-        purify_respace=2,
-        rounds_n=1,
-        last_steps_m=2,
-        threshold_tau=1,
-        purify_batch_size=100,
-        pratio=0.2,
-        device="cpu",
-    )
-    argv = ["--yaml_path", "config/badnet/cifar10.yaml", "--save_folder_name", "named", "--work_dir", str(tmp_path)]
-    for k, v in cfg.items():
-        argv += [f"--{k}", str(v)]
+    # test_attack_cli.py's tiny scale (the checkpoint has config/ddpm/cpu.yml's shapes), by name
+    from test_attack_cli import _argv
+
+    argv = _argv(tmp_path, name="named", diffusion_ckpt="cifar10", steps_T=10, purify_respace=2, rounds_n=1)
     res = subprocess.run([sys.executable, "attack/badnet.py", *argv], cwd=REPO, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert server.hits["/ddpm.ckpt"] == 1
