@@ -137,7 +137,7 @@ def purify_dataset(
     (purified by this job, summed over ranks) and ``images_resumed`` (read from disk).
     """
     from utils.augment import to_uint8
-    from utils.fileio import UserError, atomic_torch_save, atomic_write_json, atomic_write_text
+    from utils.fileio import UserError, atomic_torch_save, atomic_write_json, atomic_write_text, read_state_json
     from utils.progress import progress
     from utils.run_state import checksum, on_rank0, same_settings_or_refuse, tensor_fingerprint
 
@@ -156,8 +156,8 @@ def purify_dataset(
     meta = parts_dir / "settings.json"
 
     def open_store() -> None:
-        old = json.loads(meta.read_text()) if meta.is_file() else None
         hint = "re-run with those settings to finish it, or pass --overwrite to discard it"
+        old = read_state_json(meta, f"delete {parts_dir} to start afresh") if meta.is_file() else None
         if not same_settings_or_refuse(parts_dir, old, store, overwrite=overwrite, hint=hint):
             if old is not None:  # --overwrite: discard the other run's batches
                 shutil.rmtree(parts_dir, ignore_errors=True)

@@ -65,10 +65,13 @@ def _contiguous_input(_module: nn.Module, args: tuple) -> tuple:
 def to_channels_last(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` on ``device`` in channels_last (faster for convolutions under bf16), or,
     where that is unsafe (:func:`channels_last_safe`), in the default layout with its inputs
-    made contiguous on entry, so callers may pass channels_last batches either way."""
+    made contiguous on entry, so callers may pass channels_last batches either way. The
+    chosen layout is kept as ``model.input_layout`` for calls that bypass ``forward``."""
     model.to(device)
     if channels_last_safe(model, device):
+        model.input_layout = torch.channels_last
         return model.to(memory_format=torch.channels_last)
+    model.input_layout = torch.contiguous_format
     model.register_forward_pre_hook(_contiguous_input)
     return model
 

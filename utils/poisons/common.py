@@ -30,7 +30,7 @@ from utils.data import ImageSet
 from utils.fileio import UserError, atomic_torch_save, safe_torch_load
 from utils.progress import progress
 from utils.run_state import same_settings_or_refuse, tensor_fingerprint
-from utils.runtime import autocast, channels_last_safe, to_channels_last
+from utils.runtime import autocast, to_channels_last
 
 IMAGE_DIM = 3 * 32 * 32
 NUM_CLASSES = 10
@@ -377,11 +377,9 @@ AUGMENTS: dict[str, Callable[..., FloatAugment | None]] = {
 
 
 def forward(model: nn.Module, x: torch.Tensor, bf16: bool, features: bool = False) -> torch.Tensor:
-    """Logits (or pooled features) in float32, the network run in bf16, channels_last where
-    that is safe (``features`` bypasses :func:`to_channels_last`'s input hook)."""
-    x = x.contiguous(
-        memory_format=torch.channels_last if channels_last_safe(model, x.device) else torch.contiguous_format
-    )
+    """Logits (or pooled features) in float32, the network run in bf16, in the layout
+    :func:`to_channels_last` chose (``features`` bypasses its input hook)."""
+    x = x.contiguous(memory_format=getattr(model, "input_layout", torch.channels_last))
     with autocast(x.device, bf16):
         out = model.features(x) if features else model(x)
     return out.float()
