@@ -33,52 +33,40 @@ from utils.paths import REPO_ROOT, diff_ckpt_dir, poisoned_file, purified_file, 
 from utils.plots import amplified_difference, save_image_grid
 from utils.purify import noise_std_at, purify_dataset
 from utils.run_state import check_name, file_fingerprint, output_lock
-from utils.runtime import (
-    ArgParser,
-    barrier,
-    cleanup_distributed,
-    init_distributed,
-    positive_int,
-    resolve_device,
-    str2bool,
-)
+from utils.keys import DEVICE, POSITIVE, Key, add_keys_to_argparser
+from utils.runtime import ArgParser, barrier, cleanup_distributed, init_distributed, resolve_device
+
+
+KEYS: dict[str, Key] = {
+    # the reference's flags and defaults
+    "config": Key("cifar10.yml", "diffusion YAML: a path, or a file name in config/eclipse/"),
+    "seed": Key(1234),
+    "t": Key(100, "t*: noise level (diffusion step) and number of reverse steps", range=POSITIVE),
+    "sparse_diff_model": Key("ema_0.9999_250000.pt", "checkpoint file in diff_ckpt/cifar10/<sparse_set>/"),
+    "sparse_set": Key("test2000ps8000"),
+    "batch_size": Key(256, range=POSITIVE),
+    "poison": Key("EM", "poisoned_data/cifar10/<POISON>.pkl"),
+    # additions
+    "respace": Key(
+        None,
+        "K < t*: K evenly spaced reverse steps over the same noise level (faster, a deviation from the paper)",
+        int,
+        True,
+        range=POSITIVE,
+    ),
+    "bf16": Key(True, "bf16 autocast for the UNet (see README for its effect)"),
+    "quantize": Key("truncate", "float->uint8 as ToPILImage (truncate) or rounding", choices=("truncate", "round")),
+    "device": DEVICE,
+    "work_dir": Key(
+        None, "folder holding poisoned_data/, diff_ckpt/, purified_data/ (default: the repository)", nullable=True
+    ),
+    "overwrite": Key(False, "replace an existing purified file", flag=True),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # the reference's flags and defaults
-    p.add_argument("--config", default="cifar10.yml", help="diffusion YAML: a path, or a file name in config/eclipse/")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument(
-        "--t", type=positive_int, default=100, help="t*: noise level (diffusion step) and number of reverse steps"
-    )
-    p.add_argument(
-        "--sparse_diff_model", default="ema_0.9999_250000.pt", help="checkpoint file in diff_ckpt/cifar10/<sparse_set>/"
-    )
-    p.add_argument("--sparse_set", default="test2000ps8000")
-    p.add_argument("--batch_size", type=positive_int, default=256)
-    p.add_argument("--poison", default="EM", help="poisoned_data/cifar10/<POISON>.pkl")
-    # additions
-    p.add_argument(
-        "--respace",
-        type=positive_int,
-        default=None,
-        help="K < t*: K evenly spaced reverse steps over the same noise level (faster, a deviation from the paper)",
-    )
-    p.add_argument("--bf16", type=str2bool, default=True, help="bf16 autocast for the UNet (see README for its effect)")
-    p.add_argument(
-        "--quantize",
-        choices=["truncate", "round"],
-        default="truncate",
-        help="float->uint8 as ToPILImage (truncate) or rounding",
-    )
-    p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--work_dir",
-        default=None,
-        help="folder holding poisoned_data/, diff_ckpt/, purified_data/ (default: the repository)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing purified file")
+    add_keys_to_argparser(p, KEYS)
     args = p.parse_args(argv)
     for flag in ("poison", "sparse_set", "sparse_diff_model"):
         check_name(getattr(args, flag), f"--{flag}")

@@ -37,89 +37,59 @@ from utils.fileio import (
 from utils.paths import diff_ckpt_dir, purified_file, work_dir
 from utils.plots import history_series, save_curves
 from utils.run_state import OutputLock, check_name, same_settings_or_refuse
-from utils.runtime import (
-    ArgParser,
-    Range,
-    fraction,
-    nonneg_float,
-    nonneg_int,
-    number_type,
-    positive_float,
-    positive_int,
-    resolve_device,
-    seed_everything,
-    set_deterministic,
-    str2bool,
-    subset_size,
-)
+from utils.keys import DEVICE, DOWNLOAD, FRACTION, GT0, NONNEG, POSITIVE, SUBSET, Key, add_keys_to_argparser
+from utils.runtime import ArgParser, Range, resolve_device, seed_everything, set_deterministic
 from utils.trainer import TrainConfig, train_classifier
 
 RESULTS_COLUMNS = ["pure", "arch", "poison", "sparse_set", "t", "p", "std", "acc"]
 EXTRA_COLUMNS = ["defense", "width", "epochs", "n_train", "seed", "run"]
 
 
+KEYS: dict[str, Key] = {
+    # the reference's flags and defaults
+    "lr": Key(0.1, range=GT0),
+    "epochs": Key(80, range=POSITIVE),
+    "arch": Key("resnet18", choices=tuple(CLASSIFIERS)),
+    "poison": Key("EM", "poisoned_data/cifar10/<POISON>.pkl, or 'clean'"),
+    "batch_size": Key(128, range=POSITIVE),
+    "t": Key(100, "t* of the purified set (with --pure)", range=POSITIVE),
+    "iter": Key(250000, "diffusion iteration of the purified set (with --pure)", range=NONNEG),
+    "seed": Key(0),
+    "std": Key(0.05, "compensation: Gaussian noise std on [0, 1]", range=NONNEG),
+    "p": Key(0.4, "compensation: random grayscale probability", range=FRACTION),
+    "sparse_set": Key("test2000ps8000"),
+    "pure": Key(False, "ECLIPSE: train on the purified set with corruption compensation", flag=True),
+    # additions
+    "defense": Key("none", "ISS baselines (JPEG / grayscale)", choices=("none", "jpeg", "grayscale")),
+    "jpeg_quality": Key(10, range=Range(1, 100)),
+    "width": Key(64, "first-stage channels (64 = paper; 16 = CPU-scale variant)", range=POSITIVE),
+    "weight_decay": Key(0.0, "the reference uses none", range=NONNEG),
+    "schedule": Key("constant", "the reference: constant", choices=("constant", "cosine", "onecycle")),
+    "test_every": Key(5, range=POSITIVE),
+    "subset": Key(None, "--poison clean only: class-balanced subset of N images", int, True, range=SUBSET),
+    "subset_seed": Key(0),
+    "test_subset": Key(None, "evaluate on a class-balanced subset of the test set", int, True, range=SUBSET),
+    "quantize": Key("truncate", "compensation re-quantisation", choices=("truncate", "round")),
+    "drop_last": Key(
+        False, "drop the last partial batch of each epoch (the reference keeps it: 391 steps of 128 on 50,000)"
+    ),
+    "deterministic": Key(
+        True, "cuDNN deterministic, no benchmark (the reference's same_seeds); false: fastest kernels"
+    ),
+    "bf16": Key(True),
+    "channels_last": Key(True),
+    "device": DEVICE,
+    "data_root": Key(None, nullable=True),
+    "download": DOWNLOAD,
+    "work_dir": Key(None, "folder holding poisoned_data/, purified_data/, runs/, results.csv", nullable=True),
+    "run_name": Key(None, "folder name under runs/train/ (default: derived from the settings)", nullable=True),
+    "overwrite": Key(False, "redo a finished run with the same name", flag=True),
+}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # the reference's flags and defaults
-    p.add_argument("--lr", type=positive_float, default=0.1)
-    p.add_argument("--epochs", type=positive_int, default=80)
-    p.add_argument("--arch", default="resnet18", choices=list(CLASSIFIERS))
-    p.add_argument("--poison", default="EM", help="poisoned_data/cifar10/<POISON>.pkl, or 'clean'")
-    p.add_argument("--batch_size", type=positive_int, default=128)
-    p.add_argument("--t", type=positive_int, default=100, help="t* of the purified set (with --pure)")
-    p.add_argument(
-        "--iter", type=nonneg_int, default=250000, help="diffusion iteration of the purified set (with --pure)"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--std", type=nonneg_float, default=0.05, help="compensation: Gaussian noise std on [0, 1]")
-    p.add_argument("--p", type=fraction, default=0.4, help="compensation: random grayscale probability")
-    p.add_argument("--sparse_set", default="test2000ps8000")
-    p.add_argument(
-        "--pure", action="store_true", help="ECLIPSE: train on the purified set with corruption compensation"
-    )
-    # additions
-    p.add_argument(
-        "--defense", choices=["none", "jpeg", "grayscale"], default="none", help="ISS baselines (JPEG / grayscale)"
-    )
-    p.add_argument("--jpeg_quality", type=number_type(int, Range(1, 100)), default=10)
-    p.add_argument(
-        "--width", type=positive_int, default=64, help="first-stage channels (64 = paper; 16 = CPU-scale variant)"
-    )
-    p.add_argument("--weight_decay", type=nonneg_float, default=0.0, help="the reference uses none")
-    p.add_argument(
-        "--schedule", choices=["constant", "cosine", "onecycle"], default="constant", help="the reference: constant"
-    )
-    p.add_argument("--test_every", type=positive_int, default=5)
-    p.add_argument(
-        "--subset", type=subset_size, default=None, help="--poison clean only: class-balanced subset of N images"
-    )
-    p.add_argument("--subset_seed", type=int, default=0)
-    p.add_argument(
-        "--test_subset", type=subset_size, default=None, help="evaluate on a class-balanced subset of the test set"
-    )
-    p.add_argument("--quantize", choices=["truncate", "round"], default="truncate", help="compensation re-quantisation")
-    p.add_argument(
-        "--drop_last",
-        type=str2bool,
-        default=False,
-        help="drop the last partial batch of each epoch (the reference keeps it: 391 steps of 128 on 50,000)",
-    )
-    p.add_argument(
-        "--deterministic",
-        type=str2bool,
-        default=True,
-        help="cuDNN deterministic, no benchmark (the reference's same_seeds); false: fastest kernels",
-    )
-    p.add_argument("--bf16", type=str2bool, default=True)
-    p.add_argument("--channels_last", type=str2bool, default=True)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--data_root", default=None)
-    p.add_argument("--download", type=str2bool, default=None, help="fetch CIFAR-10 when missing (default: on)")
-    p.add_argument("--work_dir", default=None, help="folder holding poisoned_data/, purified_data/, runs/, results.csv")
-    p.add_argument(
-        "--run_name", default=None, help="folder name under runs/train/ (default: derived from the settings)"
-    )
-    p.add_argument("--overwrite", action="store_true", help="redo a finished run with the same name")
+    add_keys_to_argparser(p, KEYS)
     a = p.parse_args(argv)
     if a.pure and a.defense != "none":
         raise UserError("--pure (ECLIPSE) and --defense (ISS) are alternative defences; pick one")

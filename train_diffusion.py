@@ -31,51 +31,52 @@ from utils.diffusion_training import DiffusionTrainConfig, train_diffusion
 from utils.fileio import UserError, atomic_write_json, cli_main, read_state_json, setup_logging
 from utils.paths import diff_ckpt_dir, work_dir
 from utils.run_state import check_name, output_lock, same_settings_or_refuse
+from utils.keys import DEVICE, DOWNLOAD, GT0, NONNEG, POSITIVE, Key, add_keys_to_argparser
 from utils.runtime import (
     ArgParser,
+    Range,
     barrier,
     cleanup_distributed,
     init_distributed,
-    nonneg_float,
-    open_fraction,
-    positive_float,
-    positive_int,
     resolve_device,
     seed_everything,
-    str2bool,
 )
+
+
+KEYS: dict[str, Key] = {
+    "config": Key("config/eclipse/cifar10.yml", "model + diffusion YAML"),
+    "source": Key("test", "split the clean images come from", choices=("test", "train")),
+    "num_clean": Key(2000, "B: clean images drawn at random (with --seed)", range=POSITIVE),
+    "replicas": Key(4, "M: copies of each image in the training set", range=POSITIVE),
+    "sparse_set": Key(None, "run name; default <source><B>ps<B*M>, e.g. test2000ps8000", nullable=True),
+    "iterations": Key(250_000, range=POSITIVE),
+    "batch_size": Key(128, "global batch (split across torchrun processes)", range=POSITIVE),
+    "lr": Key(1e-4, range=GT0),
+    "weight_decay": Key(0.0, range=NONNEG),
+    "ema_rate": Key(0.9999, range=Range(0, 1, low_open=True, high_open=True)),
+    "save_interval": Key(10_000, range=POSITIVE),
+    "log_interval": Key(100, range=POSITIVE),
+    "flip": Key(False, "random horizontal flip (the paper: off)"),
+    "max_timestep": Key(
+        None,
+        "CPU-scale deviation: sample training timesteps only below this (purification uses t < t*)",
+        int,
+        True,
+        range=POSITIVE,
+    ),
+    "bf16": Key(True, "bf16 autocast (mixed precision, fp32 weights)"),
+    "seed": Key(0, "seed of the sparse-set draw and of training"),
+    "device": DEVICE,
+    "data_root": Key(None, "CIFAR-10 root (else $CIFAR10_ROOT, else data/cifar10)", nullable=True),
+    "download": DOWNLOAD,
+    "work_dir": Key(None, "folder holding diff_ckpt/ (default: the repository)", nullable=True),
+    "overwrite": Key(False, "discard an existing run with other settings", flag=True),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default="config/eclipse/cifar10.yml", help="model + diffusion YAML")
-    p.add_argument("--source", choices=["test", "train"], default="test", help="split the clean images come from")
-    p.add_argument("--num_clean", type=positive_int, default=2000, help="B: clean images drawn at random (with --seed)")
-    p.add_argument("--replicas", type=positive_int, default=4, help="M: copies of each image in the training set")
-    p.add_argument("--sparse_set", default=None, help="run name; default <source><B>ps<B*M>, e.g. test2000ps8000")
-    p.add_argument("--iterations", type=positive_int, default=250_000)
-    p.add_argument(
-        "--batch_size", type=positive_int, default=128, help="global batch (split across torchrun processes)"
-    )
-    p.add_argument("--lr", type=positive_float, default=1e-4)
-    p.add_argument("--weight_decay", type=nonneg_float, default=0.0)
-    p.add_argument("--ema_rate", type=open_fraction, default=0.9999)
-    p.add_argument("--save_interval", type=positive_int, default=10_000)
-    p.add_argument("--log_interval", type=positive_int, default=100)
-    p.add_argument("--flip", type=str2bool, default=False, help="random horizontal flip (the paper: off)")
-    p.add_argument(
-        "--max_timestep",
-        type=positive_int,
-        default=None,
-        help="CPU-scale deviation: sample training timesteps only below this (purification uses t < t*)",
-    )
-    p.add_argument("--bf16", type=str2bool, default=True, help="bf16 autocast (mixed precision, fp32 weights)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sparse-set draw and of training")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--data_root", default=None, help="CIFAR-10 root (else $CIFAR10_ROOT, else data/cifar10)")
-    p.add_argument("--download", type=str2bool, default=None, help="fetch CIFAR-10 when missing (default: on)")
-    p.add_argument("--work_dir", default=None, help="folder holding diff_ckpt/ (default: the repository)")
-    p.add_argument("--overwrite", action="store_true", help="discard an existing run with other settings")
+    add_keys_to_argparser(p, KEYS)
     args = p.parse_args(argv)
     if args.sparse_set is None:
         args.sparse_set = f"{args.source}{args.num_clean}ps{args.num_clean * args.replicas}"

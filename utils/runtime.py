@@ -8,7 +8,6 @@ import math
 import os
 import random
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -90,20 +89,9 @@ def set_deterministic(deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def str2bool(v: str | bool) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ("1", "true", "yes", "y", "on"):
-        return True
-    if s in ("0", "false", "no", "n", "off"):
-        return False
-    raise ValueError(f"expected a boolean (true/false), got {v!r}")
-
-
 # --------------------------------------------------------------------------- value ranges
-# One mechanism for every numeric setting: argparse flags use the type functions below,
-# YAML keys carry a ``Range`` in their ``Key`` declaration (utils/yaml_config.py).
+# A numeric option's ``Key`` (utils/keys.py) carries a ``Range``; YAML keys and argparse
+# options are both checked against it.
 
 
 @dataclass(frozen=True)
@@ -128,34 +116,6 @@ class Range:
         if self.low is None:
             return f"{'<' if self.high_open else '<='} {self.high:g}"
         return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-
-
-def number_type(kind: type, rng: Range) -> Callable[[str], Any]:
-    """An argparse ``type=`` that parses ``kind`` (int or float) and requires ``rng``."""
-
-    def parse(raw: str) -> Any:
-        try:
-            value = kind(raw)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'an integer' if kind is int else 'a number'}, got {raw!r}"
-            ) from None
-        if value not in rng:
-            raise argparse.ArgumentTypeError(f"must be {rng.describe()}, got {raw}")
-        return value
-
-    parse.__name__ = f"{kind.__name__} {rng.describe()}"
-    return parse
-
-
-positive_int = number_type(int, Range(1))
-nonneg_int = number_type(int, Range(0))
-positive_float = number_type(float, Range(0, low_open=True))
-nonneg_float = number_type(float, Range(0))
-fraction = number_type(float, Range(0, 1))
-open_fraction = number_type(float, Range(0, 1, low_open=True, high_open=True))
-# a class-balanced subset needs one image per class at least
-subset_size = number_type(int, Range(10))
 
 
 class ArgParser(argparse.ArgumentParser):

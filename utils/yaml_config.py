@@ -20,101 +20,27 @@ from typing import Any
 import yaml
 
 from utils.fileio import UserError, read_text_file
+from utils.keys import BadValue, Key, check, from_text
 from utils.paths import REPO_ROOT
 from utils.run_state import check_name
-from utils.runtime import Range
-
-
-@dataclass(frozen=True)
-class Key:
-    default: Any
-    help: str = ""
-    type: type | None = None  # None: the default's type
-    nullable: bool = False
-    choices: tuple | None = None
-    range: Range | None = None  # numbers only; checked by ``coerce``
-
-    @property
-    def kind(self) -> type:
-        if self.type is not None:
-            return self.type
-        if self.default is None:
-            return str
-        return type(self.default)
 
 
 def keys_from_defaults(defaults: dict[str, Any], helps: dict[str, str]) -> dict[str, Key]:
     return {k: Key(v, helps.get(k, "")) for k, v in defaults.items()}
 
 
-def _type_name(key: Key) -> str:
-    name = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list"}.get(
-        key.kind, key.kind.__name__
-    )
-    return name + (" or null" if key.nullable else "")
-
-
 def coerce(name: str, key: Key, value: Any, valid: dict[str, Key], source: str = "") -> Any:
-    """Check and cast ``value`` (already YAML-typed) for key ``name``."""
+    """Check and cast ``value`` (already YAML-typed) for key ``name`` (``utils.keys.check``),
+    naming ``source`` (the file or --option it came from) in the error."""
     where = f" in {source}" if source else ""
-
-    def bad() -> UserError:
-        return UserError(
-            f"{name}{where}: expected a {_type_name(key)}, got {value!r}; valid keys: {', '.join(sorted(valid))}"
-        )
-
-    if value is None:
-        if key.nullable:
-            return None
-        raise bad()
-    kind = key.kind
-    if kind is bool:
-        if isinstance(value, bool):
-            out: Any = value
-        elif isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
-            out = value.strip().lower() in ("true", "yes", "1", "on")
-        else:
-            raise bad()
-    elif kind is int:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, int):
-            out = value
-        elif isinstance(value, float) and value.is_integer():
-            out = int(value)
-        else:
-            raise bad()
-    elif kind is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad()
-        out = float(value)
-    elif kind is list:
-        if not isinstance(value, list):
-            raise bad()
-        out = value
-    elif kind is str:
-        if isinstance(value, list | dict):
-            raise bad()
-        out = str(value)
-    else:  # pragma: no cover - declarations use the types above
-        raise bad()
-    if key.choices is not None and out not in key.choices:
-        raise UserError(f"{name}{where}: must be one of {', '.join(map(str, key.choices))}, got {out!r}")
-    if key.range is not None and out not in key.range:
-        raise UserError(f"{name}{where}: must be {key.range.describe()}, got {out!r}")
-    return out
-
-
-def _parse_cli_value(name: str, key: Key, raw: str) -> Any:
-    # strings are taken verbatim (a path such as "1e3" stays a string); other kinds as YAML
-    if key.kind is str and not (key.nullable and raw.strip().lower() in ("null", "none", "~")):
-        return raw
-    if key.nullable and raw.strip().lower() in ("null", "none", "~", ""):
-        return None
     try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
+        return check(key, value)
+    except BadValue as e:
+        if e.type_error:
+            raise UserError(
+                f"{name}{where}: expected {e.must}, got {value!r}; valid keys: {', '.join(sorted(valid))}"
+            ) from None
+        raise UserError(f"{name}{where}: must be {e.must}, got {e.value!r}") from None
 
 
 def resolve_path(path: str | Path, what: str = "file", must_exist: bool = True) -> Path:
@@ -162,11 +88,11 @@ class RunArgs:
 
 
 FIXED_OPTIONS = {
-    "yaml_path": "the YAML configuration (resolved against the current directory, then the repository root)",
-    "save_folder_name": "results go to record/<save_folder_name>/ (default: the attack's name)",
-    "work_dir": "folder holding record/, resource/ and diff_ckpt/ (default: the repository root)",
-    "overwrite": "replace an existing record folder written with a different configuration",
-    "overlay": "extra YAML applied after --yaml_path (repeatable); keys of other attacks are ignored",
+    "yaml_path": Key(None, "the YAML configuration (resolved against the current directory, then the repository root)"),
+    "save_folder_name": Key(None, "results go to record/<save_folder_name>/ (default: the attack's name)"),
+    "work_dir": Key(None, "folder holding record/, resource/ and diff_ckpt/ (default: the repository root)"),
+    "overwrite": Key(False, "replace an existing record folder written with a different configuration", flag=True),
+    "overlay": Key(None, "extra YAML applied after --yaml_path (repeatable); keys of other attacks are ignored"),
 }
 
 
@@ -177,8 +103,8 @@ def help_text(prog: str, keys: dict[str, Key]) -> str:
         "",
         "options:",
     ]
-    for k, h in FIXED_OPTIONS.items():
-        lines.append(f"  --{k:<24} {h}")
+    for k, key in FIXED_OPTIONS.items():
+        lines.append(f"  --{k:<24} {key.help}")
     lines += ["", "configuration keys (YAML or --KEY VALUE; defaults in brackets):"]
     for k in keys:
         key = keys[k]
@@ -211,7 +137,7 @@ def parse_config(
             raise UserError(f"unexpected argument {arg!r}; options look like --key value (see --help)")
         name, eq, val = arg[2:].partition("=")
         if name == "overwrite":
-            fixed["overwrite"] = True if not eq else _strict_bool("overwrite", val)
+            fixed["overwrite"] = True if not eq else coerce(name, FIXED_OPTIONS[name], from_text(FIXED_OPTIONS[name], val), {**FIXED_OPTIONS, **keys}, "--overwrite")
             i += 1
             continue
         if not eq:
@@ -254,7 +180,7 @@ def parse_config(
                 valid = sorted(set(keys) | set(known_elsewhere))
                 raise UserError(f"unknown key {k!r} in {op}; valid keys: {', '.join(valid)}")
     for k, raw in overrides:
-        cfg[k] = coerce(k, keys[k], _parse_cli_value(k, keys[k], raw), keys, f"--{k}")
+        cfg[k] = coerce(k, keys[k], from_text(keys[k], raw), keys, f"--{k}")
     name = check_name(fixed.get("save_folder_name") or default_name, "--save_folder_name")
     return cfg, RunArgs(
         yaml_path=yaml_path,
@@ -265,15 +191,6 @@ def parse_config(
         ignored=ignored,
         empty_yaml=not from_yaml,
     )
-
-
-def _strict_bool(name: str, v: str) -> bool:
-    s = v.strip().lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off"):
-        return False
-    raise UserError(f"--{name}: expected true or false, got {v!r}")
 
 
 def dump_yaml(cfg: dict[str, Any]) -> str:

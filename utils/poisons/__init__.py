@@ -3,9 +3,9 @@
 Each module exposes ``craft(ctx: CraftContext) -> CraftResult``; ``POISONS[name]`` holds
 the poison's norm, its defaults (the papers' settings, see RESEARCH_NOTES §2 and the
 README), and a recommended CPU-scale setting. ``OPTIONS`` declares every poison-specific
-option once (type, lower bound, help); a poison accepts exactly the options in its
-``defaults``. A default may be a function of the other resolved options (e.g. TAP's step
-is 0.05·ε).
+option once as a ``Key`` (type, range, choices, help); a poison's ``defaults`` are those
+Keys with its own default values, and it accepts exactly those options. A default may be
+a function of the other resolved options (e.g. TAP's step is 0.05·ε).
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from utils.fileio import UserError
+from utils.keys import BadValue, Key, check
 from utils.poisons.common import CraftContext, CraftResult, PoisonSpec
+from utils.runtime import Range
 
 __all__ = ["POISONS", "OPTIONS", "PoisonSpec", "CraftContext", "CraftResult", "resolve_params", "get_poison"]
 
@@ -27,56 +30,90 @@ def _tau(p: dict) -> float:
     return 0.05 * p["eps"]
 
 
-# name -> (type, minimum (inclusive) or None, help)
-OPTIONS: dict[str, tuple[type, float | None, str]] = {
-    "eps": (
-        float,
+_FINITE, _GT0, _NONNEG, _POS = Range(), Range(1e-9), Range(0), Range(1)
+_QUANTIZE = ("truncate", "round")
+
+# every poison-specific option, declared once; a poison's ``defaults`` are these Keys
+# with its own default values (``_takes``)
+OPTIONS: dict[str, Key] = {
+    "eps": Key(
         None,
         "budget in /255 units: L∞ radius, or for L2 poisons the per-pixel RMS (L2 = eps/255·√3072); "
         "SEP's default 8 is ECLIPSE's common budget, --eps 2 is SEP's own",
+        float,
+        range=_FINITE,
     ),
-    "classwise": (bool, None, "EM: one pattern per class (Huang et al.'s class-wise variant)"),
-    "portion": (float, 1e-9, "EM --classwise: fraction of the images (class-stratified) the patterns are crafted on"),
-    "step_size": (float, 1e-9, "PGD step on the perturbation, /255 units"),
-    "pgd_steps": (int, 1, "PGD steps on the perturbation (per round for EM/ADP)"),
-    "train_steps": (int, 1, "surrogate SGD steps per min-min round"),
-    "train_batch": (int, 1, "surrogate training batch size"),
-    "batch_size": (int, 1, "images per perturbation batch"),
-    "lr": (float, 1e-12, "surrogate learning rate (SGD, momentum 0.9)"),
-    "weight_decay": (float, 0.0, "surrogate weight decay"),
-    "stop_acc": (float, 0.0, "min-min: stop when the surrogate's accuracy on the poisoned data reaches this (%)"),
-    "max_rounds": (int, 1, "min-min: give up after this many rounds"),
-    "steps": (int, 1, "REM: min-min steps (one batch each)"),
-    "lr_decay_every": (int, 1, "REM: multiply the lr by 0.1 every this many steps"),
-    "samples": (int, 1, "transformation samples averaged per perturbation step (EOT)"),
-    "adv_eps": (float, 0.0, "adversarial training radius of the surrogate/reference, /255"),
-    "adv_step": (float, 0.0, "adversarial training PGD step, /255"),
-    "adv_steps": (int, 0, "adversarial training PGD steps"),
-    "epochs": (int, 1, "surrogate / reference model training epochs"),
-    "milestones": (str, None, "epochs (comma-separated) at which the surrogate's lr drops x0.1"),
-    "restarts": (int, 1, "random restarts of the whole crafting pass (the one with the lowest total loss is kept)"),
-    "checkpoints": (int, 1, "SEP: checkpoints in the ensemble, picked among those saved when test accuracy improved"),
-    "target_shift": (int, 1, "targeted poisons: target label (y + shift) mod 10"),
-    "variant": (str, None, "EFP: push (away from the own class centroid) or pull (to the nearest other)"),
-    "augment": (
+    "classwise": Key(None, "EM: one pattern per class (Huang et al.'s class-wise variant)", bool, flag=True),
+    "portion": Key(
+        None,
+        "EM --classwise: fraction of the images (class-stratified) the patterns are crafted on",
+        float,
+        range=Range(0, 1, low_open=True),
+    ),
+    "step_size": Key(None, "PGD step on the perturbation, /255 units", float, range=_GT0),
+    "pgd_steps": Key(None, "PGD steps on the perturbation (per round for EM/ADP)", int, range=_POS),
+    "train_steps": Key(None, "surrogate SGD steps per min-min round", int, range=_POS),
+    "train_batch": Key(None, "surrogate training batch size", int, range=_POS),
+    "batch_size": Key(None, "images per perturbation batch", int, range=_POS),
+    "lr": Key(None, "surrogate learning rate (SGD, momentum 0.9)", float, range=Range(1e-12)),
+    "weight_decay": Key(None, "surrogate weight decay", float, range=_NONNEG),
+    "stop_acc": Key(
+        None,
+        "min-min: stop when the surrogate's accuracy on the poisoned data reaches this (%)",
+        float,
+        range=Range(0, 100),
+    ),
+    "max_rounds": Key(None, "min-min: give up after this many rounds", int, range=_POS),
+    "steps": Key(None, "REM: min-min steps (one batch each)", int, range=_POS),
+    "lr_decay_every": Key(None, "REM: multiply the lr by 0.1 every this many steps", int, range=_POS),
+    "samples": Key(None, "transformation samples averaged per perturbation step (EOT)", int, range=_POS),
+    "adv_eps": Key(None, "adversarial training radius of the surrogate/reference, /255", float, range=_NONNEG),
+    "adv_step": Key(None, "adversarial training PGD step, /255", float, range=_NONNEG),
+    "adv_steps": Key(None, "adversarial training PGD steps", int, range=_NONNEG),
+    "epochs": Key(None, "surrogate / reference model training epochs", int, range=_POS),
+    "milestones": Key(None, "epochs (comma-separated) at which the surrogate's lr drops x0.1", str),
+    "restarts": Key(
+        None, "random restarts of the whole crafting pass (the one with the lowest total loss is kept)", int, range=_POS
+    ),
+    "checkpoints": Key(
+        None, "SEP: checkpoints in the ensemble, picked among those saved when test accuracy improved", int, range=_POS
+    ),
+    "target_shift": Key(None, "targeted poisons: target label (y + shift) mod 10", int, range=_POS),
+    "variant": Key(
+        None,
+        "EFP: push (away from the own class centroid) or pull (to the nearest other)",
         str,
+        choices=("push", "pull"),
+    ),
+    "augment": Key(
         None,
         "differentiable augmentation while crafting (TAP: and training its surrogate): shift_flip (the "
         "references' bilinear ±4 px shift, mean-colour padding, flip), crop_flip (integer crop, black padding) or none",
+        str,
+        choices=("shift_flip", "crop_flip", "none"),
     ),
-    "sigma": (float, 1e-9, "URP: std of the class-wise Gaussian noise, /255 (then clipped to eps)"),
-    "patch": (int, 1, "LSP: patch size (pixels); 32 must be a multiple"),
-    "class_sep": (float, 0.0, "LSP: make_classification class_sep"),
-    "pixels": (int, 1, "OPS: pixels set per class (L0 budget)"),
-    "blur": (float, 1e-9, "CUDA: kernel entries ~ U(0, blur)"),
-    "quantize": (str, None, "LSP/CUDA: float to uint8 by truncate (the references' astype(uint8)) or round"),
-    "diff_config": (str, None, "ADP: diffusion YAML (a path, or a name in config/eclipse/)"),
-    "sparse_set": (str, None, "ADP: diff_ckpt/cifar10/<sparse_set>/"),
-    "sparse_diff_model": (str, None, "ADP: checkpoint file in diff_ckpt/cifar10/<sparse_set>/"),
-    "unet_t": (int, 0, "ADP: diffusion timestep fed to the UNet classifier"),
-    "gray_p": (float, 0.0, "ADP: compensation grayscale probability"),
-    "noise_std": (float, 0.0, "ADP: compensation Gaussian noise std on [0, 1]"),
+    "sigma": Key(None, "URP: std of the class-wise Gaussian noise, /255 (then clipped to eps)", float, range=_GT0),
+    "patch": Key(None, "LSP: patch size (pixels); 32 must be a multiple", int, range=_POS),
+    "class_sep": Key(None, "LSP: make_classification class_sep", float, range=_NONNEG),
+    "pixels": Key(None, "OPS: pixels set per class (L0 budget)", int, range=_POS),
+    "blur": Key(None, "CUDA: kernel entries ~ U(0, blur)", float, range=_GT0),
+    "quantize": Key(
+        None, "LSP/CUDA: float to uint8 by truncate (the references' astype(uint8)) or round", str, choices=_QUANTIZE
+    ),
+    "diff_config": Key(None, "ADP: diffusion YAML (a path, or a name in config/eclipse/)", str),
+    "sparse_set": Key(None, "ADP: diff_ckpt/cifar10/<sparse_set>/", str),
+    "sparse_diff_model": Key(None, "ADP: checkpoint file in diff_ckpt/cifar10/<sparse_set>/", str),
+    "unet_t": Key(None, "ADP: diffusion timestep fed to the UNet classifier", int, range=_NONNEG),
+    "gray_p": Key(None, "ADP: compensation grayscale probability", float, range=Range(0, 1)),
+    "noise_std": Key(None, "ADP: compensation Gaussian noise std on [0, 1]", float, range=_NONNEG),
 }
+
+
+def _takes(**defaults: Any) -> dict[str, Key]:
+    """A poison's options: the declared Keys with its defaults (a default may be a function
+    of the other resolved options)."""
+    return {k: replace(OPTIONS[k], default=v) for k, v in defaults.items()}
+
 
 # the reference README's class-wise command: 1 step, --use_subset (20 %), stop error 0.1
 _EM_CLASSWISE = {"pgd_steps": 1, "stop_acc": 90.0, "portion": 0.2}
@@ -91,7 +128,7 @@ POISONS: dict[str, PoisonSpec] = {
             kind="sample-wise (class-wise with --classwise)",
             model_based=True,
             module="utils.poisons.em",
-            defaults=dict(
+            defaults=_takes(
                 eps=8.0,
                 classwise=False,
                 step_size=0.8,
@@ -115,7 +152,7 @@ POISONS: dict[str, PoisonSpec] = {
             kind="sample-wise",
             model_based=True,
             module="utils.poisons.tap",
-            defaults=dict(
+            defaults=_takes(
                 eps=8.0,
                 epochs=40,
                 lr=0.1,
@@ -140,7 +177,7 @@ POISONS: dict[str, PoisonSpec] = {
             kind="sample-wise",
             model_based=True,
             module="utils.poisons.rem",
-            defaults=dict(
+            defaults=_takes(
                 eps=8.0,
                 step_size=1.6,
                 pgd_steps=10,
@@ -165,7 +202,7 @@ POISONS: dict[str, PoisonSpec] = {
             kind="sample-wise",
             model_based=True,
             module="utils.poisons.sep",
-            defaults=dict(
+            defaults=_takes(
                 eps=8.0,
                 epochs=120,
                 lr=0.1,
@@ -191,7 +228,7 @@ POISONS: dict[str, PoisonSpec] = {
             kind="sample-wise",
             model_based=True,
             module="utils.poisons.efp",
-            defaults=dict(
+            defaults=_takes(
                 eps=8.0,
                 variant="push",
                 epochs=100,
@@ -218,7 +255,7 @@ POISONS: dict[str, PoisonSpec] = {
             kind="class-wise",
             model_based=False,
             module="utils.poisons.urp",
-            defaults=dict(eps=8.0, sigma=lambda p: p["eps"]),
+            defaults=_takes(eps=8.0, sigma=lambda p: p["eps"]),
         ),
         PoisonSpec(
             name="LSP",
@@ -227,7 +264,7 @@ POISONS: dict[str, PoisonSpec] = {
             kind="sample-wise",
             model_based=False,
             module="utils.poisons.lsp",
-            defaults=dict(eps=6.0, patch=8, class_sep=10.0, quantize="truncate"),
+            defaults=_takes(eps=6.0, patch=8, class_sep=10.0, quantize="truncate"),
             paper="synthetic_perturbations/cifar_train.py of dayu11/Availability-Attacks-Create-Shortcuts",
         ),
         PoisonSpec(
@@ -237,7 +274,7 @@ POISONS: dict[str, PoisonSpec] = {
             kind="sample-wise (one filter per class)",
             model_based=False,
             module="utils.poisons.ar",
-            defaults=dict(eps=AR_EPS),
+            defaults=_takes(eps=AR_EPS),
             paper="psandovalsegura/autoregressive-poisoning (L2 = 1, 36x36 start cropped to 32x32)",
         ),
         PoisonSpec(
@@ -247,7 +284,7 @@ POISONS: dict[str, PoisonSpec] = {
             kind="sample-wise",
             model_based=True,
             module="utils.poisons.adp",
-            defaults=dict(
+            defaults=_takes(
                 eps=8.0,
                 step_size=0.8,
                 pgd_steps=20,
@@ -276,7 +313,7 @@ POISONS: dict[str, PoisonSpec] = {
             kind="class-wise",
             model_based=False,
             module="utils.poisons.ops",
-            defaults=dict(pixels=1),
+            defaults=_takes(pixels=1),
             paper="perturb.py of cychomatica/One-Pixel-Shotcut",
         ),
         PoisonSpec(
@@ -286,7 +323,7 @@ POISONS: dict[str, PoisonSpec] = {
             kind="class-wise",
             model_based=False,
             module="utils.poisons.cuda",
-            defaults=dict(blur=0.3, quantize="truncate"),
+            defaults=_takes(blur=0.3, quantize="truncate"),
             paper="final_filter_unlearnable.py of vinusankars/Convolution-based-Unlearnability",
         ),
     ]
@@ -315,7 +352,7 @@ def resolve_params(spec: PoisonSpec, given: dict[str, Any]) -> dict[str, Any]:
         if spec.norm == "none":
             budget = " (it is not norm-bounded)"
         raise UserError(f"{flags} does not apply to {spec.name}{budget}; {spec.name} takes {takes}")
-    base = dict(spec.defaults)
+    base = {k: key.default for k, key in spec.defaults.items()}
     if spec.name == "EM" and given.get("classwise"):
         base.update(_EM_CLASSWISE)
     params: dict[str, Any] = {}
@@ -341,10 +378,11 @@ def _validate(spec: PoisonSpec, p: dict[str, Any]) -> None:
             raise UserError(
                 f"--eps {eps} is below one pixel level: uint8 images cannot carry an L∞ change under 1/255 (use eps >= 1)"
             )
-    for k, v in p.items():
-        typ, lo, _ = OPTIONS[k]
-        if lo is not None and isinstance(v, (int, float)) and not isinstance(v, bool) and v < lo:
-            raise UserError(f"--{k} must be >= {lo:g}, got {v}")
+    for k, v in p.items():  # type, range and choices, as declared
+        try:
+            check(spec.defaults[k], v)
+        except BadValue as e:
+            raise UserError(e.message(f"--{k}")) from None
     if "milestones" in p:
         try:
             ms = [int(s) for s in str(p["milestones"]).split(",") if s.strip()]
@@ -352,22 +390,10 @@ def _validate(spec: PoisonSpec, p: dict[str, Any]) -> None:
             raise UserError(f"--milestones must be comma-separated epochs, got {p['milestones']!r}") from None
         if any(m < 1 for m in ms) or ms != sorted(ms):
             raise UserError(f"--milestones must be increasing positive epochs, got {p['milestones']!r}")
-    if p.get("variant") not in (None, "push", "pull"):
-        raise UserError(f"--variant must be push or pull, got {p['variant']!r}")
-    if p.get("augment") not in (None, "none", "crop_flip", "shift_flip"):
-        raise UserError(f"--augment must be shift_flip, crop_flip or none, got {p['augment']!r}")
-    if p.get("quantize") not in (None, "truncate", "round"):
-        raise UserError(f"--quantize must be truncate or round, got {p['quantize']!r}")
     if "patch" in p and 32 % p["patch"]:
         raise UserError(f"--patch must divide 32, got {p['patch']}")
-    if "portion" in p and p["portion"] > 1:
-        raise UserError(f"--portion is a fraction of the images (<= 1), got {p['portion']}")
     if "portion" in p and p["portion"] < 1 and not p.get("classwise"):
         raise UserError("--portion applies to EM --classwise only: sample-wise noise needs every image")
-    if "stop_acc" in p and p["stop_acc"] > 100:
-        raise UserError(f"--stop_acc is a percentage (<= 100), got {p['stop_acc']}")
-    if "gray_p" in p and p["gray_p"] > 1:
-        raise UserError(f"--gray_p is a probability (<= 1), got {p['gray_p']}")
     if spec.name == "SEP" and p["checkpoints"] > p["epochs"]:
         raise UserError(
             f"--checkpoints {p['checkpoints']} exceeds --epochs {p['epochs']} (one checkpoint per epoch at most)"

@@ -1,0 +1,233 @@
+"""One run of poison.py: check and lock the output, craft the poison (resuming an
+interrupted run), then write the poisoned set with its preview, log and JSON summary.
+
+``poison.py`` parses and checks its options and calls ``run_poison``; everything that
+reads data or writes files happens here, in the order the checks require: every input
+is read before anything is written or an interrupted run is discarded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import platform
+import shutil
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from utils.data import CIFAR10_CLASSES, ImageSet, class_balanced_subset, load_cifar10, write_eclipse_pkl
+from utils.fileio import atomic_write_json, refuse_overwrite, safe_torch_load, setup_logging
+from utils.paths import poisoned_file, resource_dir, work_dir
+from utils.plots import save_image_grid, signed_difference
+from utils.poisons import PoisonSpec, get_craft
+from utils.poisons.common import (
+    CraftContext,
+    CraftingPaused,
+    CraftResult,
+    check_budget,
+    fingerprint_of,
+    measure_norms,
+    state_settings_pair,
+)
+from utils.run_state import OutputLock, same_settings_or_refuse
+from utils.runtime import resolve_device
+
+PAUSED_EXIT = 3  # exit code of a run paused by --stop_after (its state is saved)
+
+
+@dataclass
+class PoisonJob:
+    """What to craft, as poison.py resolved it, and the command line's other options."""
+
+    spec: PoisonSpec
+    params: dict[str, Any]
+    name: str
+    arch: str | None  # surrogate; None for poisons without one
+    width: int | None
+    args: argparse.Namespace
+    command: str
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
+
+
+def preview(path: Path, clean: ImageSet, poisoned: torch.Tensor, per_class: int = 2) -> None:
+    """clean / poisoned / amplified perturbation for ``per_class`` images of each class."""
+    idx = []
+    for c in range(10):
+        idx += torch.nonzero(clean.labels == c).flatten()[:per_class].tolist()
+    idx = torch.tensor(idx, dtype=torch.long)
+    a, b = poisoned[idx], clean.images[idx]
+    peak = max(float((a.int() - b.int()).abs().max()), 1.0)
+    gain = min(127.0 / peak, 32.0)
+    save_image_grid(
+        path,
+        [b, a, signed_difference(a, b, gain)],
+        ["clean", "poisoned", f"delta x{gain:.0f}"],
+    )
+
+
+def run_poison(job: PoisonJob, locks: ExitStack) -> int:
+    """Craft ``job`` and write its outputs; returns the exit code (``PAUSED_EXIT`` when
+    ``--stop_after`` paused it)."""
+    args, spec = job.args, job.spec
+    work = work_dir(args.work_dir)
+    out = poisoned_file(work, job.name)
+    module = importlib.import_module(spec.module)
+    if hasattr(module, "preflight"):
+        module.preflight(work, job.params)
+    refuse_overwrite(out, args.overwrite)  # before any work: an existing result stays untouched
+    device = resolve_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    # the data is read (and so checked) before anything is written or discarded
+    train = load_cifar10("train", args.data_root, download=args.download)
+    locks.enter_context(OutputLock(out))
+    refuse_overwrite(out, args.overwrite)  # again under the lock: another process may have finished it
+    settings = {
+        "poison": spec.name,
+        "params": job.params,
+        "seed": args.seed,
+        "subset": args.subset,
+        "subset_seed": args.subset_seed,
+        "arch": job.arch,
+        "width": job.width,
+        "bf16": args.bf16,
+        "data_root": str(args.data_root),
+    }
+    fingerprint = fingerprint_of(settings)
+    _discard_stale_state(out.with_suffix(".work"), settings, fingerprint, args.overwrite)
+
+    log = setup_logging(out.with_suffix(".log"), "poison")
+    subset_idx = None
+    if args.subset is not None and args.subset < len(train):
+        subset_idx = class_balanced_subset(train.labels, args.subset, args.subset_seed)
+        train = train.subset(subset_idx)
+    test = load_cifar10("test", args.data_root) if spec.needs_test else None  # SEP keeps checkpoints by test accuracy
+    log.info(
+        f"[Poison:{spec.name}] [Name:{job.name}] {len(train)} images, params {job.params}, seed {args.seed}, "
+        + (f"surrogate {job.arch} w{job.width}, " if job.arch else "")
+        + f"device {describe_device(device)}"
+    )
+    ctx = CraftContext(
+        clean=train,
+        params=job.params,
+        seed=args.seed,
+        device=device,
+        bf16=args.bf16,
+        arch=job.arch or "resnet18",
+        width=job.width or 64,
+        state_dir=out.with_suffix(".work"),
+        resource_dir=resource_dir(work),
+        log=log,
+        save_every=args.save_every,
+        stop_after=args.stop_after,
+        fingerprint=fingerprint,
+        settings=settings,
+        progress=not args.no_progress,
+        work=work,
+        test=test,
+    )
+    t_wall = time.time()
+    try:
+        result = get_craft(spec)(ctx)
+    except CraftingPaused as e:
+        log.info(f"{e}; state saved in {ctx.state_dir}, re-run the same command (without --stop_after) to resume")
+        return PAUSED_EXIT
+    _write_outputs(job, out, ctx, result, subset_idx, device, t_wall)
+    return 0
+
+
+def _discard_stale_state(state_dir: Path, settings: dict, fingerprint: str, overwrite: bool) -> None:
+    """An interrupted run's state resumes only with the same settings; with other settings
+    it is refused, or removed under ``--overwrite``."""
+    if not state_dir.exists():
+        return
+    state_file = state_dir / "state.pt"
+    old = safe_torch_load(state_file, "crafting state") if state_file.is_file() else None
+    pair = state_settings_pair(old, settings, fingerprint) if isinstance(old, dict) else (old, settings)
+    hint = "re-run its command to finish it, or pass --overwrite to discard it"
+    if not same_settings_or_refuse(state_dir, *pair, overwrite=overwrite, hint=hint):
+        shutil.rmtree(state_dir)
+
+
+def _write_outputs(
+    job: PoisonJob,
+    out: Path,
+    ctx: CraftContext,
+    result: CraftResult,
+    subset_idx: torch.Tensor | None,
+    device: torch.device,
+    t_wall: float,
+) -> None:
+    """The poisoned set (after checking its dtype, shape and budget), its preview and JSON
+    summary; then the crafting state is removed."""
+    spec, params, args, train = job.spec, job.params, job.args, ctx.clean
+    poisoned = result.images
+    if poisoned.dtype != torch.uint8 or poisoned.shape != train.images.shape:
+        raise RuntimeError(f"{spec.name} returned {poisoned.dtype} {tuple(poisoned.shape)} images")
+    norms = measure_norms(train.images, poisoned)
+    budget = check_budget(spec, params, norms)
+    if not budget["holds"]:
+        raise RuntimeError(f"{spec.name} broke its budget: {budget} with measured norms {norms}")
+
+    write_eclipse_pkl(out, ImageSet(poisoned, train.labels))
+    preview(out.with_suffix(".png"), train, poisoned)
+    seconds = ctx.elapsed()
+    summary = {
+        "poison": spec.name,
+        "name": job.name,
+        "summary": spec.summary,
+        "norm": spec.norm,
+        "kind": spec.kind,
+        "parameters": params,
+        "seed": args.seed,
+        "surrogate_arch": job.arch,
+        "surrogate_width": job.width,
+        "bf16": args.bf16,
+        "n_images": len(train),
+        "classes": list(CIFAR10_CLASSES),
+        "subset": None
+        if subset_idx is None
+        else {"n": len(subset_idx), "seed": args.subset_seed, "indices": subset_idx.tolist()},
+        "norms": norms,
+        "budget": budget,
+        "crafting_seconds": seconds,
+        "this_session_seconds": time.time() - t_wall,
+        "device": describe_device(device),
+        "torch": torch.__version__,
+        "reference": spec.paper,
+        "result": result.info,
+        "outputs": {"pkl": str(out), "png": str(out.with_suffix(".png")), "log": str(out.with_suffix(".log"))},
+        "command": job.command,
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    atomic_write_json(out.with_suffix(".json"), summary)
+    ctx.cleanup()
+    ctx.log.info(
+        f"wrote {out} ({len(train)} images): max L∞ {norms['linf_max_255']:.0f}/255, mean L2 {norms['l2_mean']:.3f}, "
+        f"mean L0 {norms['l0_mean_pixels']:.1f} px, {seconds:.1f}s"
+        + (
+            f"; surrogate train acc {result.info['surrogate']['train_acc_clean']:.1f}% clean / "
+            f"{result.info['surrogate']['train_acc_poisoned']:.1f}% poisoned"
+            if "surrogate" in result.info
+            else ""
+        )
+    )
