@@ -34,10 +34,10 @@ from utils.fileio import (
     read_state_json,
     setup_logging,
 )
+from utils.keys import DEVICE, DOWNLOAD, FRACTION, GT0, NONNEG, POSITIVE, SUBSET, Key, add_keys_to_argparser
 from utils.paths import diff_ckpt_dir, purified_file, work_dir
 from utils.plots import history_series, save_curves
 from utils.run_state import OutputLock, check_name, same_settings_or_refuse
-from utils.keys import DEVICE, DOWNLOAD, FRACTION, GT0, NONNEG, POSITIVE, SUBSET, Key, add_keys_to_argparser
 from utils.runtime import ArgParser, Range, resolve_device, seed_everything, set_deterministic
 from utils.trainer import TrainConfig, train_classifier
 

@@ -29,9 +29,9 @@ from utils.data import load_cifar10
 from utils.diffusion_setup import load_diffusion_spec
 from utils.diffusion_training import DiffusionTrainConfig, train_diffusion
 from utils.fileio import UserError, atomic_write_json, cli_main, read_state_json, setup_logging
+from utils.keys import DEVICE, DOWNLOAD, GT0, NONNEG, POSITIVE, Key, add_keys_to_argparser
 from utils.paths import diff_ckpt_dir, work_dir
 from utils.run_state import check_name, output_lock, same_settings_or_refuse
-from utils.keys import DEVICE, DOWNLOAD, GT0, NONNEG, POSITIVE, Key, add_keys_to_argparser
 from utils.runtime import (
     ArgParser,
     Range,
@@ -41,7 +41,6 @@ from utils.runtime import (
     resolve_device,
     seed_everything,
 )
-
 
 KEYS: dict[str, Key] = {
     "config": Key("config/eclipse/cifar10.yml", "model + diffusion YAML"),

@@ -30,7 +30,9 @@ import torch
 
 from utils.data import NUM_CLASSES, ImageSet
 from utils.fileio import UserError
-from utils.triggers import TRIGGERS, get_trigger
+from utils.keys import Key
+from utils.runtime import Range
+from utils.triggers import TRIGGERS, coerce_params, get_trigger
 
 
 @dataclass
@@ -38,7 +40,8 @@ class AttackSpec:
     name: str
     clean_label: bool  # only target-class samples are poisoned and labels stay unchanged
     supports_all2all: bool
-    defaults: dict  # attack-specific config keys -> BackdoorBench v1 default
+    keys: dict  # attack-specific config keys (utils.keys.Key)
+    defaults: dict  # key -> BackdoorBench v1 default
     help: dict  # key -> one-line description
 
 
@@ -47,6 +50,7 @@ ATTACKS: dict[str, AttackSpec] = {
         name=name,
         clean_label=cls.clean_label,
         supports_all2all=cls.supports_all2all,
+        keys=dict(cls.keys),
         defaults=dict(cls.defaults),
         help=dict(cls.help),
     )
@@ -54,18 +58,21 @@ ATTACKS: dict[str, AttackSpec] = {
 }
 
 # keys every attack shares (BackdoorBench v1 defaults, DataElixir's seed)
-COMMON_DEFAULTS: dict[str, Any] = {
-    "attack_target": 0,
-    "attack_label_trans": "all2one",
-    "pratio": 0.1,
-    "random_seed": 2022,
+COMMON_KEYS: dict[str, Key] = {
+    "attack_target": Key(0, "target class of an all2one attack (0-9)", range=Range(0, NUM_CLASSES - 1)),
+    "attack_label_trans": Key(
+        "all2one",
+        "all2one (every poisoned sample -> attack_target) or all2all (y -> (y+1) % 10)",
+        choices=("all2one", "all2all"),
+    ),
+    "pratio": Key(
+        0.1,
+        "poisoning ratio in (0, 1]: round(pratio * N) training samples carry the trigger",
+        range=Range(0, 1, low_open=True),
+    ),
+    "random_seed": Key(2022, "seed of the poisoned-index draw and of every random choice of the attack"),
 }
-COMMON_HELP: dict[str, str] = {
-    "attack_target": "target class of an all2one attack (0-9)",
-    "attack_label_trans": "all2one (every poisoned sample -> attack_target) or all2all (y -> (y+1) % 10)",
-    "pratio": "poisoning ratio in (0, 1]: round(pratio * N) training samples carry the trigger",
-    "random_seed": "seed of the poisoned-index draw and of every random choice of the attack",
-}
+COMMON_DEFAULTS: dict[str, Any] = {k: key.default for k, key in COMMON_KEYS.items()}
 
 
 @dataclass
@@ -79,37 +86,9 @@ class BackdoorData:
     info: dict  # JSON-able description of the attack and its run
 
 
-def _common(cfg: dict) -> tuple[int, str, float, int]:
-    def get(key: str) -> Any:
-        v = cfg.get(key)
-        return COMMON_DEFAULTS[key] if v is None else v
-
-    try:
-        target = get("attack_target")
-        if isinstance(target, bool) or float(target) != int(float(target)):
-            raise ValueError
-        target = int(float(target))
-    except (TypeError, ValueError):
-        raise UserError(f"attack_target must be an integer class index, got {cfg.get('attack_target')!r}") from None
-    if not 0 <= target < NUM_CLASSES:
-        raise UserError(f"attack_target must be in 0..{NUM_CLASSES - 1}, got {target}")
-    trans = str(get("attack_label_trans"))
-    if trans not in ("all2one", "all2all"):
-        raise UserError(f"attack_label_trans must be 'all2one' or 'all2all', got {trans!r}")
-    try:
-        pratio = float(get("pratio"))
-    except (TypeError, ValueError):
-        raise UserError(f"pratio must be a number in (0, 1], got {cfg.get('pratio')!r}") from None
-    if not 0 < pratio <= 1:
-        raise UserError(f"pratio must be in (0, 1], got {pratio}")
-    try:
-        seed = get("random_seed")
-        if isinstance(seed, bool) or float(seed) != int(float(seed)):
-            raise ValueError
-        seed = int(float(seed))
-    except (TypeError, ValueError):
-        raise UserError(f"random_seed must be an integer, got {cfg.get('random_seed')!r}") from None
-    return target, trans, pratio, seed
+def _common(attack: str, cfg: dict) -> tuple[int, str, float, int]:
+    p = coerce_params(attack, COMMON_KEYS, cfg)
+    return p["attack_target"], p["attack_label_trans"], p["pratio"], p["random_seed"]
 
 
 def attack_targets(labels: torch.Tensor, target: int, label_trans: str) -> torch.Tensor:
@@ -163,11 +142,11 @@ def build_backdoor_data(
 ) -> BackdoorData:
     """Poison ``train`` with ``attack`` and build the clean, backdoor and robust test sets.
 
-    ``cfg`` holds the common keys (``COMMON_DEFAULTS``) and the attack's own keys
+    ``cfg`` holds the common keys (``COMMON_KEYS``) and the attack's own keys
     (``ATTACKS[attack].defaults``); other keys are ignored. Auxiliary models are trained
     or loaded under ``resource_dir/<attack>/``. Bad values raise ``UserError``."""
     cls = get_trigger(attack)
-    target, trans, pratio, seed = _common(cfg)
+    target, trans, pratio, seed = _common(attack, cfg)
     if trans == "all2all" and not cls.supports_all2all:
         kind = "a clean-label attack (only target-class samples are poisoned)" if cls.clean_label else "all2one only"
         raise UserError(f"{attack} is {kind}; attack_label_trans must be all2one, not all2all")

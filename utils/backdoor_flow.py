@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils.backdoor import ATTACKS, COMMON_DEFAULTS, COMMON_HELP, BackdoorData, build_backdoor_data
+from utils.backdoor import ATTACKS, COMMON_KEYS, BackdoorData, build_backdoor_data
 from utils.data import NUM_CLASSES, ImageSet, class_balanced_subset, load_cifar10, locate_cifar10
 from utils.fileio import (
     UserError,
@@ -49,7 +49,7 @@ from utils.fileio import (
 from utils.paths import REPO_ROOT, record_dir, resource_dir, work_dir
 from utils.run_state import OutputLock, same_settings_or_refuse
 from utils.runtime import Range, dist_info
-from utils.yaml_config import Key, dump_yaml, keys_from_defaults, parse_config, resolve_path
+from utils.yaml_config import Key, dump_yaml, parse_config, resolve_path
 
 _POS, _NONNEG, _GT0 = Range(1), Range(0), Range(0, low_open=True)
 # a class-balanced subset needs one image per class at least
@@ -151,11 +151,8 @@ DEFENCE_KEYS: dict[str, Key] = {
 
 def attack_keys(attack: str) -> dict[str, Key]:
     spec = ATTACKS[attack]
-    common = keys_from_defaults(COMMON_DEFAULTS, COMMON_HELP)
-    common["attack_label_trans"] = Key("all2one", COMMON_HELP["attack_label_trans"], choices=("all2one", "all2all"))
-    common["attack_target"] = Key(0, COMMON_HELP["attack_target"], range=Range(0, NUM_CLASSES - 1))
-    common["pratio"] = Key(COMMON_DEFAULTS["pratio"], COMMON_HELP["pratio"], range=Range(0, 1, low_open=True))
-    own = keys_from_defaults(spec.defaults, spec.help)
+    common = dict(COMMON_KEYS)
+    own = dict(spec.keys)
     clash = set(own) & (set(TRAIN_KEYS) | set(DEFENCE_KEYS) | set(common))
     if clash:  # pragma: no cover - a programming error in a trigger module
         raise RuntimeError(f"{attack} declares keys that the flow owns: {sorted(clash)}")

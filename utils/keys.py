@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import yaml
@@ -43,6 +43,11 @@ class Key:
         if self.default is None:
             return str
         return type(self.default)
+
+    def with_default(self, default: Any, help: str | None = None) -> Key:
+        """This declaration with another default (and help): one option shared by several
+        attacks or poisons, each with its own default."""
+        return replace(self, default=default, help=self.help if help is None else help)
 
     def expected(self) -> str:
         """What a value of this key's type is called, with its article."""

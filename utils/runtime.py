@@ -10,7 +10,6 @@ import random
 import re
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import numpy as np
 import torch

@@ -25,10 +25,6 @@ from utils.paths import REPO_ROOT
 from utils.run_state import check_name
 
 
-def keys_from_defaults(defaults: dict[str, Any], helps: dict[str, str]) -> dict[str, Key]:
-    return {k: Key(v, helps.get(k, "")) for k, v in defaults.items()}
-
-
 def coerce(name: str, key: Key, value: Any, valid: dict[str, Key], source: str = "") -> Any:
     """Check and cast ``value`` (already YAML-typed) for key ``name`` (``utils.keys.check``),
     naming ``source`` (the file or --option it came from) in the error."""
@@ -137,7 +133,17 @@ def parse_config(
             raise UserError(f"unexpected argument {arg!r}; options look like --key value (see --help)")
         name, eq, val = arg[2:].partition("=")
         if name == "overwrite":
-            fixed["overwrite"] = True if not eq else coerce(name, FIXED_OPTIONS[name], from_text(FIXED_OPTIONS[name], val), {**FIXED_OPTIONS, **keys}, "--overwrite")
+            fixed["overwrite"] = (
+                True
+                if not eq
+                else coerce(
+                    name,
+                    FIXED_OPTIONS[name],
+                    from_text(FIXED_OPTIONS[name], val),
+                    {**FIXED_OPTIONS, **keys},
+                    "--overwrite",
+                )
+            )
             i += 1
             continue
         if not eq:

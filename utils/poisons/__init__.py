@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from utils.fileio import UserError
@@ -112,7 +111,7 @@ OPTIONS: dict[str, Key] = {
 def _takes(**defaults: Any) -> dict[str, Key]:
     """A poison's options: the declared Keys with its defaults (a default may be a function
     of the other resolved options)."""
-    return {k: replace(OPTIONS[k], default=v) for k, v in defaults.items()}
+    return {k: OPTIONS[k].with_default(v) for k, v in defaults.items()}
 
 
 # the reference README's class-wise command: 1 step, --use_subset (20 %), stop error 0.1

@@ -23,9 +23,12 @@ import torch
 
 from utils.data import ImageSet
 from utils.fileio import UserError, atomic_write_json
-from utils.runtime import str2bool
+from utils.keys import BadValue, Key, parse_text
+from utils.runtime import Range
 
 Log = Callable[[str], None]
+# for the trigger modules' key declarations
+__all__ = ["Key", "Range", "Trigger", "require"]
 
 
 class Trigger:
@@ -34,10 +37,18 @@ class Trigger:
     name: ClassVar[str] = ""
     clean_label: ClassVar[bool] = False
     supports_all2all: ClassVar[bool] = True
+    # the attack's own configuration keys (type, range, choices, help), checked when built
+    keys: ClassVar[dict[str, Key]] = {}
+    # views of ``keys``: name -> default value, name -> help
     defaults: ClassVar[dict[str, Any]] = {}
     help: ClassVar[dict[str, str]] = {}
     # images per chunk handed to the device by ``apply_batched``
     chunk: ClassVar[int] = 1024
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.defaults = {k: key.default for k, key in cls.keys.items()}
+        cls.help = {k: key.help for k, key in cls.keys.items()}
 
     def __init__(
         self,
@@ -47,7 +58,7 @@ class Trigger:
         label_trans: str = "all2one",
         pratio: float = 0.1,
     ):
-        self.params = coerce_params(self.name, self.defaults, params)
+        self.params = coerce_params(self.name, self.keys, params)
         self.seed = int(seed)
         self.pratio = float(pratio)
         self.target = int(target)
@@ -107,45 +118,19 @@ class Trigger:
 # ---------------------------------------------------------------------- parameters
 
 
-def coerce_params(attack: str, defaults: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """The attack's own keys from ``params`` (defaults for missing ones), cast to the
-    default's type; other keys are ignored because the config also holds training keys."""
+def coerce_params(attack: str, keys: dict[str, Key | Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The attack's own keys from ``params`` (defaults for missing ones), checked against
+    their declarations (``keys``: Keys, or plain defaults whose type is the key's);
+    other keys are ignored because the config also holds training keys."""
     out: dict[str, Any] = {}
-    for key, default in defaults.items():
-        value = params.get(key, default)
-        if value is None:
-            value = default
-        out[key] = _cast(attack, key, value, default)
+    for name, key in keys.items():
+        key = key if isinstance(key, Key) else Key(key)
+        value = params.get(name, key.default)
+        try:
+            out[name] = parse_text(key, key.default if value is None else value)
+        except BadValue as e:
+            raise UserError(e.message(f"{attack}: {name}")) from None
     return out
-
-
-def _cast(attack: str, key: str, value: Any, default: Any) -> Any:
-    try:
-        if isinstance(default, bool):
-            return str2bool(value)
-        if isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            if isinstance(value, bool):
-                raise ValueError
-            return int(value)
-        if isinstance(default, float):
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if isinstance(default, list):
-            if isinstance(value, str):
-                value = json.loads(value)
-            if not isinstance(value, list | tuple):
-                raise ValueError
-            return [list(v) if isinstance(v, list | tuple) else v for v in value]
-        if isinstance(default, str):
-            return "" if value is None else str(value)
-    except (ValueError, TypeError, json.JSONDecodeError):
-        pass
-    else:
-        return value
-    raise UserError(f"{attack}: {key} must be {type(default).__name__}-valued (like {default!r}), got {value!r}")
 
 
 def require(cond: bool, message: str) -> None:

@@ -1,6 +1,6 @@
 """Shared pieces of the attacks that train an auxiliary model (LC, LF, SSBA, Input-aware).
 
-* ``AUX_DEFAULTS`` / ``AUX_HELP``: the keys that size the auxiliary training, with a
+* ``AUX_KEYS``: the keys that size the auxiliary training, with a
   CPU-scale preset (``CPU_SCALE``) that keeps each auxiliary model to a few minutes on
   two cores.
 * ``Resumable``: a checkpoint file holding the settings it was written with; a file
@@ -17,21 +17,29 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from models import build_classifier
+from models import CLASSIFIERS, build_classifier
 from utils.augment import standard_augment
 from utils.data import NUM_CLASSES, ImageSet
 from utils.fileio import atomic_torch_save, safe_torch_load
 from utils.run_state import same_settings_or_refuse, tensor_fingerprint
 from utils.trainer import Normalized, TrainConfig, train_classifier
-from utils.triggers import Log, aux_subset, cache_dir, require
+from utils.triggers import Key, Log, Range, aux_subset, cache_dir
 
-AUX_HELP = {
-    "aux_arch": "architecture of the auxiliary classifier (resnet18, preactresnet18, vgg16, ...)",
-    "aux_width": "base width of the auxiliary networks (64 = paper size; 16 = CPU scale)",
-    "aux_epochs": "training epochs of the auxiliary model",
-    "aux_subset": "training images the auxiliary model sees (class-balanced; 0 = the whole training set)",
-    "aux_batch_size": "batch size of the auxiliary training",
-    "aux_lr": "learning rate of the auxiliary training",
+# the keys that size an auxiliary training; each attack declares them with its own defaults
+# (``Key.with_default``)
+AUX_KEYS: dict[str, Key] = {
+    "aux_arch": Key(
+        "preactresnet18",
+        "architecture of the auxiliary classifier (resnet18, preactresnet18, vgg16, ...)",
+        choices=tuple(CLASSIFIERS),
+    ),
+    "aux_width": Key(64, "base width of the auxiliary networks (64 = paper size; 16 = CPU scale)", range=Range(1, 512)),
+    "aux_epochs": Key(100, "training epochs of the auxiliary model", range=Range(1)),
+    "aux_subset": Key(
+        0, "training images the auxiliary model sees (class-balanced; 0 = the whole training set)", range=Range(0)
+    ),
+    "aux_batch_size": Key(128, "batch size of the auxiliary training", range=Range(2)),
+    "aux_lr": Key(0.01, "learning rate of the auxiliary training", range=Range(0, low_open=True)),
 }
 
 # what we recommend for a 2-core CPU (each auxiliary model trains in a few minutes)
@@ -41,21 +49,6 @@ CPU_SCALE: dict[str, dict[str, Any]] = {
     "ssba": {"aux_width": 16, "aux_epochs": 10, "aux_subset": 5000, "aux_lr": 0.001},
     "inputaware": {"aux_width": 16, "aux_epochs": 6, "aux_subset": 5000, "mask_epochs": 2},
 }
-
-
-def check_aux(name: str, p: dict[str, Any]) -> None:
-    from models import CLASSIFIERS
-
-    if "aux_arch" in p:
-        require(
-            p["aux_arch"] in CLASSIFIERS,
-            f"{name}: aux_arch must be one of {', '.join(CLASSIFIERS)}, got {p['aux_arch']!r}",
-        )
-    require(1 <= p["aux_width"] <= 512, f"{name}: aux_width must be in 1..512, got {p['aux_width']}")
-    require(p["aux_epochs"] >= 1, f"{name}: aux_epochs must be >= 1, got {p['aux_epochs']}")
-    require(p["aux_subset"] >= 0, f"{name}: aux_subset must be >= 0 (0 = all training images), got {p['aux_subset']}")
-    require(p["aux_batch_size"] >= 2, f"{name}: aux_batch_size must be >= 2, got {p['aux_batch_size']}")
-    require(p["aux_lr"] > 0, f"{name}: aux_lr must be > 0, got {p['aux_lr']}")
 
 
 class Resumable:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from utils.triggers import Trigger, require
+from utils.triggers import Key, Range, Trigger, require
 
 # reading order: top-left, top-right, bottom-left, bottom-right block
 PATCH_COLOURS = ((255, 255, 0), (255, 0, 255), (0, 255, 255), (122, 122, 122))
@@ -37,12 +37,15 @@ def badnet_patch(size: int = 4) -> torch.Tensor:
 
 class TriggerBadNet(Trigger):
     name = "badnet"
-    defaults = {"patch_size": 4}
-    help = {"patch_size": "side of the bottom-right colour patch in pixels (even, 2-16; BackdoorBench: 4)"}
+    keys = {
+        "patch_size": Key(
+            4, "side of the bottom-right colour patch in pixels (even, 2-16; BackdoorBench: 4)", range=Range(2, 16)
+        )
+    }
 
     def validate(self) -> None:
         s = self.params["patch_size"]
-        require(2 <= s <= 16 and s % 2 == 0, f"badnet: patch_size must be an even number in 2..16, got {s}")
+        require(s % 2 == 0, f"badnet: patch_size must be an even number in 2..16, got {s}")
         self.patch = badnet_patch(s)
 
     def apply(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from utils.fileio import UserError
-from utils.triggers import Trigger, require
+from utils.triggers import Key, Range, Trigger
+
+_ALPHA = Range(0, 1, low_open=True)
 
 
 def blended_trigger(seed: int = 0, size: int = 32, waves: int = 6) -> torch.Tensor:
@@ -54,26 +56,23 @@ def load_trigger_image(path: str | Path) -> torch.Tensor:
 
 class TriggerBlended(Trigger):
     name = "blended"
-    defaults = {
-        "attack_train_blended_alpha": 0.2,
-        "attack_test_blended_alpha": 0.2,
-        "attack_trigger_img_path": "",
-        "trigger_seed": 0,
-    }
-    help = {
-        "attack_train_blended_alpha": (
+    keys = {
+        "attack_train_blended_alpha": Key(
+            0.2,
             "blend weight of the trigger in poisoned training images (BackdoorBench v1: 0.2; the DataElixir fork "
-            "ships no Blended config, so a DataElixir-specific value is unverified)"
+            "ships no Blended config, so a DataElixir-specific value is unverified)",
+            range=_ALPHA,
         ),
-        "attack_test_blended_alpha": "blend weight of the trigger in triggered test images (BackdoorBench: 0.2)",
-        "attack_trigger_img_path": "trigger image file (resized to 32x32); empty = the generated pattern (BackdoorBench: Hello Kitty)",
-        "trigger_seed": "seed of the generated trigger pattern (used when attack_trigger_img_path is empty)",
+        "attack_test_blended_alpha": Key(
+            0.2, "blend weight of the trigger in triggered test images (BackdoorBench: 0.2)", range=_ALPHA
+        ),
+        "attack_trigger_img_path": Key(
+            "", "trigger image file (resized to 32x32); empty = the generated pattern (BackdoorBench: Hello Kitty)"
+        ),
+        "trigger_seed": Key(0, "seed of the generated trigger pattern (used when attack_trigger_img_path is empty)"),
     }
 
     def validate(self) -> None:
-        for key in ("attack_train_blended_alpha", "attack_test_blended_alpha"):
-            a = self.params[key]
-            require(0 < a <= 1, f"blended: {key} must be in (0, 1], got {a}")
         path = self.params["attack_trigger_img_path"]
         self.pattern = load_trigger_image(path) if path else blended_trigger(self.params["trigger_seed"])
 

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from utils.triggers import Trigger, require
+from utils.triggers import Key, Trigger, require
 
 # OpenCV's 8-bit YCrCb coefficients (color_yuv: yuv_shift 14)
 _SHIFT = 14
@@ -78,24 +78,21 @@ def blockwise_dct(x: torch.Tensor, window: int, inverse: bool = False) -> torch.
 
 class TriggerFTrojan(Trigger):
     name = "ftrojan"
-    defaults = {
-        "yuv_flag": True,
-        "window_size": 32,
-        "pos_list": [[15, 15], [31, 31]],
-        "magnitude": 30.0,
-        "channel_list": [1, 2],
-    }
-    help = {
-        "yuv_flag": "perturb the DCT of the YCrCb image (True, BackdoorBench's YUV) or of the RGB image",
-        "window_size": "DCT block size dividing 32 (BackdoorBench: 32, one block per image)",
-        "pos_list": "DCT coefficients [row, col] within each block that get the magnitude (BackdoorBench v2: (15,15), (31,31))",
-        "magnitude": "amount added to each chosen DCT coefficient (BackdoorBench v2: 30)",
-        "channel_list": "channels whose coefficients are perturbed (BackdoorBench v2: [1, 2], U and V)",
+    keys = {
+        "yuv_flag": Key(True, "perturb the DCT of the YCrCb image (True, BackdoorBench's YUV) or of the RGB image"),
+        "window_size": Key(
+            32, "DCT block size dividing 32 (BackdoorBench: 32, one block per image)", choices=(1, 2, 4, 8, 16, 32)
+        ),
+        "pos_list": Key(
+            [[15, 15], [31, 31]],
+            "DCT coefficients [row, col] within each block that get the magnitude (BackdoorBench v2: (15,15), (31,31))",
+        ),
+        "magnitude": Key(30.0, "amount added to each chosen DCT coefficient (BackdoorBench v2: 30)"),
+        "channel_list": Key([1, 2], "channels whose coefficients are perturbed (BackdoorBench v2: [1, 2], U and V)"),
     }
 
     def validate(self) -> None:
         w = self.params["window_size"]
-        require(w in (1, 2, 4, 8, 16, 32), f"ftrojan: window_size must divide 32 (1, 2, 4, 8, 16 or 32), got {w}")
         pos = self.params["pos_list"]
         ok = bool(pos) and all(
             isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and 0 <= v < w for v in p) for p in pos

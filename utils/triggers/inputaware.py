@@ -48,9 +48,11 @@ from utils.progress import progress
 from utils.run_state import tensor_fingerprint
 from utils.runtime import autocast, to_channels_last
 from utils.trainer import CIFAR10_MEAN, CIFAR10_STD, Normalized
-from utils.triggers import Log, Trigger, aux_subset, cache_dir, require
-from utils.triggers.aux import AUX_HELP, Resumable, check_aux, shuffled_batches
-from utils.triggers.wanet import choose_cross
+from utils.triggers import Key, Log, Range, Trigger, aux_subset, cache_dir
+from utils.triggers.aux import AUX_KEYS, Resumable, shuffled_batches
+from utils.triggers.wanet import CROSS_RATIO, choose_cross
+
+_GT0 = Range(0, low_open=True)
 
 
 def _block(cin: int, cout: int) -> list[nn.Module]:
@@ -121,48 +123,45 @@ _AUGMENT = crop_rotate_flip(5, 10.0)
 class TriggerInputAware(Trigger):
     name = "inputaware"
     chunk = 512
-    defaults = {
-        "aux_arch": "preactresnet18",
-        "aux_width": 64,
-        "gen_width": 32,
-        "aux_epochs": 100,
-        "mask_epochs": 25,
-        "aux_subset": 0,
-        "aux_batch_size": 128,
-        "aux_lr": 0.01,
-        "lr_G": 0.01,
-        "lr_M": 0.01,
-        "lambda_div": 1.0,
-        "lambda_norm": 100.0,
-        "mask_density": 0.032,
-        "cross_ratio": 1.0,
-    }
-    help = {
-        **AUX_HELP,
-        "aux_arch": "classifier trained jointly with the generator (BackdoorBench: preactresnet18); discarded afterwards",
-        "aux_lr": "SGD learning rate of that classifier (BackdoorBench lr_C: 0.01)",
-        "aux_epochs": "joint classifier + generator epochs (BackdoorBench: 100)",
-        "gen_width": "first-stage channels of the pattern and mask generators (original: 32; CPU scale: 16)",
-        "mask_epochs": "epochs of the mask-generator phase (BackdoorBench clean_train_epochs: 25)",
-        "lr_G": "Adam learning rate of the pattern generator (BackdoorBench: 0.01)",
-        "lr_M": "Adam learning rate of the mask generator (BackdoorBench: 0.01)",
-        "lambda_div": "weight of the diversity losses (BackdoorBench: 1)",
-        "lambda_norm": "weight of the mask-density penalty (BackdoorBench: 100)",
-        "mask_density": "target fraction of masked pixels (BackdoorBench: 0.032)",
-        "cross_ratio": "cross-trigger samples per backdoored sample, in training batches and in the static set (1 = p_cross 0.1)",
+    keys = {
+        "aux_arch": AUX_KEYS["aux_arch"].with_default(
+            "preactresnet18",
+            "classifier trained jointly with the generator (BackdoorBench: preactresnet18); discarded afterwards",
+        ),
+        "aux_width": AUX_KEYS["aux_width"].with_default(64),
+        "gen_width": Key(
+            32,
+            "first-stage channels of the pattern and mask generators (original: 32; CPU scale: 16)",
+            range=Range(1, 256),
+        ),
+        "aux_epochs": AUX_KEYS["aux_epochs"].with_default(
+            100, "joint classifier + generator epochs (BackdoorBench: 100)"
+        ),
+        "mask_epochs": Key(
+            25, "epochs of the mask-generator phase (BackdoorBench clean_train_epochs: 25)", range=Range(0)
+        ),
+        "aux_subset": AUX_KEYS["aux_subset"].with_default(0),
+        "aux_batch_size": AUX_KEYS["aux_batch_size"].with_default(128),
+        "aux_lr": AUX_KEYS["aux_lr"].with_default(
+            0.01, "SGD learning rate of that classifier (BackdoorBench lr_C: 0.01)"
+        ),
+        "lr_G": Key(0.01, "Adam learning rate of the pattern generator (BackdoorBench: 0.01)", range=_GT0),
+        "lr_M": Key(0.01, "Adam learning rate of the mask generator (BackdoorBench: 0.01)", range=_GT0),
+        "lambda_div": Key(1.0, "weight of the diversity losses (BackdoorBench: 1)", range=Range(0)),
+        "lambda_norm": Key(100.0, "weight of the mask-density penalty (BackdoorBench: 100)", range=Range(0)),
+        "mask_density": Key(
+            0.032,
+            "target fraction of masked pixels (BackdoorBench: 0.032)",
+            range=Range(0, 1, low_open=True, high_open=True),
+        ),
+        "cross_ratio": Key(
+            1.0,
+            "cross-trigger samples per backdoored sample, in training batches and in the static set (1 = p_cross 0.1)",
+            range=CROSS_RATIO,
+        ),
     }
 
     def validate(self) -> None:
-        p = self.params
-        check_aux("inputaware", p)
-        require(1 <= p["gen_width"] <= 256, f"inputaware: gen_width must be in 1..256, got {p['gen_width']}")
-        require(p["mask_epochs"] >= 0, f"inputaware: mask_epochs must be >= 0, got {p['mask_epochs']}")
-        for k in ("lr_G", "lr_M"):
-            require(p[k] > 0, f"inputaware: {k} must be > 0, got {p[k]}")
-        for k in ("lambda_div", "lambda_norm"):
-            require(p[k] >= 0, f"inputaware: {k} must be >= 0, got {p[k]}")
-        require(0 < p["mask_density"] < 1, f"inputaware: mask_density must be in (0, 1), got {p['mask_density']}")
-        require(0 <= p["cross_ratio"] <= 10, f"inputaware: cross_ratio must be in [0, 10], got {p['cross_ratio']}")
         self.gen: nn.Module | None = None
         self.mgen: nn.Module | None = None
 

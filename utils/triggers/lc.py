@@ -38,8 +38,10 @@ from utils.progress import progress
 from utils.run_state import tensor_fingerprint
 from utils.runtime import autocast
 from utils.trainer import Normalized, TrainConfig, lr_at, make_optimizer
-from utils.triggers import Log, Trigger, aux_subset, cache_dir, require, settings_key
-from utils.triggers.aux import AUX_HELP, Resumable, check_aux, shuffled_batches
+from utils.triggers import Key, Log, Range, Trigger, aux_subset, cache_dir, settings_key
+from utils.triggers.aux import AUX_KEYS, Resumable, shuffled_batches
+
+_SCALE_255 = Range(0, 255)
 
 # +1 -> white, -1 -> black; the top-left 3x3 pattern, mirrored for the right-hand corners
 _CORNER = torch.tensor([[1, -1, -1], [-1, 1, -1], [1, -1, 1]], dtype=torch.float32)
@@ -93,51 +95,37 @@ class TriggerLC(Trigger):
     clean_label = True
     supports_all2all = False
     chunk = 256
-    defaults = {
-        "aux_arch": "resnet18",
-        "aux_width": 64,
-        "aux_epochs": 100,
-        "aux_subset": 0,
-        "aux_batch_size": 128,
-        "aux_lr": 0.1,
-        "at_eps": 8.0,
-        "at_alpha": 2.0,
-        "at_steps": 7,
-        "adv_eps": 8.0,
-        "adv_alpha": 1.5,
-        "adv_steps": 100,
-        "reduced_amplitude": 1.0,
-        "lc_trigger": "bottom-right",
-        "lc_test_pgd": True,
-    }
-    help = {
-        **AUX_HELP,
-        "aux_arch": "adversarially trained model the poisons are crafted on (BackdoorBench: resnet18)",
-        "at_eps": "adversarial training: L-inf radius on the 0-255 scale (Madry: 8)",
-        "at_alpha": "adversarial training: PGD step on the 0-255 scale (Madry: 2)",
-        "at_steps": "adversarial training: PGD steps per batch (Madry: 7)",
-        "adv_eps": "poison crafting: L-inf radius on the 0-255 scale (BackdoorBench: 8)",
-        "adv_alpha": "poison crafting: PGD step on the 0-255 scale (BackdoorBench: 1.5)",
-        "adv_steps": "poison crafting: PGD steps (BackdoorBench: 100)",
-        "reduced_amplitude": "trigger amplitude in [0, 1] (+-255 * amplitude, clipped; BackdoorBench: 1)",
-        "lc_trigger": "bottom-right (3x3 checkerboard, BackdoorBench v1) or all-corners (one in every corner, v2)",
-        "lc_test_pgd": "ASR/RA on PGD-perturbed test images plus the trigger (true, BackdoorBench v1) or on the trigger alone",
+    keys = {
+        "aux_arch": AUX_KEYS["aux_arch"].with_default(
+            "resnet18", "adversarially trained model the poisons are crafted on (BackdoorBench: resnet18)"
+        ),
+        "aux_width": AUX_KEYS["aux_width"].with_default(64),
+        "aux_epochs": AUX_KEYS["aux_epochs"].with_default(100),
+        "aux_subset": AUX_KEYS["aux_subset"].with_default(0),
+        "aux_batch_size": AUX_KEYS["aux_batch_size"].with_default(128),
+        "aux_lr": AUX_KEYS["aux_lr"].with_default(0.1),
+        "at_eps": Key(8.0, "adversarial training: L-inf radius on the 0-255 scale (Madry: 8)", range=_SCALE_255),
+        "at_alpha": Key(2.0, "adversarial training: PGD step on the 0-255 scale (Madry: 2)", range=_SCALE_255),
+        "at_steps": Key(7, "adversarial training: PGD steps per batch (Madry: 7)", range=Range(0)),
+        "adv_eps": Key(8.0, "poison crafting: L-inf radius on the 0-255 scale (BackdoorBench: 8)", range=_SCALE_255),
+        "adv_alpha": Key(1.5, "poison crafting: PGD step on the 0-255 scale (BackdoorBench: 1.5)", range=_SCALE_255),
+        "adv_steps": Key(100, "poison crafting: PGD steps (BackdoorBench: 100)", range=Range(0)),
+        "reduced_amplitude": Key(
+            1.0, "trigger amplitude in [0, 1] (+-255 * amplitude, clipped; BackdoorBench: 1)", range=Range(0, 1)
+        ),
+        "lc_trigger": Key(
+            "bottom-right",
+            "bottom-right (3x3 checkerboard, BackdoorBench v1) or all-corners (one in every corner, v2)",
+            choices=("bottom-right", "all-corners"),
+        ),
+        "lc_test_pgd": Key(
+            True,
+            "ASR/RA on PGD-perturbed test images plus the trigger (true, BackdoorBench v1) or on the trigger alone",
+        ),
     }
 
     def validate(self) -> None:
         p = self.params
-        check_aux("lc", p)
-        for k in ("at_eps", "at_alpha", "adv_eps", "adv_alpha"):
-            require(0 <= p[k] <= 255, f"lc: {k} must be in [0, 255] (0-255 scale), got {p[k]}")
-        require(p["at_steps"] >= 0, f"lc: at_steps must be >= 0 (0 = plain training), got {p['at_steps']}")
-        require(p["adv_steps"] >= 0, f"lc: adv_steps must be >= 0, got {p['adv_steps']}")
-        require(
-            0 <= p["reduced_amplitude"] <= 1, f"lc: reduced_amplitude must be in [0, 1], got {p['reduced_amplitude']}"
-        )
-        require(
-            p["lc_trigger"] in ("all-corners", "bottom-right"),
-            f"lc: lc_trigger must be 'all-corners' or 'bottom-right', got {p['lc_trigger']!r}",
-        )
         self.mask = lc_trigger_mask(p["lc_trigger"])
         self.model: nn.Module | None = None
         self.folder: Path | None = None

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from utils.augment import to_float
 from utils.data import ImageSet, class_balanced_subset
 from utils.progress import progress
-from utils.triggers import Log, Trigger, require, settings_key
-from utils.triggers.aux import AUX_HELP, Resumable, check_aux, train_aux_classifier
+from utils.triggers import Key, Log, Range, Trigger, settings_key
+from utils.triggers.aux import AUX_KEYS, Resumable, train_aux_classifier
 
 
 def gaussian_lowpass(v: torch.Tensor, sigma: float, radius: int = 15) -> torch.Tensor:
@@ -87,46 +87,44 @@ def targeted_deepfool(
 
 class TriggerLF(Trigger):
     name = "lf"
-    defaults = {
-        "aux_arch": "preactresnet18",
-        "aux_width": 64,
-        "aux_epochs": 100,
-        "aux_subset": 0,
-        "aux_batch_size": 128,
-        "aux_lr": 0.01,
-        "lf_num_images": 100,
-        "lf_max_passes": 50,
-        "lf_max_iter_df": 200,
-        "lf_overshoot": 0.02,
-        "lf_sigma": 6.0,
-        "lf_range": 0.2,
-        "lf_fool_stop": 0.2,
-        "lf_batch": 1,
-    }
-    help = {
-        **AUX_HELP,
-        "aux_arch": "clean classifier the perturbation is crafted on (BackdoorBench: preactresnet18)",
-        "lf_num_images": "training images the universal perturbation is fitted on (and as many for its fooling rate)",
-        "lf_max_passes": "at most this many passes over those images (BackdoorBench: 50)",
-        "lf_max_iter_df": "at most this many targeted DeepFool iterations per image (BackdoorBench: 200)",
-        "lf_overshoot": "DeepFool overshoot (BackdoorBench: 0.02)",
-        "lf_sigma": "standard deviation in pixels of the Gaussian low-pass filter (BackdoorBench: 6)",
-        "lf_range": "the perturbation is min-max scaled to [0, lf_range] on the 0-1 scale (BackdoorBench: 0.2)",
-        "lf_fool_stop": "stop once this fraction of held-out images changes prediction (BackdoorBench: 1 - 0.8)",
-        "lf_batch": "images per batched DeepFool call (1 = the sequential reference algorithm)",
+    keys = {
+        "aux_arch": AUX_KEYS["aux_arch"].with_default(
+            "preactresnet18", "clean classifier the perturbation is crafted on (BackdoorBench: preactresnet18)"
+        ),
+        "aux_width": AUX_KEYS["aux_width"].with_default(64),
+        "aux_epochs": AUX_KEYS["aux_epochs"].with_default(100),
+        "aux_subset": AUX_KEYS["aux_subset"].with_default(0),
+        "aux_batch_size": AUX_KEYS["aux_batch_size"].with_default(128),
+        "aux_lr": AUX_KEYS["aux_lr"].with_default(0.01),
+        "lf_num_images": Key(
+            100,
+            "training images the universal perturbation is fitted on (and as many for its fooling rate)",
+            range=Range(1),
+        ),
+        "lf_max_passes": Key(50, "at most this many passes over those images (BackdoorBench: 50)", range=Range(1)),
+        "lf_max_iter_df": Key(
+            200, "at most this many targeted DeepFool iterations per image (BackdoorBench: 200)", range=Range(2)
+        ),
+        "lf_overshoot": Key(0.02, "DeepFool overshoot (BackdoorBench: 0.02)", range=Range(0, 1)),
+        "lf_sigma": Key(
+            6.0,
+            "standard deviation in pixels of the Gaussian low-pass filter (BackdoorBench: 6)",
+            range=Range(0, 32, low_open=True),
+        ),
+        "lf_range": Key(
+            0.2,
+            "the perturbation is min-max scaled to [0, lf_range] on the 0-1 scale (BackdoorBench: 0.2)",
+            range=Range(0, 1, low_open=True),
+        ),
+        "lf_fool_stop": Key(
+            0.2,
+            "stop once this fraction of held-out images changes prediction (BackdoorBench: 1 - 0.8)",
+            range=Range(0, 1, low_open=True),
+        ),
+        "lf_batch": Key(1, "images per batched DeepFool call (1 = the sequential reference algorithm)", range=Range(1)),
     }
 
     def validate(self) -> None:
-        p = self.params
-        check_aux("lf", p)
-        require(p["lf_num_images"] >= 1, f"lf: lf_num_images must be >= 1, got {p['lf_num_images']}")
-        require(p["lf_max_passes"] >= 1, f"lf: lf_max_passes must be >= 1, got {p['lf_max_passes']}")
-        require(p["lf_max_iter_df"] >= 2, f"lf: lf_max_iter_df must be >= 2, got {p['lf_max_iter_df']}")
-        require(0 <= p["lf_overshoot"] <= 1, f"lf: lf_overshoot must be in [0, 1], got {p['lf_overshoot']}")
-        require(0 < p["lf_sigma"] <= 32, f"lf: lf_sigma must be in (0, 32], got {p['lf_sigma']}")
-        require(0 < p["lf_range"] <= 1, f"lf: lf_range must be in (0, 1], got {p['lf_range']}")
-        require(0 < p["lf_fool_stop"] <= 1, f"lf: lf_fool_stop must be in (0, 1], got {p['lf_fool_stop']}")
-        require(p["lf_batch"] >= 1, f"lf: lf_batch must be >= 1, got {p['lf_batch']}")
         self.pattern: torch.Tensor | None = None
 
     def prepare(self, train: ImageSet, device: torch.device, resource_dir: Path, log: Log = print) -> None:

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from utils.triggers import Trigger, require
+from utils.triggers import Key, Range, Trigger
 
 
 def sig_pattern(delta: float, f: float, width: int = 32) -> torch.Tensor:
@@ -24,16 +24,19 @@ class TriggerSIG(Trigger):
     name = "sig"
     clean_label = True
     supports_all2all = False
-    defaults = {"sig_delta": 40.0, "sig_f": 6.0}
-    help = {
-        "sig_delta": "amplitude of the sinusoid on the 0-255 scale (BackdoorBench: 40)",
-        "sig_f": "frequency: periods across the image width (BackdoorBench: 6)",
+    keys = {
+        "sig_delta": Key(
+            40.0, "amplitude of the sinusoid on the 0-255 scale (BackdoorBench: 40)", range=Range(0, 255, low_open=True)
+        ),
+        "sig_f": Key(
+            6.0,
+            "frequency: periods across the image width (BackdoorBench: 6)",
+            range=Range(0, 16, low_open=True),
+        ),
     }
 
     def validate(self) -> None:
         d, f = self.params["sig_delta"], self.params["sig_f"]
-        require(0 < d <= 255, f"sig: sig_delta must be in (0, 255], got {d}")
-        require(0 < f <= 16, f"sig: sig_f must be in (0, 16] (at most the Nyquist rate), got {f}")
         self.pattern = sig_pattern(d, f)
 
     def apply(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:

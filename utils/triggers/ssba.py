@@ -36,8 +36,8 @@ from utils.data import ImageSet
 from utils.progress import progress
 from utils.run_state import tensor_fingerprint
 from utils.runtime import autocast, to_channels_last
-from utils.triggers import Log, Trigger, aux_subset, cache_dir, require
-from utils.triggers.aux import AUX_HELP, Resumable, check_aux, shuffled_batches
+from utils.triggers import Key, Log, Range, Trigger, aux_subset, cache_dir
+from utils.triggers.aux import AUX_KEYS, Resumable, shuffled_batches
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -104,28 +104,26 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 class TriggerSSBA(Trigger):
     name = "ssba"
     chunk = 512
-    defaults = {
-        "aux_width": 32,
-        "aux_epochs": 20,
-        "aux_subset": 0,
-        "aux_batch_size": 64,
-        "aux_lr": 0.0001,
-        "ssba_bits": 100,
-        "ssba_l2_weight": 10.0,
-    }
-    help = {
-        **AUX_HELP,
-        "aux_width": "base width of the StegaStamp encoder/decoder (32 = default, 16 = CPU scale)",
-        "aux_lr": "Adam learning rate of the encoder/decoder (StegaStamp: 1e-4; 1e-3 trains faster at CPU scale)",
-        "ssba_bits": "length of the embedded bit string (100 as in StegaStamp)",
-        "ssba_l2_weight": "weight of the image-residual MSE against the bit loss (off for 30% of training, then ramped in)",
+    keys = {
+        "aux_width": AUX_KEYS["aux_width"].with_default(
+            32, "base width of the StegaStamp encoder/decoder (32 = default, 16 = CPU scale)"
+        ),
+        "aux_epochs": AUX_KEYS["aux_epochs"].with_default(20),
+        "aux_subset": AUX_KEYS["aux_subset"].with_default(0),
+        "aux_batch_size": AUX_KEYS["aux_batch_size"].with_default(64),
+        "aux_lr": AUX_KEYS["aux_lr"].with_default(
+            0.0001, "Adam learning rate of the encoder/decoder (StegaStamp: 1e-4; 1e-3 trains faster at CPU scale)"
+        ),
+        "ssba_bits": Key(100, "length of the embedded bit string (100 as in StegaStamp)", range=Range(8, 1024)),
+        "ssba_l2_weight": Key(
+            10.0,
+            "weight of the image-residual MSE against the bit loss (off for 30% of training, then ramped in)",
+            range=Range(0),
+        ),
     }
 
     def validate(self) -> None:
         p = self.params
-        check_aux("ssba", p)
-        require(8 <= p["ssba_bits"] <= 1024, f"ssba: ssba_bits must be in 8..1024, got {p['ssba_bits']}")
-        require(p["ssba_l2_weight"] >= 0, f"ssba: ssba_l2_weight must be >= 0, got {p['ssba_l2_weight']}")
         rng = np.random.default_rng(self.seed)
         self.secret = torch.from_numpy(rng.integers(0, 2, size=p["ssba_bits"]).astype(np.float32))
         self.encoder: StegaEncoder | None = None

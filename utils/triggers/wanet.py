@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from utils.data import ImageSet
-from utils.triggers import Log, Trigger, require
+from utils.triggers import Key, Log, Range, Trigger
+
+CROSS_RATIO = Range(0, 10)  # cross samples per poisoned sample (WaNet, Input-aware)
 
 
 def wanet_grids(k: int, s: float, grid_rescale: float, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,20 +51,25 @@ def warp(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
 class TriggerWaNet(Trigger):
     name = "wanet"
-    defaults = {"k": 4, "s": 0.5, "grid_rescale": 1.0, "cross_ratio": 2.0}
-    help = {
-        "k": "side of the random control grid that is upsampled into the warp field (BackdoorBench: 4)",
-        "s": "strength of the warp (BackdoorBench: 0.5)",
-        "grid_rescale": "scale of the warped sampling grid (BackdoorBench: 1)",
-        "cross_ratio": "noise-mode samples per poisoned sample: warped with a perturbed grid, label kept (BackdoorBench: 2)",
+    keys = {
+        "k": Key(
+            4,
+            "side of the random control grid that is upsampled into the warp field (BackdoorBench: 4)",
+            range=Range(2, 32),
+        ),
+        "s": Key(0.5, "strength of the warp (BackdoorBench: 0.5)", range=Range(0, 32, low_open=True)),
+        "grid_rescale": Key(
+            1.0, "scale of the warped sampling grid (BackdoorBench: 1)", range=Range(0, 2, low_open=True)
+        ),
+        "cross_ratio": Key(
+            2.0,
+            "noise-mode samples per poisoned sample: warped with a perturbed grid, label kept (BackdoorBench: 2)",
+            range=CROSS_RATIO,
+        ),
     }
 
     def validate(self) -> None:
         p = self.params
-        require(2 <= p["k"] <= 32, f"wanet: k must be in 2..32, got {p['k']}")
-        require(0 < p["s"] <= 32, f"wanet: s must be in (0, 32], got {p['s']}")
-        require(0 < p["grid_rescale"] <= 2, f"wanet: grid_rescale must be in (0, 2], got {p['grid_rescale']}")
-        require(0 <= p["cross_ratio"] <= 10, f"wanet: cross_ratio must be in [0, 10], got {p['cross_ratio']}")
         self.noise_grid, self.grid = wanet_grids(p["k"], p["s"], p["grid_rescale"], self.seed)
 
     def apply(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
