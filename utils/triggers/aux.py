@@ -35,7 +35,6 @@ AUX_HELP = {
 }
 
 
-
 def check_aux(name: str, p: dict[str, Any]) -> None:
     from models import CLASSIFIERS
 
