@@ -141,7 +141,6 @@ POISONS: dict[str, PoisonSpec] = {
                 max_rounds=50,
                 portion=1.0,
             ),
-            cpu_flags="--arch resnet18 --width 16 --pgd_steps 10 --max_rounds 8",
             paper="perturbation.py of HanxunH/Unlearnable-Examples: 20 steps of 0.8/255, 10 train batches of 512, stop at 1% error",
         ),
         PoisonSpec(
@@ -165,7 +164,6 @@ POISONS: dict[str, PoisonSpec] = {
                 augment="shift_flip",
                 batch_size=512,
             ),
-            cpu_flags="--arch resnet18 --width 16 --epochs 12 --milestones 6,9,11 --pgd_steps 20 --step_size 1 --restarts 1",
             paper="anneal.py of lhfowl/adversarial_poisons (recipe targeted, PGD, tau 0.05, 250 iterations, 8 restarts, "
             "bilinear shift + flip augmentation)",
         ),
@@ -191,7 +189,6 @@ POISONS: dict[str, PoisonSpec] = {
                 train_batch=128,
                 batch_size=512,
             ),
-            cpu_flags="--arch resnet18 --width 16 --steps 300 --lr_decay_every 150 --pgd_steps 4 --samples 1 --adv_steps 2 --adv_step 2 --step_size 3",
             paper="scripts/cifar10/gen_rem.sh of fshp971/robust-unlearnable-examples (rem8-4)",
         ),
         PoisonSpec(
@@ -214,7 +211,6 @@ POISONS: dict[str, PoisonSpec] = {
                 target_shift=5,
                 batch_size=512,
             ),
-            cpu_flags="--arch resnet18 --width 16 --epochs 12 --milestones 8,10 --checkpoints 4 --pgd_steps 10",
             paper="vanilla.py + ens.py of Sizhe-Chen/SEP (checkpoints kept when test accuracy improves in 120 "
             "epochs, 30 of them picked by ens.py's index rule, 30 steps of 1/255 to (y+5) mod 10; "
             "its own budget is --eps 2, ECLIPSE's table uses 8)",
@@ -244,7 +240,6 @@ POISONS: dict[str, PoisonSpec] = {
                 augment="shift_flip",
                 batch_size=512,
             ),
-            cpu_flags="--arch resnet18 --width 16 --epochs 8 --milestones 6,7 --adv_steps 3 --adv_step 2 --pgd_steps 20 --step_size 1",
             paper="WenRuiUSTC/EntF (train_reference_model.py, get_centroid.py, poison_generate.py --recipe push)",
         ),
         PoisonSpec(
@@ -302,7 +297,6 @@ POISONS: dict[str, PoisonSpec] = {
                 sparse_set="test2000ps8000",
                 sparse_diff_model="ema_0.9999_250000.pt",
             ),
-            cpu_flags="--diff_config cpu.yml --sparse_diff_model ema_0.999_3000.pt --pgd_steps 5 --step_size 2 --train_steps 10 --max_rounds 3",
             paper="ECLIPSE §6 (adaptive attack); unspecified details are documented in utils/poisons/adp.py",
         ),
         PoisonSpec(

@@ -56,9 +56,15 @@ class PoisonSpec:
     model_based: bool
     module: str
     defaults: dict[str, Any]
-    cpu_flags: str = ""  # recommended CPU-scale flags at --subset 5000 (README table)
     paper: str = ""
     needs_test: bool = False  # crafting evaluates on the CIFAR-10 test set (SEP's checkpoint rule)
+
+    @property
+    def cpu_flags(self) -> str:
+        """Recommended CPU-scale flags at --subset 5000, from config/eclipse_cpu.yaml."""
+        from utils.cpu_recipe import poison_flags
+
+        return poison_flags(self.name)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Shared pieces of the attacks that train an auxiliary model (LC, LF, SSBA, Input-aware).
 
-* ``AUX_KEYS``: the keys that size the auxiliary training, with a
-  CPU-scale preset (``CPU_SCALE``) that keeps each auxiliary model to a few minutes on
-  two cores.
+* ``AUX_KEYS``: the keys that size the auxiliary training (their CPU-scale values are in
+  the overlay ``config/dataelixir_cpu.yaml``, the one place the DataElixir CPU recipe is
+  declared).
 * ``Resumable``: a checkpoint file holding the settings it was written with; a file
   written with other settings is refused (naming the keys), never silently reused.
 * ``train_aux_classifier``: a cached, resumable classifier on (a subset of) the
@@ -40,14 +40,6 @@ AUX_KEYS: dict[str, Key] = {
     ),
     "aux_batch_size": Key(128, "batch size of the auxiliary training", range=Range(2)),
     "aux_lr": Key(0.01, "learning rate of the auxiliary training", range=Range(0, low_open=True)),
-}
-
-# what we recommend for a 2-core CPU (each auxiliary model trains in a few minutes)
-CPU_SCALE: dict[str, dict[str, Any]] = {
-    "lc": {"aux_width": 16, "aux_epochs": 6, "aux_subset": 5000, "at_steps": 2, "at_alpha": 4.0, "adv_steps": 20},
-    "lf": {"aux_width": 16, "aux_epochs": 15, "aux_subset": 5000, "lf_max_passes": 5, "lf_max_iter_df": 50},
-    "ssba": {"aux_width": 16, "aux_epochs": 10, "aux_subset": 5000, "aux_lr": 0.001},
-    "inputaware": {"aux_width": 16, "aux_epochs": 6, "aux_subset": 5000, "mask_epochs": 2},
 }
 
 

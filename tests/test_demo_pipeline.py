@@ -1,0 +1,134 @@
+"""demo.py's pipeline: steps from the recipe, the parallel runner, and the mean ± std table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+from utils.cpu_recipe import demo_recipe, load_recipe, poison_flags
+from utils.demo_pipeline import (
+    Step,
+    StepFailed,
+    build_steps,
+    compare,
+    plot_summary,
+    run_steps,
+    summarise,
+    table_markdown,
+    victim_name,
+)
+from utils.fileio import UserError
+from utils.poisons import POISONS
+
+
+def _args(work: Path, **kw) -> Namespace:
+    return Namespace(**{**demo_recipe(), "work_dir": str(work), "seeds": 1, "skip_clean": False, **kw})
+
+
+def test_recipe_is_one_declaration_read_by_poisons_and_demo():
+    recipe = load_recipe()
+    assert set(recipe["poison_flags"]) <= set(POISONS)
+    for name, spec in POISONS.items():
+        assert spec.cpu_flags == poison_flags(name) == recipe["poison_flags"].get(name, "")
+    import demo
+
+    args = demo.parse_args([])
+    assert {k: getattr(args, k) for k in recipe["demo"]} == recipe["demo"]
+
+
+def test_damaged_recipe_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("demo: {}\npoison_flags: {EM: 3}\nminutes: {}\n")
+    with pytest.raises(UserError, match=r"poison_flags\.EM: expected a string"):
+        load_recipe.__wrapped__(bad)
+    bad.write_text("demo: {}\npoison_flags: {}\nminutes: {victim: -1}\n")
+    with pytest.raises(UserError, match=r"minutes\.victim: expected a positive number"):
+        load_recipe.__wrapped__(bad)
+    bad.write_text("demo: {}\n")
+    with pytest.raises(UserError, match="expected a mapping under 'poison_flags'"):
+        load_recipe.__wrapped__(bad)
+
+
+def test_steps_per_seed_and_their_dependencies(tmp_path):
+    steps = {s.key: s for s in build_steps(_args(tmp_path, seeds=2), ["EM", "ADP"], ["none", "eclipse"], py="py")}
+    assert victim_name("EM", "none", 0) == "demo-EM-none" and victim_name("", None, 1) == "demo-clean-s1"
+    assert {"demo-clean", "demo-clean-s1", "demo-EM-eclipse", "demo-EM-eclipse-s1"} <= set(steps)
+    seeded = steps["demo-EM-none-s1"].cmd
+    assert seeded[seeded.index("--seed") + 1] == "1" and "--seed" not in steps["demo-EM-none"].cmd
+    assert steps["demo-EM-none"].after == ("EM poison",)
+    assert steps["demo-EM-eclipse-s1"].after == ("EM purification",)
+    assert set(steps["EM purification"].after) == {"diffusion", "EM poison"}
+    assert steps["EM poison"].after == () and steps["EM poison"].cmd[-8:] == poison_flags("EM").split()
+    adp = steps["ADP poison"]  # crafts through the demo's own diffusion model
+    assert adp.after == ("diffusion",) and adp.cmd[-2:] == ["--sparse_diff_model", "ema_0.999_003000.pt"]
+
+
+def _py_step(key: str, code: str, after: tuple[str, ...] = ()) -> Step:
+    return Step(key, key, [sys.executable, "-c", code], 0.1, False, after)
+
+
+def test_two_jobs_run_at_once_and_wait_for_their_dependencies(tmp_path):
+    # a and b each wait for the other's start file: they finish only if both run at once
+    meet = "import pathlib,sys,time\nd=pathlib.Path({d!r})\n(d/'{me}').touch()\n"
+    meet += "for _ in range(600):\n    if (d/'{other}').exists(): sys.exit(0)\n    time.sleep(0.05)\nsys.exit(1)"
+    a = _py_step("a", meet.format(d=str(tmp_path), me="a", other="b"))
+    b = _py_step("b", meet.format(d=str(tmp_path), me="b", other="a"))
+    # c needs a: it fails unless a's start file is there when it starts
+    c = _py_step(
+        "c", f"import pathlib,sys; sys.exit(0 if (pathlib.Path({str(tmp_path)!r})/'a').exists() else 1)", ("a",)
+    )
+    lines: list[str] = []
+    took = run_steps([c, a, b], tmp_path, jobs=2, say=lines.append, poll_s=0.05)
+    assert set(took) == {"a", "b", "c"}
+    assert [ln for ln in lines if ln.startswith("\n== step")][-1].startswith("\n== step 3 of 3: c")
+    assert set(json.loads((tmp_path / "step_seconds.json").read_text())) == {"a", "b", "c"}
+    assert (tmp_path / "logs" / "a.log").is_file()
+
+
+def test_after_a_failure_no_new_step_starts(tmp_path):
+    steps = [_py_step("bad", "import sys; sys.exit(4)"), _py_step("later", "pass", ("bad",)), _py_step("x", "pass")]
+    with pytest.raises(StepFailed, match=r"exit 4: .* \(log: .*bad\.log\)"):
+        run_steps(steps, tmp_path, jobs=2, say=lambda _: None, poll_s=0.05)
+    assert set(json.loads((tmp_path / "step_seconds.json").read_text())) == {"x"}
+    with pytest.raises(StepFailed, match="exit 4"):  # one job: the runner's failure ends the run
+        run_steps(steps[:1], tmp_path, jobs=1, say=lambda _: None)
+
+
+def _result(work: Path, name: str, acc: float) -> None:
+    f = work / "runs" / "train" / name / "result.json"
+    f.parent.mkdir(parents=True)
+    f.write_text(json.dumps({"final_test_acc": acc}))
+
+
+def test_table_is_mean_and_std_over_seeds_with_recovery_and_comparisons(tmp_path):
+    for s, (clean, none, issj, issg, ecl) in enumerate(
+        [(60, 20, 40, 50, 55), (62, 22, 42, 56, 57), (61, 21, 41, 53, 56)]
+    ):
+        _result(tmp_path, victim_name("", None, s), clean)
+        for v, acc in [("none", none), ("issj", issj), ("issg", issg), ("eclipse", ecl)]:
+            _result(tmp_path, victim_name("EM", v, s), acc)
+    summary = summarise(tmp_path, list(POISONS), seeds=3)
+    em = summary["poisons"]["EM"]
+    assert list(summary["poisons"]) == ["EM"] and summary["clean"]["mean"] == 61.0
+    assert em["eclipse"]["values"] == [55, 57, 56] and em["eclipse"]["std"] == pytest.approx(1.0)
+    assert em["recovery"] == pytest.approx(56 / 61)
+    assert em["beats_issj"] == "yes" and em["beats_issg"] == "within spread"
+    table = table_markdown(summary, "t")
+    assert (
+        "| EM | 61.00 ± 1.00 | 21.00 ± 1.00 | 53.00 ± 3.00 | 41.00 ± 1.00 | 56.00 ± 1.00 | 92 % | yes | within spread |"
+        in table
+    )
+    assert summarise(tmp_path, ["EM"], seeds=1)["poisons"]["EM"]["beats_issj"] == "n/a"  # one seed: no spread
+    plot_summary(summary, tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_needs_a_gap_beyond_the_spread():
+    st = lambda m, s: {"n": 3, "mean": m, "std": s}  # noqa: E731
+    assert compare(st(50, 1), st(47, 1)) == "yes"
+    assert compare(st(50, 1), st(49, 1)) == "within spread"
+    assert compare(st(45, 1), st(50, 1)) == "no (worse)"

@@ -1,0 +1,358 @@
+"""The CPU-scale ECLIPSE pipeline as a list of steps (``demo.py``).
+
+Each :class:`Step` is one command a user would run (``train_diffusion.py``, ``poison.py``,
+``purification.py``, ``train.py``), with the steps it waits for. :func:`build_steps` makes
+them from the recipe (``config/eclipse_cpu.yaml``); :func:`run_steps` runs those whose
+output does not exist yet, up to ``jobs`` at a time in dependency order; :func:`summarise`
+reads every finished victim back into a table of mean ± std over seeds.
+
+Step outputs are the scripts' own (each script resumes and refuses other settings), so a
+step counts as done exactly when its script's result file exists: an interrupted demo
+resumes where it stopped, and demo processes with disjoint ``--poisons`` may share a work
+dir. Wall times of finished steps accumulate in ``<work>/step_seconds.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from utils.checkpoints import checkpoint_name, resolve_checkpoint
+from utils.cpu_recipe import expected_minutes, poison_flags
+from utils.fileio import atomic_write_json, read_state_json
+from utils.paths import REPO_ROOT, diff_ckpt_dir, poisoned_file, purified_file
+from utils.poisons import POISONS
+
+SPARSE_SET = "test2000ps8000"
+# columns of the table: run suffix -> (header, train.py flags)
+VARIANTS = {
+    "none": ("no defence", []),
+    "issg": ("ISS-G", ["--defense", "grayscale"]),
+    "issj": ("ISS-J", ["--defense", "jpeg"]),
+    "eclipse": ("ECLIPSE", ["--pure"]),
+}
+STATUS_EVERY_S = 300.0  # a status line while steps run in parallel (their output goes to logs)
+
+
+@dataclass
+class Step:
+    key: str  # unique name; step_seconds.json and logs/<key>.log use it
+    title: str
+    cmd: list[str]
+    minutes: float | None  # expected wall time on 2 CPU cores (None: not measured)
+    done: bool  # its output exists, so it is skipped
+    after: tuple[str, ...] = field(default_factory=tuple)  # keys of the steps it needs
+
+
+def victim_name(poison: str, variant: str | None, seed: int) -> str:
+    """train.py run name of a demo victim; seed 0 keeps the single-seed demo's names."""
+    base = "demo-clean" if variant is None else f"demo-{poison}-{variant}"
+    return base if seed == 0 else f"{base}-s{seed}"
+
+
+def victim_result(work: Path, name: str) -> Path:
+    return work / "runs" / "train" / name / "result.json"
+
+
+def build_steps(args: Any, poisons: Sequence[str], variants: Sequence[str], py: str = sys.executable) -> list[Step]:
+    """Every step of the demo for ``args`` (the recipe's keys, ``work_dir``, ``seeds``, ``skip_clean``)."""
+    work = Path(args.work_dir)
+    it = args.diffusion_iterations
+    diff_ckpt = checkpoint_name("ema", it, args.diffusion_ema)
+    victim_flags = ["--arch", args.arch, "--width", str(args.width), "--epochs", str(args.epochs)]
+    victim_flags += ["--schedule", args.schedule, "--weight_decay", str(args.weight_decay), "--work_dir", str(work)]
+
+    def victim(name: str, title: str, flags: list[str], seed: int, after: tuple[str, ...]) -> Step:
+        seed_flags = ["--seed", str(seed)] if seed else []
+        cmd = [py, "train.py", *flags, *victim_flags, *seed_flags, "--run_name", name]
+        title += f", seed {seed}" if args.seeds > 1 else ""
+        return Step(name, title, cmd, expected_minutes("victim"), victim_result(work, name).is_file(), after)
+
+    diffusion = Step(
+        "diffusion",
+        f"sparse diffusion model ({it} iterations)",
+        [py, "train_diffusion.py", "--config", "config/eclipse/cpu.yml", "--iterations", str(it)]
+        + ["--batch_size", str(args.diffusion_batch), "--max_timestep", str(args.diffusion_max_timestep)]
+        + ["--ema_rate", str(args.diffusion_ema), "--save_interval", "500", "--work_dir", str(work)],
+        expected_minutes("diffusion"),
+        resolve_checkpoint(diff_ckpt_dir(work, SPARSE_SET) / diff_ckpt).is_file(),
+    )
+    steps = [diffusion]
+    seeds = range(args.seeds)
+    if not args.skip_clean:
+        clean = ["--poison", "clean", "--subset", str(args.subset)]
+        steps += [victim(victim_name("", None, s), "victim on the clean subset", clean, s, ()) for s in seeds]
+    for poison in poisons:
+        craft_cmd = [py, "poison.py", "--poison", poison, "--subset", str(args.subset), "--work_dir", str(work)]
+        craft_cmd += poison_flags(poison).split()
+        craft_after: tuple[str, ...] = ()
+        if "sparse_diff_model" in POISONS[poison].defaults:  # the adaptive attack crafts through our UNet
+            craft_cmd += ["--sparse_diff_model", diff_ckpt]
+            craft_after = ("diffusion",)
+        craft = Step(
+            f"{poison} poison",
+            f"craft {poison} on {args.subset} images",
+            craft_cmd,
+            expected_minutes(f"poison:{poison}"),
+            poisoned_file(work, poison).is_file(),
+            craft_after,
+        )
+        purify = Step(
+            f"{poison} purification",
+            f"purify {poison} (ECLIPSE stage 1)",
+            [py, "purification.py", "--poison", poison, "--config", "config/eclipse/cpu.yml"]
+            + ["--sparse_diff_model", diff_ckpt, "--t", str(args.t), "--respace", str(args.respace)]
+            + ["--work_dir", str(work)],
+            expected_minutes("purification"),
+            purified_file(work, SPARSE_SET, args.t, it, poison).is_file(),
+            ("diffusion", craft.key),
+        )
+        steps += [craft, purify]
+        for s in seeds:
+            for v in variants:
+                flags = ["--poison", poison, *VARIANTS[v][1]]
+                flags += ["--t", str(args.t), "--iter", str(it)] if v == "eclipse" else []
+                after = (purify.key,) if v == "eclipse" else (craft.key,)
+                steps.append(
+                    victim(victim_name(poison, v, s), f"victim on {poison}, {VARIANTS[v][0]}", flags, s, after)
+                )
+    return steps
+
+
+def format_minutes(m: float | None) -> str:
+    return "time not measured" if m is None else f"~{m:.0f} min" if m >= 10 else f"~{m:.1f} min"
+
+
+def plan_lines(steps: list[Step], jobs: int) -> list[str]:
+    todo = [s for s in steps if not s.done]
+    known = sum(s.minutes or 0.0 for s in todo)
+    unknown = sum(s.minutes is None for s in todo)
+    lines = ["demo plan (expected wall time on 2 CPU cores, from config/eclipse_cpu.yaml; GPU: not measured yet)"]
+    k = 0
+    for s in steps:
+        if s.done:
+            lines.append(f"   -  {s.title}: done earlier, skipped")
+        else:
+            k += 1
+            lines.append(f"  {k:2d}. {s.title}: {format_minutes(s.minutes)}")
+    total = f"~{known:.0f} min" + (f" plus {unknown} untimed step(s)" if unknown else "")
+    lines.append(f"  {len(todo)} step(s) to run, {total} of work" + (f", {jobs} at a time" if jobs > 1 else ""))
+    return lines
+
+
+class StepFailed(Exception):
+    pass
+
+
+def _record_seconds(work: Path, key: str, seconds: float) -> None:
+    path = work / "step_seconds.json"
+    times = read_state_json(path, "delete it (it only holds the demo's step timings)") if path.is_file() else {}
+    times[key] = round(seconds, 1)
+    atomic_write_json(path, times)
+
+
+def run_command(cmd: list[str]) -> float:
+    """Run one step in the foreground (its output on this terminal); its wall time."""
+    t0 = time.time()
+    res = subprocess.run(cmd, cwd=REPO_ROOT)
+    if res.returncode != 0:
+        raise StepFailed(f"exit {res.returncode}: {' '.join(shlex.quote(c) for c in cmd)}")
+    return time.time() - t0
+
+
+def run_steps(
+    steps: list[Step],
+    work: Path,
+    jobs: int = 1,
+    log: TextIO | None = None,
+    runner: Callable[[list[str]], float] = run_command,
+    say: Callable[[str], None] = print,
+    poll_s: float = 1.0,
+) -> dict[str, float]:
+    """Run the steps not yet done, up to ``jobs`` at a time, each once all its ``after`` are done.
+
+    With one job each step runs in the foreground through ``runner``; with several, each
+    step writes ``<work>/logs/<key>.log`` and its start and end (and a status line every
+    few minutes) are printed here. After a failure no new step starts; running ones
+    finish, then :class:`StepFailed` names the failed command and its log. Returns the
+    wall time of each step run; they also accumulate in ``<work>/step_seconds.json``."""
+    known = {s.key for s in steps}
+    for s in steps:
+        missing = [a for a in s.after if a not in known]
+        if missing:
+            raise ValueError(f"step {s.key!r} waits for unknown step(s) {missing}")
+    finished = {s.key for s in steps if s.done}
+    pending = [s for s in steps if not s.done]
+    running: dict[str, tuple[subprocess.Popen, float, Step, TextIO]] = {}
+    seconds: dict[str, float] = {}
+    failed: list[str] = []
+    env = dict(os.environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:  # oversubscribed threads slow every process down
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    total, started, last_status = len(pending), 0, time.time()
+
+    def note(line: str) -> None:
+        say(line)
+        if log is not None:
+            log.write(line + "\n")
+            log.flush()
+
+    def finish(s: Step, took: float) -> None:
+        finished.add(s.key)
+        seconds[s.key] = took
+        _record_seconds(work, s.key, took)
+        if jobs > 1:
+            note(f"   done: {s.title} in {took / 60:.1f} min ({len(finished)} of {len(steps)} steps done)")
+
+    while pending or running:
+        for s in list(pending):
+            if failed or len(running) >= jobs:
+                break
+            if not all(a in finished for a in s.after):
+                continue
+            pending.remove(s)
+            started += 1
+            note(f"\n== step {started} of {total}: {s.title} ({format_minutes(s.minutes)})")
+            note("$ " + " ".join(shlex.quote(c) for c in s.cmd))
+            if jobs == 1:
+                finish(s, runner(s.cmd))  # StepFailed propagates: nothing else is running
+                continue
+            (work / "logs").mkdir(parents=True, exist_ok=True)
+            out = open(work / "logs" / f"{_file_key(s.key)}.log", "a")  # noqa: SIM115 - closed when it ends
+            proc = subprocess.Popen(s.cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            running[s.key] = (proc, time.time(), s, out)
+        if not running:
+            if pending and not failed:
+                raise ValueError(f"steps {[s.key for s in pending]} wait for steps that never run")
+            break
+        time.sleep(poll_s)
+        for key, (proc, t0, s, out) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[key]
+            out.close()
+            if proc.returncode == 0:
+                finish(s, time.time() - t0)
+            else:
+                where = work / "logs" / f"{_file_key(key)}.log"
+                failed.append(f"exit {proc.returncode}: {' '.join(shlex.quote(c) for c in s.cmd)} (log: {where})")
+                note(f"   FAILED: {s.title} (log: {where}); no new step starts")
+        if running and time.time() - last_status >= STATUS_EVERY_S:
+            last_status = time.time()
+            now = ", ".join(f"{s.title} ({(time.time() - t0) / 60:.0f} min)" for _, t0, s, _ in running.values())
+            note(f"   running: {now}; {len(pending)} step(s) waiting")
+    if failed:
+        raise StepFailed("; ".join(failed))
+    return seconds
+
+
+def _file_key(key: str) -> str:
+    return key.replace(" ", "-")
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"n": 0, "mean": None, "std": None, "values": []}
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"n": len(values), "mean": statistics.fmean(values), "std": std, "values": values}
+
+
+def _cell(st: dict[str, Any]) -> str:
+    if not st["n"]:
+        return "—"
+    if st["n"] == 1:
+        return f"{st['mean']:.2f}"
+    return f"{st['mean']:.2f} ± {st['std']:.2f}"
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Whether mean ``a`` beats mean ``b`` beyond the seeds' spread (the sum of their stds).
+
+    'yes'/'no' need at least two seeds on both sides; with one seed it is 'n/a'."""
+    if a["n"] < 2 or b["n"] < 2:
+        return "n/a"
+    gap = a["mean"] - b["mean"]
+    spread = a["std"] + b["std"]
+    return "yes" if gap > spread else "no (worse)" if gap < -spread else "within spread"
+
+
+def summarise(work: Path, poisons: Sequence[str], seeds: int) -> dict[str, Any]:
+    """Every finished demo victim in ``work`` (any poison, seeds 0..seeds-1), as statistics."""
+
+    def acc(name: str) -> float | None:
+        f = victim_result(work, name)
+        return read_state_json(f, "re-run that victim with --overwrite")["final_test_acc"] if f.is_file() else None
+
+    def collect(poison: str, variant: str | None) -> dict[str, Any]:
+        values = [acc(victim_name(poison, variant, s)) for s in range(seeds)]
+        return _stats([v for v in values if v is not None])
+
+    clean = collect("", None)
+    rows: dict[str, dict[str, Any]] = {}
+    for p in poisons:
+        cells = {v: collect(p, v) for v in VARIANTS}
+        if any(c["n"] for c in cells.values()):
+            eclipse = cells["eclipse"]
+            cells["recovery"] = (
+                eclipse["mean"] / clean["mean"] if eclipse["n"] and clean["n"] and clean["mean"] else None
+            )
+            cells["beats_issj"] = compare(eclipse, cells["issj"])
+            cells["beats_issg"] = compare(eclipse, cells["issg"])
+            rows[p] = cells
+    return {"clean": clean, "poisons": rows}
+
+
+def table_markdown(summary: dict[str, Any], heading: str) -> str:
+    header = ["poison", "clean subset", *(VARIANTS[v][0] for v in VARIANTS), "ECLIPSE / clean"]
+    header += ["ECLIPSE > ISS-J", "ECLIPSE > ISS-G"]
+    lines = [heading, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for p, cells in summary["poisons"].items():
+        rec = "—" if cells["recovery"] is None else f"{100 * cells['recovery']:.0f} %"
+        row = [p, _cell(summary["clean"]), *(_cell(cells[v]) for v in VARIANTS), rec]
+        lines.append("| " + " | ".join(row + [cells["beats_issj"], cells["beats_issg"]]) + " |")
+    return "\n".join(lines)
+
+
+def plot_summary(summary: dict[str, Any], path: Path) -> None:
+    """Bar chart of the table (mean with the seeds' std as error bars), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from utils.fileio import atomic_write_bytes
+
+    poisons = list(summary["poisons"])
+    if not poisons:
+        return
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(poisons) + 2), 3.6))
+    width = 0.8 / len(VARIANTS)
+    for i, v in enumerate(VARIANTS):
+        cells = [summary["poisons"][p][v] for p in poisons]
+        xs = [k + (i - (len(VARIANTS) - 1) / 2) * width for k in range(len(poisons))]
+        ax.bar(
+            xs, [c["mean"] or 0.0 for c in cells], width, yerr=[c["std"] or 0.0 for c in cells], label=VARIANTS[v][0]
+        )
+    if summary["clean"]["n"]:
+        ax.axhline(summary["clean"]["mean"], color="k", ls="--", lw=1, label="clean subset")
+    ax.set_xticks(range(len(poisons)), poisons)
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
