@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import random
 import re
-from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
@@ -16,6 +14,8 @@ import torch
 from torch import nn
 
 from utils.fileio import UserError
+from utils.keys import Key, argparse_type
+from utils.keys import Range as Range  # re-exported: numeric options' ranges
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
@@ -88,33 +88,12 @@ def set_deterministic(deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
-# --------------------------------------------------------------------------- value ranges
-# A numeric option's ``Key`` (utils/keys.py) carries a ``Range``; YAML keys and argparse
-# options are both checked against it.
+# --------------------------------------------------------------------------- options
+# Every option is a ``Key`` (utils/keys.py); ``Range`` lives there and is re-exported here.
 
 
-@dataclass(frozen=True)
-class Range:
-    """An interval; ``None`` = unbounded. NaN and infinities are never inside."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False  # True: low itself is excluded
-    high_open: bool = False
-
-    def __contains__(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return False
-        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
-
-    def describe(self) -> str:
-        if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}" if self.low is not None else "finite"
-        if self.low is None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+# demo.py's --seeds and --jobs
+positive_int = argparse_type(Key(1, range=Range(1)))
 
 
 class ArgParser(argparse.ArgumentParser):
