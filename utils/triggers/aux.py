@@ -43,6 +43,13 @@ AUX_KEYS: dict[str, Key] = {
 }
 
 
+def aux_keys(helps: dict[str, str] | None = None, **defaults: Any) -> dict[str, Key]:
+    """``AUX_KEYS`` with one attack's defaults (in the order given) and, where the attack
+    says more about a key, its own help."""
+    helps = helps or {}
+    return {k: AUX_KEYS[k].with_default(v, helps.get(k)) for k, v in defaults.items()}
+
+
 class Resumable:
     """A checkpoint at ``path`` that only counts when its settings equal ours."""
 

@@ -49,7 +49,7 @@ from utils.run_state import tensor_fingerprint
 from utils.runtime import autocast, to_channels_last
 from utils.trainer import CIFAR10_MEAN, CIFAR10_STD, Normalized
 from utils.triggers import Key, Log, Range, Trigger, aux_subset, cache_dir
-from utils.triggers.aux import AUX_KEYS, Resumable, shuffled_batches
+from utils.triggers.aux import Resumable, aux_keys, shuffled_batches
 from utils.triggers.wanet import CROSS_RATIO, choose_cross
 
 _GT0 = Range(0, low_open=True)
@@ -124,26 +124,27 @@ class TriggerInputAware(Trigger):
     name = "inputaware"
     chunk = 512
     keys = {
-        "aux_arch": AUX_KEYS["aux_arch"].with_default(
-            "preactresnet18",
-            "classifier trained jointly with the generator (BackdoorBench: preactresnet18); discarded afterwards",
+        **aux_keys(
+            {
+                "aux_arch": "classifier trained jointly with the generator (BackdoorBench: preactresnet18); discarded afterwards",
+            },
+            aux_arch="preactresnet18",
+            aux_width=64,
         ),
-        "aux_width": AUX_KEYS["aux_width"].with_default(64),
         "gen_width": Key(
             32,
             "first-stage channels of the pattern and mask generators (original: 32; CPU scale: 16)",
             range=Range(1, 256),
         ),
-        "aux_epochs": AUX_KEYS["aux_epochs"].with_default(
-            100, "joint classifier + generator epochs (BackdoorBench: 100)"
-        ),
+        **aux_keys({"aux_epochs": "joint classifier + generator epochs (BackdoorBench: 100)"}, aux_epochs=100),
         "mask_epochs": Key(
             25, "epochs of the mask-generator phase (BackdoorBench clean_train_epochs: 25)", range=Range(0)
         ),
-        "aux_subset": AUX_KEYS["aux_subset"].with_default(0),
-        "aux_batch_size": AUX_KEYS["aux_batch_size"].with_default(128),
-        "aux_lr": AUX_KEYS["aux_lr"].with_default(
-            0.01, "SGD learning rate of that classifier (BackdoorBench lr_C: 0.01)"
+        **aux_keys(
+            {"aux_lr": "SGD learning rate of that classifier (BackdoorBench lr_C: 0.01)"},
+            aux_subset=0,
+            aux_batch_size=128,
+            aux_lr=0.01,
         ),
         "lr_G": Key(0.01, "Adam learning rate of the pattern generator (BackdoorBench: 0.01)", range=_GT0),
         "lr_M": Key(0.01, "Adam learning rate of the mask generator (BackdoorBench: 0.01)", range=_GT0),

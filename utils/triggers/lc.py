@@ -39,7 +39,7 @@ from utils.run_state import tensor_fingerprint
 from utils.runtime import autocast
 from utils.trainer import Normalized, TrainConfig, lr_at, make_optimizer
 from utils.triggers import Key, Log, Range, Trigger, aux_subset, cache_dir, settings_key
-from utils.triggers.aux import AUX_KEYS, Resumable, shuffled_batches
+from utils.triggers.aux import Resumable, aux_keys, shuffled_batches
 
 _SCALE_255 = Range(0, 255)
 
@@ -96,14 +96,15 @@ class TriggerLC(Trigger):
     supports_all2all = False
     chunk = 256
     keys = {
-        "aux_arch": AUX_KEYS["aux_arch"].with_default(
-            "resnet18", "adversarially trained model the poisons are crafted on (BackdoorBench: resnet18)"
+        **aux_keys(
+            {"aux_arch": "adversarially trained model the poisons are crafted on (BackdoorBench: resnet18)"},
+            aux_arch="resnet18",
+            aux_width=64,
+            aux_epochs=100,
+            aux_subset=0,
+            aux_batch_size=128,
+            aux_lr=0.1,
         ),
-        "aux_width": AUX_KEYS["aux_width"].with_default(64),
-        "aux_epochs": AUX_KEYS["aux_epochs"].with_default(100),
-        "aux_subset": AUX_KEYS["aux_subset"].with_default(0),
-        "aux_batch_size": AUX_KEYS["aux_batch_size"].with_default(128),
-        "aux_lr": AUX_KEYS["aux_lr"].with_default(0.1),
         "at_eps": Key(8.0, "adversarial training: L-inf radius on the 0-255 scale (Madry: 8)", range=_SCALE_255),
         "at_alpha": Key(2.0, "adversarial training: PGD step on the 0-255 scale (Madry: 2)", range=_SCALE_255),
         "at_steps": Key(7, "adversarial training: PGD steps per batch (Madry: 7)", range=Range(0)),

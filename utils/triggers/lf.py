@@ -36,7 +36,7 @@ from utils.augment import to_float
 from utils.data import ImageSet, class_balanced_subset
 from utils.progress import progress
 from utils.triggers import Key, Log, Range, Trigger, settings_key
-from utils.triggers.aux import AUX_KEYS, Resumable, train_aux_classifier
+from utils.triggers.aux import Resumable, aux_keys, train_aux_classifier
 
 
 def gaussian_lowpass(v: torch.Tensor, sigma: float, radius: int = 15) -> torch.Tensor:
@@ -88,14 +88,15 @@ def targeted_deepfool(
 class TriggerLF(Trigger):
     name = "lf"
     keys = {
-        "aux_arch": AUX_KEYS["aux_arch"].with_default(
-            "preactresnet18", "clean classifier the perturbation is crafted on (BackdoorBench: preactresnet18)"
+        **aux_keys(
+            {"aux_arch": "clean classifier the perturbation is crafted on (BackdoorBench: preactresnet18)"},
+            aux_arch="preactresnet18",
+            aux_width=64,
+            aux_epochs=100,
+            aux_subset=0,
+            aux_batch_size=128,
+            aux_lr=0.01,
         ),
-        "aux_width": AUX_KEYS["aux_width"].with_default(64),
-        "aux_epochs": AUX_KEYS["aux_epochs"].with_default(100),
-        "aux_subset": AUX_KEYS["aux_subset"].with_default(0),
-        "aux_batch_size": AUX_KEYS["aux_batch_size"].with_default(128),
-        "aux_lr": AUX_KEYS["aux_lr"].with_default(0.01),
         "lf_num_images": Key(
             100,
             "training images the universal perturbation is fitted on (and as many for its fooling rate)",

@@ -37,7 +37,7 @@ from utils.progress import progress
 from utils.run_state import tensor_fingerprint
 from utils.runtime import autocast, to_channels_last
 from utils.triggers import Key, Log, Range, Trigger, aux_subset, cache_dir
-from utils.triggers.aux import AUX_KEYS, Resumable, shuffled_batches
+from utils.triggers.aux import Resumable, aux_keys, shuffled_batches
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -105,14 +105,16 @@ class TriggerSSBA(Trigger):
     name = "ssba"
     chunk = 512
     keys = {
-        "aux_width": AUX_KEYS["aux_width"].with_default(
-            32, "base width of the StegaStamp encoder/decoder (32 = default, 16 = CPU scale)"
-        ),
-        "aux_epochs": AUX_KEYS["aux_epochs"].with_default(20),
-        "aux_subset": AUX_KEYS["aux_subset"].with_default(0),
-        "aux_batch_size": AUX_KEYS["aux_batch_size"].with_default(64),
-        "aux_lr": AUX_KEYS["aux_lr"].with_default(
-            0.0001, "Adam learning rate of the encoder/decoder (StegaStamp: 1e-4; 1e-3 trains faster at CPU scale)"
+        **aux_keys(
+            {
+                "aux_width": "base width of the StegaStamp encoder/decoder (32 = default, 16 = CPU scale)",
+                "aux_lr": "Adam learning rate of the encoder/decoder (StegaStamp: 1e-4; 1e-3 trains faster at CPU scale)",
+            },
+            aux_width=32,
+            aux_epochs=20,
+            aux_subset=0,
+            aux_batch_size=64,
+            aux_lr=0.0001,
         ),
         "ssba_bits": Key(100, "length of the embedded bit string (100 as in StegaStamp)", range=Range(8, 1024)),
         "ssba_l2_weight": Key(
