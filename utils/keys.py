@@ -51,6 +51,8 @@ class Range:
 
 @dataclass(frozen=True)
 class Key:
+    """One option: its default, help and what a value must be (``check`` enforces it)."""
+
     default: Any
     help: str = ""
     type: type | None = None  # None: the default's type
