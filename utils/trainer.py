@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -256,12 +256,18 @@ def train_classifier(
         history = state["history"]
         start = state["epoch"]
 
-    steps = steps_per_epoch(len(train), cfg)
+    def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float batch the step trains on, and its labels."""
+        xb = augment(train.images[idx].to(aug_g.device), aug_g)
+        x = to_float(xb).to(device, non_blocking=True)
+        y = train.labels[idx].to(device)
+        if perturb is not None:
+            x = perturb(x, y, aug_g)
+        return (x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x), y
+
     for epoch in range(start, cfg.epochs):
         model.train()
-        t0 = time.time()
-        perm = torch.randperm(len(train), generator=g)
-        loss_sum = correct = seen = 0
+        steps = steps_per_epoch(len(train), cfg)
         bar = progress(
             range(steps),
             desc=f"{desc} {epoch + 1}/{cfg.epochs}",
@@ -269,32 +275,8 @@ def train_classifier(
             dynamic_ncols=True,
             disable=not progress_bar,
         )
-        for i in bar:
-            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            lr = schedule(epoch, i, steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            xb = augment(train.images[idx].to(aug_g.device), aug_g)
-            x = to_float(xb).to(device, non_blocking=True)
-            y = train.labels[idx].to(device)
-            if perturb is not None:
-                x = perturb(x, y, aug_g)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            loss, n_correct = step(x, y)
-            loss_sum += loss * len(idx)
-            correct += n_correct
-            seen += len(idx)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
-        bar.close()
-        rec = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_acc": 100.0 * correct / max(seen, 1),
-            "seconds": time.time() - t0,
-            "images_per_s": seen / max(time.time() - t0, 1e-9),
-        }
+        perm = torch.randperm(len(train), generator=g)
+        rec = _run_epoch(epoch, perm, cfg.batch_size, steps, bar, opt, schedule, batch, step)
         if (epoch + 1) % cfg.test_every == 0 or epoch + 1 == cfg.epochs:
             for name, data in tests.items():
                 rec[name] = accuracy(model, data, device, cfg.bf16)
@@ -315,6 +297,41 @@ def train_classifier(
                 }
             )
     return history
+
+
+def _run_epoch(
+    epoch: int,
+    perm: torch.Tensor,
+    batch_size: int,
+    steps: int,
+    bar: Any,
+    opt: torch.optim.Optimizer,
+    schedule: LrSchedule,
+    batch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    step: TrainStep,
+) -> dict:
+    """One pass over the ``steps`` batches of ``perm`` (``bar`` iterates their numbers); returns the epoch's record."""
+    t0 = time.time()
+    loss_sum = correct = seen = 0
+    for i in bar:
+        idx = perm[i * batch_size : (i + 1) * batch_size]
+        lr = schedule(epoch, i, steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss, n_correct = step(*batch(idx))
+        loss_sum += loss * len(idx)
+        correct += n_correct
+        seen += len(idx)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
+    bar.close()
+    return {
+        "epoch": epoch + 1,
+        "lr": lr,
+        "train_loss": loss_sum / max(seen, 1),
+        "train_acc": 100.0 * correct / max(seen, 1),
+        "seconds": time.time() - t0,
+        "images_per_s": seen / max(time.time() - t0, 1e-9),
+    }
 
 
 def _checkpoint_store(
