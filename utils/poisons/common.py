@@ -270,6 +270,11 @@ def apply_l2(
     return out.to(torch.uint8)
 
 
+def project_linf(delta: torch.Tensor, clean_255: torch.Tensor, eps: float) -> torch.Tensor:
+    """Project a /255-unit perturbation onto the L∞ ball and onto valid pixels [0, 255]."""
+    return torch.max(torch.min(delta.clamp(-eps, eps), 255.0 - clean_255), -clean_255)
+
+
 def measure_norms(clean: torch.Tensor, poisoned: torch.Tensor) -> dict[str, float]:
     """Norms of the perturbation actually written: L∞ in /255, L2 on the [0, 1] scale, L0 in pixels."""
     d = poisoned.to(torch.int16) - clean.to(torch.int16)
@@ -436,5 +441,5 @@ def target_hit_rates(
 
 
 # importable from here as before the split (those modules import this one, hence at the end)
-from utils.poisons.crafting import PerSampleLoss, craft_pgd, project_linf, targeted_ce  # noqa: E402, F401
+from utils.poisons.crafting import PerSampleLoss, craft_pgd, targeted_ce  # noqa: E402, F401
 from utils.poisons.surrogate import SurrogateConfig, fit_surrogate, improving_epochs  # noqa: E402, F401

@@ -10,13 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.adversarial import forward, freeze
+from utils.poisons import common  # project_linf is looked up there on each call (tests interrupt it)
 from utils.poisons.common import NUM_CLASSES, CraftContext, FloatAugment
-
-
-def project_linf(delta: torch.Tensor, clean_255: torch.Tensor, eps: float) -> torch.Tensor:
-    """Project a /255-unit perturbation onto the L∞ ball and onto valid pixels [0, 255]."""
-    return torch.max(torch.min(delta.clamp(-eps, eps), 255.0 - clean_255), -clean_255)
-
 
 PerSampleLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -89,7 +84,7 @@ def craft_pgd(
                 d = (torch.rand(clean255.shape, generator=g, device=g.device).to(device) * 2 - 1) * eps
             else:
                 d = torch.zeros_like(clean255)
-            d = project_linf(d, clean255, eps)
+            d = common.project_linf(d, clean255, eps)
             last = torch.zeros(len(idx), device=device)
             for _ in range(steps):
                 d.requires_grad_(True)
@@ -103,7 +98,7 @@ def craft_pgd(
                     grad += torch.autograd.grad(per_sample.sum(), d)[0]
                     last += per_sample.detach() / len(models)
                 with torch.no_grad():
-                    d = project_linf(d - step * grad.sign(), clean255, eps)
+                    d = common.project_linf(d - step * grad.sign(), clean255, eps)
             current[idx] = d.detach().cpu().half()
             total += float(last.sum())
             done = int(idx[-1]) + 1
