@@ -83,25 +83,9 @@ def train_diffusion(
     t_g = torch.Generator().manual_seed(cfg.seed * 1000 + 500 + rank)
     noise_g = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 900 + rank)
 
-    step = latest_step(ckpt_dir, cfg.ema_rate)
-    perm = pos = None
-    if step:
-        model.load_state_dict(safe_torch_load(find_checkpoint(ckpt_dir, "model", step), "model checkpoint"))
-        ema_state = safe_torch_load(find_checkpoint(ckpt_dir, "ema", step, cfg.ema_rate), "EMA checkpoint")
-        ema = [ema_state[name].to(device).clone() for name, _ in model.named_parameters()]
-        state = safe_torch_load(find_checkpoint(ckpt_dir, "opt", step), "optimiser checkpoint")
-        opt.load_state_dict(state["optimizer"])
-        rngs = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
-        data_g.set_state(rngs["data"])
-        t_g.set_state(rngs["t"])
-        noise_g.set_state(rngs["noise"].to(noise_g.device) if device.type == "cuda" else rngs["noise"])
-        # the data order and position within the epoch (older checkpoints lack them)
-        perm, pos = rngs.get("perm"), rngs.get("pos")
-        if "torch" in rngs:  # the global generator drives dropout
-            torch.set_rng_state(rngs["torch"])
-            if device.type == "cuda" and "cuda" in rngs:
-                torch.cuda.set_rng_state(rngs["cuda"], device)
-        log(f"resuming diffusion training from step {step} in {ckpt_dir}")
+    step, resumed_ema, perm, pos = _resume(model, opt, ckpt_dir, cfg, rank, device, (data_g, t_g, noise_g), log)
+    if resumed_ema is not None:
+        ema = resumed_ema
     if step >= cfg.iterations:
         log(f"already trained for {step} >= {cfg.iterations} iterations; nothing to do")
         return {"step": step}
@@ -145,13 +129,7 @@ def train_diffusion(
                 e.mul_(cfg.ema_rate).add_(p.detach(), alpha=1 - cfg.ema_rate)
         step += 1
         bar.update(1)
-        # bookkeeping: overall terms and the loss per quarter of the timestep range
-        for k in ("loss", "mse", "vb"):
-            if k in terms:
-                window.setdefault(k, []).append(terms[k].mean().item())
-        quart = (t * 4 // diffusion.num_timesteps).tolist()
-        for q, lv in zip(quart, terms["loss"].detach().tolist()):
-            window.setdefault(f"loss_q{q}", []).append(lv)
+        _record_terms(window, terms, t, diffusion.num_timesteps)
         if step % cfg.log_interval == 0 or step == cfg.iterations:
             rec = {k: sum(v) / len(v) for k, v in window.items()}
             rec.update(
@@ -168,6 +146,52 @@ def train_diffusion(
     if rank == 0:
         _plot_progress(csv_path, ckpt_dir / "loss.png")
     return {"step": step}
+
+
+def _resume(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    ckpt_dir: Path,
+    cfg: DiffusionTrainConfig,
+    rank: int,
+    device: torch.device,
+    gens: tuple[torch.Generator, torch.Generator, torch.Generator],
+    log=print,
+) -> tuple[int, list[torch.Tensor] | None, torch.Tensor | None, int | None]:
+    """Load the newest checkpoint in ``ckpt_dir`` into ``model``, ``opt`` and the generators
+    (data, timesteps, noise); returns its step, the EMA weights and the data order and
+    position within the epoch (None where there is none)."""
+    data_g, t_g, noise_g = gens
+    step = latest_step(ckpt_dir, cfg.ema_rate)
+    if not step:
+        return step, None, None, None
+    model.load_state_dict(safe_torch_load(find_checkpoint(ckpt_dir, "model", step), "model checkpoint"))
+    ema_state = safe_torch_load(find_checkpoint(ckpt_dir, "ema", step, cfg.ema_rate), "EMA checkpoint")
+    ema = [ema_state[name].to(device).clone() for name, _ in model.named_parameters()]
+    state = safe_torch_load(find_checkpoint(ckpt_dir, "opt", step), "optimiser checkpoint")
+    opt.load_state_dict(state["optimizer"])
+    rngs = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
+    data_g.set_state(rngs["data"])
+    t_g.set_state(rngs["t"])
+    noise_g.set_state(rngs["noise"].to(noise_g.device) if device.type == "cuda" else rngs["noise"])
+    # the data order and position within the epoch (older checkpoints lack them)
+    perm, pos = rngs.get("perm"), rngs.get("pos")
+    if "torch" in rngs:  # the global generator drives dropout
+        torch.set_rng_state(rngs["torch"])
+        if device.type == "cuda" and "cuda" in rngs:
+            torch.cuda.set_rng_state(rngs["cuda"], device)
+    log(f"resuming diffusion training from step {step} in {ckpt_dir}")
+    return step, ema, perm, pos
+
+
+def _record_terms(window: dict[str, list[float]], terms: dict, t: torch.Tensor, num_timesteps: int) -> None:
+    """Bookkeeping: the overall loss terms and the loss per quarter of the timestep range."""
+    for k in ("loss", "mse", "vb"):
+        if k in terms:
+            window.setdefault(k, []).append(terms[k].mean().item())
+    quart = (t * 4 // num_timesteps).tolist()
+    for q, lv in zip(quart, terms["loss"].detach().tolist()):
+        window.setdefault(f"loss_q{q}", []).append(lv)
 
 
 def _append_csv(path: Path, fields: list[str], rec: dict) -> None:

@@ -137,9 +137,10 @@ def purify_dataset(
     (purified by this job, summed over ranks) and ``images_resumed`` (read from disk).
     """
     from utils.augment import to_uint8
-    from utils.fileio import UserError, atomic_torch_save, atomic_write_json, atomic_write_text, read_state_json
+    from utils.fileio import atomic_torch_save, atomic_write_text
     from utils.progress import progress
-    from utils.run_state import checksum, on_rank0, same_settings_or_refuse, tensor_fingerprint
+    from utils.run_state import checksum, on_rank0, tensor_fingerprint
+    from utils.runtime import barrier
 
     store = {
         "t": t_star,
@@ -153,17 +154,7 @@ def purify_dataset(
         **(settings or {}),
     }
     key = checksum(json.dumps(store, sort_keys=True, default=str).encode())
-    meta = parts_dir / "settings.json"
-
-    def open_store() -> None:
-        hint = "re-run with those settings to finish it, or pass --overwrite to discard it"
-        old = read_state_json(meta, f"delete {parts_dir} to start afresh") if meta.is_file() else None
-        if not same_settings_or_refuse(parts_dir, old, store, overwrite=overwrite, hint=hint):
-            if old is not None:  # --overwrite: discard the other run's batches
-                shutil.rmtree(parts_dir, ignore_errors=True)
-            atomic_write_json(meta, store)
-
-    on_rank0(open_store, rank, world)
+    on_rank0(lambda: _open_parts_dir(parts_dir, store, overwrite), rank, world)
     n_parts = (len(images) + batch_size - 1) // batch_size
 
     def part(i: int) -> Path:
@@ -201,8 +192,6 @@ def purify_dataset(
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} batches already purified in {parts_dir}")
     steps = len(truncated_steps(t_star, respace))
     done = run(todo, f"purify[{rank}]" if world > 1 else "purify")
-    from utils.runtime import barrier
-
     if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         total = torch.tensor([done], dtype=torch.long)
         torch.distributed.all_reduce(total)
@@ -215,13 +204,35 @@ def purify_dataset(
     if missing:
         log(f"redoing {len(missing)} missing or damaged batches")
         done += run(missing, "purify (repair)")
-    parts = []
-    for i in range(n_parts):
-        p = torch.load(part(i), map_location="cpu", weights_only=True)
-        expected = min(batch_size, len(images) - i * batch_size)
-        if not isinstance(p, torch.Tensor) or p.dtype != torch.uint8 or p.shape != (expected, *images.shape[1:]):
-            raise UserError(f"{part(i)} does not hold batch {i}; delete {parts_dir} and re-run")
-        parts.append(p)
     if stats is not None:
         stats.update(images_done=done, images_resumed=len(images) - done)
+    return _read_parts([part(i) for i in range(n_parts)], batch_size, images.shape, parts_dir)
+
+
+def _open_parts_dir(parts_dir: Path, store: dict, overwrite: bool) -> None:
+    """Refuse a folder of parts written with other settings (``overwrite``: discard it);
+    record ours in its ``settings.json``."""
+    from utils.fileio import atomic_write_json, read_state_json
+    from utils.run_state import same_settings_or_refuse
+
+    meta = parts_dir / "settings.json"
+    hint = "re-run with those settings to finish it, or pass --overwrite to discard it"
+    old = read_state_json(meta, f"delete {parts_dir} to start afresh") if meta.is_file() else None
+    if not same_settings_or_refuse(parts_dir, old, store, overwrite=overwrite, hint=hint):
+        if old is not None:  # --overwrite: discard the other run's batches
+            shutil.rmtree(parts_dir, ignore_errors=True)
+        atomic_write_json(meta, store)
+
+
+def _read_parts(paths: list[Path], batch_size: int, shape: torch.Size, parts_dir: Path) -> torch.Tensor:
+    """The purified batches, checked (uint8, batch ``i``'s size) and concatenated in order."""
+    from utils.fileio import UserError
+
+    parts = []
+    for i, path in enumerate(paths):
+        p = torch.load(path, map_location="cpu", weights_only=True)
+        expected = min(batch_size, shape[0] - i * batch_size)
+        if not isinstance(p, torch.Tensor) or p.dtype != torch.uint8 or p.shape != (expected, *shape[1:]):
+            raise UserError(f"{path} does not hold batch {i}; delete {parts_dir} and re-run")
+        parts.append(p)
     return torch.cat(parts)

@@ -64,7 +64,10 @@ def to_channels_last(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` on ``device`` in channels_last (faster for convolutions under bf16), or,
     where that is unsafe (:func:`channels_last_safe`), in the default layout with its inputs
     made contiguous on entry, so callers may pass channels_last batches either way. The
-    chosen layout is kept as ``model.input_layout`` for calls that bypass ``forward``."""
+    chosen layout is kept as ``model.input_layout`` for calls that bypass ``forward``; a
+    model placed already keeps its layout (and gets no second input hook)."""
+    if hasattr(model, "input_layout"):
+        return model.to(device)
     model.to(device)
     if channels_last_safe(model, device):
         model.input_layout = torch.channels_last

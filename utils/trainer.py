@@ -13,7 +13,9 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -124,6 +126,79 @@ def accuracy(model: nn.Module, data: ImageSet, device: torch.device, bf16: bool 
     return 100 * int((logits.argmax(1) == data.labels).sum()) / len(data)
 
 
+LrSchedule = Callable[[int, int, int], float]
+"""(epoch, step, steps per epoch) -> the learning rate of that step (epochs 0-based)."""
+Perturb = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+"""(float batch, labels, augmentation generator) -> the batch the model trains on."""
+TrainStep = Callable[[torch.Tensor, torch.Tensor], tuple[float, int]]
+"""(float batch, labels) -> (loss, number correct) after one optimisation step."""
+
+
+class CheckpointStore(Protocol):
+    """Where a training run keeps its per-epoch state. ``load`` returns what ``save`` was
+    given (``epoch``, ``model``, ``optimizer``, ``rng``, ``aug_rng``, ``history``) or None."""
+
+    def load(self) -> dict | None: ...
+
+    def save(self, state: dict) -> None: ...
+
+
+class KeyedCheckpoint:
+    """A checkpoint file that records the settings and data it was written with; a file
+    written with others is refused (naming the keys) rather than resumed."""
+
+    def __init__(self, path: Path, keyed: dict, desc: str, log: Callable[[str], None]):
+        self.path, self.keyed, self.desc, self.log = path, keyed, desc, log
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        state = safe_torch_load(self.path, "training checkpoint")
+        old = {k: state.get(k, "<missing>") for k in self.keyed} if isinstance(state, dict) else None
+        if old and isinstance(old["config"], dict):
+            # checkpoints written before drop_last existed dropped the last batch
+            old["config"] = {"drop_last": True, **old["config"]}
+            # older checkpoints carried two fields that never changed training
+            for gone in ("normalize", "extra"):
+                old["config"].pop(gone, None)
+        same_settings_or_refuse(self.path, old or {}, self.keyed, hint=f"delete {self.path} to train from scratch")
+        self.log(f"{self.desc}: resuming from {self.path} after epoch {state['epoch']}")
+        return state
+
+    def save(self, state: dict) -> None:
+        atomic_torch_save({**self.keyed, **state}, self.path)
+
+
+def steps_per_epoch(n: int, cfg: TrainConfig) -> int:
+    if cfg.drop_last:
+        return max(1, n // cfg.batch_size) if n >= cfg.batch_size else 1
+    return max(1, -(-n // cfg.batch_size))
+
+
+def optimizer_step(loss: torch.Tensor, model: nn.Module, opt: torch.optim.Optimizer, grad_clip: float | None) -> None:
+    """Backward and one step of ``opt`` (gradients clipped to norm ``grad_clip`` when set)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+
+
+def cross_entropy_step(
+    model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device
+) -> TrainStep:
+    """The default step: cross-entropy of the model's logits (bf16 autocast), SGD."""
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        with autocast(device, cfg.bf16):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        optimizer_step(loss, model, opt, cfg.grad_clip)
+        return loss.item(), (logits.argmax(1) == y).sum().item()
+
+    return step
+
+
 def train_classifier(
     model: nn.Module,
     train: ImageSet,
@@ -131,16 +206,31 @@ def train_classifier(
     cfg: TrainConfig,
     device: torch.device,
     tests: dict[str, ImageSet] | None = None,
-    checkpoint: str | Path | None = None,
+    checkpoint: str | Path | CheckpointStore | None = None,
     log: Callable[[str], None] = print,
     desc: str = "train",
     optimizer: torch.optim.Optimizer | None = None,
+    *,
+    generators: tuple[torch.Generator, torch.Generator] | None = None,
+    lr_schedule: LrSchedule | None = None,
+    perturb: Perturb | None = None,
+    step: TrainStep | None = None,
+    on_epoch_end: Callable[[dict], None] | None = None,
+    progress_bar: bool = True,
 ) -> list[dict]:
     """Train ``model`` in place and return the per-epoch history.
 
     ``tests`` maps a name to a labelled set whose accuracy is measured every
-    ``cfg.test_every`` epochs and after the last one. With ``checkpoint`` the model,
-    optimiser, RNG and history are saved after each epoch and a re-run resumes there.
+    ``cfg.test_every`` epochs and after the last one. With ``checkpoint`` (a path, or a
+    :class:`CheckpointStore` keeping the state in its own format) the model, optimiser,
+    RNG and history are saved after each epoch and a re-run resumes there.
+
+    Hooks, for trainings that are more than this loop: ``generators`` (shuffle,
+    augmentation; default seeded from ``cfg.seed``, the second on ``device``) — a batch is
+    augmented and made float on its augmentation generator's device, then moved;
+    ``lr_schedule`` replaces ``lr_at(cfg, ...)``; ``perturb`` rewrites each float batch
+    before the forward (adversarial training); ``step`` replaces the cross-entropy step;
+    ``on_epoch_end`` sees each epoch's record (after testing, before it is logged and saved).
     """
     tests = tests or {}
     if cfg.channels_last:
@@ -148,91 +238,113 @@ def train_classifier(
     else:
         model.to(device)
     opt = optimizer or make_optimizer(model, cfg)
-    g = torch.Generator().manual_seed(cfg.seed)
-    aug_g = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    g, aug_g = generators or (
+        torch.Generator().manual_seed(cfg.seed),
+        torch.Generator(device=device).manual_seed(cfg.seed + 1),
+    )
+    schedule = lr_schedule or partial(lr_at, cfg)
+    step = step or cross_entropy_step(model, opt, cfg, device)
+    store = _checkpoint_store(checkpoint, cfg, train, desc, log)
     history: list[dict] = []
     start = 0
-    ckpt_path = Path(checkpoint) if checkpoint else None
-    # what a checkpoint must have been written with to be resumed: the data included
-    keyed = {"config": asdict(cfg), "n_train": len(train)}
-    if ckpt_path:
-        keyed["data"] = tensor_fingerprint(train.images, train.labels)
-    if ckpt_path and ckpt_path.is_file():
-        state = safe_torch_load(ckpt_path, "training checkpoint")
-        old = {k: state.get(k, "<missing>") for k in keyed} if isinstance(state, dict) else None
-        if old and isinstance(old["config"], dict):
-            # checkpoints written before drop_last existed dropped the last batch
-            old["config"] = {"drop_last": True, **old["config"]}
-            # older checkpoints carried two fields that never changed training
-            for gone in ("normalize", "extra"):
-                old["config"].pop(gone, None)
-        same_settings_or_refuse(ckpt_path, old or {}, keyed, hint=f"delete {ckpt_path} to train from scratch")
+    state = store.load() if store else None
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         g.set_state(state["rng"])
         aug_g.set_state(state["aug_rng"].to(aug_g.device) if device.type == "cuda" else state["aug_rng"])
         history = state["history"]
         start = state["epoch"]
-        log(f"{desc}: resuming from {ckpt_path} after epoch {start}")
 
-    n = len(train)
-    if cfg.drop_last:
-        steps = max(1, n // cfg.batch_size) if n >= cfg.batch_size else 1
-    else:
-        steps = max(1, -(-n // cfg.batch_size))
-    labels_all = train.labels
+    def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float batch the step trains on, and its labels."""
+        xb = augment(train.images[idx].to(aug_g.device), aug_g)
+        x = to_float(xb).to(device, non_blocking=True)
+        y = train.labels[idx].to(device)
+        if perturb is not None:
+            x = perturb(x, y, aug_g)
+        return (x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x), y
+
     for epoch in range(start, cfg.epochs):
         model.train()
-        t0 = time.time()
-        perm = torch.randperm(n, generator=g)
-        loss_sum = correct = seen = 0
-        bar = progress(range(steps), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
-        for step in bar:
-            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            lr = lr_at(cfg, epoch, step, steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            xb = augment(train.images[idx].to(device), aug_g)
-            x = prepare_batch(xb, device, cfg.channels_last)
-            y = labels_all[idx].to(device)
-            with autocast(device, cfg.bf16):
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            loss_sum += loss.item() * len(idx)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(idx)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
-        bar.close()
-        rec = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_acc": 100.0 * correct / max(seen, 1),
-            "seconds": time.time() - t0,
-            "images_per_s": seen / max(time.time() - t0, 1e-9),
-        }
+        steps = steps_per_epoch(len(train), cfg)
+        bar = progress(
+            range(steps),
+            desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not progress_bar,
+        )
+        perm = torch.randperm(len(train), generator=g)
+        rec = _run_epoch(epoch, perm, cfg.batch_size, steps, bar, opt, schedule, batch, step)
         if (epoch + 1) % cfg.test_every == 0 or epoch + 1 == cfg.epochs:
             for name, data in tests.items():
                 rec[name] = accuracy(model, data, device, cfg.bf16)
+        if on_epoch_end is not None:
+            on_epoch_end(rec)
         history.append(rec)
         msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items())
         log(f"{desc}: {msg}")
-        if ckpt_path:
-            atomic_torch_save(
+        if store:
+            store.save(
                 {
-                    **keyed,
                     "epoch": epoch + 1,
                     "model": model.state_dict(),
                     "optimizer": opt.state_dict(),
                     "rng": g.get_state(),
                     "aug_rng": aug_g.get_state().cpu(),
                     "history": history,
-                },
-                ckpt_path,
+                }
             )
     return history
+
+
+def _run_epoch(
+    epoch: int,
+    perm: torch.Tensor,
+    batch_size: int,
+    steps: int,
+    bar: Any,
+    opt: torch.optim.Optimizer,
+    schedule: LrSchedule,
+    batch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    step: TrainStep,
+) -> dict:
+    """One pass over the ``steps`` batches of ``perm`` (``bar`` iterates their numbers); returns the epoch's record."""
+    t0 = time.time()
+    loss_sum = correct = seen = 0
+    for i in bar:
+        idx = perm[i * batch_size : (i + 1) * batch_size]
+        lr = schedule(epoch, i, steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss, n_correct = step(*batch(idx))
+        loss_sum += loss * len(idx)
+        correct += n_correct
+        seen += len(idx)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
+    bar.close()
+    return {
+        "epoch": epoch + 1,
+        "lr": lr,
+        "train_loss": loss_sum / max(seen, 1),
+        "train_acc": 100.0 * correct / max(seen, 1),
+        "seconds": time.time() - t0,
+        "images_per_s": seen / max(time.time() - t0, 1e-9),
+    }
+
+
+def _checkpoint_store(
+    checkpoint: str | Path | CheckpointStore | None,
+    cfg: TrainConfig,
+    train: ImageSet,
+    desc: str,
+    log: Callable[[str], None],
+) -> CheckpointStore | None:
+    if checkpoint is None or checkpoint == "":
+        return None
+    if not isinstance(checkpoint, (str, Path)):
+        return checkpoint
+    # what a checkpoint must have been written with to be resumed: the data included
+    keyed = {"config": asdict(cfg), "n_train": len(train), "data": tensor_fingerprint(train.images, train.labels)}
+    return KeyedCheckpoint(Path(checkpoint), keyed, desc, log)

@@ -1,6 +1,8 @@
 """Pieces every poison shares: the crafting context (options, resumable state, progress
 budget), budgets and their exact enforcement on uint8 outputs, norm measurement,
-differentiable augmentations, L∞ PGD, surrogate training and batched PGD crafting.
+differentiable augmentations and evaluation helpers. Surrogate training lives in
+``utils.poisons.surrogate``, batched PGD crafting in ``utils.poisons.crafting`` and the L∞
+PGD in ``utils.adversarial``; their names are importable from here too.
 
 Units: images are uint8 ``[N, 3, 32, 32]``; perturbations being optimised are float
 tensors in **/255 units** (``8.0`` means 8/255 on the [0, 1] scale), so that an L∞ budget
@@ -25,12 +27,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import build_classifier
+from utils.adversarial import forward, freeze, pgd_linf  # noqa: F401 (freeze, pgd_linf: importable from here)
 from utils.augment import standard_augment, to_float
 from utils.data import ImageSet
 from utils.fileio import UserError, atomic_torch_save, safe_torch_load
 from utils.progress import progress
-from utils.run_state import same_settings_or_refuse, tensor_fingerprint
-from utils.runtime import autocast, to_channels_last
+from utils.run_state import same_settings_or_refuse
+from utils.runtime import to_channels_last
 
 IMAGE_DIM = 3 * 32 * 32
 NUM_CLASSES = 10
@@ -273,6 +276,11 @@ def apply_l2(
     return out.to(torch.uint8)
 
 
+def project_linf(delta: torch.Tensor, clean_255: torch.Tensor, eps: float) -> torch.Tensor:
+    """Project a /255-unit perturbation onto the L∞ ball and onto valid pixels [0, 255]."""
+    return torch.max(torch.min(delta.clamp(-eps, eps), 255.0 - clean_255), -clean_255)
+
+
 def measure_norms(clean: torch.Tensor, poisoned: torch.Tensor) -> dict[str, float]:
     """Norms of the perturbation actually written: L∞ in /255, L2 on the [0, 1] scale, L0 in pixels."""
     d = poisoned.to(torch.int16) - clean.to(torch.int16)
@@ -382,21 +390,6 @@ AUGMENTS: dict[str, Callable[..., FloatAugment | None]] = {
 # --------------------------------------------------------------------------- model helpers
 
 
-def forward(model: nn.Module, x: torch.Tensor, bf16: bool, features: bool = False) -> torch.Tensor:
-    """Logits (or pooled features) in float32, the network run in bf16, in the layout
-    :func:`to_channels_last` chose (``features`` bypasses its input hook)."""
-    x = x.contiguous(memory_format=getattr(model, "input_layout", torch.channels_last))
-    with autocast(x.device, bf16):
-        out = model.features(x) if features else model(x)
-    return out.float()
-
-
-def freeze(model: nn.Module, frozen: bool = True) -> nn.Module:
-    for p in model.parameters():
-        p.requires_grad_(not frozen)
-    return model
-
-
 @torch.no_grad()
 def eval_logits(
     model: nn.Module, images: torch.Tensor, device: torch.device, bf16: bool, batch: int = 500
@@ -414,342 +407,6 @@ def accuracy_and_loss(
 ) -> tuple[float, float]:
     logits = eval_logits(model, images, device, bf16)
     return 100.0 * (logits.argmax(1) == labels).float().mean().item(), F.cross_entropy(logits, labels).item()
-
-
-def pgd_attack(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps: float,
-    step: float,
-    steps: int,
-    g: torch.Generator,
-    bf16: bool,
-    random_start: bool = True,
-) -> torch.Tensor:
-    """Untargeted L∞ PGD (budget and step in /255 units) on float images; returns x_adv.
-
-    Runs with the model in eval mode and its weights frozen, and restores both."""
-    if steps <= 0 or eps <= 0:
-        return x.detach()
-    was = model.training
-    model.eval()
-    grads_on = [p.requires_grad for p in model.parameters()]
-    freeze(model)
-    e, a = eps / 255.0, step / 255.0
-    x = x.detach()
-    if random_start:
-        start = (torch.rand(x.shape, generator=g, device=g.device).to(x.device) * 2 - 1) * e
-        adv = (x + start).clamp(0, 1)
-    else:
-        adv = x.clone()
-    for _ in range(steps):
-        adv.requires_grad_(True)
-        loss = F.cross_entropy(forward(model, adv, bf16), y)
-        (grad,) = torch.autograd.grad(loss, adv)
-        with torch.no_grad():
-            adv = torch.min(torch.max(adv + a * grad.sign(), x - e), x + e).clamp(0, 1)
-    for p, on in zip(model.parameters(), grads_on):
-        p.requires_grad_(on)
-    model.train(was)
-    return adv.detach()
-
-
-def project_linf(delta: torch.Tensor, clean_255: torch.Tensor, eps: float) -> torch.Tensor:
-    """Project a /255-unit perturbation onto the L∞ ball and onto valid pixels [0, 255]."""
-    return torch.max(torch.min(delta.clamp(-eps, eps), 255.0 - clean_255), -clean_255)
-
-
-# --------------------------------------------------------------------------- surrogate training
-
-
-@dataclass
-class SurrogateConfig:
-    """Standard or adversarial (``adv_steps > 0``) training with a step LR schedule."""
-
-    epochs: int
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    batch_size: int = 128
-    milestones: tuple[int, ...] = ()  # epochs at which lr *= gamma
-    gamma: float = 0.1
-    augment: bool | str = True  # True: crop + flip on the uint8 images; a name: that AUGMENTS entry in float
-    adv_eps: float = 0.0  # /255
-    adv_step: float = 0.0
-    adv_steps: int = 0
-    grad_clip: float | None = None
-    snapshots: tuple[int, ...] = ()  # epochs after which the weights are kept
-    snapshot_on_best_test: bool = False  # SEP: keep the weights whenever test accuracy improves
-    warmup_first_epoch: bool = False  # SEP: lr ramps linearly from 0.001 over epoch 0's batches
-
-    def lr_at(self, epoch: int, step: int = 0, steps: int = 1) -> float:
-        """The lr of batch ``step`` (of ``steps``) in ``epoch`` (0-based)."""
-        if self.warmup_first_epoch and epoch == 0:
-            return 0.001 + (self.lr - 0.001) * (step + 1) / steps
-        return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
-
-
-def improving_epochs(test_accs: Sequence[float]) -> list[int]:
-    """Indices of the epochs whose test accuracy beats every earlier one (the first always
-    does): the checkpoints SEP's reference training (``vanilla.py``) writes."""
-    best, out = 0.0, []
-    for epoch, acc in enumerate(test_accs):
-        if acc > best:
-            best = acc
-            out.append(epoch)
-    return out
-
-
-def train_step(
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    bf16: bool,
-    grad_clip: float | None = None,
-) -> tuple[float, int]:
-    """One SGD step on float images; returns (loss, number correct)."""
-    model.train()
-    logits = forward(model, x, bf16)
-    loss = F.cross_entropy(logits, y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    opt.step()
-    return loss.item(), int((logits.argmax(1) == y).sum())
-
-
-def fit_surrogate(
-    ctx: CraftContext, tag: str, model: nn.Module, data: ImageSet, cfg: SurrogateConfig
-) -> tuple[list[dict], dict[str, Any]]:
-    """Train ``model`` in place on clean ``data``; returns (snapshots, info).
-
-    Used instead of ``utils.trainer.train_classifier`` because surrogates need what that
-    loop has no hook for: label-aware adversarial examples (EntF's reference model),
-    weight snapshots during one run (SEP) and a step schedule. Resumable per epoch from
-    the crafting state; the result is cached in ``resource/poisons/`` keyed by its
-    settings, the data and the seed, so other poisons and re-runs reuse it."""
-    if cfg.snapshot_on_best_test and ctx.test is None:
-        raise UserError(f"{tag}: keeping checkpoints by test accuracy needs the test set (CraftContext.test)")
-    key = fingerprint_of(
-        {
-            "tag": tag,
-            "arch": ctx.arch,
-            "width": ctx.width,
-            "cfg": cfg.__dict__,
-            "seed": ctx.seed,
-            "data": tensor_fingerprint(data.images, data.labels),
-            "test": tensor_fingerprint(ctx.test.images, ctx.test.labels) if cfg.snapshot_on_best_test else None,
-            "bf16": ctx.bf16,
-        }
-    )
-    cache = ctx.resource_dir / "poisons" / f"{tag}-{ctx.arch}-w{ctx.width}-{key}.pt"
-    if cache.is_file():
-        blob = safe_torch_load(cache, "cached surrogate")
-        model.load_state_dict(blob["model"])
-        ctx.log.info(f"{tag}: reusing the cached surrogate {cache}")
-        return blob["snapshots"], blob["info"]
-
-    device, bf16 = ctx.device, ctx.bf16
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
-    )
-    g_data = ctx.generator(101)
-    g_aug = ctx.generator(102, device)
-    snapshots: list[dict] = []
-    history: list[dict] = []
-    start = 0
-    state_file = ctx.state_dir / f"{tag}.pt"
-    if state_file.is_file():
-        st = safe_torch_load(state_file, "surrogate training state")
-        if st.get("key") == key:
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
-            g_data.set_state(st["g_data"])
-            g_aug.set_state(st["g_aug"].to(g_aug.device) if device.type == "cuda" else st["g_aug"])
-            snapshots, history, start = st["snapshots"], st["history"], st["epoch"]
-            ctx.log.info(f"{tag}: resuming surrogate training after epoch {start}")
-
-    n = len(data)
-    bs = min(cfg.batch_size, n)
-    steps = max(1, n // bs)
-    for epoch in range(start, cfg.epochs):
-        perm = torch.randperm(n, generator=g_data)
-        t0 = time.time()
-        loss_sum = correct = seen = 0
-        bar = ctx.bar(steps, f"{tag} epoch {epoch + 1}/{cfg.epochs}")
-        for s in range(steps):
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr_at(epoch, s, steps)
-            idx = perm[s * bs : (s + 1) * bs]
-            xb = data.images[idx].to(device)
-            if cfg.augment is True:
-                xb = standard_augment(xb, g_aug)
-            x = to_float(xb)
-            if isinstance(cfg.augment, str) and (float_aug := AUGMENTS[cfg.augment]()) is not None:
-                x = float_aug(x, g_aug)
-            y = data.labels[idx].to(device)
-            if cfg.adv_steps:
-                x = pgd_attack(model, x, y, cfg.adv_eps, cfg.adv_step, cfg.adv_steps, g_aug, bf16)
-            loss, corr = train_step(model, opt, x, y, bf16, cfg.grad_clip)
-            loss_sum += loss * len(idx)
-            correct += corr
-            seen += len(idx)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
-        bar.close()
-        rec = {"epoch": epoch + 1, "lr": cfg.lr_at(epoch, steps - 1, steps), "loss": loss_sum / seen}
-        rec["acc"] = 100 * correct / seen
-        keep = epoch + 1 in cfg.snapshots
-        if cfg.snapshot_on_best_test:
-            rec["test_acc"], _ = accuracy_and_loss(model, ctx.test.images, ctx.test.labels, device, bf16)
-            accs = [h["test_acc"] for h in history] + [rec["test_acc"]]
-            keep = improving_epochs(accs)[-1] == epoch
-        rec["seconds"] = time.time() - t0
-        rec["snapshot"] = keep
-        history.append(rec)
-        if keep:
-            snapshots.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-        test_msg = f", test acc {rec['test_acc']:.2f}%" if "test_acc" in rec else ""
-        ctx.log.info(
-            f"{tag}: epoch {epoch + 1}/{cfg.epochs} lr {rec['lr']:.4g} loss {rec['loss']:.4f} "
-            f"train acc {rec['acc']:.2f}%{test_msg}{' (kept)' if keep else ''} ({rec['seconds']:.0f}s)"
-        )
-
-        def state(epoch=epoch):
-            return {
-                "key": key,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "g_data": g_data.get_state(),
-                "g_aug": g_aug.get_state().cpu(),
-                "snapshots": snapshots,
-                "history": history,
-                "epoch": epoch + 1,
-            }
-
-        atomic_torch_save(state(), state_file)
-        ctx.tick(lambda: {"phase": tag})
-    info = {"epochs": cfg.epochs, "final_train_acc": history[-1]["acc"] if history else None, "history": history}
-    atomic_torch_save({"model": model.state_dict(), "snapshots": snapshots, "info": info}, cache)
-    return snapshots, info
-
-
-# --------------------------------------------------------------------------- batched PGD crafting
-
-
-PerSampleLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def craft_pgd(
-    ctx: CraftContext,
-    tag: str,
-    models: Sequence[nn.Module],
-    loss_fn: PerSampleLoss,
-    eps: float,
-    step: float,
-    steps: int,
-    batch_size: int,
-    init: str = "zero",
-    augment: FloatAugment | None = None,
-    restarts: int = 1,
-    targets: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Minimise ``loss_fn`` over an L∞ perturbation of every image, batch by batch.
-
-    Each step moves by ``step`` (/255) against the sign of the gradient averaged over
-    ``models`` (one backward per model, so an ensemble costs no extra memory), then
-    projects onto the ball and [0, 255]. ``loss_fn(model, x, y_or_target, idx)`` returns
-    per-sample losses. With ``restarts`` > 1 the whole set is crafted once per restart and
-    the restart whose total loss over the set (at its last step, as the TAP reference
-    scores a trial) is lowest is kept for every image. Progress is saved per batch;
-    returns the perturbation in /255 units."""
-    n, device = ctx.n, ctx.device
-    labels = ctx.clean.labels if targets is None else targets
-    current = torch.zeros(n, 3, 32, 32, dtype=torch.float16)
-    best: torch.Tensor | None = None
-    best_total, total = float("inf"), 0.0
-    g = ctx.generator(201, device)
-    restart, done = 0, 0
-    st = ctx.load_state()
-    if st and st.get("phase") == tag:
-        current, done, restart = st["delta"], st["done"], st.get("restart", 0)
-        best, best_total, total = st.get("best"), st.get("best_total", float("inf")), st.get("total", 0.0)
-        g.set_state(st["g"].to(g.device) if device.type == "cuda" else st["g"])
-        ctx.log.info(f"{tag}: resuming at image {done}/{n} (restart {restart + 1}/{restarts})")
-    for m in models:
-        m.eval()
-        freeze(m)
-    batches = list(range(0, n, batch_size))
-
-    def state() -> dict:
-        return {
-            "phase": tag,
-            "delta": current,
-            "done": done,
-            "restart": restart,
-            "best": best,
-            "best_total": best_total,
-            "total": total,
-            "g": g.get_state().cpu(),
-        }
-
-    while restart < restarts:
-        desc = tag if restarts == 1 else f"{tag} restart {restart + 1}/{restarts}"
-        bar = ctx.bar(len(batches), desc, initial=done // batch_size)
-        for b0 in batches:
-            if b0 < done:
-                continue
-            idx = torch.arange(b0, min(b0 + batch_size, n))
-            clean255 = ctx.clean.images[idx].to(device).float()
-            y = labels[idx].to(device)
-            if init == "randn":
-                d = torch.randn(clean255.shape, generator=g, device=g.device).to(device) * eps
-            elif init == "uniform":
-                d = (torch.rand(clean255.shape, generator=g, device=g.device).to(device) * 2 - 1) * eps
-            else:
-                d = torch.zeros_like(clean255)
-            d = project_linf(d, clean255, eps)
-            last = torch.zeros(len(idx), device=device)
-            for _ in range(steps):
-                d.requires_grad_(True)
-                grad = torch.zeros_like(clean255)
-                last = torch.zeros(len(idx), device=device)
-                for m in models:
-                    x = (clean255 + d) / 255.0
-                    if augment is not None:
-                        x = augment(x, g)
-                    per_sample = loss_fn(m, x, y, idx)
-                    grad += torch.autograd.grad(per_sample.sum(), d)[0]
-                    last += per_sample.detach() / len(models)
-                with torch.no_grad():
-                    d = project_linf(d - step * grad.sign(), clean255, eps)
-            current[idx] = d.detach().cpu().half()
-            total += float(last.sum())
-            done = int(idx[-1]) + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{total / done:.3f}")
-            ctx.tick(state)
-        bar.close()
-        if restarts > 1:
-            ctx.log.info(f"{tag}: restart {restart + 1}/{restarts} mean loss {total / n:.4f}")
-        if total < best_total or best is None:
-            best, best_total = current.clone() if restarts > 1 else current, total
-        restart, done, total = restart + 1, 0, 0.0
-    ctx.save_state(state() | {"phase": f"{tag}:done"})
-    return (current if best is None else best).float()
-
-
-def targeted_ce(shift: int, bf16: bool) -> PerSampleLoss:
-    """Cross-entropy toward the label map ``(y + shift) mod 10`` (TAP: 1, SEP: 5)."""
-
-    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(forward(model, x, bf16), (y + shift) % NUM_CLASSES, reduction="none")
-
-    return loss
 
 
 def surrogate_report(
@@ -787,3 +444,8 @@ def target_hit_rates(
         return 100.0 * (prob.argmax(1) == target).float().mean().item()
 
     return {"target_pred_pct_clean": rate(ctx.clean.images), "target_pred_pct_poisoned": rate(poisoned)}
+
+
+# importable from here as before the split (those modules import this one, hence at the end)
+from utils.poisons.crafting import PerSampleLoss, craft_pgd, targeted_ce  # noqa: E402, F401
+from utils.poisons.surrogate import SurrogateConfig, fit_surrogate, improving_epochs  # noqa: E402, F401

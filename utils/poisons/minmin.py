@@ -25,16 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.adversarial import forward, freeze, pgd_linf
 from utils.data import ImageSet
-from utils.poisons.common import (
-    CraftContext,
-    FloatAugment,
-    accuracy_and_loss,
-    forward,
-    freeze,
-    pgd_attack,
-    train_step,
-)
+from utils.poisons.common import CraftContext, FloatAugment, accuracy_and_loss
+from utils.trainer import optimizer_step
 
 
 @dataclass
@@ -61,6 +55,22 @@ class MinMinConfig:
     adv_step: float = 0.0
     adv_steps: int = 0
     eval_with_transform: bool = False  # measure the stop accuracy on T(x + δ)
+
+
+def train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    bf16: bool,
+    grad_clip: float | None = None,
+) -> tuple[float, int]:
+    """One SGD step of the surrogate on float images; returns (loss, number correct)."""
+    model.train()
+    logits = forward(model, x, bf16)
+    loss = F.cross_entropy(logits, y)
+    optimizer_step(loss, model, opt, grad_clip)
+    return loss.item(), int((logits.argmax(1) == y).sum())
 
 
 def _project(delta: torch.Tensor, clean255: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -163,7 +173,7 @@ class MinMin:
             x = self.transform(x, self.g_aug)
         y = self.labels[idx].to(self.device)
         if cfg.adv_steps:
-            x = pgd_attack(self.model, x, y, cfg.adv_eps, cfg.adv_step, cfg.adv_steps, self.g_aug, self.bf16)
+            x = pgd_linf(self.model, x, y, cfg.adv_eps, cfg.adv_step, cfg.adv_steps, self.g_aug, self.bf16)
         freeze(self.model, False)
         return train_step(self.model, self.opt, x, y, self.bf16, cfg.grad_clip)
 
@@ -179,7 +189,7 @@ class MinMin:
             if cfg.adv_steps:
                 # REM: the loss at the worst-case point x' = T(x+δ) + r; r is held fixed
                 # while differentiating w.r.t. δ (the reference's Danskin-style gradient)
-                adv = pgd_attack(
+                adv = pgd_linf(
                     self.model, x.detach(), y, cfg.adv_eps, cfg.adv_step, cfg.adv_steps, self.g_aug, self.bf16
                 )
                 x = x + (adv - x).detach()

@@ -33,8 +33,8 @@ scratch on the static set. Test images get their own trigger.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,12 +44,11 @@ import torch.nn.functional as F
 from models import build_classifier
 from utils.augment import crop_rotate_flip, to_float
 from utils.data import NUM_CLASSES, ImageSet
-from utils.progress import progress
 from utils.run_state import tensor_fingerprint
 from utils.runtime import autocast, to_channels_last
-from utils.trainer import CIFAR10_MEAN, CIFAR10_STD, Normalized
+from utils.trainer import CIFAR10_MEAN, CIFAR10_STD, Normalized, TrainConfig, optimizer_step, train_classifier
 from utils.triggers import Key, Log, Range, Trigger, aux_subset, cache_dir
-from utils.triggers.aux import Resumable, aux_keys, shuffled_batches
+from utils.triggers.aux import Resumable, aux_keys
 from utils.triggers.wanet import CROSS_RATIO, choose_cross
 
 _GT0 = Range(0, low_open=True)
@@ -202,8 +201,6 @@ class TriggerInputAware(Trigger):
         self.aux_info = {"generators": info}
 
     def _train(self, gen, mgen, data: ImageSet, device, folder: Path, settings: dict, log: Log) -> dict:
-        from utils.backdoor import attack_targets  # here: utils.backdoor imports the trigger registry
-
         p = self.params
         clf = Normalized(build_classifier(p["aux_arch"], NUM_CLASSES, p["aux_width"])).to(device)
         # channels_last: several times faster for these narrow convolutions on CPU
@@ -212,159 +209,102 @@ class TriggerInputAware(Trigger):
         opt_c = torch.optim.SGD(clf.parameters(), lr=p["aux_lr"], momentum=0.9, weight_decay=5e-4)
         opt_g = torch.optim.Adam(gen.parameters(), lr=p["lr_G"], betas=(0.5, 0.9))
         opt_m = torch.optim.Adam(mgen.parameters(), lr=p["lr_M"], betas=(0.5, 0.9))
-        # BackdoorBench's MultiStep milestones (C: 100.., G: 200.., M: 10, 20) as epoch fractions
+        # one generator for the shuffles, the augmentations and the pairings, as before
         g = torch.Generator().manual_seed(self.seed)
         ckpt = Resumable(folder / "train_ckpt.pt", settings, log, "inputaware training checkpoint")
-        state = ckpt.load()
-        m_done, j_done, history, seconds = 0, 0, [], 0.0
-        if state is not None:
-            for mod, key in (
-                (clf, "clf"),
-                (gen, "gen"),
-                (mgen, "mgen"),
-                (opt_c, "opt_c"),
-                (opt_g, "opt_g"),
-                (opt_m, "opt_m"),
-            ):
-                mod.load_state_dict(state[key])
-            g.set_state(state["rng"])
-            m_done, j_done, history, seconds = (
-                state["mask_epoch"],
-                state["joint_epoch"],
-                state["history"],
-                state["seconds"],
-            )
-            log(f"inputaware: resuming after mask epoch {m_done}, joint epoch {j_done}")
+        run = _GeneratorTraining(ckpt, dict(clf=clf, gen=gen, mgen=mgen, opt_c=opt_c, opt_g=opt_g, opt_m=opt_m), g, log)
         bs = min(p["aux_batch_size"], len(data))
+        phase = dict(generators=(g, g), log=lambda _msg: None)  # the run logs its own lines
 
-        def save() -> None:
-            ckpt.save(
-                {
-                    "clf": clf.state_dict(),
-                    "gen": gen.state_dict(),
-                    "mgen": mgen.state_dict(),
-                    "opt_c": opt_c.state_dict(),
-                    "opt_g": opt_g.state_dict(),
-                    "opt_m": opt_m.state_dict(),
-                    "rng": g.get_state(),
-                    "mask_epoch": m_done,
-                    "joint_epoch": j_done,
-                    "history": history,
-                    "seconds": seconds,
-                }
-            )
+        def mask_lr(epoch: int, _step: int, _steps: int) -> float:  # M milestones at epochs 10 and 20 of 25
+            return p["lr_M"] * (0.1 ** sum(epoch >= f * p["mask_epochs"] for f in (0.4, 0.8)))
 
-        while m_done < p["mask_epochs"]:
-            t0 = time.time()
-            for group in opt_m.param_groups:  # M milestones at epochs 10 and 20 of 25
-                group["lr"] = p["lr_M"] * (0.1 ** sum(m_done >= f * p["mask_epochs"] for f in (0.4, 0.8)))
-            mgen.train()
-            stats = np.zeros(3)
-            bar = progress(
-                shuffled_batches(len(data), bs, g), desc=f"inputaware mask {m_done + 1}/{p['mask_epochs']}", leave=False
-            )
-            for idx in bar:
-                x1 = to_float(_AUGMENT(data.images[idx], g)).to(device, memory_format=torch.channels_last)
-                x2 = x1[torch.randperm(len(x1), generator=g).to(device)]
-                with autocast(device):
-                    m1, m2 = mask_of(mgen, x1).float(), mask_of(mgen, x2).float()
-                norm = F.relu(m1 - p["mask_density"]).mean()
-                div = diversity_loss(normalise(x1), normalise(x2), m1, m2)
-                loss = p["lambda_norm"] * norm + p["lambda_div"] * div
-                opt_m.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_m.step()
-                stats += (loss.item(), m1.mean().item(), 1)
-                bar.set_postfix(loss=f"{stats[0] / stats[2]:.3f}", density=f"{stats[1] / stats[2]:.3f}")
-            bar.close()
-            m_done += 1
-            seconds += time.time() - t0
-            history.append(
-                {"phase": "mask", "epoch": m_done, "loss": stats[0] / stats[2], "density": stats[1] / stats[2]}
-            )
-            log(
-                f"inputaware mask: epoch {m_done} loss {stats[0] / stats[2]:.3f} mask density {stats[1] / stats[2]:.3f}"
-            )
-            save()
-
+        mask_cfg = TrainConfig(epochs=p["mask_epochs"], batch_size=bs, lr=p["lr_M"])
+        train_classifier(mgen, data, _AUGMENT, mask_cfg, device, checkpoint=run.store("mask"), desc="inputaware mask",
+                         optimizer=opt_m, lr_schedule=mask_lr, step=self._mask_step(mgen, opt_m, g, run),
+                         on_epoch_end=run.mask_epoch_end, **phase)  # fmt: skip
         mgen.eval()
         for q in mgen.parameters():
             q.requires_grad_(False)
+        gen.train()
+        # C: BackdoorBench's milestones 100.. of 100 epochs, i.e. a constant lr
+        joint_cfg = TrainConfig(epochs=p["aux_epochs"], batch_size=bs, lr=p["aux_lr"])
+        train_classifier(clf, data, _AUGMENT, joint_cfg, device, checkpoint=run.store("joint"), desc="inputaware joint",
+                         optimizer=opt_c, step=self._joint_step(clf, gen, mgen, opt_c, opt_g, bs, g, run),
+                         on_epoch_end=run.joint_epoch_end, **phase)  # fmt: skip
+        last = run.history[-1] if run.history else {}
+        return {
+            "train_images": len(data),
+            "train_seconds": round(run.seconds, 1),
+            "final_train_asr": last.get("train_asr"),
+            "final_train_clean_acc": last.get("train_clean_acc"),
+        }
+
+    def _mask_step(self, mgen: nn.Module, opt_m: torch.optim.Optimizer, g: torch.Generator, run: _GeneratorTraining):
+        """Phase 1: the mask generator alone, on its density penalty and diversity loss."""
+        p = self.params
+
+        def step(x1: torch.Tensor, _y: torch.Tensor) -> tuple[float, int]:
+            x2 = x1[torch.randperm(len(x1), generator=g).to(x1.device)]
+            with autocast(x1.device):
+                m1, m2 = mask_of(mgen, x1).float(), mask_of(mgen, x2).float()
+            norm = F.relu(m1 - p["mask_density"]).mean()
+            div = diversity_loss(normalise(x1), normalise(x2), m1, m2)
+            loss = p["lambda_norm"] * norm + p["lambda_div"] * div
+            optimizer_step(loss, mgen, opt_m, None)
+            run.stats[:3] += (loss.item(), m1.mean().item(), 1)
+            return loss.item(), 0
+
+        return step
+
+    def _joint_step(self, clf, gen, mgen, opt_c, opt_g, bs: int, g: torch.Generator, run: _GeneratorTraining):
+        """Phase 2: classifier and pattern generator together on backdoored, cross and clean samples."""
+        from utils.backdoor import attack_targets  # here: utils.backdoor imports the trigger registry
+
+        p = self.params
         n_bd = max(1, int(round(bs * self.pratio)))
         n_cross = int(round(n_bd * p["cross_ratio"]))
         n_bd = min(n_bd, bs)
         n_cross = min(n_cross, bs - n_bd)
         n_pair = min(n_bd, bs - n_bd)  # diversity pairs (BackdoorBench: num_bd)
-        while j_done < p["aux_epochs"]:
-            t0 = time.time()
-            for group in opt_c.param_groups:  # C: milestones 100.. of 100 epochs: constant
-                group["lr"] = p["aux_lr"]
-            clf.train()
-            gen.train()
-            stats = np.zeros(6)
-            bar = progress(
-                shuffled_batches(len(data), bs, g), desc=f"inputaware joint {j_done + 1}/{p['aux_epochs']}", leave=False
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+            x2 = x[torch.randperm(len(x), generator=g).to(x.device)]
+            # x2[n_bd + i] lends its trigger to cross sample i and is the diversity partner of x[i]
+            src = x2[n_bd : n_bd + max(n_pair, n_cross)]
+            with autocast(x.device):
+                pat = pattern_of(gen, x[:n_bd]).float()
+                pat2 = pattern_of(gen, src).float()
+                m = mask_of(mgen, x[:n_bd]).float()
+                m2 = mask_of(mgen, src[:n_cross]).float()
+                bd = x[:n_bd] + (pat - x[:n_bd]) * m
+                sl = slice(n_bd, n_bd + n_cross)
+                cross = x[sl] + (pat2[:n_cross] - x[sl]) * m2
+                inputs = torch.cat([bd, cross, x[n_bd + n_cross :]])
+                labels = torch.cat([attack_targets(y[:n_bd], self.target, self.label_trans), y[n_bd:]])
+                logits = clf(inputs).float()
+            ce = F.cross_entropy(logits, labels)
+            div = diversity_loss(
+                normalise(x[:n_pair]), normalise(src[:n_pair]), normalise(pat[:n_pair]), normalise(pat2[:n_pair])
             )
-            for idx in bar:
-                x = to_float(_AUGMENT(data.images[idx], g)).to(device, memory_format=torch.channels_last)
-                y = data.labels[idx].to(device)
-                x2 = x[torch.randperm(len(x), generator=g).to(device)]
-                # x2[n_bd + i] lends its trigger to cross sample i and is the diversity partner of x[i]
-                src = x2[n_bd : n_bd + max(n_pair, n_cross)]
-                with autocast(device):
-                    pat = pattern_of(gen, x[:n_bd]).float()
-                    pat2 = pattern_of(gen, src).float()
-                    m = mask_of(mgen, x[:n_bd]).float()
-                    m2 = mask_of(mgen, src[:n_cross]).float()
-                    bd = x[:n_bd] + (pat - x[:n_bd]) * m
-                    sl = slice(n_bd, n_bd + n_cross)
-                    cross = x[sl] + (pat2[:n_cross] - x[sl]) * m2
-                    inputs = torch.cat([bd, cross, x[n_bd + n_cross :]])
-                    labels = torch.cat([attack_targets(y[:n_bd], self.target, self.label_trans), y[n_bd:]])
-                    logits = clf(inputs).float()
-                ce = F.cross_entropy(logits, labels)
-                div = diversity_loss(
-                    normalise(x[:n_pair]), normalise(src[:n_pair]), normalise(pat[:n_pair]), normalise(pat2[:n_pair])
-                )
-                loss = ce + p["lambda_div"] * div
-                opt_c.zero_grad(set_to_none=True)
-                opt_g.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_c.step()
-                opt_g.step()
-                pred = logits.argmax(1)
-                stats += (
-                    loss.item(),
-                    (pred[:n_bd] == labels[:n_bd]).float().sum().item(),
-                    (pred[n_bd + n_cross :] == labels[n_bd + n_cross :]).float().sum().item(),
-                    n_bd,
-                    len(idx) - n_bd - n_cross,
-                    1,
-                )
-                bar.set_postfix(loss=f"{stats[0] / stats[5]:.3f}", asr=f"{100 * stats[1] / stats[3]:.1f}")
-            bar.close()
-            j_done += 1
-            seconds += time.time() - t0
-            rec = {
-                "phase": "joint",
-                "epoch": j_done,
-                "loss": float(stats[0] / max(stats[5], 1)),
-                "train_asr": float(100 * stats[1] / max(stats[3], 1)),
-                "train_clean_acc": float(100 * stats[2] / max(stats[4], 1)),
-            }
-            history.append(rec)
-            log(
-                f"inputaware joint: epoch {j_done} loss {rec['loss']:.3f} "
-                f"backdoor acc {rec['train_asr']:.1f}% clean acc {rec['train_clean_acc']:.1f}%"
+            loss = ce + p["lambda_div"] * div
+            opt_c.zero_grad(set_to_none=True)
+            opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_c.step()
+            opt_g.step()
+            pred = logits.argmax(1)
+            run.stats += (
+                loss.item(),
+                (pred[:n_bd] == labels[:n_bd]).float().sum().item(),
+                (pred[n_bd + n_cross :] == labels[n_bd + n_cross :]).float().sum().item(),
+                n_bd,
+                len(x) - n_bd - n_cross,
+                1,
             )
-            save()
-        last = history[-1] if history else {}
-        return {
-            "train_images": len(data),
-            "train_seconds": round(seconds, 1),
-            "final_train_asr": last.get("train_asr"),
-            "final_train_clean_acc": last.get("train_clean_acc"),
-        }
+            return loss.item(), int((pred == labels).sum())
+
+        return step
 
     # ------------------------------------------------------------------ triggers
     @torch.no_grad()
@@ -395,6 +335,84 @@ class TriggerInputAware(Trigger):
                 sl = slice(i, i + self.chunk)
                 images[cross_idx[sl]] = self.triggered(train.images[cross_idx[sl]], train.images[src_idx[sl]]).cpu()
         return images, labels, {**extra, "n_cross": len(cross_idx), "cross_indices": cross_idx.tolist()}
+
+
+class _GeneratorTraining:
+    """Both phases' records and their one checkpoint (``Resumable``, the keys Input-aware
+    always wrote): loaded whole on creation, as before; each phase's
+    :meth:`store` hands ``train_classifier`` its part and saves everything."""
+
+    NETS = {"mask": ("mgen", "opt_m", "mask_epoch"), "joint": ("clf", "opt_c", "joint_epoch")}
+
+    def __init__(self, ckpt: Resumable, parts: dict[str, Any], g: torch.Generator, log: Log):
+        self.ckpt, self.parts, self.g, self.log = ckpt, parts, g, log
+        self.done = {"mask_epoch": 0, "joint_epoch": 0}
+        self.history: list[dict] = []
+        self.seconds = 0.0
+        self.stats = np.zeros(6)  # the running epoch's sums (mask: loss, density, batches)
+        self.state = ckpt.load()
+        if self.state is not None:
+            for key, part in parts.items():
+                part.load_state_dict(self.state[key])
+            g.set_state(self.state["rng"])
+            self.done = {k: self.state[k] for k in self.done}
+            self.history, self.seconds = self.state["history"], self.state["seconds"]
+            log(
+                f"inputaware: resuming after mask epoch {self.done['mask_epoch']}, joint epoch {self.done['joint_epoch']}"
+            )
+
+    def store(self, phase: str) -> _GeneratorTraining._PhaseStore:
+        return self._PhaseStore(self, *self.NETS[phase])
+
+    class _PhaseStore:
+        def __init__(self, run: _GeneratorTraining, net: str, opt: str, epoch: str):
+            self.run, self.net, self.opt, self.epoch = run, net, opt, epoch
+
+        def load(self) -> dict | None:
+            st = self.run.state
+            if st is None or st[self.epoch] == 0:
+                return None
+            # what was loaded on creation, once more (this phase has not run since)
+            return {
+                "epoch": st[self.epoch],
+                "model": st[self.net],
+                "optimizer": st[self.opt],
+                "rng": st["rng"],
+                "aug_rng": st["rng"],
+                "history": [],
+            }
+
+        def save(self, state: dict) -> None:
+            run = self.run
+            run.ckpt.save(
+                {key: part.state_dict() for key, part in run.parts.items()}
+                | {"rng": run.g.get_state(), **run.done, "history": run.history, "seconds": run.seconds}
+            )
+
+    def mask_epoch_end(self, rec: dict) -> None:
+        loss, density, batches = self.stats[:3]
+        self.stats[:] = 0
+        epoch = self.done["mask_epoch"] = rec["epoch"]
+        self.seconds += rec["seconds"]
+        self.history.append({"phase": "mask", "epoch": epoch, "loss": loss / batches, "density": density / batches})
+        self.log(f"inputaware mask: epoch {epoch} loss {loss / batches:.3f} mask density {density / batches:.3f}")
+
+    def joint_epoch_end(self, rec: dict) -> None:
+        stats, self.stats = self.stats, np.zeros(6)
+        epoch = self.done["joint_epoch"] = rec["epoch"]
+        self.seconds += rec["seconds"]
+        out = {
+            "phase": "joint",
+            "epoch": epoch,
+            "loss": float(stats[0] / max(stats[5], 1)),
+            "train_asr": float(100 * stats[1] / max(stats[3], 1)),
+            "train_clean_acc": float(100 * stats[2] / max(stats[4], 1)),
+        }
+        self.history.append(out)
+        self.log(
+            f"inputaware joint: epoch {epoch} loss {out['loss']:.3f} "
+            f"backdoor acc {out['train_asr']:.1f}% clean acc {out['train_clean_acc']:.1f}%"
+        )
 
 
 TRIGGER = TriggerInputAware

@@ -29,17 +29,17 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from models import build_classifier
+from utils.adversarial import pgd_linf
 from utils.augment import standard_augment, to_float
 from utils.data import NUM_CLASSES, ImageSet
 from utils.progress import progress
 from utils.run_state import tensor_fingerprint
 from utils.runtime import autocast
-from utils.trainer import Normalized, TrainConfig, lr_at, make_optimizer
+from utils.trainer import Normalized, TrainConfig, train_classifier
 from utils.triggers import Key, Log, Range, Trigger, aux_subset, cache_dir, settings_key
-from utils.triggers.aux import Resumable, aux_keys, shuffled_batches
+from utils.triggers.aux import Resumable, aux_keys
 
 _SCALE_255 = Range(0, 255)
 
@@ -61,33 +61,6 @@ def lc_trigger_mask(kind: str = "bottom-right", size: int = 32) -> torch.Tensor:
     else:
         raise ValueError(kind)
     return m[None, None]
-
-
-def pgd_linf(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps: float,
-    alpha: float,
-    steps: int,
-    random_start: bool,
-    g: torch.Generator | None = None,
-    bf16: bool = True,
-) -> torch.Tensor:
-    """Untargeted L-inf PGD on [0,1] images (maximises the cross-entropy of ``y``)."""
-    x = x.detach()
-    adv = x.clone()
-    if random_start:
-        noise = torch.rand(x.shape, generator=g, device=g.device if g is not None else "cpu").to(x.device)
-        adv = (adv + (noise * 2 - 1) * eps).clamp(0, 1)
-    for _ in range(steps):
-        adv.requires_grad_(True)
-        with autocast(x.device, bf16):
-            loss = F.cross_entropy(model(adv).float(), y)
-        (grad,) = torch.autograd.grad(loss, adv)
-        adv = adv.detach() + alpha * grad.sign()
-        adv = (x + (adv - x).clamp(-eps, eps)).clamp(0, 1)
-    return adv.detach()
 
 
 class TriggerLC(Trigger):
@@ -144,6 +117,8 @@ class TriggerLC(Trigger):
         }
         self.folder = cache_dir(resource_dir, "lc", settings, "at-")
         model = Normalized(build_classifier(p["aux_arch"], NUM_CLASSES, p["aux_width"]))
+        # BackdoorBench's default layout (not channels_last), which the PGD reads from here
+        model.input_layout = torch.contiguous_format
         final = Resumable(self.folder / "model.pt", settings, log, "lc adversarially trained model")
         state = final.load()
         if state is not None:
@@ -163,69 +138,44 @@ class TriggerLC(Trigger):
     def _adv_train(self, model: nn.Module, data: ImageSet, device: torch.device, settings: dict, log: Log) -> dict:
         p = self.params
         bs = min(p["aux_batch_size"], len(data))
-        cfg = TrainConfig(epochs=p["aux_epochs"], batch_size=bs, lr=p["aux_lr"], weight_decay=5e-4, schedule="cosine")
-        model.to(device)
-        opt = make_optimizer(model, cfg)
-        g = torch.Generator().manual_seed(self.seed)
-        aug_g = torch.Generator().manual_seed(self.seed + 1)
-        ckpt = Resumable(self.folder / "train_ckpt.pt", settings, log, "lc adversarial-training checkpoint")
-        state = ckpt.load()
-        start, history, seconds = 0, [], 0.0
-        if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            g.set_state(state["rng"])
-            aug_g.set_state(state["aug_rng"])
-            start, history, seconds = state["epoch"], state["history"], state["seconds"]
-            log(f"lc: resuming adversarial training after epoch {start}")
-        eps, alpha = p["at_eps"] / 255, p["at_alpha"] / 255
-        for epoch in range(start, cfg.epochs):
-            t0 = time.time()
-            batches = shuffled_batches(len(data), bs, g)
-            correct = seen = 0
-            loss_sum = 0.0
-            bar = progress(batches, desc=f"lc adv-train {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
-            for step, idx in enumerate(bar):
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(cfg, epoch, step, len(batches))
-                x = to_float(standard_augment(data.images[idx], aug_g)).to(device)
-                y = data.labels[idx].to(device)
-                if p["at_steps"] > 0:
-                    model.eval()
-                    x = pgd_linf(model, x, y, eps, alpha, p["at_steps"], True, aug_g)
-                model.train()
-                with autocast(device):
-                    logits = model(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.item() * len(idx)
-                correct += (logits.argmax(1) == y).sum().item()
-                seen += len(idx)
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", adv_acc=f"{100 * correct / seen:.1f}")
-            bar.close()
-            seconds += time.time() - t0
-            history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "adv_train_acc": 100 * correct / seen})
-            log(
-                f"lc adv-train: epoch {epoch + 1} loss {loss_sum / seen:.3f} adversarial train acc {100 * correct / seen:.1f}%"
-            )
-            ckpt.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "rng": g.get_state(),
-                    "aug_rng": aug_g.get_state(),
-                    "epoch": epoch + 1,
-                    "history": history,
-                    "seconds": seconds,
-                }
-            )
+        cfg = TrainConfig(
+            epochs=p["aux_epochs"],
+            batch_size=bs,
+            lr=p["aux_lr"],
+            weight_decay=5e-4,
+            schedule="cosine",
+            channels_last=False,  # BackdoorBench's layout (see prepare)
+        )
+        run = _AdvTrainingRun(
+            Resumable(self.folder / "train_ckpt.pt", settings, log, "lc adversarial-training checkpoint"), log
+        )
+
+        def perturb(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+            if p["at_steps"] > 0 and p["at_eps"] == 0:
+                # BackdoorBench's PGD draws its random start even in a zero ball (and returns x)
+                torch.rand(x.shape, generator=g)
+                return x
+            return pgd_linf(model, x, y, p["at_eps"], p["at_alpha"], p["at_steps"], g, clip_offset=True)
+
+        train_classifier(
+            model,
+            data,
+            standard_augment,
+            cfg,
+            device,
+            checkpoint=run,
+            log=lambda _msg: None,  # the run logs its own lines
+            desc="lc adv-train",
+            # on the CPU, as the batches are augmented (whatever the device)
+            generators=(torch.Generator().manual_seed(self.seed), torch.Generator().manual_seed(self.seed + 1)),
+            perturb=perturb,
+            on_epoch_end=run.epoch_end,
+        )
         return {
             "path": str(self.folder / "model.pt"),
             "train_images": len(data),
-            "train_seconds": round(seconds, 1),
-            "final_adv_train_acc": history[-1]["adv_train_acc"] if history else None,
+            "train_seconds": round(run.seconds, 1),
+            "final_adv_train_acc": run.history[-1]["adv_train_acc"] if run.history else None,
         }
 
     # ------------------------------------------------------------------ poisons
@@ -240,7 +190,17 @@ class TriggerLC(Trigger):
         for i in progress(range(0, len(images), self.chunk), desc="lc PGD", leave=False, dynamic_ncols=True):
             x = to_float(images[i : i + self.chunk].to(self.device))
             y = labels[i : i + self.chunk].to(self.device)
-            adv = pgd_linf(self.model, x, y, p["adv_eps"] / 255, p["adv_alpha"] / 255, p["adv_steps"], False)
+            adv = pgd_linf(
+                self.model,
+                x,
+                y,
+                p["adv_eps"],
+                p["adv_alpha"],
+                p["adv_steps"],
+                None,
+                random_start=False,
+                clip_offset=True,
+            )
             out[i : i + self.chunk] = (adv * 255).to(torch.uint8).cpu()
         return out
 
@@ -291,6 +251,45 @@ class TriggerLC(Trigger):
         if not self.params["lc_test_pgd"]:
             return super().poison_test(images, labels, log)
         return self.add_trigger(self.cached_adversarial(images, labels, "test", log))
+
+
+class _AdvTrainingRun:
+    """The adversarial training's records and its checkpoint (``Resumable`` with the
+    keys LC always wrote), as the checkpoint store and epoch hook of ``train_classifier``."""
+
+    def __init__(self, ckpt: Resumable, log: Log):
+        self.ckpt, self.log = ckpt, log
+        self.history: list[dict] = []
+        self.seconds = 0.0
+
+    def load(self) -> dict | None:
+        state = self.ckpt.load()
+        if state is None:
+            return None
+        self.history, self.seconds = state["history"], state["seconds"]
+        self.log(f"lc: resuming adversarial training after epoch {state['epoch']}")
+        return {**state, "history": []}
+
+    def save(self, state: dict) -> None:
+        self.ckpt.save(
+            {
+                "model": state["model"],
+                "optimizer": state["optimizer"],
+                "rng": state["rng"],
+                "aug_rng": state["aug_rng"],
+                "epoch": state["epoch"],
+                "history": self.history,
+                "seconds": self.seconds,
+            }
+        )
+
+    def epoch_end(self, rec: dict) -> None:
+        self.seconds += rec["seconds"]
+        self.history.append({"epoch": rec["epoch"], "loss": rec["train_loss"], "adv_train_acc": rec["train_acc"]})
+        self.log(
+            f"lc adv-train: epoch {rec['epoch']} loss {rec['train_loss']:.3f} "
+            f"adversarial train acc {rec['train_acc']:.1f}%"
+        )
 
 
 TRIGGER = TriggerLC
