@@ -29,10 +29,10 @@ import torch
 
 from utils.backdoor import ATTACKS
 from utils.backdoor_keys import all_known_keys, attack_keys, validate
-from utils.backdoor_models import load_diffusion, train_augment
+from utils.backdoor_models import build_candidates, load_diffusion, train_augment
 from utils.backdoor_models import train_config as _train_config
 from utils.backdoor_outputs import load_attack_data
-from utils.backdoor_phases import FlowContext, build_candidates, run_steps
+from utils.backdoor_phases import FlowContext, run_steps
 from utils.backdoor_record import open_record
 from utils.data import ImageSet, class_balanced_subset, load_cifar10, locate_cifar10
 from utils.dataelixir import apply_reference_exact

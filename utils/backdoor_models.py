@@ -1,8 +1,10 @@
 """The models of the attack scripts' flow: the classifier (its architecture, augmentation and
-training settings), its predictions on candidate sets, and DataElixir's DDPM."""
+training settings), its predictions on candidate sets, and DataElixir's DDPM with which the
+candidates are built."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +128,43 @@ def load_diffusion(cfg: dict[str, Any], work: Path, device: torch.device):
             f"steps_T + noise_offset = {cfg['steps_T'] + cfg['noise_offset']} exceeds the {total} diffusion steps"
         )
     return model, base, spec
+
+
+def build_candidates(
+    cfg: dict[str, Any],
+    work: Path,
+    rec_dir: Path,
+    images: torch.Tensor,
+    device: torch.device,
+    rank: int,
+    world: int,
+    log: Callable[[str], None],
+) -> tuple[np.memmap, np.memmap]:
+    """DataElixir's candidates of ``images`` in ``rec_dir/candidates`` (this rank's share)."""
+    from utils import dataelixir as de
+
+    diff_model, base, _spec = load_diffusion(cfg, work, device)
+    # every rank labels with the saved backdoored model, so the labels do not depend on
+    # whether rank 0 trained it in this process (its weights then in another memory layout)
+    classifier = load_model(cfg, rec_dir / "backdoored_model.pt", device)
+    return de.construct_candidates(
+        diff_model,
+        base,
+        classifier,
+        images,
+        rec_dir / "candidates",
+        steps_T=cfg["steps_T"],
+        rounds_n=cfg["rounds_n"],
+        last_steps_m=cfg["last_steps_m"],
+        batch_size=cfg["purify_batch_size"],
+        respace=cfg["purify_respace"],
+        dense_tail=cfg["purify_dense_tail"],
+        noise_offset=cfg["noise_offset"],
+        original_round_trip=cfg["original_round_trip"],
+        seed=cfg["random_seed"],
+        bf16=cfg["bf16"],
+        device=device,
+        rank=rank,
+        world=world,
+        log=log,
+    )

@@ -24,8 +24,8 @@ import torch
 from utils import dataelixir as de
 from utils.backdoor import BackdoorData, build_backdoor_data
 from utils.backdoor_models import (
+    build_candidates,
     build_model,
-    load_diffusion,
     load_model,
     predict_candidates,
     train_augment,
@@ -65,8 +65,8 @@ class FlowContext:
     tell_ranks: Callable[[str], None] = lambda message: None
     rank: int = 0
     world: int = 1
-    threads: int = 1  # torch threads of the phases rank 0 runs alone
-    shard_threads: int = 1  # torch threads while every rank builds its share of the candidates
+    threads: int = dataclasses.field(default_factory=torch.get_num_threads)  # for the phases rank 0 runs alone
+    shard_threads: int = dataclasses.field(default_factory=torch.get_num_threads)  # while ranks share the candidates
 
 
 @dataclass(frozen=True)
@@ -239,44 +239,6 @@ def _attack_reported(ctx: FlowContext, backdoored: Trained) -> Trained:
 
 
 # --------------------------------------------------------------------------- 3. candidates
-
-
-def build_candidates(
-    cfg: dict[str, Any],
-    work: Path,
-    rec_dir: Path,
-    images: torch.Tensor,
-    device: torch.device,
-    rank: int,
-    world: int,
-    log: Log,
-) -> tuple[np.memmap, np.memmap]:
-    """DataElixir's candidates of ``images`` in ``rec_dir/candidates`` (this rank's share)."""
-    diff_model, base, _spec = load_diffusion(cfg, work, device)
-    # every rank labels with the saved backdoored model, so the labels do not depend on
-    # whether rank 0 trained it in this process (its weights then in another memory layout)
-    classifier = load_model(cfg, rec_dir / "backdoored_model.pt", device)
-    return de.construct_candidates(
-        diff_model,
-        base,
-        classifier,
-        images,
-        rec_dir / "candidates",
-        steps_T=cfg["steps_T"],
-        rounds_n=cfg["rounds_n"],
-        last_steps_m=cfg["last_steps_m"],
-        batch_size=cfg["purify_batch_size"],
-        respace=cfg["purify_respace"],
-        dense_tail=cfg["purify_dense_tail"],
-        noise_offset=cfg["noise_offset"],
-        original_round_trip=cfg["original_round_trip"],
-        seed=cfg["random_seed"],
-        bf16=cfg["bf16"],
-        device=device,
-        rank=rank,
-        world=world,
-        log=log,
-    )
 
 
 def candidates_phase(ctx: FlowContext, images: torch.Tensor) -> Candidates:
