@@ -259,6 +259,10 @@ def load_candidates(ctx: FlowContext) -> Candidates:
 # --------------------------------------------------------------------------- 4. identification
 
 
+def decision_counts(decision: torch.Tensor) -> dict[str, int]:
+    return {de.DECISION_NAMES[c]: int((decision == c).sum()) for c in de.DECISION_NAMES}
+
+
 def identification_phase(
     ctx: FlowContext, labels: torch.Tensor, cands: Candidates, backdoored: torch.nn.Module
 ) -> Identification:
@@ -300,8 +304,7 @@ def identification_phase(
     if rel.any():
         chosen[torch.from_numpy(rows)[rel]] = de.select_index(dist[rel.numpy()], ident["kept"][rows][rel])
     chosen[decision == de.SUSPICIOUS] = -1
-    counts = {de.DECISION_NAMES[c]: int((decision == c).sum()) for c in de.DECISION_NAMES}
-    ctx.log(f"sorting: {counts}; {int(ident['transition'].sum())} samples transition")
+    ctx.log(f"sorting: {decision_counts(decision)}; {int(ident['transition'].sum())} samples transition")
     return Identification(
         kept=ident["kept"],
         transition=ident["transition"],
@@ -387,7 +390,6 @@ def report(ctx: FlowContext, s: FlowState) -> dict[str, Any]:
     bd, ident, cands, rates = s.attack.data, s.identification, s.candidates, s.final.rates
     attack_metrics, defended = last_metrics(s.backdoored.history), last_metrics(s.stage2.history)
     timings = {ph: ctx.rec.phases.get(ph, {}).get("seconds") for ph in PHASES}
-    counts = {de.DECISION_NAMES[c]: int((ident.decision == c).sum()) for c in de.DECISION_NAMES}
     metrics = finite(
         {
             "attack": ctx.attack,
@@ -404,7 +406,7 @@ def report(ctx: FlowContext, s: FlowState) -> dict[str, Any]:
             "detection": rates,
             "target_labels": ident.detection["target_labels"],
             "target_scores": ident.detection["scores"],
-            "decisions": counts,
+            "decisions": decision_counts(ident.decision),
             "stage2_consensus": int(s.selection.consensus.sum()),
             "candidates_per_sample": cands.images.shape[1],
             "candidate_label_rates": de.candidate_label_rates(

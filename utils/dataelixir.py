@@ -2,9 +2,13 @@
 
 One small function per step of the paper, each working on whole arrays:
 
-1. ``construct_candidates`` (in ``utils.dataelixir_candidates``, imported here): per
-   training image, ``1 + n*m`` candidates from rounds of noise and denoise, labelled by the
-   backdoored model, in a resumable memory-mapped store.
+1. ``construct_candidates``: per training image, ``rounds_n`` rounds of "noise to step
+   ``steps_T`` in one shot, ``steps_T`` ancestral reverse steps"; the last ``last_steps_m``
+   reverse samples of each round are kept and the round's (clamped) output seeds the next
+   round. ``1 + n*m`` candidates per sample, index 0 being the original. Candidates are
+   stored as uint8 in a memory-mapped file together with the backdoored model's labels
+   for them (``utils.candidate_store``); work is done in chunks, each marked done
+   atomically, so a re-run resumes.
 2. ``label_transition``: which candidates are kept, and which samples "transition".
 3. ``detect_target_labels``: KL divergence per class + MAD outlier score > 2.
 4. ``sort_samples``: kept / relabelled / suspicious.
@@ -20,6 +24,7 @@ ties) the choice made here is documented at the function.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,20 +32,178 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.dataelixir_candidates import (  # noqa: F401 - the candidates are step 1 of this module's API
-    build_chunk,
-    candidates_complete,
-    check_step_settings,
-    construct_candidates,
-    open_candidates,
-    reference_original,
-)
+from utils import candidate_store as cs
+from utils.augment import to_uint8
+from utils.candidate_store import Log, candidates_complete, open_candidates  # noqa: F401 - step 1's API
+from utils.fileio import UserError
 from utils.progress import progress
+from utils.purify import chunk_seed, from_model_range, noise_and_denoise, to_model_range
+from utils.run_state import on_rank0
+from utils.runtime import barrier
 from utils.trainer import predict
 
 KEPT, RELABELLED, SUSPICIOUS = 0, 1, 2
 DECISION_NAMES = {KEPT: "kept", RELABELLED: "relabelled", SUSPICIOUS: "suspicious"}
 QUANTILE = 0.8
+
+
+# --------------------------------------------------------------------------- 1. candidates
+
+
+def num_candidates(rounds_n: int, last_steps_m: int) -> int:
+    return 1 + rounds_n * last_steps_m
+
+
+def check_step_settings(
+    steps_T: int, rounds_n: int, last_steps_m: int, respace: int | None = None, dense_tail: bool = False
+) -> None:
+    """The step counts of candidate construction, checked once for the attack scripts (before
+    any work) and for direct callers; a UserError names the YAML keys."""
+    if rounds_n < 1 or last_steps_m < 1 or steps_T < 1:
+        raise UserError(f"rounds_n, last_steps_m and steps_T must be >= 1 (got {rounds_n}, {last_steps_m}, {steps_T})")
+    if respace is not None and not 1 <= respace <= steps_T:
+        raise UserError(f"purify_respace must be null or in 1..steps_T ({steps_T}), got {respace}")
+    reverse_steps = respace or steps_T
+    if last_steps_m > reverse_steps:
+        what = f"purify_respace={respace}" if respace else f"steps_T={steps_T}"
+        raise UserError(
+            f"last_steps_m={last_steps_m} exceeds the {reverse_steps} reverse steps of {what}: "
+            "each round keeps its last m steps"
+        )
+    if dense_tail and reverse_steps < steps_T and last_steps_m >= reverse_steps:
+        raise UserError(
+            f"purify_dense_tail needs purify_respace ({reverse_steps}) > last_steps_m ({last_steps_m}): "
+            "the unspaced tail would leave no step for the rest of the chain; raise purify_respace"
+        )
+
+
+@torch.no_grad()
+def construct_candidates(
+    diffusion_model: nn.Module,
+    base_diffusion: Any,
+    classifier: nn.Module,
+    images: torch.Tensor,
+    out_dir: str | Path,
+    *,
+    steps_T: int,
+    rounds_n: int,
+    last_steps_m: int,
+    batch_size: int = 1024,
+    respace: int | None = None,
+    dense_tail: bool = False,
+    noise_offset: int = 0,
+    original_round_trip: bool = False,
+    seed: int = 0,
+    bf16: bool = True,
+    device: torch.device = torch.device("cpu"),
+    max_chunks: int | None = None,
+    rank: int = 0,
+    world: int = 1,
+    log: Log = print,
+) -> tuple[np.memmap, np.memmap]:
+    """Build the candidate sets of uint8 ``images`` [N, 3, H, W] and label them.
+
+    Chunk ``c`` (``batch_size`` samples) uses a generator seeded from ``(seed, c)``, so
+    results do not depend on where a run was interrupted. ``max_chunks`` stops after that
+    many newly finished chunks (tests use it to simulate an interruption).
+    With ``world`` processes (torchrun, every rank calling with the same arguments), rank
+    ``r`` builds the chunks ``c`` with ``c % world == r`` into the one store that rank 0
+    creates or checks first; the bytes do not depend on ``world``.
+    ``dense_tail`` (with ``respace``) takes the last ``last_steps_m`` reverse steps unspaced,
+    so the kept candidates are at the paper's noise levels (a CPU-scale option).
+    ``original_round_trip`` stores candidate 0 as the reference does (see :func:`reference_original`).
+    Returns the memory-mapped candidates and labels (read-only).
+    """
+    check_step_settings(steps_T, rounds_n, last_steps_m, respace, dense_tail)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    k = num_candidates(rounds_n, last_steps_m)
+    steps = dict(steps_T=steps_T, rounds_n=rounds_n, last_steps_m=last_steps_m, respace=respace, dense_tail=dense_tail)
+    steps.update(noise_offset=noise_offset, original_round_trip=original_round_trip)
+    meta = cs.store_header(images, classifier, k, batch_size, **steps, seed=seed, bf16=bf16)
+    # rank 0 alone creates or checks the store (header, file sizes) before any rank maps it
+    on_rank0(lambda: cs.prepare_store(out_dir, meta, log), rank, world)
+    store = cs.ChunkStore.map(out_dir, meta)
+    mine = [c for c in range(meta["chunks"]) if c % world == rank]
+    todo = [c for c in mine if not store.ok(c)]
+    if len(todo) < len(mine):
+        log(f"candidates: {len(mine) - len(todo)} of {len(mine)} chunks already built in {out_dir}")
+    if max_chunks is not None:
+        todo = todo[:max_chunks]
+    classifier.eval()
+
+    def make(c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = store.rows(c)
+        generator = torch.Generator(device=device).manual_seed(chunk_seed(seed, c))
+        out = build_chunk(
+            diffusion_model, base_diffusion, images[lo:hi].to(device), **steps, generator=generator, bf16=bf16
+        )
+        flat = out.reshape(-1, *out.shape[2:])
+        return out, predict(classifier, flat, device, batch_size=512, bf16=bf16).argmax(1).view(len(out), k)
+
+    image_steps = rounds_n * (respace or steps_T)
+    cs.fill_chunks(store, make, todo, f"candidates[{rank}]" if world > 1 else "candidates", image_steps)
+    barrier()
+    if rank == 0 and world > 1 and max_chunks is None:
+        # a chunk whose marker is missing after every rank finished (its rank lost it) is built here
+        lost = [c for c in range(meta["chunks"]) if not (store.done / f"chunk_{c:05d}").is_file()]
+        if lost:
+            log(f"candidates: building {len(lost)} chunks the other ranks left undone")
+            cs.fill_chunks(store, make, lost, "candidates (repair)", image_steps)
+    return cs.open_candidates(out_dir)[:2]
+
+
+def reference_original(x_u8: torch.Tensor) -> torch.Tensor:
+    """The original image as DataElixir's code keeps it: uint8 -> ``ToTensor`` (float32 / 255)
+    -> ``x * 2 - 1`` -> clamp -> ``(x + 1) * 0.5`` -> clamp -> ``ToPILImage`` (``mul(255)``,
+    truncated). The float32 round trip lowers 63 of the 256 byte values by one level; the
+    exact original (our default) is the intent."""
+    x = x_u8.float() / 255.0 * 2 - 1
+    return to_uint8(from_model_range(x.clamp(-1, 1)))
+
+
+@torch.no_grad()
+def build_chunk(
+    diffusion_model: nn.Module,
+    base_diffusion: Any,
+    x_u8: torch.Tensor,
+    *,
+    steps_T: int,
+    rounds_n: int,
+    last_steps_m: int,
+    respace: int | None,
+    noise_offset: int,
+    generator: torch.Generator | None,
+    bf16: bool,
+    dense_tail: bool = False,
+    original_round_trip: bool = False,
+) -> torch.Tensor:
+    """Candidates of one batch: uint8 ``[B, 1 + n*m, 3, H, W]`` on the CPU.
+
+    Index 0 is the original bytes (default), or with ``original_round_trip`` the
+    reference's float round trip of them (:func:`reference_original`).
+    """
+    x = to_model_range(x_u8)
+    original = reference_original(x_u8) if original_round_trip else x_u8
+    out = [original.cpu().unsqueeze(1)]
+    for _ in progress(range(rounds_n), desc="rounds", leave=False, dynamic_ncols=True):
+        x, kept = noise_and_denoise(
+            diffusion_model,
+            base_diffusion,
+            x,
+            steps_T,
+            respace=respace,
+            dense_tail=last_steps_m if dense_tail else 0,
+            noise_offset=noise_offset,
+            generator=generator,
+            bf16=bf16,
+            keep_last=last_steps_m,
+        )
+        # the reference clamps to [-1, 1] before quantising (ToPILImage truncates)
+        steps = torch.stack([to_uint8(from_model_range(s.clamp(-1, 1))) for s in kept], dim=1)
+        out.append(steps.cpu())
+        x = x.clamp(-1, 1)
+    return torch.cat(out, dim=1)
 
 
 # every option that reproduces a quirk of DataElixir's code, with its reference value
