@@ -88,7 +88,6 @@ def candidates_complete(out_dir: str | Path) -> bool:
 
 
 # settings added after candidate folders were first written, with the value older folders used
-
 _META_ADDED_LATER = {"dense_tail": False, "original_round_trip": False}
 
 
