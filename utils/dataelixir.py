@@ -7,7 +7,8 @@ One small function per step of the paper, each working on whole arrays:
    reverse samples of each round are kept and the round's (clamped) output seeds the next
    round. ``1 + n*m`` candidates per sample, index 0 being the original. Candidates are
    stored as uint8 in a memory-mapped file together with the backdoored model's labels
-   for them; work is done in chunks, each marked done atomically, so a re-run resumes.
+   for them (``utils.candidate_store``); work is done in chunks, each marked done
+   atomically, so a re-run resumes.
 2. ``label_transition``: which candidates are kept, and which samples "transition".
 3. ``detect_target_labels``: KL divergence per class + MAD outlier score > 2.
 4. ``sort_samples``: kept / relabelled / suspicious.
@@ -23,7 +24,6 @@ ties) the choice made here is documented at the function.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils import candidate_store as cs
 from utils.augment import to_uint8
-from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_state_json
+from utils.candidate_store import Log, candidates_complete, open_candidates  # noqa: F401 - step 1's API
+from utils.fileio import UserError
 from utils.progress import progress
 from utils.purify import chunk_seed, from_model_range, noise_and_denoise, to_model_range
-from utils.run_state import checksum, on_rank0, same_settings_or_refuse, tensor_fingerprint
+from utils.run_state import on_rank0
 from utils.runtime import barrier
 from utils.trainer import predict
 
@@ -44,81 +46,12 @@ KEPT, RELABELLED, SUSPICIOUS = 0, 1, 2
 DECISION_NAMES = {KEPT: "kept", RELABELLED: "relabelled", SUSPICIOUS: "suspicious"}
 QUANTILE = 0.8
 
-Log = Callable[[str], None]
-
 
 # --------------------------------------------------------------------------- 1. candidates
 
 
 def num_candidates(rounds_n: int, last_steps_m: int) -> int:
     return 1 + rounds_n * last_steps_m
-
-
-def _candidate_files(out_dir: Path) -> tuple[Path, Path, Path, Path]:
-    return out_dir / "candidates.u8", out_dir / "preds.i16", out_dir / "meta.json", out_dir / "done"
-
-
-def _read_meta(meta_p: Path) -> dict:
-    return read_state_json(meta_p, f"delete {meta_p.parent} to rebuild the candidates (the run resumes from there)")
-
-
-def _store_sizes(out_dir: Path, meta: dict) -> list[tuple[Path, int, int]]:
-    """(file, bytes on disk, bytes the header says) for the two memory-mapped files."""
-    cand_p, pred_p, _, _ = _candidate_files(out_dir)
-    n, k = meta["n"], meta["k"]
-    want = (n * k * int(np.prod(meta["image_shape"])), n * k * 2)
-    return [(p, p.stat().st_size if p.is_file() else -1, w) for p, w in zip((cand_p, pred_p), want)]
-
-
-def open_candidates(out_dir: str | Path, mode: str = "r") -> tuple[np.memmap, np.memmap, dict]:
-    """The candidate images ``uint8 [N, K, 3, 32, 32]`` and labels ``int16 [N, K]`` (memory-mapped).
-
-    A file whose size differs from the header's (truncated after a kill) is an error:
-    mapping it would read (mode ``r+``: silently append) zeros."""
-    out_dir = Path(out_dir)
-    cand_p, pred_p, meta_p, _ = _candidate_files(out_dir)
-    meta = _read_meta(meta_p)
-    for p, size, want in _store_sizes(out_dir, meta):
-        if size != want:
-            raise UserError(
-                f"{p} holds {size} bytes, its header {meta_p} says {want}; re-run to rebuild the lost chunks"
-            )
-    n, k = meta["n"], meta["k"]
-    shape = tuple(meta["image_shape"])
-    cand = np.memmap(cand_p, dtype=np.uint8, mode=mode, shape=(n, k, *shape))
-    preds = np.memmap(pred_p, dtype=np.int16, mode=mode, shape=(n, k))
-    return cand, preds, meta
-
-
-def _chunk_sum(cand: np.ndarray, preds: np.ndarray, lo: int, hi: int) -> str:
-    return checksum(np.ascontiguousarray(cand[lo:hi]).data) + checksum(np.ascontiguousarray(preds[lo:hi]).data)
-
-
-def _chunk_ok(cand: np.ndarray, preds: np.ndarray, done: Path, c: int, batch_size: int) -> bool:
-    """Chunk ``c``'s marker exists and its checksum matches the bytes on disk."""
-    lo, hi = c * batch_size, min(len(cand), (c + 1) * batch_size)
-    try:
-        marker = (done / f"chunk_{c:05d}").read_text().split()
-    except OSError:
-        return False
-    return marker == [str(hi - lo), _chunk_sum(cand, preds, lo, hi)]
-
-
-def candidates_complete(out_dir: str | Path) -> bool:
-    """Every chunk is marked done and its bytes match the marker's checksum."""
-    out_dir = Path(out_dir)
-    _, _, meta_p, done = _candidate_files(out_dir)
-    if not meta_p.is_file():
-        return False
-    meta = _read_meta(meta_p)
-    if any(size != want for _, size, want in _store_sizes(out_dir, meta)):
-        return False
-    cand, preds, _ = open_candidates(out_dir)
-    return all(_chunk_ok(cand, preds, done, c, meta["batch_size"]) for c in range(meta["chunks"]))
-
-
-# settings added after candidate folders were first written, with the value older folders used
-_META_ADDED_LATER = {"dense_tail": False, "original_round_trip": False}
 
 
 def check_step_settings(
@@ -182,105 +115,42 @@ def construct_candidates(
     Returns the memory-mapped candidates and labels (read-only).
     """
     check_step_settings(steps_T, rounds_n, last_steps_m, respace, dense_tail)
-    reverse_steps = respace or steps_T
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cand_p, pred_p, meta_p, done = _candidate_files(out_dir)
-    n = len(images)
     k = num_candidates(rounds_n, last_steps_m)
-    meta = {
-        "n": n,
-        "k": k,
-        "image_shape": list(images.shape[1:]),
-        "chunks": (n + batch_size - 1) // batch_size,
-        "batch_size": batch_size,
-        "steps_T": steps_T,
-        "rounds_n": rounds_n,
-        "last_steps_m": last_steps_m,
-        "respace": respace,
-        "dense_tail": dense_tail,
-        "noise_offset": noise_offset,
-        "original_round_trip": original_round_trip,
-        "seed": seed,
-        "bf16": bf16,
-        # the inputs: the images and the model labelling the candidates
-        "images": tensor_fingerprint(images),
-        "classifier": tensor_fingerprint(*classifier.state_dict().values()),
-    }
-
-    def open_store() -> None:
-        # rank 0 alone creates or checks the store (header, file sizes) before any rank maps it
-        if meta_p.is_file():
-            old = {**_META_ADDED_LATER, **_read_meta(meta_p)}
-            same_settings_or_refuse(out_dir, old, meta, hint="delete that folder to rebuild")
-            for p, size, want in _store_sizes(out_dir, meta):
-                if size != want:
-                    # truncated (or extended) after a kill: restore the size; the chunks whose
-                    # bytes no longer match their checksum are rebuilt below
-                    log(f"{p} holds {size} bytes instead of {want}: rebuilding the chunks it lost")
-                    with open(p, "ab") as f:
-                        f.truncate(want)
-        else:
-            for p, _, want in _store_sizes(out_dir, meta):
-                with open(p, "wb") as f:
-                    f.truncate(want)  # zeros, as a fresh memmap
-            atomic_write_json(meta_p, meta)
-        done.mkdir(exist_ok=True)
-
-    on_rank0(open_store, rank, world)
-    # every rank maps the same files (MAP_SHARED): chunks are disjoint slices, and a page two
-    # chunks share is one page of the page cache, so no rank's bytes overwrite another's
-    cand = np.memmap(cand_p, dtype=np.uint8, mode="r+", shape=(n, k, *images.shape[1:]))
-    preds = np.memmap(pred_p, dtype=np.int16, mode="r+", shape=(n, k))
+    steps = dict(steps_T=steps_T, rounds_n=rounds_n, last_steps_m=last_steps_m, respace=respace, dense_tail=dense_tail)
+    steps.update(noise_offset=noise_offset, original_round_trip=original_round_trip)
+    meta = cs.store_header(images, classifier, k, batch_size, **steps, seed=seed, bf16=bf16)
+    # rank 0 alone creates or checks the store (header, file sizes) before any rank maps it
+    on_rank0(lambda: cs.prepare_store(out_dir, meta, log), rank, world)
+    store = cs.ChunkStore.map(out_dir, meta)
     mine = [c for c in range(meta["chunks"]) if c % world == rank]
-    todo = [c for c in mine if not _chunk_ok(cand, preds, done, c, batch_size)]
+    todo = [c for c in mine if not store.ok(c)]
     if len(todo) < len(mine):
         log(f"candidates: {len(mine) - len(todo)} of {len(mine)} chunks already built in {out_dir}")
     if max_chunks is not None:
         todo = todo[:max_chunks]
-    image_steps = rounds_n * reverse_steps
     classifier.eval()
 
-    def build(chunks: list[int], desc: str) -> None:
-        bar = progress(chunks, desc=desc, unit="chunk", dynamic_ncols=True)
-        for c in bar:
-            lo, hi = c * batch_size, min(n, (c + 1) * batch_size)
-            out = build_chunk(
-                diffusion_model,
-                base_diffusion,
-                images[lo:hi].to(device),
-                steps_T=steps_T,
-                rounds_n=rounds_n,
-                last_steps_m=last_steps_m,
-                respace=respace,
-                dense_tail=dense_tail,
-                noise_offset=noise_offset,
-                generator=torch.Generator(device=device).manual_seed(chunk_seed(seed, c)),
-                bf16=bf16,
-                original_round_trip=original_round_trip,
-            )
-            flat = out.reshape(-1, *out.shape[2:])
-            labels = predict(classifier, flat, device, batch_size=512, bf16=bf16).argmax(1).view(len(out), k)
-            cand[lo:hi] = out.numpy()
-            preds[lo:hi] = labels.numpy().astype(np.int16)
-            cand.flush()
-            preds.flush()
-            # the marker is written only after the data is on disk, so a crash redoes the chunk
-            atomic_write_text(done / f"chunk_{c:05d}", f"{hi - lo} {_chunk_sum(cand, preds, lo, hi)}\n")
-            rate = bar.format_dict.get("rate")
-            if rate:
-                bar.set_postfix(img_steps_per_s=f"{rate * (hi - lo) * image_steps:.0f}")
-        bar.close()
+    def make(c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = store.rows(c)
+        generator = torch.Generator(device=device).manual_seed(chunk_seed(seed, c))
+        out = build_chunk(
+            diffusion_model, base_diffusion, images[lo:hi].to(device), **steps, generator=generator, bf16=bf16
+        )
+        flat = out.reshape(-1, *out.shape[2:])
+        return out, predict(classifier, flat, device, batch_size=512, bf16=bf16).argmax(1).view(len(out), k)
 
-    build(todo, f"candidates[{rank}]" if world > 1 else "candidates")
+    image_steps = rounds_n * (respace or steps_T)
+    cs.fill_chunks(store, make, todo, f"candidates[{rank}]" if world > 1 else "candidates", image_steps)
     barrier()
     if rank == 0 and world > 1 and max_chunks is None:
         # a chunk whose marker is missing after every rank finished (its rank lost it) is built here
-        lost = [c for c in range(meta["chunks"]) if not (done / f"chunk_{c:05d}").is_file()]
+        lost = [c for c in range(meta["chunks"]) if not (store.done / f"chunk_{c:05d}").is_file()]
         if lost:
             log(f"candidates: building {len(lost)} chunks the other ranks left undone")
-            build(lost, "candidates (repair)")
-    return open_candidates(out_dir)[:2]
+            cs.fill_chunks(store, make, lost, "candidates (repair)", image_steps)
+    return cs.open_candidates(out_dir)[:2]
 
 
 def reference_original(x_u8: torch.Tensor) -> torch.Tensor:
@@ -290,16 +160,6 @@ def reference_original(x_u8: torch.Tensor) -> torch.Tensor:
     exact original (our default) is the intent."""
     x = x_u8.float() / 255.0 * 2 - 1
     return to_uint8(from_model_range(x.clamp(-1, 1)))
-
-
-# every option that reproduces a quirk of DataElixir's code, with its reference value
-REFERENCE_EXACT = {"noise_offset": 1, "ssim_mode": "reference", "original_round_trip": True}
-
-
-def apply_reference_exact(cfg: dict[str, Any]) -> dict[str, Any]:
-    """``reference_exact: true`` turns on every option of ``REFERENCE_EXACT`` (whatever they
-    were set to); otherwise ``cfg`` is returned unchanged."""
-    return {**cfg, **REFERENCE_EXACT} if cfg.get("reference_exact") else cfg
 
 
 @torch.no_grad()
@@ -344,6 +204,16 @@ def build_chunk(
         out.append(steps.cpu())
         x = x.clamp(-1, 1)
     return torch.cat(out, dim=1)
+
+
+# every option that reproduces a quirk of DataElixir's code, with its reference value
+REFERENCE_EXACT = {"noise_offset": 1, "ssim_mode": "reference", "original_round_trip": True}
+
+
+def apply_reference_exact(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``reference_exact: true`` turns on every option of ``REFERENCE_EXACT`` (whatever they
+    were set to); otherwise ``cfg`` is returned unchanged."""
+    return {**cfg, **REFERENCE_EXACT} if cfg.get("reference_exact") else cfg
 
 
 # --------------------------------------------------------------------------- 2. label transition

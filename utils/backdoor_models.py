@@ -1,0 +1,170 @@
+"""The models of the attack scripts' flow: the classifier (its architecture, augmentation and
+training settings), its predictions on candidate sets, and DataElixir's DDPM with which the
+candidates are built."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils.data import NUM_CLASSES
+from utils.fileio import UserError, check_finite, safe_torch_load
+from utils.yaml_config import resolve_path
+
+
+def build_model(cfg: dict[str, Any]) -> torch.nn.Module:
+    from models import build_classifier
+    from utils.trainer import Normalized
+
+    net = build_classifier(cfg["model"], NUM_CLASSES, cfg["model_width"])
+    if not hasattr(net, "features"):
+        raise UserError(f"model {cfg['model']} has no pooled-feature output, which DataElixir's image selection needs")
+    return Normalized(net)
+
+
+def train_augment(cfg: dict[str, Any]):
+    """The training augmentation the keys ``train_augment`` etc. select."""
+    from utils.augment import crop_rotate_flip, no_augment, standard_augment
+
+    if cfg["train_augment"] == "crop_flip":
+        return standard_augment
+    if cfg["train_augment"] == "crop_rotate_flip":
+        return crop_rotate_flip(
+            cfg["random_crop"], cfg["random_rotation"], cfg["crop_prob"], cfg["rotation_prob"], cfg["rotation_interp"]
+        )
+    return no_augment
+
+
+def train_config(cfg: dict[str, Any], lr: float, n_train: int, seed_offset: int):
+    from utils.trainer import TrainConfig
+
+    multistep = cfg["lr_scheduler"] == "MultiStepLR"
+    return TrainConfig(
+        epochs=cfg["epochs"],
+        batch_size=min(cfg["batch_size"], max(1, n_train)),
+        lr=lr,
+        momentum=cfg["sgd_momentum"],
+        weight_decay=cfg["wd"],
+        schedule="multistep" if multistep else "cosine",
+        milestones=tuple(cfg["steplr_milestones"]) if multistep else (),
+        gamma=cfg["steplr_gamma"] if multistep else 0.1,
+        test_every=1,
+        bf16=cfg["amp"],
+        channels_last=True,
+        seed=cfg["random_seed"] + seed_offset,
+    )
+
+
+def load_model(cfg: dict[str, Any], path: Path, device: torch.device) -> torch.nn.Module:
+    model = build_model(cfg)
+    state = safe_torch_load(path, "classifier")
+    check_finite(state, path)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def predict_candidates(
+    model: torch.nn.Module,
+    cand: np.ndarray,
+    rows: np.ndarray,
+    device: torch.device,
+    bf16: bool,
+    desc: str,
+    samples_per_batch: int = 256,
+) -> torch.Tensor:
+    """Labels ``[len(rows), K]`` of every candidate of the listed samples."""
+    from utils.progress import progress
+    from utils.trainer import predict
+
+    k = cand.shape[1]
+    out = torch.empty(len(rows), k, dtype=torch.long)
+    for s in progress(range(0, len(rows), samples_per_batch), desc=desc, unit="batch", dynamic_ncols=True):
+        idx = rows[s : s + samples_per_batch]
+        imgs = torch.from_numpy(np.ascontiguousarray(cand[idx]))
+        flat = imgs.reshape(-1, *imgs.shape[2:])
+        out[s : s + len(idx)] = predict(model, flat, device, batch_size=512, bf16=bf16).argmax(1).view(len(idx), k)
+    return out
+
+
+def diffusion_ckpt(cfg: dict[str, Any], work: Path) -> tuple[Path, str]:
+    """The DDPM checkpoint path and the hint that says how to make it; raises if it is missing."""
+    from utils.checkpoints import resolve_checkpoint
+    from utils.diffusion_setup import diffusion_train_command
+    from utils.download import DDPM_CHECKPOINTS, ddpm_checkpoint
+
+    if cfg["diffusion_ckpt"] in DDPM_CHECKPOINTS:
+        hint = f"Ho et al.'s DDPM {cfg['diffusion_ckpt']!r} goes with diffusion_config config/ddpm/cifar10.yml"
+        return ddpm_checkpoint(cfg["diffusion_ckpt"]), hint
+    ckpt = Path(cfg["diffusion_ckpt"]).expanduser()
+    if not ckpt.is_absolute():
+        ckpt = work / ckpt
+    ckpt = resolve_checkpoint(ckpt)  # either spelling of a train_diffusion.py name
+    hint = (
+        f"make one with `{diffusion_train_command(cfg['diffusion_config'], ckpt.parent.name, ckpt.name)}`"
+        " (a DDPM trained on the clean CIFAR-10 training set), or point diffusion_ckpt at Ho's converted"
+        " model-790000.ckpt with diffusion_config config/ddpm/cifar10.yml"
+    )
+    if not ckpt.is_file():
+        raise UserError(f"diffusion checkpoint not found: {ckpt}; {hint}")
+    return ckpt, hint
+
+
+def load_diffusion(cfg: dict[str, Any], work: Path, device: torch.device):
+    """The DDPM (weights-only, strict, finite), its unspaced diffusion and its spec."""
+    from utils.diffusion_setup import load_diffusion_model, load_diffusion_spec
+
+    spec = load_diffusion_spec(resolve_path(cfg["diffusion_config"], "diffusion config"))
+    ckpt, hint = diffusion_ckpt(cfg, work)
+    model = load_diffusion_model(spec, ckpt, device, hint=hint)
+    base = spec.build_diffusion(respacing="")
+    total = base.num_timesteps
+    if cfg["steps_T"] + cfg["noise_offset"] > total:
+        raise UserError(
+            f"steps_T + noise_offset = {cfg['steps_T'] + cfg['noise_offset']} exceeds the {total} diffusion steps"
+        )
+    return model, base, spec
+
+
+def build_candidates(
+    cfg: dict[str, Any],
+    work: Path,
+    rec_dir: Path,
+    images: torch.Tensor,
+    device: torch.device,
+    rank: int,
+    world: int,
+    log: Callable[[str], None],
+) -> tuple[np.memmap, np.memmap]:
+    """DataElixir's candidates of ``images`` in ``rec_dir/candidates`` (this rank's share)."""
+    from utils import dataelixir as de
+
+    diff_model, base, _spec = load_diffusion(cfg, work, device)
+    # every rank labels with the saved backdoored model, so the labels do not depend on
+    # whether rank 0 trained it in this process (its weights then in another memory layout)
+    classifier = load_model(cfg, rec_dir / "backdoored_model.pt", device)
+    return de.construct_candidates(
+        diff_model,
+        base,
+        classifier,
+        images,
+        rec_dir / "candidates",
+        steps_T=cfg["steps_T"],
+        rounds_n=cfg["rounds_n"],
+        last_steps_m=cfg["last_steps_m"],
+        batch_size=cfg["purify_batch_size"],
+        respace=cfg["purify_respace"],
+        dense_tail=cfg["purify_dense_tail"],
+        noise_offset=cfg["noise_offset"],
+        original_round_trip=cfg["original_round_trip"],
+        seed=cfg["random_seed"],
+        bf16=cfg["bf16"],
+        device=device,
+        rank=rank,
+        world=world,
+        log=log,
+    )

@@ -1,0 +1,159 @@
+"""The files an attack script writes besides the models: the attack data, training curves,
+per-sample decisions, example images, and JSON-safe numbers for the reports."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils.backdoor import BackdoorData
+from utils.data import ImageSet
+from utils.fileio import atomic_torch_save, atomic_write_text, safe_torch_load
+
+
+def finite(x: Any) -> Any:
+    """JSON-safe numbers: inf / nan become strings."""
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [finite(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return finite(x.tolist())
+    if isinstance(x, float | np.floating) and not math.isfinite(float(x)):
+        return str(float(x))
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    return x
+
+
+def last_metrics(history: list[dict]) -> dict[str, float]:
+    """BA / ASR / RA of the last evaluated epoch of a training history."""
+    for h in reversed(history):
+        if "BA" in h:
+            return {k: h.get(k) for k in ("BA", "ASR", "RA")}
+    return {"BA": None, "ASR": None, "RA": None}
+
+
+def history_csv(path: Path, history: list[dict]) -> None:
+    cols: list[str] = []
+    for h in history:
+        cols += [k for k in h if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for h in history:
+        w.writerow(h)
+    atomic_write_text(path, buf.getvalue())
+
+
+def write_curves(folder: Path, name: str, history: list[dict], title: str) -> None:
+    """``<name>_curves.csv`` and ``<name>_curves.png`` (BA / ASR / RA per epoch) in ``folder``."""
+    from utils.plots import history_series, save_curves
+
+    history_csv(folder / f"{name}_curves.csv", history)
+    save_curves(folder / f"{name}_curves.png", history_series(history, ["BA", "ASR", "RA"]), title=title)
+
+
+def save_attack_data(path: Path, bd: BackdoorData, train_idx: torch.Tensor) -> None:
+    atomic_torch_save(
+        {
+            "train_images": bd.train.images,
+            "train_labels": bd.train.labels,
+            "original_labels": bd.original_labels,
+            "poison_indicator": bd.poison_indicator,
+            "train_cifar_indices": train_idx,
+            "test_clean_images": bd.test_clean.images,
+            "test_clean_labels": bd.test_clean.labels,
+            "test_bd_images": bd.test_bd.images,
+            "test_bd_labels": bd.test_bd.labels,
+            "test_ra_labels": bd.test_ra.labels,
+            "info_json": json.dumps(finite(bd.info)),
+        },
+        path,
+    )
+
+
+def load_attack_data(path: Path) -> tuple[BackdoorData, torch.Tensor]:
+    """The attack's data and the CIFAR-10 indices of its training set, as ``save_attack_data`` wrote them."""
+    d = safe_torch_load(path, "attack data")
+    bd = BackdoorData(
+        train=ImageSet(d["train_images"], d["train_labels"]),
+        original_labels=d["original_labels"],
+        poison_indicator=d["poison_indicator"],
+        test_clean=ImageSet(d["test_clean_images"], d["test_clean_labels"]),
+        test_bd=ImageSet(d["test_bd_images"], d["test_bd_labels"]),
+        test_ra=ImageSet(d["test_bd_images"], d["test_ra_labels"]),
+        info=json.loads(d["info_json"]),
+    )
+    return bd, d["train_cifar_indices"]
+
+
+def write_decisions(
+    path: Path,
+    bd: BackdoorData,
+    transition: torch.Tensor,
+    decision: torch.Tensor,
+    stage1_label: torch.Tensor,
+    consensus: torch.Tensor,
+    final_label: torch.Tensor,
+    chosen: torch.Tensor,
+) -> None:
+    """``decisions.csv``: one row per training sample; ``consensus`` is -1 where the sample
+    was not suspicious (an empty cell), else 0 / 1."""
+    from utils.dataelixir import DECISION_NAMES
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(
+        [
+            "index",
+            "poisoned",
+            "true_label",
+            "dataset_label",
+            "transition",
+            "decision",
+            "stage1_label",
+            "stage2_consensus",
+            "final_label",
+            "chosen_candidate",
+        ]
+    )
+    cols = zip(
+        bd.poison_indicator.tolist(),
+        bd.original_labels.tolist(),
+        bd.train.labels.tolist(),
+        transition.tolist(),
+        decision.tolist(),
+        stage1_label.tolist(),
+        consensus.tolist(),
+        final_label.tolist(),
+        chosen.tolist(),
+    )
+    for i, (pi, y0, y, tr, dec, l1, con, fl, ch) in enumerate(cols):
+        w.writerow([i, int(pi), y0, y, int(tr), DECISION_NAMES[dec], l1, "" if con < 0 else con, fl, ch])
+    atomic_write_text(path, buf.getvalue())
+
+
+def example_png(path: Path, bd: BackdoorData, purified: torch.Tensor) -> None:
+    """Up to 12 poisoned and 4 clean training images above their purified versions."""
+    from utils.plots import save_image_grid
+
+    poisoned = torch.nonzero(bd.poison_indicator).flatten()[:12]
+    clean = torch.nonzero(~bd.poison_indicator).flatten()[:4]
+    idx = torch.cat([poisoned, clean])
+    if len(idx) == 0:
+        return
+    save_image_grid(
+        path,
+        [bd.train.images[idx], purified[idx]],
+        row_labels=["training set (poisoned first)", "purified"],
+    )

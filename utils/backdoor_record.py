@@ -1,0 +1,77 @@
+"""``record/<save_folder_name>/``: the folder an attack script writes, with its phase book-keeping.
+
+A record folder written with a different resolved configuration is refused unless
+``--overwrite`` is given (which deletes it first); runs are never mixed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_state_json, read_text_file
+from utils.run_state import same_settings_or_refuse
+from utils.yaml_config import dump_yaml
+
+# how to go on from a damaged state file of a record folder
+_DAMAGED_HOW = "re-run with --overwrite to start {rec} afresh, or use another --save_folder_name"
+PHASES = ("attack", "backdoor_training", "candidates", "identification", "stage1", "stage2", "final")
+# settings that do not change results: a resumed run may use another value
+_RUN_ONLY = {"device", "frequency_save"}
+
+
+class Record:
+    """``record/<name>/`` with its phase book-keeping."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.phases_file = root / "phases.json"
+        self.phases: dict[str, dict] = self.read_state("phases.json") if self.phases_file.is_file() else {}
+
+    def done(self, phase: str) -> bool:
+        return bool(self.phases.get(phase, {}).get("done"))
+
+    def mark(self, phase: str, seconds: float, **extra: Any) -> None:
+        self.phases[phase] = {"done": True, "seconds": round(seconds, 3), **extra}
+        atomic_write_json(self.phases_file, self.phases)
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def read_state(self, name: str) -> Any:
+        """A JSON file of the record; a damaged one is a one-line error saying how to go on."""
+        return read_state_json(self.path(name), _DAMAGED_HOW.format(rec=self.root))
+
+
+def open_record(
+    rec: Path, resolved: dict[str, Any], overwrite: bool, defaults: dict[str, Any] | None = None
+) -> tuple[Record, bool]:
+    """Create or reopen ``rec``; returns the record and whether it resumes an earlier run.
+
+    A key missing from the stored configuration matches its value in ``defaults``: records
+    written before a key was added still resume when the new key keeps its default."""
+    cfg_file = rec / "config.yaml"
+    if rec.exists() and any(rec.iterdir()):
+        if overwrite:
+            if not cfg_file.is_file() and not (rec / "phases.json").is_file():
+                raise UserError(f"{rec} exists and was not written by an attack script; refusing to delete it")
+            shutil.rmtree(rec)
+        elif not cfg_file.is_file():
+            raise UserError(f"{rec} exists but holds no config.yaml; choose another --save_folder_name")
+        else:
+            import yaml
+
+            try:
+                stored = yaml.safe_load(read_text_file(cfg_file, "record configuration"))
+            except yaml.YAMLError:
+                stored = None
+            if not isinstance(stored, dict) or "attack" not in stored:
+                raise UserError(f"{cfg_file} is damaged; " + _DAMAGED_HOW.format(rec=rec))
+            old = {**(defaults or {}), **stored}
+            hint = "use another --save_folder_name or pass --overwrite to replace it"
+            same_settings_or_refuse(rec, old, resolved, hint=hint, ignore=tuple(_RUN_ONLY))
+            return Record(rec), True
+    rec.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cfg_file, dump_yaml(resolved))
+    return Record(rec), False
