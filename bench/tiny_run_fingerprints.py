@@ -12,9 +12,10 @@ changed since the case started), keyed ``<case>/<path relative to the work dir>`
   (``allow_pickle=False``) and the (image bytes, label) lists in .pkl (a restricted
   unpickler) by content: every leaf's key path, dtype, shape and bytes, keys sorted, so the
   container (zip layout, pickle protocol) does not matter;
-- .json / .csv / .yaml / .md / .txt as text after dropping the fields in DROPPED_KEYS (wall
-  times, dates, host and device info) and writing the work dir and the repository as
-  ``<WORK>`` / ``<REPO>`` (paths differ between runs);
+- .json / .csv / .yaml / .md / .txt as text after dropping the fields named by DROPPED_KEYS
+  and DROPPED_ENDINGS (wall times, speeds, dates, host and device info) and writing the
+  work dir and the repository as ``<WORK>`` / ``<REPO>`` (paths differ between runs); the
+  same keys are dropped and paths replaced in the dicts and strings inside torch files;
 - every other file (PNGs, raw stores such as candidates.u8) by its bytes; logs (LOG_SUFFIXES)
   are ignored.
 
@@ -28,11 +29,18 @@ names (``--list`` shows them); the cases a selected case needs (its diffusion mo
 poisoned set) run too. The bytes are machine-specific (CPU kernels, torch version): compare
 only against a baseline recorded on the same machine and torch.
 
-Determinism: two full runs at the pre-refactor commit 923672c gave identical fingerprints
-(see the baseline's ``determinism`` note). The script imports nothing of the project, so it
-runs unchanged against the old and the refactored code; the tiny settings of poison.py's
-EM/TAP and of the attack flow are read (not imported) from tests/test_poison_cli.py and
-tests/test_attack_cli.py, with the overrides below to make them smaller.
+Determinism: two full runs at the pre-refactor commit 923672c give identical fingerprints
+once (a) the wall times inside results AND inside torch files (training histories in
+checkpoints carry ``seconds`` / ``images_per_s``) are dropped, and (b) the global RNGs are
+seeded before each script starts (SEEDED_RUN): ``poison.py --poison ADP`` draws its
+classifier head from torch's unseeded global generator and otherwise crafts different
+images on every run. Everything else was bit-identical run to run with one thread.
+
+The script imports nothing of the project, so it runs unchanged against the old and the
+refactored code; the tiny settings of poison.py's EM/TAP and of the attack flow are read
+(not imported) from tests/test_poison_cli.py and tests/test_attack_cli.py, with the
+overrides below to make them smaller. Run time: about 7 minutes on one idle core (AMD EPYC),
+20 on the shared 2-core machine under load; ``--only`` for less.
 """
 
 from __future__ import annotations
@@ -61,32 +69,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 # fields whose values are wall times, dates, hosts or devices: dropped (at any depth) from
-# .json / .yaml / .csv before hashing
-DROPPED_KEYS = frozenset(
-    {
-        # wall times and speeds (poison.py, purification.py, train.py, the attack flow, demo.py)
-        "seconds",
-        "craft_seconds",
-        "crafting_seconds",
-        "train_seconds",
-        "this_session_seconds",
-        "pgd_train_seconds",
-        "pgd_test_seconds",
-        "step_seconds",
-        "timings",
-        "timings_s",
-        "total_s",
-        "prepare_s",
-        "poison_train_s",
-        "poison_test_s",
-        "images_per_s",
-        "image_steps_per_s",
-        # dates, host and software
-        "created",
-        "device",
-        "torch",
-    }
-)
+# .json / .yaml / .csv and from the dicts inside torch files before hashing; besides these
+# names, every key ending in DROPPED_ENDINGS (crafting_seconds, images_per_s, total_s, ...)
+DROPPED_KEYS = frozenset({"timings", "created", "device", "torch"})
+DROPPED_ENDINGS = ("seconds", "_s")
 # endings of files never hashed (logs and lock files carry times and PIDs)
 LOG_SUFFIXES = (".log", ".lock", ".err", ".out")
 TEXT_SUFFIXES = (".json", ".csv", ".yaml", ".yml", ".md", ".txt")
@@ -164,11 +150,25 @@ class _DataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _drop_keys(obj: Any) -> Any:
+def is_dropped(key: Any) -> bool:
+    return isinstance(key, str) and (key in DROPPED_KEYS or key.endswith(DROPPED_ENDINGS))
+
+
+def normalise(obj: Any, subst: dict[str, str]) -> Any:
+    """obj without the dropped keys, with the paths in subst replaced in its strings; a
+    string holding a JSON object (the attack flow stores its info so) is normalised too."""
     if isinstance(obj, dict):
-        return {k: _drop_keys(v) for k, v in obj.items() if k not in DROPPED_KEYS}
-    if isinstance(obj, list):
-        return [_drop_keys(v) for v in obj]
+        return {k: normalise(v, subst) for k, v in obj.items() if not is_dropped(k)}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(normalise(v, subst) for v in obj)
+    if isinstance(obj, str):
+        for old, new in subst.items():
+            obj = obj.replace(old, new)
+        if obj[:1] in ("{", "["):
+            try:
+                return json.dumps(normalise(json.loads(obj), subst), sort_keys=True)
+            except ValueError:
+                pass
     return obj
 
 
@@ -182,7 +182,7 @@ def normalise_text(path: Path, text: str, subst: dict[str, str]) -> str:
             obj = json.loads(text)
         except ValueError:
             return text
-        return json.dumps(_drop_keys(obj), sort_keys=True)
+        return json.dumps(normalise(obj, subst), sort_keys=True)
     if suffix in (".yaml", ".yml"):
         try:
             import yaml
@@ -190,12 +190,12 @@ def normalise_text(path: Path, text: str, subst: dict[str, str]) -> str:
             obj = yaml.safe_load(text)
         except Exception:
             return text
-        return json.dumps(_drop_keys(obj), sort_keys=True, default=repr)
+        return json.dumps(normalise(obj, subst), sort_keys=True, default=repr)
     if suffix == ".csv":
         rows = list(csv.reader(io.StringIO(text)))
         if not rows:
             return text
-        keep = [i for i, name in enumerate(rows[0]) if name not in DROPPED_KEYS]
+        keep = [i for i, name in enumerate(rows[0]) if not is_dropped(name)]
         return "\n".join(",".join(r[i] for i in keep if i < len(r)) for r in rows)
     return text
 
@@ -211,7 +211,7 @@ def hash_file(path: Path, subst: dict[str, str] | None = None) -> str | None:
         import torch
 
         try:
-            return hash_structure(torch.load(path, map_location="cpu", weights_only=True))
+            return hash_structure(normalise(torch.load(path, map_location="cpu", weights_only=True), subst))
         except Exception:
             pass  # not a torch file (or not weights-only): its bytes
     elif suffix == ".npz":
@@ -225,7 +225,7 @@ def hash_file(path: Path, subst: dict[str, str] | None = None) -> str | None:
     elif suffix == ".pkl":
         try:
             with open(path, "rb") as f:
-                return hash_structure(_DataUnpickler(f).load())
+                return hash_structure(normalise(_DataUnpickler(f).load(), subst))
         except Exception:
             pass
     elif suffix in TEXT_SUFFIXES:
@@ -434,6 +434,23 @@ def _snapshot(work: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
+# runs a script as `python SCRIPT ARGS` would (its folder first on sys.path, __main__), with
+# the global RNGs seeded first: ADP's classifier head (models/unet_classifier.py, a fresh
+# nn.Conv2d) draws from torch's unseeded global generator, so without this two runs of
+# `poison.py --poison ADP` craft different images
+SEEDED_RUN = """
+import os, random, runpy, sys
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(os.path.abspath(script))
+import numpy, torch
+random.seed(0)
+numpy.random.seed(0)
+torch.manual_seed(0)
+runpy.run_path(script, run_name="__main__")
+"""
+
+
 def _env() -> dict[str, str]:
     env = {**os.environ}
     env.update(
@@ -463,7 +480,7 @@ def run_cases(cases: list[Case], work: Path, verbose: bool) -> dict[str, Any]:
             print(f"[{k}/{len(cases)}] {case.name}: skipped ({', '.join(failed)} failed)", flush=True)
             continue
         before = _snapshot(work)
-        cmd = [sys.executable, *case.argv(work)]
+        cmd = [sys.executable, "-c", SEEDED_RUN, *case.argv(work)]
         t0 = time.time()
         with open(logs / f"{case.name}.txt", "w") as log:
             res = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
@@ -479,8 +496,9 @@ def run_cases(cases: list[Case], work: Path, verbose: bool) -> dict[str, Any]:
                 n += 1
         note = "" if res.returncode == 0 else f"  EXIT {res.returncode} (log: {logs / (case.name + '.txt')})"
         print(f"[{k}/{len(cases)}] {case.name}: {seconds[case.name]:.1f} s, {n} outputs{note}", flush=True)
-        if verbose and res.returncode != 0:
-            print((logs / f"{case.name}.txt").read_text()[-3000:], flush=True)
+        if res.returncode != 0:  # the log goes with the temporary folder: show its end now
+            tail = (logs / f"{case.name}.txt").read_text().splitlines()[-(200 if verbose else 15) :]
+            print("\n".join("    " + line for line in tail), flush=True)
     print(f"total {time.time() - total:.0f} s", flush=True)
     return {"status": status, "hashes": hashes, "seconds": seconds}
 
@@ -499,9 +517,18 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, python {platform.python_version()}"
 
 
+# this tool's own files: the commit recorded is the last one that changed anything else
+OWN_FILES = ("bench/tiny_run_fingerprints.py", "bench/tiny_run_fingerprints.baseline.json", "BENCHMARKS.md",
+             "tests/test_fingerprint_hashing.py")  # fmt: skip
+
+
 def commit() -> str:
-    res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return res.stdout.strip() or "unknown"
+    """The last commit of the code that ran, '+dirty' with uncommitted changes to it."""
+    exclude = [f":(exclude){f}" for f in OWN_FILES]
+    git = ["git", "-C", str(REPO)]
+    res = subprocess.run([*git, "log", "-1", "--format=%h", "--", ".", *exclude], capture_output=True, text=True)
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", ".", *exclude], capture_output=True, text=True)
+    return (res.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def compare(base: dict[str, Any], new: dict[str, Any], selected: set[str]) -> list[str]:
@@ -534,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", metavar="PATTERNS", help="comma-separated fnmatch patterns of case names")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--keep", metavar="DIR", help="work in DIR (kept) instead of a deleted temporary folder")
-    ap.add_argument("--verbose", action="store_true", help="print the log tail of a failed case")
+    ap.add_argument("--verbose", action="store_true", help="print 200 lines, not 15, of a failed case's log")
     args = ap.parse_args(argv)
     cases = build_cases()
     if args.list:

@@ -61,3 +61,14 @@ def test_pkl_hashes_by_content_across_protocols(tmp_path):
 def test_logs_are_not_hashed(tmp_path):
     (tmp_path / "run.log").write_text("2026-01-01 started\n")
     assert fp.hash_file(tmp_path / "run.log") is None
+
+
+def test_torch_file_metadata_is_normalised(tmp_path):
+    """Training histories and JSON strings inside torch files carry wall times and paths."""
+    w = torch.ones(3)
+    for name, work, secs in (("a.pt", "/w1", 1.0), ("b.pt", "/w2", 2.0)):
+        info = json.dumps({"path": f"{work}/model.pt", "train_seconds": secs, "acc": 50.0})
+        torch.save({"w": w, "history": [{"loss": 1.0, "seconds": secs}], "info_json": info}, tmp_path / name)
+    assert fp.hash_file(tmp_path / "a.pt", {"/w1": "<WORK>"}) == fp.hash_file(tmp_path / "b.pt", {"/w2": "<WORK>"})
+    torch.save({"w": w, "history": [{"loss": 1.5, "seconds": 1.0}], "info_json": "{}"}, tmp_path / "c.pt")
+    assert fp.hash_file(tmp_path / "a.pt", {"/w1": "<WORK>"}) != fp.hash_file(tmp_path / "c.pt", {"/w1": "<WORK>"})
