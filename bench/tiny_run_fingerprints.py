@@ -39,8 +39,8 @@ images on every run. Everything else was bit-identical run to run with one threa
 The script imports nothing of the project, so it runs unchanged against the old and the
 refactored code; the tiny settings of poison.py's EM/TAP and of the attack flow are read
 (not imported) from tests/test_poison_cli.py and tests/test_attack_cli.py, with the
-overrides below to make them smaller. Run time: about 7 minutes on one idle core (AMD EPYC),
-20 on the shared 2-core machine under load; ``--only`` for less.
+overrides below to make them smaller. Run time: about 8 minutes when the 2-core AMD EPYC
+machine is quiet, 19-23 minutes when it is loaded (load average ~15); ``--only`` for less.
 """
 
 from __future__ import annotations
