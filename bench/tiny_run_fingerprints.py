@@ -555,7 +555,7 @@ def compare(base: dict[str, Any], new: dict[str, Any], selected: set[str]) -> li
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--write", metavar="FILE", help="run every (selected) case and record the fingerprints in FILE")
     ap.add_argument("--compare", metavar="FILE", help="run and compare with FILE; exit 1 on any difference")
     ap.add_argument("--only", metavar="PATTERNS", help="comma-separated fnmatch patterns of case names")
