@@ -504,17 +504,10 @@ def run_cases(cases: list[Case], work: Path, verbose: bool) -> dict[str, Any]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
+    from common import machine as benchmark_machine  # bench/common.py, beside this script
 
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, python {platform.python_version()}"
+    m = benchmark_machine()
+    return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, python {platform.python_version()}"
 
 
 # this tool's own files: the commit recorded is the last one that changed anything else
