@@ -199,3 +199,27 @@ def barrier() -> None:
 def cleanup_distributed() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- speed options
+# measured in bench/bench_speedups.py (BENCHMARKS.md, "Speed options")
+
+
+def bf16_weights(model: nn.Module) -> nn.Module:
+    """``model`` (for inference under bf16 autocast) with bf16 weights, except its
+    normalisation layers, which keep float32 parameters: autocast then skips casting every
+    weight on each forward, and the normalisation statistics stay float32."""
+    norms = (nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm)
+    for m in model.modules():
+        if not isinstance(m, norms):
+            for p in m.parameters(recurse=False):
+                p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def compiled(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """``torch.compile(model)`` (inductor) when ``enabled``, else ``model`` itself. The first
+    calls compile (minutes on a CPU for the paper UNets); results differ from eager only in
+    rounding (fused kernels). State dicts of the compiled wrapper gain an ``_orig_mod.``
+    prefix: save ``model`` itself."""
+    return torch.compile(model) if enabled else model
