@@ -66,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="K < t*: K evenly spaced reverse steps over the same noise level (faster, a deviation from the paper)",
     )
     p.add_argument("--bf16", type=str2bool, default=True, help="bf16 autocast for the UNet (see README for its effect)")
+    p.add_argument("--compile", type=str2bool, default=False, help="torch.compile the UNet (see BENCHMARKS.md)")
     p.add_argument(
         "--quantize",
         choices=["truncate", "round"],
@@ -130,7 +131,7 @@ def main(argv=None) -> None:
         base = spec.build_diffusion(respacing="")
         if args.t > base.num_timesteps:
             raise UserError(f"--t {args.t} exceeds the diffusion's {base.num_timesteps} steps")
-        model = load_diffusion_model(spec, ckpt, device, hint="train it with train_diffusion.py")
+        model = load_diffusion_model(spec, ckpt, device, "train it with train_diffusion.py", args.compile)
         lock.enter_context(output_lock(dst, rank, world))
         refuse_overwrite(dst, args.overwrite)
         parts = dst.parent / f".{dst.stem}.parts"

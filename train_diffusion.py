@@ -70,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="CPU-scale deviation: sample training timesteps only below this (purification uses t < t*)",
     )
     p.add_argument("--bf16", type=str2bool, default=True, help="bf16 autocast (mixed precision, fp32 weights)")
+    p.add_argument("--compile", type=str2bool, default=False, help="torch.compile the UNet (see BENCHMARKS.md)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sparse-set draw and of training")
     p.add_argument("--device", default="auto")
     p.add_argument("--data_root", default=None, help="CIFAR-10 root (else $CIFAR10_ROOT, else data/cifar10)")
@@ -150,7 +151,7 @@ def main(argv=None) -> None:
             log.info(f"model {spec.architecture} from {args.config}; world size {world}; device {device}")
         barrier()
         seed_everything(args.seed + rank)
-        model = spec.build_model()
+        model = spec.build_model(compile=args.compile)
         diffusion = spec.build_diffusion(respacing="")
         train_diffusion(model, diffusion, images, cfg, out, device, rank, world, log=log.info)
         if rank == 0:

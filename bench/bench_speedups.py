@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from common import record
+from torch import nn
 
 import models.ddpm
 import models.unet
@@ -31,7 +32,7 @@ from utils.augment import to_uint8
 from utils.data import load_cifar10
 from utils.diffusion_setup import load_diffusion_spec
 from utils.purify import from_model_range, noise_and_denoise, to_model_range
-from utils.runtime import autocast, bf16_weights, compiled
+from utils.runtime import autocast, compiled
 
 DEVICE = torch.device("cpu")
 # name -> (config, inference batch, training batch)
@@ -42,6 +43,18 @@ DIFFUSION = {
     "ddpm_cpu": ("config/ddpm/cpu.yml", 128, 32),
 }
 T_STAR, RESPACE = 100, 2  # purification: noise to t*=100, 2 respaced reverse steps
+
+
+def bf16_weights(model: nn.Module) -> nn.Module:
+    """``model`` (for inference under bf16 autocast) with bf16 weights, except its
+    normalisation layers, which keep float32 parameters: autocast then skips casting every
+    weight on each forward, and the normalisation statistics stay float32."""
+    norms = (nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm)
+    for m in model.modules():
+        if not isinstance(m, norms):
+            for p in m.parameters(recurse=False):
+                p.data = p.data.to(torch.bfloat16)
+    return model
 
 
 @contextlib.contextmanager

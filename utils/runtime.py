@@ -205,21 +205,11 @@ def cleanup_distributed() -> None:
 # measured in bench/bench_speedups.py (BENCHMARKS.md, "Speed options")
 
 
-def bf16_weights(model: nn.Module) -> nn.Module:
-    """``model`` (for inference under bf16 autocast) with bf16 weights, except its
-    normalisation layers, which keep float32 parameters: autocast then skips casting every
-    weight on each forward, and the normalisation statistics stay float32."""
-    norms = (nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm)
-    for m in model.modules():
-        if not isinstance(m, norms):
-            for p in m.parameters(recurse=False):
-                p.data = p.data.to(torch.bfloat16)
-    return model
-
-
 def compiled(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """``torch.compile(model)`` (inductor) when ``enabled``, else ``model`` itself. The first
-    calls compile (minutes on a CPU for the paper UNets); results differ from eager only in
-    rounding (fused kernels). State dicts of the compiled wrapper gain an ``_orig_mod.``
-    prefix: save ``model`` itself."""
-    return torch.compile(model) if enabled else model
+    """``model`` with its forward compiled in place by ``torch.compile`` (inductor) when
+    ``enabled``; its parameters and ``state_dict`` keys stay as they are. The first calls
+    compile (minutes on a CPU, longer on a busy one) and results differ from eager ones in
+    rounding only (fused kernels; BENCHMARKS.md, "Speed options")."""
+    if enabled:
+        model.compile()
+    return model
