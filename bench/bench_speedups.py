@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from bench_purification import random_model
 from common import record
 from torch import nn
 
@@ -116,10 +117,7 @@ def diffusion_variants(base: torch.nn.Module, train: bool, options: set[str]) ->
 def bench_diffusion(name: str, reps: int, options: set[str], rows: list[dict]) -> None:
     cfg, batch, train_batch = DIFFUSION[name]
     spec = load_diffusion_spec(cfg)
-    torch.manual_seed(0)
-    base = spec.build_model()
-    for p in base.parameters():  # random weights of a trained model's scale (zero-init layers included)
-        p.data.normal_(0, 0.02)
+    base = random_model(spec)
     diffusion = spec.build_diffusion(respacing="")
     images = to_model_range(load_cifar10("train").images[:batch])
 
@@ -175,7 +173,6 @@ def bench_diffusion(name: str, reps: int, options: set[str], rows: list[dict]) -
 
 def bench_diffusion_training(name, base, diffusion, batch, reps, options, rows) -> None:
     images = to_model_range(load_cifar10("train").images[:batch])
-    variants = diffusion_variants(base, True, options)
 
     def make_step(v: Variant) -> Callable[[], float]:
         model = v.model
@@ -199,29 +196,35 @@ def bench_diffusion_training(name, base, diffusion, batch, reps, options, rows) 
 
         return step
 
-    steps = {k: make_step(v) for k, v in variants.items()}
-    loss0 = steps["baseline"]()
-    for opt, step in steps.items():
-        if opt == "baseline":
-            continue
-        t0 = time.perf_counter()
-        loss = step()  # compiles forward and backward, for torch.compile
-        warm = time.perf_counter() - t0
-        ta, tb = interleaved(steps["baseline"], step, reps)
-        row = {
-            "model": name,
-            "task": "diffusion training",
-            "batch": batch,
-            "option": opt,
-            "baseline_images_per_s": batch / ta,
-            "option_images_per_s": batch / tb,
-            "speedup": ta / tb,
-            "first_call_s": warm,
-            "first_loss_diff": abs(loss - loss0),
-            "loadavg": os.getloadavg(),
-        }
-        rows.append(row)
-        show(row)
+    for opt in [o for o in OPTIONS if o in options and o != "bf16_weights"]:
+        # a fresh baseline each time: the first losses compare equal weights on equal batches
+        pair = diffusion_variants(base, True, {opt})
+        a, b = make_step(pair["baseline"]), make_step(pair[opt])
+        rows.append(compare_training(name, "diffusion training", opt, batch, a, b, reps))
+
+
+def compare_training(model, task, option, batch, baseline, step, reps) -> dict:
+    """Interleaved timing of two training-step functions (each returns its loss); the
+    option's first call (compilation, for torch.compile) is timed on its own."""
+    loss0 = baseline()
+    t0 = time.perf_counter()
+    loss = step()
+    warm = time.perf_counter() - t0
+    ta, tb = interleaved(baseline, step, reps)
+    row = {
+        "model": model,
+        "task": task,
+        "batch": batch,
+        "option": option,
+        "baseline_images_per_s": batch / ta,
+        "option_images_per_s": batch / tb,
+        "speedup": ta / tb,
+        "first_call_s": warm,
+        "first_loss_diff": abs(loss - loss0),
+        "loadavg": os.getloadavg(),
+    }
+    show(row)
+    return row
 
 
 def bench_victim(width: int, reps: int, rows: list[dict]) -> None:
@@ -248,25 +251,7 @@ def bench_victim(width: int, reps: int, rows: list[dict]) -> None:
         return step
 
     a, b = make_step(copy.deepcopy(base)), make_step(compiled(copy.deepcopy(base)))
-    loss0 = a()
-    t0 = time.perf_counter()
-    loss = b()
-    warm = time.perf_counter() - t0
-    ta, tb = interleaved(a, b, reps)
-    row = {
-        "model": f"resnet18 w{width}",
-        "task": "victim training",
-        "batch": 128,
-        "option": "compile",
-        "baseline_images_per_s": 128 / ta,
-        "option_images_per_s": 128 / tb,
-        "speedup": ta / tb,
-        "first_call_s": warm,
-        "first_loss_diff": abs(loss - loss0),
-        "loadavg": os.getloadavg(),
-    }
-    rows.append(row)
-    show(row)
+    rows.append(compare_training(f"resnet18 w{width}", "victim training", "compile", 128, a, b, reps))
 
 
 def show(row: dict) -> None:
