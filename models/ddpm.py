@@ -94,7 +94,7 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(out.reshape(b, c, hh, ww))
 
 
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """pytorch_diffusion's attention on ``(batch, c, T)`` tensors, its formula verbatim."""
     c = q.shape[1]
     w = torch.bmm(q.permute(0, 2, 1), k) * (int(c) ** (-0.5))
@@ -102,9 +102,9 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     return torch.bmm(v, w.permute(0, 2, 1))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """:func:`attention_reference` as one fused kernel (the same arithmetic up to rounding;
-    tests/test_attention.py)."""
+def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`attention` as one fused kernel, equal up to rounding (tests/test_attention.py).
+    Not used: slower on the CPU (BENCHMARKS.md, "Speed options")."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
 

@@ -135,7 +135,7 @@ class AttentionBlock(nn.Module):
         return (x + self.proj_out(h)).reshape(b, c, *spatial)
 
 
-def qkv_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def qkv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """improved-diffusion's attention on ``(batch*heads, ch, T)`` tensors, its formula verbatim."""
     scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
     weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
@@ -143,10 +143,10 @@ def qkv_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     return torch.einsum("bts,bcs->bct", weight, v)
 
 
-def qkv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """:func:`qkv_attention_reference` as one fused kernel (softmax(q^T k / sqrt(ch)) v^T,
-    the same arithmetic up to rounding; tests/test_attention.py); faster and without the
-    T x T weight matrix in memory."""
+def qkv_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`qkv_attention` as one fused kernel (``scaled_dot_product_attention``), equal up
+    to rounding (tests/test_attention.py). Not used: on the CPU it is 2-5x slower than the
+    einsum formula under bf16 (BENCHMARKS.md, "Speed options")."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
 

@@ -1,4 +1,5 @@
-"""The fused attention (scaled_dot_product_attention) equals the reference formulas."""
+"""The fused attention (scaled_dot_product_attention) equals the reference formulas, which the
+models use."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from models import ddpm, unet
 @pytest.mark.parametrize(
     ("fused", "reference", "shape"),
     [
-        (unet.qkv_attention, unet.qkv_attention_reference, (8, 32, 64)),  # (batch*heads, ch, T)
-        (unet.qkv_attention, unet.qkv_attention_reference, (3, 7, 256)),
-        (ddpm.attention, ddpm.attention_reference, (4, 64, 256)),  # (batch, c, T)
-        (ddpm.attention, ddpm.attention_reference, (2, 5, 16)),
+        (unet.qkv_attention_sdpa, unet.qkv_attention, (8, 32, 64)),  # (batch*heads, ch, T)
+        (unet.qkv_attention_sdpa, unet.qkv_attention, (3, 7, 256)),
+        (ddpm.attention_sdpa, ddpm.attention, (4, 64, 256)),  # (batch, c, T)
+        (ddpm.attention_sdpa, ddpm.attention, (2, 5, 16)),
     ],
 )
 def test_fused_attention_equals_reference(fused, reference, shape):
@@ -35,8 +36,8 @@ def test_model_with_fused_attention_equals_reference(config, monkeypatch):
         p.data.normal_(0, 0.05)
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([3, 500])
     with torch.no_grad():
-        fused = model(x, t)
-        monkeypatch.setattr(unet, "qkv_attention", unet.qkv_attention_reference)
-        monkeypatch.setattr(ddpm, "attention", ddpm.attention_reference)
         reference = model(x, t)
+        monkeypatch.setattr(unet, "qkv_attention", unet.qkv_attention_sdpa)
+        monkeypatch.setattr(ddpm, "attention", ddpm.attention_sdpa)
+        fused = model(x, t)
     torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-4)
