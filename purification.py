@@ -54,6 +54,7 @@ KEYS: dict[str, Key] = {
         range=POSITIVE,
     ),
     "bf16": Key(True, "bf16 autocast for the UNet (see README for its effect)"),
+    "compile": Key(False, "torch.compile the UNet (see BENCHMARKS.md)"),
     "quantize": Key("truncate", "float->uint8 as ToPILImage (truncate) or rounding", choices=("truncate", "round")),
     "device": DEVICE,
     "work_dir": Key(
@@ -117,7 +118,7 @@ def main(argv=None) -> None:
         base = spec.build_diffusion(respacing="")
         if args.t > base.num_timesteps:
             raise UserError(f"--t {args.t} exceeds the diffusion's {base.num_timesteps} steps")
-        model = load_diffusion_model(spec, ckpt, device, hint="train it with train_diffusion.py")
+        model = load_diffusion_model(spec, ckpt, device, "train it with train_diffusion.py", args.compile)
         lock.enter_context(output_lock(dst, rank, world))
         refuse_overwrite(dst, args.overwrite)
         parts = dst.parent / f".{dst.stem}.parts"

@@ -64,6 +64,7 @@ KEYS: dict[str, Key] = {
         range=POSITIVE,
     ),
     "bf16": Key(True, "bf16 autocast (mixed precision, fp32 weights)"),
+    "compile": Key(False, "torch.compile the UNet (see BENCHMARKS.md)"),
     "seed": Key(0, "seed of the sparse-set draw and of training"),
     "device": DEVICE,
     "data_root": Key(None, "CIFAR-10 root (else $CIFAR10_ROOT, else data/cifar10)", nullable=True),
@@ -150,7 +151,7 @@ def main(argv=None) -> None:
             log.info(f"model {spec.architecture} from {args.config}; world size {world}; device {device}")
         barrier()
         seed_everything(args.seed + rank)
-        model = spec.build_model()
+        model = spec.build_model(compile=args.compile)
         diffusion = spec.build_diffusion(respacing="")
         train_diffusion(model, diffusion, images, cfg, out, device, rank, world, log=log.info)
         if rank == 0:

@@ -90,11 +90,23 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
         q, k, v = self.q(h), self.k(h), self.v(h)
         b, c, hh, ww = q.shape
-        q = q.reshape(b, c, hh * ww).permute(0, 2, 1)
-        w = torch.bmm(q, k.reshape(b, c, hh * ww)) * (int(c) ** (-0.5))
-        w = torch.softmax(w, dim=2)
-        out = torch.bmm(v.reshape(b, c, hh * ww), w.permute(0, 2, 1)).reshape(b, c, hh, ww)
-        return x + self.proj_out(out)
+        out = attention(q.reshape(b, c, hh * ww), k.reshape(b, c, hh * ww), v.reshape(b, c, hh * ww))
+        return x + self.proj_out(out.reshape(b, c, hh, ww))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """pytorch_diffusion's attention on ``(batch, c, T)`` tensors, its formula verbatim."""
+    c = q.shape[1]
+    w = torch.bmm(q.permute(0, 2, 1), k) * (int(c) ** (-0.5))
+    w = torch.softmax(w, dim=2)
+    return torch.bmm(v, w.permute(0, 2, 1))
+
+
+def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`attention` as one fused kernel, equal up to rounding (tests/test_attention.py).
+    Not used: slower on the CPU (BENCHMARKS.md, "Speed options")."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
 
 
 class DDPMModel(nn.Module):

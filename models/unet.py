@@ -131,11 +131,24 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(self.norm(x)).reshape(b * self.num_heads, -1, x.shape[-1])
         ch = qkv.shape[1] // 3
         q, k, v = torch.split(qkv, ch, dim=1)
-        scale = 1 / math.sqrt(math.sqrt(ch))
-        weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
-        weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
-        h = torch.einsum("bts,bcs->bct", weight, v).reshape(b, -1, x.shape[-1])
+        h = qkv_attention(q, k, v).reshape(b, -1, x.shape[-1])
         return (x + self.proj_out(h)).reshape(b, c, *spatial)
+
+
+def qkv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """improved-diffusion's attention on ``(batch*heads, ch, T)`` tensors, its formula verbatim."""
+    scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
+    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+    weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
+    return torch.einsum("bts,bcs->bct", weight, v)
+
+
+def qkv_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`qkv_attention` as one fused kernel (``scaled_dot_product_attention``), equal up
+    to rounding (tests/test_attention.py). Not used: on the CPU it is 2-5x slower than the
+    einsum formula under bf16 (BENCHMARKS.md, "Speed options")."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
 
 
 def channel_mult_for(image_size: int) -> tuple[int, ...]:

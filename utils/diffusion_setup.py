@@ -23,6 +23,7 @@ import yaml
 
 from utils.diffusion import GaussianDiffusion, get_named_beta_schedule, space_timesteps
 from utils.fileio import UserError, load_state_dict_strict, read_text_file, safe_torch_load
+from utils.runtime import compiled
 
 # improved-diffusion's model_and_diffusion_defaults()
 IMPROVED_DEFAULTS: dict[str, Any] = dict(
@@ -73,7 +74,11 @@ class DiffusionSpec:
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
 
-    def build_model(self) -> nn.Module:
+    def build_model(self, compile: bool = False) -> nn.Module:
+        """The network; ``compile``: its forward compiled in place (:func:`utils.runtime.compiled`)."""
+        return compiled(self._build_model(), compile)
+
+    def _build_model(self) -> nn.Module:
         if self.architecture == "ddpm":
             from models.ddpm import DDPMModel
 
@@ -206,12 +211,15 @@ def load_diffusion_spec(path: str | Path) -> DiffusionSpec:
     return spec_from_dict(cfg, str(path))
 
 
-def load_diffusion_model(spec: DiffusionSpec, ckpt: str | Path, device: torch.device, hint: str = "") -> nn.Module:
-    """The network of ``spec`` with weights from ``ckpt`` (strict), in eval mode on ``device``."""
+def load_diffusion_model(
+    spec: DiffusionSpec, ckpt: str | Path, device: torch.device, hint: str = "", compile: bool = False
+) -> nn.Module:
+    """The network of ``spec`` with weights from ``ckpt`` (strict), in eval mode on ``device``;
+    ``compile``: its forward compiled in place (:func:`utils.runtime.compiled`)."""
     model = spec.build_model()
     state = safe_torch_load(ckpt, "diffusion checkpoint", hint)
     load_state_dict_strict(model, state, ckpt)
-    return model.eval().requires_grad_(False).to(device)
+    return compiled(model.eval().requires_grad_(False).to(device), compile)
 
 
 def diffusion_train_command(config: str | Path, sparse_set: str, checkpoint_name: str) -> str:

@@ -140,3 +140,17 @@ def barrier() -> None:
 def cleanup_distributed() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- speed options
+# measured in bench/bench_speedups.py (BENCHMARKS.md, "Speed options")
+
+
+def compiled(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """``model`` with its forward compiled in place by ``torch.compile`` (inductor) when
+    ``enabled``; its parameters and ``state_dict`` keys stay as they are. The first calls
+    compile (minutes on a CPU, longer on a busy one) and results differ from eager ones in
+    rounding only (fused kernels; BENCHMARKS.md, "Speed options")."""
+    if enabled:
+        model.compile()
+    return model
