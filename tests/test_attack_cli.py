@@ -209,3 +209,32 @@ def test_record_written_before_a_key_existed_resumes_at_its_default(tmp_path):
     assert resumed
     with pytest.raises(UserError, match="new_key: False -> True"):
         open_record(rec, {"attack": "badnet", "epochs": 3, "new_key": True}, False, {"new_key": False})
+
+
+def test_stop_after_trains_the_backdoored_model_without_a_ddpm_then_keep_label_measures(work, tmp_path):
+    """--stop_after backdoor_training needs no diffusion model; bench/ddpm_keep_label.py then
+    measures one round's keep-label rate on that record, reproducibly per seed."""
+    argv = _argv(work, name="stop", diffusion_ckpt="diff_ckpt/cifar10/none/ema_0.999_5.pt")
+    assert run_attack_then_defence("badnet", [*argv, "--stop_after", "backdoor_training"]) == {}
+    rec = work / "record" / "stop"
+    phases = json.loads((rec / "phases.json").read_text())
+    assert set(phases) == {"attack", "backdoor_training"} and (rec / "backdoored_model.pt").is_file()
+    assert not (rec / "candidates").exists()
+    with pytest.raises(UserError, match="--stop_after: must be attack, backdoor_training, .* got .nowhere."):
+        run_attack_then_defence("badnet", [*argv, "--stop_after", "nowhere"])
+
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import ddpm_keep_label as kl
+
+    assert kl.keep_rates(torch.tensor([[1, 2], [3, 3]]), torch.tensor([1, 3])) == [1.0, 0.5]
+    ckpt = f"config/ddpm/cpu.yml:{work / CKPT}"
+    out = tmp_path / "kl"
+    kl.main(["--record", str(rec), "--ckpt", ckpt, "--ckpt", ckpt, "--images", "20", "--out", str(out), "--device", "cpu"])
+    result = json.loads((out / "keep_label.json").read_text())
+    a, b = result["rows"]
+    assert a["keep_per_step"] == b["keep_per_step"] and len(a["keep_per_step"]) == TINY["last_steps_m"]
+    assert result["images"] == 20 and result["steps_T"] == TINY["steps_T"]
+    assert (out / "keep_label.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "keep_label.csv").read_text().count("\n") == 3
+    with pytest.raises(SystemExit, match="config.yaml not found: run the attack with --stop_after"):
+        kl.main(["--record", str(tmp_path), "--ckpt", ckpt, "--out", str(out)])

@@ -32,7 +32,7 @@ from utils.backdoor_keys import all_known_keys, attack_keys, validate
 from utils.backdoor_models import build_candidates, load_diffusion, train_augment
 from utils.backdoor_models import train_config as _train_config
 from utils.backdoor_outputs import load_attack_data
-from utils.backdoor_phases import FlowContext, run_steps
+from utils.backdoor_phases import STEPS, FlowContext, run_steps
 from utils.backdoor_record import open_record
 from utils.data import ImageSet, class_balanced_subset, load_cifar10, locate_cifar10
 from utils.dataelixir import apply_reference_exact
@@ -143,7 +143,8 @@ def _run_flow(attack: str, argv: list[str], locks: ExitStack, gate: _RankGate) -
     if rank != 0:
         return _candidates_rank(cfg, work, rec_dir, device, rank, world, gate)
     torch.set_num_threads(threads)  # rank 0 runs the other phases alone, on every core
-    if not (rec_dir / "candidates" / "done").is_dir():
+    stops_early = run.stop_after in ("attack", "backdoor_training")
+    if not stops_early and not (rec_dir / "candidates" / "done").is_dir():
         # load the DDPM now (weights-only, strict, finite): a bad file fails before hours of attack and training
         load_diffusion(cfg, work, torch.device("cpu"))
     resolved = {"attack": attack, **cfg}
@@ -178,7 +179,12 @@ def _run_flow(attack: str, argv: list[str], locks: ExitStack, gate: _RankGate) -
         threads=threads,
         shard_threads=shard_threads,
     )
-    return run_steps(ctx).report
+    if run.stop_after is None:
+        return run_steps(ctx).report
+    last = max(i for i, step in enumerate(STEPS) if step.phase == run.stop_after)
+    run_steps(ctx, STEPS[: last + 1])
+    log(f"stopped after phase {run.stop_after} (--stop_after); re-run without it to go on")
+    return {}
 
 
 def _data_root(cfg: dict[str, Any]) -> Path | None:

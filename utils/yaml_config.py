@@ -81,6 +81,7 @@ class RunArgs:
     overlays: list[Path]
     ignored: dict[str, list[str]]  # overlay file -> keys this attack does not have
     empty_yaml: bool = False  # --yaml_path set nothing: every key not on the command line is its default
+    stop_after: str | None = None  # the last phase to run (a run option, not a setting)
 
 
 FIXED_OPTIONS = {
@@ -89,6 +90,12 @@ FIXED_OPTIONS = {
     "work_dir": Key(None, "folder holding record/, resource/ and diff_ckpt/ (default: the repository root)"),
     "overwrite": Key(False, "replace an existing record folder written with a different configuration", flag=True),
     "overlay": Key(None, "extra YAML applied after --yaml_path (repeatable); keys of other attacks are ignored"),
+    "stop_after": Key(
+        None,
+        "stop once this phase is done (e.g. backdoor_training: the backdoored model only); re-run without it to go on",
+        nullable=True,
+        choices=("attack", "backdoor_training", "candidates", "identification", "stage1", "stage2"),
+    ),
 }
 
 
@@ -188,6 +195,9 @@ def parse_config(
     for k, raw in overrides:
         cfg[k] = coerce(k, keys[k], from_text(keys[k], raw), keys, f"--{k}")
     name = check_name(fixed.get("save_folder_name") or default_name, "--save_folder_name")
+    stop_after = fixed.get("stop_after")
+    if stop_after is not None:
+        stop_after = coerce("--stop_after", FIXED_OPTIONS["stop_after"], stop_after, FIXED_OPTIONS)
     return cfg, RunArgs(
         yaml_path=yaml_path,
         save_folder_name=name,
@@ -196,6 +206,7 @@ def parse_config(
         overlays=overlays,
         ignored=ignored,
         empty_yaml=not from_yaml,
+        stop_after=stop_after,
     )
 
 
