@@ -229,7 +229,9 @@ def test_stop_after_trains_the_backdoored_model_without_a_ddpm_then_keep_label_m
     assert kl.keep_rates(torch.tensor([[1, 2], [3, 3]]), torch.tensor([1, 3])) == [1.0, 0.5]
     ckpt = f"config/ddpm/cpu.yml:{work / CKPT}"
     out = tmp_path / "kl"
-    kl.main(["--record", str(rec), "--ckpt", ckpt, "--ckpt", ckpt, "--images", "20", "--out", str(out), "--device", "cpu"])
+    kl.main(
+        ["--record", str(rec), "--ckpt", ckpt, "--ckpt", ckpt, "--images", "20", "--out", str(out), "--device", "cpu"]
+    )
     result = json.loads((out / "keep_label.json").read_text())
     a, b = result["rows"]
     assert a["keep_per_step"] == b["keep_per_step"] and len(a["keep_per_step"]) == TINY["last_steps_m"]
