@@ -34,9 +34,9 @@ from utils.demo_pipeline import (
     table_markdown,
 )
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_state_json
+from utils.keys import POSITIVE, Key, add_keys_to_argparser
 from utils.paths import REPO_ROOT, poisoned_file, purified_file
 from utils.poisons import POISONS
-from utils.runtime import positive_int
 
 
 def parse_poisons(text: str) -> list[str]:
@@ -52,18 +52,23 @@ def run(cmd: list[str], log: TextIO) -> float:
     return run_command(cmd)
 
 
+KEYS: dict[str, Key] = {
+    "poisons": Key("EM", "comma-separated poisons to craft and defend against, or 'all'"),
+    "work_dir": Key(str(REPO_ROOT / "runs" / "demo")),
+    "baselines": Key(False, "also train the ISS baselines (grayscale, JPEG)", flag=True),
+    "seeds": Key(1, "victims per cell, seeds 0..N-1 (table: mean ± std)", range=POSITIVE),
+    "jobs": Key(1, "steps run at a time (each with cores/jobs threads)", range=POSITIVE),
+    "skip_clean": Key(False, "do not train the clean-subset victims", flag=True),
+    "plan": Key(False, "print the plan and stop", flag=True),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--poisons", default="EM", help="comma-separated poisons to craft and defend against, or 'all'")
-    ap.add_argument("--work_dir", default=str(REPO_ROOT / "runs" / "demo"))
-    ap.add_argument("--baselines", action="store_true", help="also train the ISS baselines (grayscale, JPEG)")
-    ap.add_argument("--seeds", type=positive_int, default=1, help="victims per cell, seeds 0..N-1 (table: mean ± std)")
-    ap.add_argument("--jobs", type=positive_int, default=1, help="steps run at a time (each with cores/jobs threads)")
-    ap.add_argument("--skip_clean", action="store_true", help="do not train the clean-subset victims")
-    ap.add_argument("--plan", action="store_true", help="print the plan and stop")
-    g = ap.add_argument_group("recipe (defaults: config/eclipse_cpu.yaml)")
-    for k, v in demo_recipe().items():
-        g.add_argument(f"--{k}", type=type(v), default=v)
+    add_keys_to_argparser(ap, KEYS)
+    # the recipe's keys, typed by their values in config/eclipse_cpu.yaml
+    recipe = {k: Key(v, "(config/eclipse_cpu.yaml)") for k, v in demo_recipe().items()}
+    add_keys_to_argparser(ap.add_argument_group("recipe (defaults: config/eclipse_cpu.yaml)"), recipe)
     return ap.parse_args(argv)
 
 

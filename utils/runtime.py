@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from utils.fileio import UserError
-from utils.keys import Key, argparse_type
 from utils.keys import Range as Range  # re-exported: numeric options' ranges
 
 
@@ -93,10 +92,6 @@ def set_deterministic(deterministic: bool) -> None:
 
 # --------------------------------------------------------------------------- options
 # Every option is a ``Key`` (utils/keys.py); ``Range`` lives there and is re-exported here.
-
-
-# demo.py's --seeds and --jobs
-positive_int = argparse_type(Key(1, range=Range(1)))
 
 
 class ArgParser(argparse.ArgumentParser):
