@@ -505,6 +505,10 @@ def test_unet_classifier_and_adp(tmp_path, data200):
     d = delta_of(data, res.images)
     assert res.images.dtype == torch.uint8 and 0 < d.abs().max() <= 8
     assert isinstance(res.surrogate, UNetClassifier)
+    # reproducible: the classifier head is seeded, whatever the global RNG did before
+    torch.rand(7)
+    ctx.state_dir = tmp_path / "state2"
+    assert torch.equal(get_craft(p_spec)(ctx).images, res.images)
 
 
 def test_registry_is_complete():

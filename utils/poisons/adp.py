@@ -19,6 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from models.unet_classifier import unet_classifier_from
 from utils.diffusion_setup import diffusion_train_command, load_diffusion_model, load_diffusion_spec
 from utils.fileio import UserError
@@ -68,6 +70,7 @@ def craft(ctx: CraftContext) -> CraftResult:
     unet = load_diffusion_model(spec, ckpt, ctx.device, hint="train it with train_diffusion.py")
     diffusion = spec.build_diffusion(respacing="")
     t_model = p["unet_t"] * (1000.0 / diffusion.num_timesteps if spec.diffusion["rescale_timesteps"] else 1.0)
+    torch.manual_seed(ctx.seed * 7919)  # the new classifier head, seeded as every surrogate (build_surrogate)
     model = unet_classifier_from(unet, 10, t_model).to(ctx.device)
     cfg = MinMinConfig(
         eps=p["eps"],
