@@ -14,6 +14,7 @@ dir. Wall times of finished steps accumulate in ``<work>/step_seconds.json``.
 
 from __future__ import annotations
 
+import io
 import os
 import shlex
 import statistics
@@ -27,7 +28,7 @@ from typing import Any, TextIO
 
 from utils.checkpoints import checkpoint_name, resolve_checkpoint
 from utils.cpu_recipe import expected_minutes, poison_flags
-from utils.fileio import atomic_write_json, read_state_json
+from utils.fileio import atomic_write_bytes, atomic_write_json, read_state_json
 from utils.paths import REPO_ROOT, diff_ckpt_dir, poisoned_file, purified_file
 from utils.poisons import POISONS
 
@@ -331,8 +332,6 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from utils.fileio import atomic_write_bytes
-
     poisons = list(summary["poisons"])
     if not poisons:
         return
@@ -350,8 +349,6 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
