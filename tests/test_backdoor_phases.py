@@ -186,3 +186,10 @@ def test_loop_runs_a_phase_without_stored_output_every_time_and_keeps_its_first_
     first = dict(ctx.rec.phases["final"])
     assert bp.run_steps(ctx, (step,)).report == {"n": 2}
     assert ctx.rec.phases["final"] == first
+
+
+def test_stop_after_offers_every_phase_but_the_last():
+    from utils.backdoor_record import PHASES
+    from utils.yaml_config import FIXED_OPTIONS
+
+    assert FIXED_OPTIONS["stop_after"].choices == PHASES[:-1]
