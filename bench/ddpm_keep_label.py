@@ -12,7 +12,8 @@ checkpoints (e.g. one training run's 3k/6k/12k-iteration EMA files, or other wid
 
 For ``--images`` clean (not poisoned) training images of the record, class-balanced, one
 round of the record's purification (noise to ``steps_T``, ``purify_respace`` reverse steps,
-the last ``last_steps_m`` kept) per checkpoint; the backdoored model labels every kept
+the last ``last_steps_m`` kept; its bf16 and dense-tail settings) per checkpoint; the
+backdoored model labels every kept
 step. Writes ``keep_label.csv``/``.json`` and a PNG of the rate against the checkpoints'
 training iterations (one line per config), beside the model's own accuracy on the
 untouched images and on the clean test set.
@@ -47,7 +48,6 @@ KEYS = {
     "images": Key(1000, "clean training images, class-balanced", range=SUBSET),
     "batch_size": Key(250, range=POSITIVE),
     "seed": Key(0, "seed of the image choice and of the diffusion noise"),
-    "bf16": Key(True, "bf16 autocast for the DDPM"),
     "device": DEVICE,
     "out": Key("bench/results/keep_label", "output folder"),
 }
@@ -126,7 +126,8 @@ def measure(args: argparse.Namespace) -> dict:
                 respace=cfg["purify_respace"],
                 noise_offset=cfg["noise_offset"],
                 generator=gen,
-                bf16=args.bf16,
+                bf16=cfg["bf16"],
+                dense_tail=cfg["purify_dense_tail"],
             )[:, 1:]  # position 0 is the untouched image
             flat = cand.reshape(-1, *cand.shape[2:])
             preds.append(predict(classifier, flat, device, bf16=cfg["amp"]).argmax(1).view(len(cand), -1))
