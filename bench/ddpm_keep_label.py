@@ -13,9 +13,8 @@ checkpoints (e.g. one training run's 3k/6k/12k-iteration EMA files, or other wid
 For ``--images`` clean (not poisoned) training images of the record, class-balanced, one
 round of the record's purification (noise to ``steps_T``, ``purify_respace`` reverse steps,
 the last ``last_steps_m`` kept; its bf16 and dense-tail settings) per checkpoint; the
-backdoored model labels every kept
-step. Writes ``keep_label.csv``/``.json`` and a PNG of the rate against the checkpoints'
-training iterations (one line per config), beside the model's own accuracy on the
+backdoored model labels every kept step. Writes ``keep_label.csv``/``.json`` and a PNG of the
+rate against the checkpoints' training iterations (one line per config), beside the model's own accuracy on the
 untouched images and on the clean test set.
 """
 
