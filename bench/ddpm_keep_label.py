@@ -16,6 +16,10 @@ the last ``last_steps_m`` kept; its bf16 and dense-tail settings) per checkpoint
 backdoored model labels every kept step. Writes ``keep_label.csv``/``.json`` and a PNG of the
 rate against the checkpoints' training iterations (one line per config), beside the model's own accuracy on the
 untouched images and on the clean test set.
+
+The output folder grows as a training run saves checkpoints: a checkpoint already measured
+there (same config, same file content) is kept, not re-measured; a folder measured with
+another record, image choice or round settings is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from utils.dataelixir import build_chunk
 from utils.diffusion_setup import load_diffusion_model, load_diffusion_spec
 from utils.fileio import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, read_text_file
 from utils.keys import DEVICE, POSITIVE, SUBSET, Key, add_keys_to_argparser
+from utils.run_state import file_fingerprint, same_settings_or_refuse
 from utils.runtime import resolve_device
 from utils.trainer import predict
 
@@ -49,7 +54,11 @@ KEYS = {
     "seed": Key(0, "seed of the image choice and of the diffusion noise"),
     "device": DEVICE,
     "out": Key("bench/results/keep_label", "output folder"),
+    "overwrite": Key(False, "discard rows measured with other settings in --out", flag=True),
 }
+
+# what makes two rows comparable: measured on the same images, model and round
+SETTINGS = ("record", "classifier", "images", "seed", "steps_T", "respace", "last_steps_m")
 
 
 def keep_rates(preds: torch.Tensor, labels: torch.Tensor) -> list[float]:
@@ -78,6 +87,20 @@ def _parse_ckpt(text: str) -> tuple[Path, Path]:
     return Path(config), Path(ckpt)
 
 
+def _previous(out: Path) -> tuple[dict | None, list[dict]]:
+    """The settings and rows of an earlier measurement in ``out`` (None, [] when absent)."""
+    path = out / "keep_label.json"
+    if not path.is_file():
+        return None, []
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        old = None
+    if not isinstance(old, dict) or not isinstance(old.get("rows"), list):
+        return {"keep_label.json": "<unreadable>"}, []
+    return {k: old.get(k) for k in SETTINGS}, old["rows"]
+
+
 def measure(args: argparse.Namespace) -> dict:
     record = Path(args.record)
     for name in ("config.yaml", "attack_data.pt", "backdoored_model.pt", "backdoored_history.json"):
@@ -94,7 +117,8 @@ def measure(args: argparse.Namespace) -> dict:
     rows = clean_rows[pick]
     images, labels = bd.train.images[rows], bd.train.labels[rows]
     out = {
-        "record": str(record),
+        "record": str(record.resolve()),
+        "classifier": file_fingerprint(record / "backdoored_model.pt"),
         "images": len(rows),
         "clean_test_acc": history[-1].get("BA"),
         "acc_on_untouched": keep_rates(predict(classifier, images, device, bf16=cfg["amp"]).argmax(1)[:, None], labels)[
@@ -107,7 +131,17 @@ def measure(args: argparse.Namespace) -> dict:
         "machine": machine(),
         "rows": [],
     }
+    old_settings, old_rows = _previous(Path(args.out))
+    new_settings = {k: out[k] for k in SETTINGS}
+    if same_settings_or_refuse(
+        Path(args.out) / "keep_label.json", old_settings, new_settings, overwrite=args.overwrite
+    ):
+        out["rows"] = old_rows
     for config, ckpt in ckpts:
+        fingerprint = file_fingerprint(ckpt)
+        if any(r.get("config") == str(config) and r.get("fingerprint") == fingerprint for r in out["rows"]):
+            print(f"{ckpt}: measured before, kept", flush=True)
+            continue
         spec = load_diffusion_spec(config)
         model = load_diffusion_model(spec, ckpt, device)
         base = spec.build_diffusion(respacing="")
@@ -136,6 +170,7 @@ def measure(args: argparse.Namespace) -> dict:
             "config": str(config),
             "channels": spec.model.get("ch", spec.model.get("num_channels")),
             "checkpoint": str(ckpt),
+            "fingerprint": fingerprint,
             "iterations": parsed.step if parsed else None,
             "keep_last_step": rates[-1],
             "keep_mean_kept_steps": float(np.mean(rates)),
@@ -147,6 +182,7 @@ def measure(args: argparse.Namespace) -> dict:
             f"{ckpt}: keep {100 * rates[-1]:.1f} % (last step), {100 * np.mean(rates):.1f} % (mean of kept steps)",
             flush=True,
         )
+    out["rows"].sort(key=lambda r: (r["config"], r["iterations"] or 0))
     return out
 
 

@@ -229,14 +229,22 @@ def test_stop_after_trains_the_backdoored_model_without_a_ddpm_then_keep_label_m
     assert kl.keep_rates(torch.tensor([[1, 2], [3, 3]]), torch.tensor([1, 3])) == [1.0, 0.5]
     ckpt = f"config/ddpm/cpu.yml:{work / CKPT}"
     out = tmp_path / "kl"
-    kl.main(
-        ["--record", str(rec), "--ckpt", ckpt, "--ckpt", ckpt, "--images", "20", "--out", str(out), "--device", "cpu"]
+    common = ["--record", str(rec), "--ckpt", ckpt, "--images", "20", "--device", "cpu"]
+    kl.main([*common, "--out", str(out)])
+    (row,) = json.loads((out / "keep_label.json").read_text())["rows"]
+    kl.main([*common, "--out", str(tmp_path / "again")])  # reproducible per seed
+    assert json.loads((tmp_path / "again" / "keep_label.json").read_text())["rows"][0]["keep_per_step"] == (
+        row["keep_per_step"]
     )
+    kl.main([*common, "--ckpt", ckpt, "--out", str(out)])  # a checkpoint measured before is kept, not redone
     result = json.loads((out / "keep_label.json").read_text())
-    a, b = result["rows"]
-    assert a["keep_per_step"] == b["keep_per_step"] and len(a["keep_per_step"]) == TINY["last_steps_m"]
+    assert result["rows"] == [row] and len(row["keep_per_step"]) == TINY["last_steps_m"]
     assert result["images"] == 20 and result["steps_T"] == TINY["steps_T"]
     assert (out / "keep_label.png").read_bytes()[:4] == b"\x89PNG"
-    assert (out / "keep_label.csv").read_text().count("\n") == 3
+    assert (out / "keep_label.csv").read_text().count("\n") == 2
+    with pytest.raises(SystemExit, match="keep_label.json holds work done with other settings .seed: 0 -> 1"):
+        kl.main([*common, "--seed", "1", "--out", str(out)])
+    kl.main([*common, "--seed", "1", "--out", str(out), "--overwrite"])
+    assert json.loads((out / "keep_label.json").read_text())["seed"] == 1
     with pytest.raises(SystemExit, match="config.yaml not found: run the attack with --stop_after"):
         kl.main(["--record", str(tmp_path), "--ckpt", ckpt, "--out", str(out)])
