@@ -26,7 +26,7 @@ def test_fused_attention_equals_reference(fused, reference, shape):
     torch.testing.assert_close(out, reference(q, k, v), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("config", ["config/eclipse/cpu.yml", "config/ddpm/cpu.yml"])
+@pytest.mark.parametrize("config", ["config/eclipse/cpu.yml", "config/ddpm/cpu.yml", "config/ddpm/cpu_wide.yml"])
 def test_model_with_fused_attention_equals_reference(config, monkeypatch):
     from utils.diffusion_setup import load_diffusion_spec
 
