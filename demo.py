@@ -92,29 +92,44 @@ def main() -> None:
         return
     with open(work / "demo.log", "a") as log:
         try:
-            run_steps(steps, work, args.jobs, log, runner=lambda cmd: run(cmd, log))
+            run_steps(
+                steps,
+                work,
+                args.jobs,
+                log,
+                runner=lambda cmd: run(cmd, log),
+                on_step_done=lambda done, total: write_summary(args, work, f"partial: {done} of {total} steps done"),
+            )
         except StepFailed as e:
             sys.exit(f"demo: step failed ({e})\nfix the cause and re-run; finished steps are kept")
 
-    summary = summarise(work, list(POISONS), args.seeds)
-    heading = (
-        f"CPU-scale ECLIPSE: {args.subset} training images, {args.arch} width {args.width}, {args.epochs} epochs, "
-        f"{args.seeds} seed(s) per victim (mean ± std); diffusion UNet {args.diffusion_iterations} iterations, "
-        f"t*={args.t} with {args.respace} reverse steps; test accuracy (%)"
-    )
-    table = table_markdown(summary, heading)
-    print("\n" + table)
+    print("\n" + write_summary(args, work))
     print("\nimage grids (clean / poisoned / purified samples):")
     for p in poisons:
         print(f"  {p} poisoned: {poisoned_file(work, p).with_suffix('.png')}")
         print(
             f"  {p} purified: {purified_file(work, SPARSE_SET, args.t, args.diffusion_iterations, p).with_suffix('.png')}"
         )
+
+
+def write_summary(args: argparse.Namespace, work: Path, status: str = "") -> str:
+    """The table of every finished victim in ``work`` as summary.md, .json and .png; returns it."""
+    summary = summarise(work, list(POISONS), args.seeds)
+    heading = (
+        f"CPU-scale ECLIPSE: {args.subset} training images, {args.arch} width {args.width}, {args.epochs} epochs, "
+        f"{args.seeds} seed(s) per victim (mean ± std); diffusion UNet {args.diffusion_iterations} iterations, "
+        f"t*={args.t} with {args.respace} reverse steps; test accuracy (%)" + (f" ({status})" if status else "")
+    )
+    table = table_markdown(summary, heading)
     seconds_file = work / "step_seconds.json"
     step_seconds = read_state_json(seconds_file, "delete it") if seconds_file.is_file() else {}
     atomic_write_text(work / "summary.md", table + "\n")
     plot_summary(summary, work / "summary.png")
-    atomic_write_json(work / "summary.json", {"recipe": vars(args), "table": summary, "step_seconds": step_seconds})
+    atomic_write_json(
+        work / "summary.json",
+        {"recipe": vars(args), "status": status or "complete", "table": summary, "step_seconds": step_seconds},
+    )
+    return table
 
 
 if __name__ == "__main__":

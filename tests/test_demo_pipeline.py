@@ -82,8 +82,9 @@ def test_two_jobs_run_at_once_and_wait_for_their_dependencies(tmp_path):
         "c", f"import pathlib,sys; sys.exit(0 if (pathlib.Path({str(tmp_path)!r})/'a').exists() else 1)", ("a",)
     )
     lines: list[str] = []
-    took = run_steps([c, a, b], tmp_path, jobs=2, say=lines.append, poll_s=0.05)
-    assert set(took) == {"a", "b", "c"}
+    done: list[tuple[int, int]] = []
+    took = run_steps([c, a, b], tmp_path, jobs=2, say=lines.append, poll_s=0.05, on_step_done=lambda *d: done.append(d))
+    assert set(took) == {"a", "b", "c"} and done == [(1, 3), (2, 3), (3, 3)]  # the demo's partial tables
     assert [ln for ln in lines if ln.startswith("\n== step")][-1].startswith("\n== step 3 of 3: c")
     assert set(json.loads((tmp_path / "step_seconds.json").read_text())) == {"a", "b", "c"}
     assert (tmp_path / "logs" / "a.log").is_file()

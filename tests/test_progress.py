@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 from tqdm import tqdm
@@ -129,6 +130,25 @@ def test_demo_prints_its_plan_then_step_k_of_n(tmp_path, monkeypatch, capsys):
     assert [ln for ln in rest.splitlines() if ln.startswith("== step")][0].startswith("== step 1 of 7: victim on")
     assert "== step 7 of 7: victim on EM, ECLIPSE" in rest and len(ran) == 7
     assert "| poison | clean subset |" in rest and "EM purified:" in rest and rest.rstrip().endswith("EM-pure.png")
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["status"] == "complete"
+
+
+def test_demo_rewrites_its_partial_table_after_each_step(tmp_path, monkeypatch, capsys):
+    import demo
+
+    seen: list[str] = []
+
+    def fake_run(cmd, log):
+        f = tmp_path / "summary.json"
+        seen.append(json.loads(f.read_text())["status"] if f.is_file() else "none")
+        return 0.0
+
+    monkeypatch.setattr(demo, "run", fake_run)
+    monkeypatch.setattr("sys.argv", ["demo.py", "--poisons", "LSP", "--skip_clean", "--work_dir", str(tmp_path)])
+    demo.main()
+    assert seen[:3] == ["none", "partial: 1 of 5 steps done", "partial: 2 of 5 steps done"]
+    assert "partial" not in (tmp_path / "summary.md").read_text().splitlines()[0]
 
 
 def test_demo_plan_only_runs_nothing(tmp_path, monkeypatch, capsys):

@@ -177,6 +177,7 @@ def run_steps(
     runner: Callable[[list[str]], float] = run_command,
     say: Callable[[str], None] = print,
     poll_s: float = 1.0,
+    on_step_done: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """Run the steps not yet done, up to ``jobs`` at a time, each once all its ``after`` are done.
 
@@ -184,7 +185,9 @@ def run_steps(
     step writes ``<work>/logs/<key>.log`` and its start and end (and a status line every
     few minutes) are printed here. After a failure no new step starts; running ones
     finish, then :class:`StepFailed` names the failed command and its log. Returns the
-    wall time of each step run; they also accumulate in ``<work>/step_seconds.json``."""
+    wall time of each step run; they also accumulate in ``<work>/step_seconds.json``.
+    ``on_step_done(done, total)`` is called after each step that succeeds (the demo
+    rewrites its partial table there, so hours-long runs show their results as they come)."""
     known = {s.key for s in steps}
     for s in steps:
         missing = [a for a in s.after if a not in known]
@@ -212,6 +215,8 @@ def run_steps(
         _record_seconds(work, s.key, took)
         if jobs > 1:
             note(f"   done: {s.title} in {took / 60:.1f} min ({len(finished)} of {len(steps)} steps done)")
+        if on_step_done is not None:
+            on_step_done(len(finished), len(steps))
 
     while pending or running:
         for s in list(pending):
