@@ -233,8 +233,9 @@ def test_stop_after_trains_the_backdoored_model_without_a_ddpm_then_keep_label_m
     kl.main([*common, "--out", str(out)])
     (row,) = json.loads((out / "keep_label.json").read_text())["rows"]
     kl.main([*common, "--out", str(tmp_path / "again")])  # reproducible per seed
-    assert json.loads((tmp_path / "again" / "keep_label.json").read_text())["rows"][0]["keep_per_step"] == (
-        row["keep_per_step"]
+    assert (
+        json.loads((tmp_path / "again" / "keep_label.json").read_text())["rows"][0]["keep_per_step"]
+        == (row["keep_per_step"])
     )
     kl.main([*common, "--ckpt", ckpt, "--out", str(out)])  # a checkpoint measured before is kept, not redone
     result = json.loads((out / "keep_label.json").read_text())
@@ -248,3 +249,37 @@ def test_stop_after_trains_the_backdoored_model_without_a_ddpm_then_keep_label_m
     assert json.loads((out / "keep_label.json").read_text())["seed"] == 1
     with pytest.raises(SystemExit, match="config.yaml not found: run the attack with --stop_after"):
         kl.main(["--record", str(tmp_path), "--ckpt", ckpt, "--out", str(out)])
+
+
+def test_dataelixir_table_runs_what_is_missing_and_tables_every_record(badnet_run, work, tmp_path):
+    """bench/dataelixir_table.py: each attack's command with the overlays, a real tiny run
+    through the attack script, the finished one skipped, and the table read back from
+    metrics.json."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import dataelixir_table as dt
+
+    steps = {s.key: s for s in dt.build_steps(["sig", "ssba", "badnet"], 2, "o.yaml", work, py="py")}
+    assert steps["sig_s1"].cmd == [
+        "py", "attack/sig.py", "--yaml_path", "config/sig/cifar10.yaml", "--overlay", "o.yaml",
+        "--overlay", "config/sig/cpu.yaml", "--random_seed", "1", "--work_dir", str(work),
+        "--save_folder_name", "sig_s1",
+    ]  # fmt: skip
+    assert "config/ssba/cpu.yaml" in steps["ssba_s0"].cmd and "config/badnet/cpu.yaml" not in steps["badnet_s0"].cmd
+    with pytest.raises(SystemExit, match="--attacks: unknown attack.*'nope'.*choose from badnet"):
+        dt.main(["--attacks", "nope", "--work_dir", str(tmp_path)])
+
+    overlay = tmp_path / "tiny.yaml"
+    overlay.write_text("".join(f"{k}: {v}\n" for k, v in TINY.items()))
+    shutil.copytree(work / "diff_ckpt", tmp_path / "w" / "diff_ckpt")
+    argv = ["--attacks", "badnet", "--jobs", "1", "--overlay", str(overlay), "--work_dir", str(tmp_path / "w")]
+    dt.main(argv)
+    (row,) = json.loads((tmp_path / "w" / "dataelixir_table.json").read_text())["rows"]
+    metrics = json.loads((tmp_path / "w" / "record" / "badnet_s0" / "metrics.json").read_text())
+    assert row["attack"] == "badnet" and row["seed"] == 0 and row["ASR_after"] == metrics["defended_metrics"]["ASR"]
+    assert row["TPR"] == metrics["TPR"] and len(row["clean_own_label"].split(" / ")) == 1 + TINY["rounds_n"]
+    assert (tmp_path / "w" / "dataelixir_table.png").read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "w" / "dataelixir_table.md").read_text()
+    assert md.count("\n| badnet | 0 |") == 1
+    mtime = (tmp_path / "w" / "record" / "badnet_s0" / "metrics.json").stat().st_mtime_ns
+    dt.main(argv)  # finished: nothing re-runs
+    assert (tmp_path / "w" / "record" / "badnet_s0" / "metrics.json").stat().st_mtime_ns == mtime
