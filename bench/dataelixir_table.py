@@ -129,6 +129,7 @@ def table_rows(work: Path) -> list[dict[str, Any]]:
 
 def _targets(targets: list[int], scores: list[float]) -> str:
     """``0 (2.10), 6 (2.02)``, or ``none (max 1.50 for 6)``."""
+
     def shown(t: int) -> str:  # a class with no transitions has no score (stored as "nan")
         return f"{scores[t]:.2f}" if isinstance(scores[t], int | float) else "n/a"
 
