@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,10 @@ from common import machine
 
 from utils.backdoor import ATTACKS
 from utils.demo_pipeline import Step, StepFailed, run_steps
-from utils.fileio import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text
+from utils.fileio import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, read_state_json
 from utils.keys import POSITIVE, Key, add_keys_to_argparser
 from utils.paths import REPO_ROOT
+from utils.yaml_config import load_yaml_file
 
 KEYS = {
     "attacks": Key("all", "comma-separated attacks, or 'all'"),
@@ -94,37 +94,43 @@ def _pct(rates: list[float | None], at: list[int]) -> str:
 
 def table_rows(work: Path) -> list[dict[str, Any]]:
     """One row per finished record in ``work/record`` (attack order, then seed)."""
-    import yaml
-
     rows = []
     for metrics_file in sorted((work / "record").glob("*/metrics.json")):
-        m = json.loads(metrics_file.read_text())
-        cfg = yaml.safe_load((metrics_file.parent / "config.yaml").read_text())
-        at = _round_ends(m["candidates_per_sample"], cfg["rounds_n"])
-        rates = m["candidate_label_rates"]
-        before, after = m["attack_metrics"], m["defended_metrics"]
-        rows.append(
-            {
-                "attack": m["attack"],
-                "seed": cfg["random_seed"],
-                "record": metrics_file.parent.name,
-                "BA": before["BA"],
-                "ASR": before["ASR"],
-                "RA": before["RA"],
-                "BA_after": after["BA"],
-                "ASR_after": after["ASR"],
-                "RA_after": after["RA"],
-                "TPR": m["TPR"],
-                "FPR": m["FPR"],
-                "targets": _targets(m["target_labels"], m["target_scores"]),
-                "decisions": " / ".join(str(m["decisions"].get(k, 0)) for k in ("kept", "relabelled", "suspicious")),
-                "clean_own_label": _pct(rates["clean_dataset_label"], at),
-                "poisoned_true_label": _pct(rates["poisoned_true_label"], at),
-                "minutes": round(m["total_s"] / 60, 1),
-            }
-        )
+        m = read_state_json(metrics_file, "re-run that attack with --overwrite")
+        cfg = load_yaml_file(metrics_file.parent / "config.yaml")
+        try:
+            rows.append(_row(m, cfg, metrics_file.parent.name))
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            raise UserError(
+                f"{metrics_file}: not a finished attack record of this version ({type(e).__name__}: {e}); "
+                "re-run that attack with --overwrite"
+            ) from None
     order = {a: i for i, a in enumerate(ATTACKS)}
     return sorted(rows, key=lambda r: (order.get(r["attack"], len(order)), r["seed"], r["record"]))
+
+
+def _row(m: dict[str, Any], cfg: dict[str, Any], record: str) -> dict[str, Any]:
+    at = _round_ends(m["candidates_per_sample"], cfg["rounds_n"])
+    rates = m["candidate_label_rates"]
+    before, after = m["attack_metrics"], m["defended_metrics"]
+    return {
+        "attack": m["attack"],
+        "seed": cfg["random_seed"],
+        "record": record,
+        "BA": before["BA"],
+        "ASR": before["ASR"],
+        "RA": before["RA"],
+        "BA_after": after["BA"],
+        "ASR_after": after["ASR"],
+        "RA_after": after["RA"],
+        "TPR": m["TPR"],
+        "FPR": m["FPR"],
+        "targets": _targets(m["target_labels"], m["target_scores"]),
+        "decisions": " / ".join(str(m["decisions"].get(k, 0)) for k in ("kept", "relabelled", "suspicious")),
+        "clean_own_label": _pct(rates["clean_dataset_label"], at),
+        "poisoned_true_label": _pct(rates["poisoned_true_label"], at),
+        "minutes": round(m["total_s"] / 60, 1),
+    }
 
 
 def _targets(targets: list[int], scores: list[float]) -> str:

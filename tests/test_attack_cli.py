@@ -283,3 +283,12 @@ def test_dataelixir_table_runs_what_is_missing_and_tables_every_record(badnet_ru
     mtime = (tmp_path / "w" / "record" / "badnet_s0" / "metrics.json").stat().st_mtime_ns
     dt.main(argv)  # finished: nothing re-runs
     assert (tmp_path / "w" / "record" / "badnet_s0" / "metrics.json").stat().st_mtime_ns == mtime
+    damaged = tmp_path / "w" / "record" / "x" / "metrics.json"
+    damaged.parent.mkdir()
+    damaged.write_text("{")
+    with pytest.raises(SystemExit, match=r"x/metrics.json is damaged .*; re-run that attack with --overwrite"):
+        dt.main([*argv, "--table_only"])
+    damaged.write_text("{}")
+    (damaged.parent / "config.yaml").write_text("rounds_n: 2\n")
+    with pytest.raises(SystemExit, match=r"x/metrics.json: not a finished attack record .*KeyError"):
+        dt.main([*argv, "--table_only"])
