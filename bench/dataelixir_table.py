@@ -31,9 +31,10 @@ from common import machine
 
 from utils.backdoor import ATTACKS
 from utils.demo_pipeline import Step, StepFailed, run_steps
-from utils.fileio import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, read_state_json
+from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_state_json
 from utils.keys import POSITIVE, Key, add_keys_to_argparser
 from utils.paths import REPO_ROOT
+from utils.plots import pyplot, save_figure
 from utils.yaml_config import load_yaml_file
 
 KEYS = {
@@ -183,19 +184,14 @@ def write_table(work: Path, status: str = "complete") -> str:
     w.writerows(rows)
     atomic_write_text(work / "dataelixir_table.csv", buf.getvalue())
     if rows:
-        atomic_write_bytes(work / "dataelixir_table.png", _plot(rows))
+        _plot(rows, work / "dataelixir_table.png")
     return table
 
 
-def _plot(rows: list[dict[str, Any]]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     labels = [f"{r['attack']}\ns{r['seed']}" for r in rows]
     x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(rows) + 2), 3.6))
+    fig, ax = pyplot().subplots(figsize=(max(6.0, 0.7 * len(rows) + 2), 3.6))
     ax.bar([i - 0.2 for i in x], [r["ASR"] for r in rows], 0.4, label="ASR before")
     ax.bar([i + 0.2 for i in x], [r["ASR_after"] for r in rows], 0.4, label="ASR after DataElixir")
     ax.plot(list(x), [r["BA_after"] for r in rows], "k_", ms=14, mew=2, ls="", label="BA after")
@@ -204,10 +200,7 @@ def _plot(rows: list[dict[str, Any]]) -> bytes:
     ax.set_ylim(0, 102)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    plt.close(fig)
-    return png.getvalue()
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,6 @@ dir. Wall times of finished steps accumulate in ``<work>/step_seconds.json``.
 
 from __future__ import annotations
 
-import io
 import os
 import shlex
 import statistics
@@ -28,8 +27,9 @@ from typing import Any, TextIO
 
 from utils.checkpoints import checkpoint_name, resolve_checkpoint
 from utils.cpu_recipe import expected_minutes, poison_flags
-from utils.fileio import atomic_write_bytes, atomic_write_json, read_state_json
+from utils.fileio import atomic_write_json, read_state_json
 from utils.paths import REPO_ROOT, diff_ckpt_dir, poisoned_file, purified_file
+from utils.plots import pyplot, save_figure
 from utils.poisons import POISONS
 
 SPARSE_SET = "test2000ps8000"
@@ -332,15 +332,10 @@ def table_markdown(summary: dict[str, Any], heading: str) -> str:
 
 def plot_summary(summary: dict[str, Any], path: Path) -> None:
     """Bar chart of the table (mean with the seeds' std as error bars), written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     poisons = list(summary["poisons"])
     if not poisons:
         return
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(poisons) + 2), 3.6))
+    fig, ax = pyplot().subplots(figsize=(max(6.0, 1.2 * len(poisons) + 2), 3.6))
     width = 0.8 / len(VARIANTS)
     for i, v in enumerate(VARIANTS):
         cells = [summary["poisons"][p][v] for p in poisons]
@@ -354,7 +349,4 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=120)

@@ -56,6 +56,24 @@ def save_image_grid(
     atomic_write_bytes(path, buf.getvalue())
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display is needed or used)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path, dpi: float | None = None) -> None:
+    """Write ``fig`` as a PNG atomically and close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **({} if dpi is None else {"dpi": dpi}))
+    pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def save_curves(
     path: str | Path,
     series: dict[str, tuple[Sequence[float], Sequence[float]]],
@@ -64,12 +82,7 @@ def save_curves(
     ylabel: str = "accuracy (%)",
 ) -> None:
     """Line plot of named ``(x, y)`` series as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(6, 4), dpi=100)
     for name, (x, y) in series.items():
         if len(x):
             ax.plot(list(x), list(y), marker="o" if len(x) < 30 else None, markersize=3, label=name)
@@ -80,10 +93,7 @@ def save_curves(
     if series:
         ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def history_series(history: list[dict], keys: Sequence[str]) -> dict[str, tuple[list[float], list[float]]]:
