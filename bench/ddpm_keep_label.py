@@ -36,14 +36,15 @@ import numpy as np
 import torch
 from common import machine
 
-from utils.backdoor_models import load_model
+from utils.backdoor_models import load_model, purification_rounds
 from utils.backdoor_outputs import load_attack_data
 from utils.checkpoints import parse_checkpoint_name
 from utils.data import class_balanced_subset
 from utils.dataelixir import build_chunk
 from utils.diffusion_setup import load_diffusion_model, load_diffusion_spec
-from utils.fileio import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, read_text_file
+from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_text_file
 from utils.keys import DEVICE, POSITIVE, SUBSET, Key, add_keys_to_argparser
+from utils.plots import pyplot, save_figure
 from utils.run_state import file_fingerprint, same_settings_or_refuse
 from utils.runtime import resolve_device
 from utils.trainer import predict
@@ -153,15 +154,9 @@ def measure(args: argparse.Namespace) -> dict:
                 model,
                 base,
                 images[s : s + args.batch_size].to(device),
-                steps_T=cfg["steps_T"],
-                rounds_n=1,
-                last_steps_m=cfg["last_steps_m"],
-                respace=cfg["purify_respace"],
-                noise_offset=cfg["noise_offset"],
+                **{**purification_rounds(cfg), "rounds_n": 1},
                 generator=gen,
-                bf16=cfg["bf16"],
-                dense_tail=cfg["purify_dense_tail"],
-            )[:, 1:]  # position 0 is the untouched image
+            )[:, 1:]  # position 0 is the original image
             flat = cand.reshape(-1, *cand.shape[2:])
             preds.append(predict(classifier, flat, device, bf16=cfg["amp"]).argmax(1).view(len(cand), -1))
         rates = keep_rates(torch.cat(preds), labels)
@@ -206,12 +201,7 @@ def write_outputs(result: dict, out: Path) -> None:
         )
     atomic_write_text(out / "keep_label.csv", buf.getvalue())
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.6))
     for config in dict.fromkeys(r["config"] for r in result["rows"]):
         pts = sorted((r["iterations"] or 0, 100 * r["keep_last_step"]) for r in result["rows"] if r["config"] == config)
         ax.plot(*zip(*pts, strict=True), "o-", label=f"{Path(config).stem} (last step)")
@@ -223,10 +213,7 @@ def write_outputs(result: dict, out: Path) -> None:
     ax.set_ylim(0, 102)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(out / "keep_label.png", png.getvalue())
+    save_figure(fig, out / "keep_label.png", dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -130,6 +130,22 @@ def load_diffusion(cfg: dict[str, Any], work: Path, device: torch.device):
     return model, base, spec
 
 
+def purification_rounds(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The purification rounds' settings of a resolved configuration, as the keyword
+    arguments of ``dataelixir.build_chunk`` (and ``construct_candidates``): the flow and
+    ``bench/ddpm_keep_label.py`` purify alike."""
+    return {
+        "steps_T": cfg["steps_T"],
+        "rounds_n": cfg["rounds_n"],
+        "last_steps_m": cfg["last_steps_m"],
+        "respace": cfg["purify_respace"],
+        "dense_tail": cfg["purify_dense_tail"],
+        "noise_offset": cfg["noise_offset"],
+        "original_round_trip": cfg["original_round_trip"],
+        "bf16": cfg["bf16"],
+    }
+
+
 def build_candidates(
     cfg: dict[str, Any],
     work: Path,
@@ -153,16 +169,9 @@ def build_candidates(
         classifier,
         images,
         rec_dir / "candidates",
-        steps_T=cfg["steps_T"],
-        rounds_n=cfg["rounds_n"],
-        last_steps_m=cfg["last_steps_m"],
+        **purification_rounds(cfg),
         batch_size=cfg["purify_batch_size"],
-        respace=cfg["purify_respace"],
-        dense_tail=cfg["purify_dense_tail"],
-        noise_offset=cfg["noise_offset"],
-        original_round_trip=cfg["original_round_trip"],
         seed=cfg["random_seed"],
-        bf16=cfg["bf16"],
         device=device,
         rank=rank,
         world=world,
