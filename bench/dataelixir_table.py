@@ -13,9 +13,9 @@ script resumes its own phases, and a run whose ``metrics.json`` exists is skippe
 table (``dataelixir_table.md``/``.csv``/``.json``, ``dataelixir_table.png``) is rewritten
 after every finished run: BA / ASR / RA before and after the defence, TPR / FPR of the
 final relabelling, the detected target labels with their scores, the decisions, the
-candidate-label diagnostic (how often the backdoored model gives clean samples their label
-and poisoned samples their true label, at the original and at the last kept step of each
-round) and the wall time.
+candidate-label diagnostic (how often the backdoored model gives clean samples their label,
+and poisoned samples their true label and their poisoned label, i.e. whether the trigger
+survives; at the original and at the last kept step of each round) and the wall time.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ KEYS = {
 }
 COLUMNS = [
     "attack", "seed", "BA", "ASR", "RA", "BA_after", "ASR_after", "RA_after", "TPR", "FPR",
-    "targets", "decisions", "clean_own_label", "poisoned_true_label", "minutes",
+    "targets", "decisions", "clean_own_label", "poisoned_true_label", "poisoned_poisoned_label", "minutes",
 ]  # fmt: skip
 
 
@@ -130,6 +130,7 @@ def _row(m: dict[str, Any], cfg: dict[str, Any], record: str) -> dict[str, Any]:
         "decisions": " / ".join(str(m["decisions"].get(k, 0)) for k in ("kept", "relabelled", "suspicious")),
         "clean_own_label": _pct(rates["clean_dataset_label"], at),
         "poisoned_true_label": _pct(rates["poisoned_true_label"], at),
+        "poisoned_poisoned_label": _pct(rates["poisoned_dataset_label"], at),
         "minutes": round(m["total_s"] / 60, 1),
     }
 
@@ -153,7 +154,8 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
     header = [
         "attack", "seed", "before: BA / ASR / RA", "after DataElixir: BA / ASR / RA", "TPR / FPR",
         "detected target (score)", "kept / relabelled / suspicious",
-        "clean: own label (orig / rounds)", "poisoned: true label (orig / rounds)", "wall time",
+        "clean: own label (orig / rounds)", "poisoned: true label (orig / rounds)",
+        "poisoned: poisoned label (orig / rounds)", "wall time",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -167,6 +169,7 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
             r["decisions"],
             r["clean_own_label"],
             r["poisoned_true_label"],
+            r["poisoned_poisoned_label"],
             f"{r['minutes']:.0f} min",
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -277,6 +277,9 @@ def test_dataelixir_table_runs_what_is_missing_and_tables_every_record(badnet_ru
     metrics = json.loads((tmp_path / "w" / "record" / "badnet_s0" / "metrics.json").read_text())
     assert row["attack"] == "badnet" and row["seed"] == 0 and row["ASR_after"] == metrics["defended_metrics"]["ASR"]
     assert row["TPR"] == metrics["TPR"] and len(row["clean_own_label"].split(" / ")) == 1 + TINY["rounds_n"]
+    kept_trigger = row["poisoned_poisoned_label"].split(" / ")  # original, then each round's last kept step
+    assert kept_trigger[0] == f"{100 * metrics['candidate_label_rates']['poisoned_dataset_label'][0]:.0f}"
+    assert len(kept_trigger) == 1 + TINY["rounds_n"]
     assert (tmp_path / "w" / "dataelixir_table.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "w" / "dataelixir_table.md").read_text()
     assert md.count("\n| badnet | 0 |") == 1
