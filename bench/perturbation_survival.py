@@ -19,9 +19,17 @@ and reports, averaged over images (pixels in [0, 1]):
 
     python bench/perturbation_survival.py --work_dir runs/demo [--poisons EM,TAP]
 
-The purified set is the demo's (its t*, diffusion iterations and sparse set). Writes
-``survival.json``, ``survival.csv`` and ``survival.png`` (the surviving share per poison)
-in ``--out``; results there are replaced only with ``--overwrite``.
+By default the purified sets are the demo's (its t*, diffusion iterations and sparse
+set). With ``--ckpts``, the script purifies ``--images`` class-balanced images of each
+poisoned set itself, once per checkpoint of the work dir's diffusion model and per number
+of reverse steps in ``--respace`` ("all" = t*), to see whether the CPU-scale shortcuts
+(few training iterations, respaced sampling) decide what survives:
+
+    python bench/perturbation_survival.py --work_dir runs/demo --poisons EM,TAP,REM \\
+        --ckpts ema_0.999_001000.pt,ema_0.999_003000.pt --respace 20,all --images 500
+
+Writes ``survival.json``, ``survival.csv`` and ``survival.png`` (the surviving share per
+poison and setting) in ``--out``; results there are replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -30,26 +38,39 @@ import argparse
 import csv
 import io
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from common import machine
 
+from utils.checkpoints import parse_checkpoint_name, resolve_checkpoint
 from utils.cpu_recipe import demo_recipe
-from utils.data import load_cifar10, read_eclipse_pkl
+from utils.data import ImageSet, class_balanced_subset, load_cifar10, read_eclipse_pkl
 from utils.demo_pipeline import SPARSE_SET
+from utils.diffusion_setup import load_diffusion_model, load_diffusion_spec
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, cli_main, read_state_json, refuse_overwrite
-from utils.keys import POSITIVE, Key, add_keys_to_argparser
-from utils.paths import poisoned_file, purified_file
+from utils.keys import POSITIVE, SUBSET, Key, add_keys_to_argparser
+from utils.paths import REPO_ROOT, diff_ckpt_dir, poisoned_file, purified_file
 from utils.plots import pyplot, save_figure
 from utils.poisons import POISONS
+from utils.poisons.common import measure_norms
+from utils.purify import purify_dataset
 
 KEYS = {
     "work_dir": Key("runs/demo", "the demo's work dir (poisoned_data/ and purified_data/)"),
     "poisons": Key("all", "comma-separated poisons, or 'all' (those with both sets present)"),
     "t": Key(demo_recipe()["t"], "t* of the purified sets", range=POSITIVE),
     "diffusion_iterations": Key(demo_recipe()["diffusion_iterations"], "iterations of the diffusion model used"),
+    "ckpts": Key(
+        "", "purify here with these checkpoints of <work_dir>/diff_ckpt/cifar10/<sparse set>/ (comma-separated)"
+    ),
+    "respace": Key("20", "with --ckpts: reverse-step counts, comma-separated ('all' = t*; more than t* is t*)"),
+    "images": Key(500, "with --ckpts: class-balanced images purified per poisoned set", range=SUBSET),
+    "config": Key("config/eclipse/cpu.yml", "with --ckpts: the diffusion model's config (the demo's)"),
+    "seed": Key(1234, "with --ckpts: seed of the purification noise (purification.py's default)"),
+    "bf16": Key(True, "with --ckpts: bf16 autocast for the UNet (purification.py's default)"),
     "out": Key("bench/results/perturbation_survival", "output folder"),
     "overwrite": Key(False, "replace the results in --out", flag=True),
 }
@@ -78,12 +99,18 @@ def survival(clean: torch.Tensor, poisoned: torch.Tensor, purified: torch.Tensor
     }
 
 
-def _subset_indices(poison_json: Path, n: int) -> np.ndarray | None:
-    """The training-set indices the poison was crafted on; None for the whole set."""
+def _poison_info(poison_json: Path) -> dict:
     if not poison_json.is_file():
         raise UserError(f"{poison_json} is missing: it names the clean images the poison was crafted from")
     info = read_state_json(poison_json, "re-craft the poison with poison.py")
-    subset = info.get("subset") if isinstance(info, dict) else None
+    if not isinstance(info, dict):
+        raise UserError(f"{poison_json}: expected poison.py's JSON object")
+    return info
+
+
+def _subset_indices(info: dict, poison_json: Path, n: int) -> np.ndarray | None:
+    """The training-set indices the poison was crafted on; None for the whole set."""
+    subset = info.get("subset")
     if subset is None:
         return None
     idx = subset.get("indices") if isinstance(subset, dict) else None
@@ -92,46 +119,115 @@ def _subset_indices(poison_json: Path, n: int) -> np.ndarray | None:
     return np.asarray(idx, dtype=np.int64)
 
 
+def _parse_list(text: str, what: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise UserError(f"{what}: expected a comma-separated list, got {text!r}")
+    return items
+
+
+def _settings(args: argparse.Namespace, work: Path) -> list[tuple[str, int | None, Path | None]]:
+    """(label, reverse steps, checkpoint) per purification setting; checkpoint None = the demo's purified set."""
+    if not args.ckpts:
+        return [(f"purified set ({args.diffusion_iterations} iterations)", None, None)]
+    settings = []
+    for name in _parse_list(args.ckpts, "--ckpts"):
+        ckpt = resolve_checkpoint(diff_ckpt_dir(work, SPARSE_SET) / name)
+        if not ckpt.is_file():
+            raise UserError(f"diffusion checkpoint not found: {ckpt}")
+        parsed = parse_checkpoint_name(name)
+        its = f"{parsed.step} iterations" if parsed else Path(name).stem
+        for r in _parse_list(args.respace, "--respace"):
+            if r != "all" and not (r.isdigit() and int(r) >= 1):
+                raise UserError(f"--respace: {r!r} is not a positive step count or 'all'")
+            steps = args.t if r == "all" else min(int(r), args.t)  # as purification.py: at most t*
+            settings.append((f"{its}, {steps} steps", steps, ckpt))
+    return settings
+
+
+def _purify(args: argparse.Namespace, ckpt: Path, steps: int, images: torch.Tensor) -> torch.Tensor:
+    """``images`` through ECLIPSE's stage 1 exactly as purification.py runs it (same batches,
+    noise seeds and quantisation: all of a poisoned set gives purification.py's bytes)."""
+    config = Path(args.config) if Path(args.config).is_file() else REPO_ROOT / args.config
+    spec = load_diffusion_spec(config)
+    model = load_diffusion_model(spec, ckpt, torch.device("cpu"), "train it with train_diffusion.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        return purify_dataset(
+            model,
+            spec.build_diffusion(respacing=""),
+            images,
+            args.t,
+            Path(tmp) / "parts",
+            respace=steps,
+            seed=args.seed,
+            bf16=args.bf16,
+            log=lambda _: None,
+        )
+
+
 def measure(args: argparse.Namespace) -> dict:
     work = Path(args.work_dir)
-    names = list(POISONS) if args.poisons == "all" else [p.strip() for p in args.poisons.split(",") if p.strip()]
+    names = list(POISONS) if args.poisons == "all" else _parse_list(args.poisons, "--poisons")
     bad = [p for p in names if p not in POISONS]
     if bad:
         raise UserError(f"unknown poison(s) {', '.join(bad)}; choose from {', '.join(POISONS)} or 'all'")
+    settings = _settings(args, work)
 
     def pure(p: str) -> Path:
         return purified_file(work, SPARSE_SET, args.t, args.diffusion_iterations, p)
 
-    ready = [p for p in names if poisoned_file(work, p).is_file() and pure(p).is_file()]
+    def needed(p: str) -> list[Path]:
+        return [poisoned_file(work, p)] + ([] if args.ckpts else [pure(p)])
+
+    ready = [p for p in names if all(f.is_file() for f in needed(p))]
     if args.poisons != "all":
-        missing = [
-            f"{poisoned_file(work, p)}" if not poisoned_file(work, p).is_file() else f"{pure(p)}"
-            for p in names
-            if p not in ready
-        ]
+        missing = [str(f) for p in names for f in needed(p) if not f.is_file()]
         if missing:
             raise UserError(f"not found: {', '.join(missing)} (run demo.py for these poisons first)")
     if not ready:
         raise UserError(
-            f"{work}: no poison has both its poisoned and its purified set (t*={args.t}, {args.diffusion_iterations} iterations)"
+            f"{work}: no poison has both its poisoned and its purified set "
+            f"(t*={args.t}, {args.diffusion_iterations} iterations)"
         )
     train = load_cifar10("train")
     rows = []
     for p in ready:
         poisoned = read_eclipse_pkl(poisoned_file(work, p))
-        purified = read_eclipse_pkl(pure(p))
-        idx = _subset_indices(poisoned_file(work, p).with_suffix(".json"), len(poisoned))
+        meta = poisoned_file(work, p).with_suffix(".json")
+        info = _poison_info(meta)
+        idx = _subset_indices(info, meta, len(poisoned))
         clean = train if idx is None else train.subset(torch.from_numpy(idx))
-        if len(purified) != len(poisoned) or len(clean) != len(poisoned):
-            raise UserError(f"{pure(p)}: {len(purified)} images, the poisoned set {len(poisoned)}, clean {len(clean)}")
-        if not (torch.equal(poisoned.labels, clean.labels) and torch.equal(purified.labels, clean.labels)):
-            raise UserError(f"{p}: the poisoned or purified labels differ from the clean subset's (another subset?)")
-        rows.append({"poison": p, **survival(clean.images, poisoned.images, purified.images)})
-        print(f"{p}: surviving share {rows[-1]['surviving_share']:.3f}, cosine {rows[-1]['cosine']:.3f}", flush=True)
+        if len(clean) != len(poisoned) or not torch.equal(poisoned.labels, clean.labels):
+            raise UserError(f"{p}: the poisoned set's labels differ from the clean subset's (another subset?)")
+        # labels alone cannot tell neighbouring images of one class apart: the perturbation
+        # measured against these clean images must be the one poison.py recorded
+        recorded = info.get("norms", {}).get("l2_mean") if isinstance(info.get("norms"), dict) else None
+        measured = measure_norms(clean.images, poisoned.images)["l2_mean"]
+        if isinstance(recorded, int | float) and abs(measured - recorded) > 1e-4 * max(1.0, recorded):
+            raise UserError(
+                f"{meta}: against the clean images it names, the perturbation's mean L2 is {measured:.4f}, "
+                f"not the {recorded:.4f} recorded when crafting (other clean images or another CIFAR-10 copy?)"
+            )
+        if args.ckpts and args.images < len(poisoned):
+            keep = class_balanced_subset(poisoned.labels, args.images, seed=0)
+            poisoned, clean = poisoned.subset(keep), clean.subset(keep)
+        for label, steps, ckpt in settings:
+            if ckpt is None:
+                purified = read_eclipse_pkl(pure(p))
+                if not torch.equal(purified.labels, clean.labels):
+                    raise UserError(f"{pure(p)}: its labels differ from the poisoned set's (another subset?)")
+            else:
+                purified = ImageSet(_purify(args, ckpt, steps, poisoned.images), poisoned.labels)
+            rows.append({"poison": p, "setting": label, **survival(clean.images, poisoned.images, purified.images)})
+            r = rows[-1]
+            print(f"{p} [{label}]: surviving share {r['surviving_share']:.3f}, cosine {r['cosine']:.3f}", flush=True)
     return {
         "work_dir": str(work.resolve()),
         "t": args.t,
         "diffusion_iterations": args.diffusion_iterations,
+        "images_per_poison": args.images if args.ckpts else "all",
+        "bf16": args.bf16 if args.ckpts else None,
+        "seed": args.seed if args.ckpts else None,
         "machine": machine(),
         "command": "python bench/perturbation_survival.py " + " ".join(sys.argv[1:]),
         "rows": rows,
@@ -140,6 +236,7 @@ def measure(args: argparse.Namespace) -> dict:
 
 COLUMNS = (
     "poison",
+    "setting",
     "surviving_share",
     "cosine",
     "delta_l2",
@@ -159,12 +256,20 @@ def write_outputs(result: dict, out: Path) -> None:
     for r in result["rows"]:
         w.writerow([f"{r[k]:.4f}" if isinstance(r[k], float) else r[k] for k in COLUMNS])
     atomic_write_text(out / "survival.csv", buf.getvalue())
-    fig, ax = pyplot().subplots(figsize=(5.5, 3.2))
-    names = [r["poison"] for r in result["rows"]]
-    ax.bar(names, [r["surviving_share"] for r in result["rows"]], color="tab:red")
+    rows = result["rows"]
+    poisons = list(dict.fromkeys(r["poison"] for r in rows))
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    width = 0.8 / len(settings)
+    fig, ax = pyplot().subplots(figsize=(max(5.5, 0.9 * len(poisons) * len(settings)), 3.4))
+    for j, setting in enumerate(settings):
+        share = {r["poison"]: r["surviving_share"] for r in rows if r["setting"] == setting}
+        xs = [i + (j - (len(settings) - 1) / 2) * width for i, p in enumerate(poisons) if p in share]
+        ax.bar(xs, [share[p] for p in poisons if p in share], width, label=setting)
+    ax.set_xticks(range(len(poisons)), poisons)
     ax.set_ylabel("perturbation surviving purification")
     ax.set_ylim(0, 1)
-    ax.set_title(f"ECLIPSE stage 1, t*={result['t']}, {result['diffusion_iterations']} iterations", fontsize=9)
+    ax.set_title(f"ECLIPSE stage 1 at t*={result['t']}", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, out / "survival.png", dpi=120)
 

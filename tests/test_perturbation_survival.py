@@ -16,6 +16,7 @@ import perturbation_survival as ps  # noqa: E402
 from utils.data import ImageSet, class_balanced_subset, write_eclipse_pkl  # noqa: E402
 from utils.demo_pipeline import SPARSE_SET  # noqa: E402
 from utils.paths import poisoned_file, purified_file  # noqa: E402
+from utils.poisons.common import measure_norms  # noqa: E402
 
 
 def _signs(shape: tuple[int, ...]) -> torch.Tensor:
@@ -54,7 +55,13 @@ def _work_dir(tmp_path, cifar_train, n: int = 200):
     poisoned = ImageSet(_poison(clean.images), clean.labels)
     write_eclipse_pkl(poisoned_file(tmp_path, "EM"), poisoned)
     poisoned_file(tmp_path, "EM").with_suffix(".json").write_text(
-        json.dumps({"poison": "EM", "subset": {"n": n, "seed": 0, "indices": idx.tolist()}})
+        json.dumps(
+            {
+                "poison": "EM",
+                "subset": {"n": n, "seed": 0, "indices": idx.tolist()},
+                "norms": measure_norms(clean.images, poisoned.images),
+            }
+        )
     )
     write_eclipse_pkl(purified_file(tmp_path, SPARSE_SET, 100, 3000, "EM"), poisoned)
     write_eclipse_pkl(poisoned_file(tmp_path, "TAP"), poisoned)  # not purified yet: left out of 'all'
@@ -69,12 +76,49 @@ def test_cli_writes_every_output_and_refuses_to_overwrite(tmp_path, cifar_train,
     result = json.loads((out / "survival.json").read_text())
     assert [r["poison"] for r in result["rows"]] == ["EM"]
     assert result["rows"][0]["surviving_share"] == pytest.approx(1.0)
-    assert (out / "survival.csv").read_text().splitlines()[1].startswith("EM,1.0000,")
+    assert (out / "survival.csv").read_text().splitlines()[1].startswith("EM,purified set (3000 iterations),1.0000,")
     assert (out / "survival.png").stat().st_size > 0
     with pytest.raises(SystemExit) as e:
         ps.main(argv)
     assert e.value.code == 2 and "already exists" in capsys.readouterr().err
     ps.main([*argv, "--overwrite"])
+
+
+def _random_checkpoint(work, name: str = "ema_0.9999_5.pt"):
+    from utils.diffusion_setup import load_diffusion_spec
+    from utils.paths import diff_ckpt_dir
+
+    torch.manual_seed(0)
+    model = load_diffusion_spec(REPO / "config" / "eclipse" / "cpu.yml").build_model()
+    for q in model.parameters():  # the zero-initialised output layers would make denoising the identity
+        q.data.normal_(0, 0.02)
+    path = diff_ckpt_dir(work, SPARSE_SET) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+
+
+def test_purify_mode_matches_purification_py(tmp_path, cifar_train):
+    """--ckpts purifies as purification.py does: on the whole set, the same bytes, so the same row."""
+    import purification
+
+    _work_dir(tmp_path, cifar_train, n=20)
+    _random_checkpoint(tmp_path)
+    common = ["--work_dir", str(tmp_path), "--poisons", "EM", "--t", "4"]
+    purification.main(
+        [*common[:2], "--poison", "EM", "--config", "cpu.yml", "--sparse_diff_model", "ema_0.9999_5.pt", "--t", "4"]
+    )
+    ps.main([*common, "--diffusion_iterations", "5", "--out", str(tmp_path / "a")])
+    ps.main(
+        [*common, "--ckpts", "ema_0.9999_5.pt", "--respace", "all,2", "--images", "20", "--out", str(tmp_path / "b")]
+    )
+    (demo_row,) = json.loads((tmp_path / "a" / "survival.json").read_text())["rows"]
+    full, two = json.loads((tmp_path / "b" / "survival.json").read_text())["rows"]
+    assert full["setting"] == "5 iterations, 4 steps" and two["setting"] == "5 iterations, 2 steps"
+    metrics = ("surviving_share", "cosine", "delta_l2", "change_l2", "other_change_l2", "images")
+    assert {k: full[k] for k in metrics} == {k: demo_row[k] for k in metrics}
+    assert two["surviving_share"] != full["surviving_share"]
+    ps.main([*common, "--ckpts", "ema_0.9999_5.pt", "--images", "10", "--out", str(tmp_path / "c")])
+    assert json.loads((tmp_path / "c" / "survival.json").read_text())["rows"][0]["images"] == 10
 
 
 @pytest.mark.parametrize(
@@ -83,8 +127,11 @@ def test_cli_writes_every_output_and_refuses_to_overwrite(tmp_path, cifar_train,
         ("poisons", "unknown poison(s) XYZ"),
         ("not_purified", "TAP-pure.pkl"),
         ("other_t", "no poison has both"),
-        ("labels", "differ from the clean subset"),
+        ("labels", "EM-pure.pkl: its labels differ from the poisoned set"),
         ("json", "subset.indices must list the 200"),
+        ("indices", "EM.json: against the clean images it names, the perturbation's mean L2 is"),
+        ("ckpt", "diffusion checkpoint not found"),
+        ("respace", "'0' is not a positive step count"),
     ],
 )
 def test_cli_bad_inputs_are_one_line_errors(tmp_path, cifar_train, capsys, change, message):
@@ -102,6 +149,16 @@ def test_cli_bad_inputs_are_one_line_errors(tmp_path, cifar_train, capsys, chang
 
         data = read_eclipse_pkl(pure)
         write_eclipse_pkl(pure, ImageSet(data.images, (data.labels + 1) % 10))
+    elif change == "indices":  # the JSON names other training images than the ones poisoned
+        meta = poisoned_file(tmp_path, "EM").with_suffix(".json")
+        info = json.loads(meta.read_text())
+        info["subset"]["indices"] = [i + 1 for i in info["subset"]["indices"]]
+        meta.write_text(json.dumps(info))
+    elif change == "ckpt":
+        argv += ["--ckpts", "ema_0.999_000042.pt"]
+    elif change == "respace":
+        _random_checkpoint(tmp_path)
+        argv += ["--ckpts", "ema_0.9999_5.pt", "--respace", "20,0"]
     elif change == "json":
         poisoned_file(tmp_path, "EM").with_suffix(".json").write_text(json.dumps({"subset": {"indices": [1, 2]}}))
     with pytest.raises(SystemExit) as e:
