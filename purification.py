@@ -26,11 +26,11 @@ import torch
 
 from utils.checkpoints import parse_checkpoint_name, resolve_checkpoint
 from utils.data import ImageSet, read_eclipse_pkl, write_eclipse_pkl
-from utils.diffusion_setup import diffusion_train_command, load_diffusion_model, load_diffusion_spec
+from utils.diffusion_setup import diffusion_train_command, load_diffusion_model, load_diffusion_spec, resolve_config
 from utils.download import eclipse_manual
 from utils.fileio import UserError, atomic_write_json, cli_main, refuse_overwrite, safe_torch_load, setup_logging
 from utils.keys import DEVICE, POSITIVE, Key, add_keys_to_argparser
-from utils.paths import REPO_ROOT, diff_ckpt_dir, poisoned_file, purified_file, work_dir
+from utils.paths import diff_ckpt_dir, poisoned_file, purified_file, work_dir
 from utils.plots import amplified_difference, save_image_grid
 from utils.purify import noise_std_at, purify_dataset
 from utils.run_state import check_name, file_fingerprint, output_lock
@@ -71,13 +71,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("poison", "sparse_set", "sparse_diff_model"):
         check_name(getattr(args, flag), f"--{flag}")
     return args
-
-
-def resolve_config(name: str) -> Path:
-    for cand in (Path(name), REPO_ROOT / name, REPO_ROOT / "config" / "eclipse" / name):
-        if cand.is_file():
-            return cand
-    raise UserError(f"diffusion config {name!r} not found (looked in ., the repository and config/eclipse/)")
 
 
 def checkpoint_iteration(name: str) -> str:

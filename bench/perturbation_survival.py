@@ -39,6 +39,7 @@ import csv
 import io
 import sys
 import tempfile
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +50,10 @@ from utils.checkpoints import parse_checkpoint_name, resolve_checkpoint
 from utils.cpu_recipe import demo_recipe
 from utils.data import ImageSet, class_balanced_subset, load_cifar10, read_eclipse_pkl
 from utils.demo_pipeline import SPARSE_SET
-from utils.diffusion_setup import load_diffusion_model, load_diffusion_spec
+from utils.diffusion_setup import load_diffusion_model, load_diffusion_spec, resolve_config
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, cli_main, read_state_json, refuse_overwrite
 from utils.keys import POSITIVE, SUBSET, Key, add_keys_to_argparser
-from utils.paths import REPO_ROOT, diff_ckpt_dir, poisoned_file, purified_file
+from utils.paths import diff_ckpt_dir, poisoned_file, purified_file
 from utils.plots import pyplot, save_figure
 from utils.poisons import POISONS
 from utils.poisons.common import measure_norms
@@ -68,7 +69,7 @@ KEYS = {
     ),
     "respace": Key("20", "with --ckpts: reverse-step counts, comma-separated ('all' = t*; more than t* is t*)"),
     "images": Key(500, "with --ckpts: class-balanced images purified per poisoned set", range=SUBSET),
-    "config": Key("config/eclipse/cpu.yml", "with --ckpts: the diffusion model's config (the demo's)"),
+    "config": Key("cpu.yml", "with --ckpts: the diffusion model's config (the demo's; as purification.py's --config)"),
     "seed": Key(1234, "with --ckpts: seed of the purification noise (purification.py's default)"),
     "bf16": Key(True, "with --ckpts: bf16 autocast for the UNet (purification.py's default)"),
     "out": Key("bench/results/perturbation_survival", "output folder"),
@@ -145,16 +146,22 @@ def _settings(args: argparse.Namespace, work: Path) -> list[tuple[str, int | Non
     return settings
 
 
+@cache
+def _diffusion(config: str, ckpt: Path) -> tuple:
+    """The model and its un-respaced process, loaded once per checkpoint for every poison."""
+    spec = load_diffusion_spec(resolve_config(config))
+    model = load_diffusion_model(spec, ckpt, torch.device("cpu"), "train it with train_diffusion.py")
+    return model, spec.build_diffusion(respacing="")
+
+
 def _purify(args: argparse.Namespace, ckpt: Path, steps: int, images: torch.Tensor) -> torch.Tensor:
     """``images`` through ECLIPSE's stage 1 exactly as purification.py runs it (same batches,
     noise seeds and quantisation: all of a poisoned set gives purification.py's bytes)."""
-    config = Path(args.config) if Path(args.config).is_file() else REPO_ROOT / args.config
-    spec = load_diffusion_spec(config)
-    model = load_diffusion_model(spec, ckpt, torch.device("cpu"), "train it with train_diffusion.py")
+    model, base = _diffusion(args.config, ckpt)
     with tempfile.TemporaryDirectory() as tmp:
         return purify_dataset(
             model,
-            spec.build_diffusion(respacing=""),
+            base,
             images,
             args.t,
             Path(tmp) / "parts",

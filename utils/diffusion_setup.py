@@ -23,6 +23,7 @@ import yaml
 
 from utils.diffusion import GaussianDiffusion, get_named_beta_schedule, space_timesteps
 from utils.fileio import UserError, load_state_dict_strict, read_text_file, safe_torch_load
+from utils.paths import REPO_ROOT
 from utils.runtime import compiled
 
 # improved-diffusion's model_and_diffusion_defaults()
@@ -198,6 +199,14 @@ def spec_from_dict(cfg: dict, source: str = "<dict>") -> DiffusionSpec:
     except ValueError as e:
         raise UserError(f"{source}: {e}") from None
     return spec
+
+
+def resolve_config(name: str | Path) -> Path:
+    """A diffusion config by path, by path from the repository, or by name in config/eclipse/."""
+    for cand in (Path(name), REPO_ROOT / name, REPO_ROOT / "config" / "eclipse" / name):
+        if cand.is_file():
+            return cand
+    raise UserError(f"diffusion config {str(name)!r} not found (looked in ., the repository and config/eclipse/)")
 
 
 def load_diffusion_spec(path: str | Path) -> DiffusionSpec:

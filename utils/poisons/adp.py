@@ -22,18 +22,11 @@ from typing import Any
 import torch
 
 from models.unet_classifier import unet_classifier_from
-from utils.diffusion_setup import diffusion_train_command, load_diffusion_model, load_diffusion_spec
+from utils.diffusion_setup import diffusion_train_command, load_diffusion_model, load_diffusion_spec, resolve_config
 from utils.fileio import UserError
 from utils.paths import REPO_ROOT, diff_ckpt_dir
 from utils.poisons.common import CraftContext, CraftResult, apply_linf, compensation_float, surrogate_report
 from utils.poisons.minmin import MinMinConfig, run_min_min
-
-
-def resolve_config(name: str) -> Path:
-    for cand in (Path(name), REPO_ROOT / name, REPO_ROOT / "config" / "eclipse" / name):
-        if cand.is_file():
-            return cand
-    raise UserError(f"diffusion config {name!r} not found (looked in ., the repository and config/eclipse/)")
 
 
 def checkpoint_path(work: Path, params: dict[str, Any]) -> Path:
