@@ -19,7 +19,7 @@ from contextlib import ExitStack
 
 from models import CLASSIFIERS
 from utils.fileio import UserError, cli_main
-from utils.keys import DEVICE, DOWNLOAD, GT0, POSITIVE, SUBSET, Key, add_keys_to_argparser
+from utils.keys import BF16, DEVICE, DOWNLOAD, GT0, POSITIVE, PRECISION, SUBSET, Key, add_keys_to_argparser
 from utils.poisons import OPTIONS, POISONS, PoisonSpec, get_poison, resolve_params
 from utils.poisons.run import PAUSED_EXIT, PoisonJob, run_poison
 from utils.run_state import check_name
@@ -37,10 +37,12 @@ KEYS: dict[str, Key] = {
     "arch": Key(None, "surrogate architecture (default resnet18)", str, True, choices=tuple(CLASSIFIERS)),
     "width": Key(None, "surrogate width (64 = the papers; 16 = CPU scale)", int, True, range=POSITIVE),
     "device": DEVICE,
-    "bf16": Key(
-        False,
-        "bf16 autocast for surrogates (fp32 weights); the references run fp32, the default (docs/RESULTS.md: bf16 vs fp32)",
+    "precision": PRECISION.with_default(
+        "auto",
+        "auto: fp32 for surrogates everywhere (bf16 weakens EM: docs/RESULTS.md, surrogate precision), as the "
+        "references; bf16: bf16 autocast (faster on CPUs with native bf16)",
     ),
+    "bf16": BF16,
     "threads": Key(
         None,
         "CPU threads (default: torch's); 1 is several times faster on a machine whose cores are busy",

@@ -29,9 +29,10 @@ from utils.data import ImageSet, read_eclipse_pkl, write_eclipse_pkl
 from utils.diffusion_setup import diffusion_train_command, load_diffusion_model, load_diffusion_spec, resolve_config
 from utils.download import eclipse_manual
 from utils.fileio import UserError, atomic_write_json, cli_main, refuse_overwrite, safe_torch_load, setup_logging
-from utils.keys import DEVICE, POSITIVE, Key, add_keys_to_argparser
+from utils.keys import BF16, DEVICE, POSITIVE, PRECISION, Key, add_keys_to_argparser
 from utils.paths import diff_ckpt_dir, poisoned_file, purified_file, work_dir
 from utils.plots import amplified_difference, save_image_grid
+from utils.precision import precision_from_args
 from utils.purify import noise_std_at, purify_dataset
 from utils.run_state import check_name, file_fingerprint, output_lock
 from utils.runtime import ArgParser, barrier, cleanup_distributed, init_distributed, resolve_device
@@ -53,7 +54,8 @@ KEYS: dict[str, Key] = {
         True,
         range=POSITIVE,
     ),
-    "bf16": Key(True, "bf16 autocast for the UNet (see README for its effect)"),
+    "precision": PRECISION,
+    "bf16": BF16,
     "compile": Key(False, "torch.compile the UNet (see BENCHMARKS.md)"),
     "quantize": Key("truncate", "float->uint8 as ToPILImage (truncate) or rounding", choices=("truncate", "round")),
     "device": DEVICE,
@@ -103,6 +105,7 @@ def main(argv=None) -> None:
         )
 
     device = resolve_device(args.device)
+    precision = precision_from_args(args, device, "purification")
     rank, world = init_distributed(device)
     lock = ExitStack()
     try:
@@ -129,8 +132,9 @@ def main(argv=None) -> None:
             log.info(
                 f"[Poison:{args.poison}] [t*:{args.t}] [Sparse set:{args.sparse_set}] [Iteration:{iteration}] "
                 f"{len(data)} images, {steps} reverse steps, noise std {noise_std_at(base, args.t):.4f} on [-1,1], "
-                f"bf16={args.bf16}, device={device}, processes={world}"
+                f"device={device}, processes={world}"
             )
+            log.info(precision.line())
         stats: dict = {}
         t0 = time.time()
         out = purify_dataset(
@@ -142,7 +146,7 @@ def main(argv=None) -> None:
             batch_size=args.batch_size,
             respace=args.respace,
             seed=args.seed,
-            bf16=args.bf16,
+            precision=precision.name,
             quantize=args.quantize,
             device=device,
             rank=rank,
@@ -201,7 +205,7 @@ def _summary(
         "config": config,
         "seed": args.seed,
         "batch_size": args.batch_size,
-        "bf16": args.bf16,
+        "precision": stats["precision"],
         "quantize": args.quantize,
         "device": str(device),
         "processes": world,

@@ -34,9 +34,22 @@ from utils.fileio import (
     read_state_json,
     setup_logging,
 )
-from utils.keys import DEVICE, DOWNLOAD, FRACTION, GT0, NONNEG, POSITIVE, SUBSET, Key, add_keys_to_argparser
+from utils.keys import (
+    BF16,
+    DEVICE,
+    DOWNLOAD,
+    FRACTION,
+    GT0,
+    NONNEG,
+    POSITIVE,
+    PRECISION,
+    SUBSET,
+    Key,
+    add_keys_to_argparser,
+)
 from utils.paths import diff_ckpt_dir, purified_file, work_dir
 from utils.plots import history_series, save_curves
+from utils.precision import keep_stored, legacy_precision, precision_from_args, prefer_channels_last
 from utils.run_state import OutputLock, check_name, same_settings_or_refuse
 from utils.runtime import ArgParser, Range, resolve_device, seed_everything, set_deterministic
 from utils.trainer import TrainConfig, train_classifier
@@ -76,8 +89,9 @@ KEYS: dict[str, Key] = {
     "deterministic": Key(
         True, "cuDNN deterministic, no benchmark (the reference's same_seeds); false: fastest kernels"
     ),
-    "bf16": Key(True),
-    "channels_last": Key(True),
+    "precision": PRECISION,
+    "bf16": BF16,
+    "channels_last": Key(None, "null: where it is faster on the device (README, Precision)", bool, nullable=True),
     "device": DEVICE,
     "data_root": Key(None, nullable=True),
     "download": DOWNLOAD,
@@ -128,29 +142,37 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     work = work_dir(args.work_dir)
     run = work / "runs" / "train" / args.run_name
-    settings = {
-        k: v for k, v in vars(args).items() if k not in ("device", "overwrite", "work_dir", "data_root", "download")
-    }
+    device = resolve_device(args.device)
+    precision = precision_from_args(args, device, "victim")
+    channels_last = prefer_channels_last(device) if args.channels_last is None else args.channels_last
+    runtime_only = ("device", "overwrite", "work_dir", "data_root", "download", "bf16")
+    settings = {k: v for k, v in vars(args).items() if k not in runtime_only}
+    settings.update(precision=precision.name, channels_last=channels_last)
     result_path = run / "result.json"
     # an interrupted run records its settings too, so a re-run never resumes another's checkpoint
     stored = run / "settings.json"
     hint = "pass --run_name NAME or --overwrite"
     old = read_state_json(result_path, hint) if result_path.is_file() else None
     old_settings = old.get("settings") if old else read_state_json(stored, hint) if stored.is_file() else None
+    if isinstance(old_settings, dict):
+        old_settings = legacy_precision(old_settings)
+        if not args.overwrite:  # a resumed run keeps the precision and layout it was started with
+            keep_stored(settings, old_settings, run, print, how=hint)
     same = same_settings_or_refuse(run, old_settings, settings, overwrite=args.overwrite, hint=hint)
     if old and same and not args.overwrite:
         print(f"{run} is finished: test accuracy {old['final_test_acc']:.2f}% (pass --overwrite to redo it)")
         return
     # every input is checked (and read) before the run folder is made
-    device = resolve_device(args.device)
     train, source = load_training_set(args, work)
     test = load_cifar10("test", args.data_root, download=args.download)
     discard = bool(old) or (old_settings is not None and not same)
     with OutputLock(run):
-        _run(args, work, run, settings, discard, device, train, source, test)
+        _run(args, work, run, settings, discard, device, train, source, test, precision)
 
 
-def _run(args, work, run, settings: dict, discard: bool, device, train: ImageSet, source: str, test: ImageSet) -> None:
+def _run(
+    args, work, run, settings: dict, discard: bool, device, train: ImageSet, source: str, test: ImageSet, precision
+) -> None:
     result_path, stored = run / "result.json", run / "settings.json"
     if discard:
         shutil.rmtree(run)
@@ -176,8 +198,8 @@ def _run(args, work, run, settings: dict, discard: bool, device, train: ImageSet
         weight_decay=args.weight_decay,
         schedule=args.schedule,
         test_every=args.test_every,
-        bf16=args.bf16,
-        channels_last=args.channels_last,
+        precision=settings["precision"],
+        channels_last=settings["channels_last"],
         seed=args.seed,
         drop_last=args.drop_last,
     )
@@ -186,6 +208,8 @@ def _run(args, work, run, settings: dict, discard: bool, device, train: ImageSet
         f"[t*:{args.t}] [sparse_set:{args.sparse_set}] [Grayscale p:{args.p}] [Gaussian std:{args.std}] "
         f"train {source} ({len(train)} images), test {len(test)} images, device {device}"
     )
+    kept = f"precision: {cfg.precision} — kept from the run being resumed (this machine's choice: {precision.name})"
+    log.info(precision.line() if cfg.precision == precision.name else kept)
     t0 = time.time()
     history = train_classifier(
         model, train, augment, cfg, device, {"test_acc": test}, run / "checkpoint.pt", log=log.info, desc=args.run_name

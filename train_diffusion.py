@@ -29,8 +29,9 @@ from utils.data import load_cifar10
 from utils.diffusion_setup import load_diffusion_spec
 from utils.diffusion_training import DiffusionTrainConfig, train_diffusion
 from utils.fileio import UserError, atomic_write_json, cli_main, read_state_json, setup_logging
-from utils.keys import DEVICE, DOWNLOAD, GT0, NONNEG, POSITIVE, Key, add_keys_to_argparser
+from utils.keys import BF16, DEVICE, DOWNLOAD, GT0, NONNEG, POSITIVE, PRECISION, Key, add_keys_to_argparser
 from utils.paths import diff_ckpt_dir, work_dir
+from utils.precision import keep_stored, legacy_precision, precision_from_args
 from utils.run_state import check_name, output_lock, same_settings_or_refuse
 from utils.runtime import (
     ArgParser,
@@ -63,7 +64,8 @@ KEYS: dict[str, Key] = {
         True,
         range=POSITIVE,
     ),
-    "bf16": Key(True, "bf16 autocast (mixed precision, fp32 weights)"),
+    "precision": PRECISION,
+    "bf16": BF16,
     "compile": Key(False, "torch.compile the UNet (see BENCHMARKS.md)"),
     "seed": Key(0, "seed of the sparse-set draw and of training"),
     "device": DEVICE,
@@ -100,6 +102,7 @@ def main(argv=None) -> None:
     if args.max_timestep is not None and args.max_timestep > steps:
         raise UserError(f"--max_timestep {args.max_timestep} exceeds the diffusion's {steps} steps ({args.config})")
     device = resolve_device(args.device)
+    precision = precision_from_args(args, device, "diffusion_training")
     rank, world = init_distributed(device)
     lock = ExitStack()
     try:
@@ -114,7 +117,7 @@ def main(argv=None) -> None:
             log_interval=args.log_interval,
             flip=args.flip,
             max_timestep=args.max_timestep,
-            bf16=args.bf16,
+            precision=precision.name,
             seed=args.seed,
         )
         settings = {
@@ -133,6 +136,7 @@ def main(argv=None) -> None:
         clean = load_cifar10(args.source, args.data_root, download=args.download)
         lock.enter_context(output_lock(out, rank, world))
         discard = _check_same_run(out / "run.json", settings, args.overwrite)
+        cfg.precision = settings["training"]["precision"]  # a resumed run keeps its stored precision
         idx = sparse_set_indices(len(clean), args.num_clean, args.seed)
         images = clean.images[idx].repeat(args.replicas, 1, 1, 1)  # ECLIPSE Eq. 3: D_s plus its duplicates
         if discard and rank == 0:
@@ -149,6 +153,8 @@ def main(argv=None) -> None:
             atomic_write_json(out / "run.json", {**settings, "command": " ".join(sys.argv)})
             log.info(f"sparse set {args.sparse_set}: {len(idx)} {args.source} images x {args.replicas} = {len(images)}")
             log.info(f"model {spec.architecture} from {args.config}; world size {world}; device {device}")
+            kept = f"precision: {cfg.precision} — kept from the run being resumed (this machine's choice: {precision.name})"
+            log.info(precision.line() if cfg.precision == precision.name else kept)
         barrier()
         seed_everything(args.seed + rank)
         model = spec.build_model(compile=args.compile)
@@ -176,6 +182,10 @@ def _check_same_run(path: Path, settings: dict, overwrite: bool) -> bool:
         raise
     old = {k: v for k, v in old.items() if k in settings} if isinstance(old, dict) else None
     hint = "choose another --sparse_set or pass --overwrite to discard it"
+    if old is not None and isinstance(old.get("training"), dict):
+        old["training"] = legacy_precision(old["training"])
+        if not overwrite:
+            keep_stored(settings["training"], old["training"], path.parent, print, ("precision",))
     return not same_settings_or_refuse(path.parent, old, settings, overwrite=overwrite, hint=hint)
 
 

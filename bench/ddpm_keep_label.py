@@ -45,6 +45,7 @@ from utils.diffusion_setup import load_diffusion_model, load_diffusion_spec
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_text_file
 from utils.keys import DEVICE, POSITIVE, SUBSET, Key, add_keys_to_argparser
 from utils.plots import pyplot, save_figure
+from utils.precision import legacy_flow_config, precision_of
 from utils.run_state import file_fingerprint, same_settings_or_refuse
 from utils.runtime import resolve_device
 from utils.trainer import predict
@@ -73,7 +74,11 @@ def _record_config(record: Path) -> dict:
     cfg = yaml.safe_load(read_text_file(record / "config.yaml", "record configuration"))
     if not isinstance(cfg, dict):
         raise UserError(f"{record / 'config.yaml'}: damaged record configuration")
-    return cfg
+    return legacy_flow_config(cfg)  # the precisions the flow ran with
+
+
+def _labels_bf16(cfg: dict) -> bool:
+    return precision_of(cfg, "candidate_labels") == "bf16"
 
 
 def _parse_ckpt(text: str) -> tuple[Path, Path]:
@@ -122,9 +127,9 @@ def measure(args: argparse.Namespace) -> dict:
         "classifier": file_fingerprint(record / "backdoored_model.pt"),
         "images": len(rows),
         "clean_test_acc": history[-1].get("BA"),
-        "acc_on_untouched": keep_rates(predict(classifier, images, device, bf16=cfg["amp"]).argmax(1)[:, None], labels)[
-            0
-        ],
+        "acc_on_untouched": keep_rates(
+            predict(classifier, images, device, bf16=_labels_bf16(cfg)).argmax(1)[:, None], labels
+        )[0],
         "steps_T": cfg["steps_T"],
         "respace": cfg["purify_respace"],
         "last_steps_m": cfg["last_steps_m"],
@@ -158,7 +163,7 @@ def measure(args: argparse.Namespace) -> dict:
                 generator=gen,
             )[:, 1:]  # position 0 is the original image
             flat = cand.reshape(-1, *cand.shape[2:])
-            preds.append(predict(classifier, flat, device, bf16=cfg["amp"]).argmax(1).view(len(cand), -1))
+            preds.append(predict(classifier, flat, device, bf16=_labels_bf16(cfg)).argmax(1).view(len(cand), -1))
         rates = keep_rates(torch.cat(preds), labels)
         parsed = parse_checkpoint_name(ckpt.name)
         row = {

@@ -52,11 +52,12 @@ from utils.data import ImageSet, class_balanced_subset, load_cifar10, read_eclip
 from utils.demo_pipeline import SPARSE_SET
 from utils.diffusion_setup import load_diffusion_model, load_diffusion_spec, resolve_config
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, cli_main, read_state_json, refuse_overwrite
-from utils.keys import POSITIVE, SUBSET, Key, add_keys_to_argparser
+from utils.keys import BF16, POSITIVE, PRECISION, SUBSET, Key, add_keys_to_argparser
 from utils.paths import diff_ckpt_dir, poisoned_file, purified_file
 from utils.plots import pyplot, save_figure
 from utils.poisons import POISONS
 from utils.poisons.common import measure_norms
+from utils.precision import precision_from_args
 from utils.purify import purify_dataset
 
 KEYS = {
@@ -71,7 +72,8 @@ KEYS = {
     "images": Key(500, "with --ckpts: class-balanced images purified per poisoned set", range=SUBSET),
     "config": Key("cpu.yml", "with --ckpts: the diffusion model's config (the demo's; as purification.py's --config)"),
     "seed": Key(1234, "with --ckpts: seed of the purification noise (purification.py's default)"),
-    "bf16": Key(True, "with --ckpts: bf16 autocast for the UNet (purification.py's default)"),
+    "precision": PRECISION,
+    "bf16": BF16,
     "out": Key("bench/results/perturbation_survival", "output folder"),
     "overwrite": Key(False, "replace the results in --out", flag=True),
 }
@@ -167,7 +169,7 @@ def _purify(args: argparse.Namespace, ckpt: Path, steps: int, images: torch.Tens
             Path(tmp) / "parts",
             respace=steps,
             seed=args.seed,
-            bf16=args.bf16,
+            precision=precision_from_args(args, torch.device("cpu"), "purification").name,
             log=lambda _: None,
         )
 
@@ -233,7 +235,7 @@ def measure(args: argparse.Namespace) -> dict:
         "t": args.t,
         "diffusion_iterations": args.diffusion_iterations,
         "images_per_poison": args.images if args.ckpts else "all",
-        "bf16": args.bf16 if args.ckpts else None,
+        "precision": precision_from_args(args, torch.device("cpu"), "purification").name if args.ckpts else None,
         "seed": args.seed if args.ckpts else None,
         "machine": machine(),
         "command": "python bench/perturbation_survival.py " + " ".join(sys.argv[1:]),

@@ -22,7 +22,7 @@ CFG = {
     "detection_tail": "two_sided",
     "attack_target": 3,
     "attack_label_trans": "all2one",
-    "bf16": False,
+    "precisions": {"candidate_labels": "fp32"},
     "ssim_mode": "per_channel",
 }
 

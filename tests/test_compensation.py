@@ -113,7 +113,7 @@ def test_train_pure_end_to_end(tmp_path, small_train, monkeypatch):
 def test_interrupted_training_resumes_bit_identically(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(0)
     data = ImageSet(_colour_images(100, seed=4), torch.randint(0, 10, (100,), generator=g))
-    cfg = TrainConfig(epochs=2, batch_size=32, schedule="cosine", test_every=1, bf16=False, drop_last=False)
+    cfg = TrainConfig(epochs=2, batch_size=32, schedule="cosine", test_every=1, precision="fp32", drop_last=False)
     device = torch.device("cpu")
 
     def run(ckpt):

@@ -67,7 +67,7 @@ def test_purify_dataset_resumes_and_shards(tmp_path, small_train):
     spec, model = _random_unet()
     base = spec.build_diffusion()
     images = small_train.images[:20]
-    kw = dict(batch_size=8, seed=7, bf16=False)
+    kw = dict(batch_size=8, seed=7, precision="fp32")
     full = purify_dataset(model, base, images, 3, tmp_path / "a", **kw)
     assert full.shape == images.shape and full.dtype == torch.uint8
     (tmp_path / "a" / "part_00001.pt").unlink()  # a batch lost to a crash is redone identically
@@ -390,7 +390,7 @@ def test_trainer_keeps_or_drops_the_last_partial_batch(drop_last, steps):
         return x
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
-    cfg = TrainConfig(epochs=1, batch_size=4, bf16=False, channels_last=False, drop_last=drop_last)
+    cfg = TrainConfig(epochs=1, batch_size=4, precision="fp32", channels_last=False, drop_last=drop_last)
     train_classifier(model, data, augment, cfg, torch.device("cpu"), log=lambda m: None)
     assert sizes == [4, 4, 2][:steps]  # 10 images in batches of 4: 2 full steps, then 2 images
 

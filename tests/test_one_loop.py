@@ -13,7 +13,7 @@ from utils.augment import standard_augment, to_float
 from utils.data import ImageSet
 from utils.poisons.common import CraftContext
 from utils.poisons.surrogate import SurrogateConfig, fit_surrogate
-from utils.runtime import autocast, to_channels_last
+from utils.runtime import to_channels_last
 from utils.trainer import TrainConfig, train_classifier
 
 CPU = torch.device("cpu")
@@ -125,8 +125,7 @@ def _backdoorbench_pgd(model, x, y, eps, alpha, steps, g):
         adv = (adv + (torch.rand(x.shape, generator=g) * 2 - 1) * eps).clamp(0, 1)
     for _ in range(steps):
         adv.requires_grad_(True)
-        with autocast(x.device):
-            loss = F.cross_entropy(model(adv).float(), y)
+        loss = F.cross_entropy(model(adv), y)  # float32, as BackdoorBench
         (grad,) = torch.autograd.grad(loss, adv)
         adv = adv.detach() + alpha * grad.sign()
         adv = (x + (adv - x).clamp(-eps, eps)).clamp(0, 1)

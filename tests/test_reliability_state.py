@@ -399,7 +399,7 @@ def test_trainer_checkpoint_is_keyed_by_its_data(tmp_path):
     g = torch.Generator().manual_seed(0)
     a = ImageSet(torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(16) % 10)
     b = ImageSet(255 - a.images, a.labels)
-    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.01, bf16=False, channels_last=False)
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.01, precision="fp32", channels_last=False)
 
     def fit(data):
         model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))

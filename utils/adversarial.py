@@ -37,7 +37,7 @@ def pgd_linf(
     step: float,
     steps: int,
     g: torch.Generator | None,
-    bf16: bool = True,
+    bf16: bool = False,
     random_start: bool = True,
     clip_offset: bool = False,
 ) -> torch.Tensor:

@@ -151,6 +151,7 @@ def build_backdoor_data(
         kind = "a clean-label attack (only target-class samples are poisoned)" if cls.clean_label else "all2one only"
         raise UserError(f"{attack} is {kind}; attack_label_trans must be all2one, not all2all")
     trigger = cls(cfg, seed=seed, target=target, label_trans=trans, pratio=pratio)
+    trigger.precision = cfg.get("precisions", {}).get("trigger", "fp32")
     timings: dict[str, float] = {}
 
     t0 = time.time()

@@ -28,16 +28,17 @@ from typing import Any
 import torch
 
 from utils.backdoor import ATTACKS
-from utils.backdoor_keys import all_known_keys, attack_keys, validate
+from utils.backdoor_keys import all_known_keys, attack_keys, flow_precisions, validate
 from utils.backdoor_models import build_candidates, load_diffusion, train_augment
 from utils.backdoor_models import train_config as _train_config
 from utils.backdoor_outputs import load_attack_data
 from utils.backdoor_phases import STEPS, FlowContext, run_steps
-from utils.backdoor_record import open_record
+from utils.backdoor_record import open_record, stored_config
 from utils.data import ImageSet, class_balanced_subset, load_cifar10, locate_cifar10
 from utils.dataelixir import apply_reference_exact
 from utils.fileio import UserError, setup_logging
 from utils.paths import REPO_ROOT, record_dir, work_dir
+from utils.precision import keep_stored
 from utils.run_state import OutputLock
 from utils.runtime import dist_info
 from utils.yaml_config import parse_config, resolve_path
@@ -137,6 +138,10 @@ def _run_flow(attack: str, argv: list[str], locks: ExitStack, gate: _RankGate) -
     if not (rec_dir / "attack_data.pt").is_file():
         locate_cifar10(_data_root(cfg))
     device = resolve_device(cfg["device"])
+    precisions = flow_precisions(cfg, device)
+    cfg["precisions"] = {k: p.name for k, p in precisions.items()}
+    if not run.overwrite:  # a resumed record keeps the precisions it was started with (every rank)
+        keep_stored(cfg, stored_config(rec_dir), rec_dir, print, ("precisions",))
     threads = torch.get_num_threads()
     rank, world = init_distributed(device, _RANK_WAIT)
     shard_threads = torch.get_num_threads()
@@ -162,6 +167,9 @@ def _run_flow(attack: str, argv: list[str], locks: ExitStack, gate: _RankGate) -
     for o, ks in run.ignored.items():
         log(f"overlay {o}: keys not used by {attack} ignored: {', '.join(ks)}")
     log("resolved configuration: " + json.dumps(resolved))
+    for computation, p in precisions.items():
+        kept = cfg["precisions"][computation]
+        log(p.line(computation) if kept == p.name else f"precision ({computation}): {kept} — kept from the record")
     seed_everything(cfg["random_seed"])
     torch.backends.cudnn.benchmark = True
     ctx = FlowContext(

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from utils.backdoor import ATTACKS, COMMON_KEYS
 from utils.fileio import UserError
+from utils.precision import Precision, resolve_precision
 from utils.runtime import Range
 from utils.yaml_config import Key
 
@@ -21,7 +24,12 @@ PAPER_DDPM_CKPT = "cifar10"
 
 TRAIN_KEYS: dict[str, Key] = {
     "device": Key("auto", "auto (CUDA when present), cpu, cuda, cuda:N"),
-    "amp": Key(False, "bf16 autocast for the three classifier trainings (BackdoorBench's amp flag)"),
+    "amp": Key(
+        None,
+        "BackdoorBench's amp flag for the three classifier trainings: true = bf16, false = fp32, null = precision",
+        bool,
+        nullable=True,
+    ),
     "dataset": Key("cifar10", "dataset (only cifar10)", choices=("cifar10",)),
     "dataset_path": Key(None, "CIFAR-10 folder (default: $CIFAR10_ROOT, else data/cifar10)", type=str, nullable=True),
     "subset": Key(None, "class-balanced training subset size (CPU scale; null = all 50,000)", int, True, range=_SUBSET),
@@ -104,8 +112,39 @@ DEFENCE_KEYS: dict[str, Key] = {
         "with purify_respace: the last last_steps_m reverse steps unspaced, so kept candidates are at the "
         "paper's noise levels (CPU-scale option)",
     ),
-    "bf16": Key(True, "bf16 autocast for the diffusion model and the defence's classifier predictions"),
+    "precision": Key(
+        "auto",
+        "auto: bf16 for a computation only where this device runs it natively and its effect is measured small, "
+        "else fp32 (README, Precision); fp32 | bf16: every computation as asked",
+        choices=("auto", "fp32", "bf16"),
+    ),
+    "bf16": Key(
+        None,
+        "older spelling for the DDPM rounds and the candidates' labels: true = bf16, false = fp32, null = precision",
+        bool,
+        nullable=True,
+    ),
 }
+
+
+# the computations of the flow, and the older key that overrides each (None: none)
+FLOW_COMPUTATIONS = {
+    "trigger": None,
+    "backdoor_training": "amp",
+    "ddpm_rounds": "bf16",
+    "candidate_labels": "bf16",
+}
+
+
+def flow_precisions(cfg: dict[str, Any], device: torch.device) -> dict[str, Precision]:
+    """The precision of each computation of the flow on ``device`` (``precision``, with
+    ``amp`` and ``bf16`` where given)."""
+    out = {}
+    for computation, older in FLOW_COMPUTATIONS.items():
+        flag = None if older is None else cfg.get(older)
+        requested = cfg["precision"] if flag is None else ("bf16" if flag else "fp32")
+        out[computation] = resolve_precision(requested, device, computation)
+    return out
 
 
 def attack_keys(attack: str) -> dict[str, Key]:

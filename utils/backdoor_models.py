@@ -13,6 +13,7 @@ import torch
 
 from utils.data import NUM_CLASSES
 from utils.fileio import UserError, check_finite, safe_torch_load
+from utils.precision import precision_of
 from utils.yaml_config import resolve_path
 
 
@@ -53,7 +54,7 @@ def train_config(cfg: dict[str, Any], lr: float, n_train: int, seed_offset: int)
         milestones=tuple(cfg["steplr_milestones"]) if multistep else (),
         gamma=cfg["steplr_gamma"] if multistep else 0.1,
         test_every=1,
-        bf16=cfg["amp"],
+        precision=precision_of(cfg, "backdoor_training"),
         channels_last=True,
         seed=cfg["random_seed"] + seed_offset,
     )
@@ -142,7 +143,7 @@ def purification_rounds(cfg: dict[str, Any]) -> dict[str, Any]:
         "dense_tail": cfg["purify_dense_tail"],
         "noise_offset": cfg["noise_offset"],
         "original_round_trip": cfg["original_round_trip"],
-        "bf16": cfg["bf16"],
+        "bf16": precision_of(cfg, "ddpm_rounds") == "bf16",
     }
 
 
@@ -172,6 +173,7 @@ def build_candidates(
         **purification_rounds(cfg),
         batch_size=cfg["purify_batch_size"],
         seed=cfg["random_seed"],
+        labels_bf16=precision_of(cfg, "candidate_labels") == "bf16",
         device=device,
         rank=rank,
         world=world,

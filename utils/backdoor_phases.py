@@ -44,6 +44,7 @@ from utils.backdoor_record import PHASES, Record
 from utils.data import NUM_CLASSES, ImageSet
 from utils.fileio import atomic_torch_save, atomic_write_json, safe_torch_load
 from utils.paths import resource_dir
+from utils.precision import precision_of
 
 Log = Callable[[str], None]
 
@@ -67,6 +68,11 @@ class FlowContext:
     world: int = 1
     threads: int = dataclasses.field(default_factory=torch.get_num_threads)  # for the phases rank 0 runs alone
     shard_threads: int = dataclasses.field(default_factory=torch.get_num_threads)  # while ranks share the candidates
+
+    @property
+    def labels_bf16(self) -> bool:
+        """Whether the candidates' labels and features run in bf16 (utils/precision.py)."""
+        return precision_of(self.cfg, "candidate_labels") == "bf16"
 
 
 @dataclass(frozen=True)
@@ -295,7 +301,7 @@ def identification_phase(
         rows,
         backdoored,
         ctx.device,
-        bf16=cfg["bf16"],
+        bf16=ctx.labels_bf16,
         desc="selection distances",
         ssim_mode=cfg["ssim_mode"],
     )
@@ -344,7 +350,7 @@ def selection_phase(ctx: FlowContext, ident: Identification, cands: Candidates, 
     susp = ident.suspicious()
     if not len(susp):
         return Selection(torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long))
-    p1 = predict_candidates(stage1, cands.images, susp.numpy(), ctx.device, ctx.cfg["bf16"], "stage-1 labels")
+    p1 = predict_candidates(stage1, cands.images, susp.numpy(), ctx.device, ctx.labels_bf16, "stage-1 labels")
     s2 = de.stage2_selection(p1, ident.label[susp], ident.suspicious_distances())
     return Selection(s2["consensus"], s2["chosen"])
 
@@ -365,7 +371,7 @@ def final_phase(ctx: FlowContext, s: FlowState) -> Relabelled:
     susp = ident.suspicious()
     final_label, chosen = ident.label.clone(), ident.chosen.clone()
     if len(susp):
-        p2 = predict_candidates(stage2, cands.images, susp.numpy(), ctx.device, ctx.cfg["bf16"], "stage-2 labels")
+        p2 = predict_candidates(stage2, cands.images, susp.numpy(), ctx.device, ctx.labels_bf16, "stage-2 labels")
         fin = de.final_relabel(p2, ident.suspicious_distances())
         final_label[susp] = fin["label"]
         chosen[susp] = fin["chosen"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_state_json, read_text_file
+from utils.precision import legacy_flow_config
 from utils.run_state import same_settings_or_refuse
 from utils.yaml_config import dump_yaml
 
@@ -44,6 +45,18 @@ class Record:
         return read_state_json(self.path(name), _DAMAGED_HOW.format(rec=self.root))
 
 
+def stored_config(rec: Path) -> dict[str, Any] | None:
+    """The configuration a record folder was written with (older spellings read as now);
+    None when there is none or it cannot be read (``open_record`` then says why)."""
+    import yaml
+
+    try:
+        stored = yaml.safe_load(read_text_file(rec / "config.yaml", "record configuration"))
+    except (UserError, yaml.YAMLError):
+        return None
+    return legacy_flow_config(stored) if isinstance(stored, dict) else None
+
+
 def open_record(
     rec: Path, resolved: dict[str, Any], overwrite: bool, defaults: dict[str, Any] | None = None
 ) -> tuple[Record, bool]:
@@ -68,7 +81,7 @@ def open_record(
                 stored = None
             if not isinstance(stored, dict) or "attack" not in stored:
                 raise UserError(f"{cfg_file} is damaged; " + _DAMAGED_HOW.format(rec=rec))
-            old = {**(defaults or {}), **stored}
+            old = legacy_flow_config({**(defaults or {}), **stored})
             hint = "use another --save_folder_name or pass --overwrite to replace it"
             same_settings_or_refuse(rec, old, resolved, hint=hint, ignore=tuple(_RUN_ONLY))
             return Record(rec), True

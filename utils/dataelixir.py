@@ -94,7 +94,8 @@ def construct_candidates(
     noise_offset: int = 0,
     original_round_trip: bool = False,
     seed: int = 0,
-    bf16: bool = True,
+    bf16: bool = False,
+    labels_bf16: bool | None = None,
     device: torch.device = torch.device("cpu"),
     max_chunks: int | None = None,
     rank: int = 0,
@@ -120,7 +121,10 @@ def construct_candidates(
     k = num_candidates(rounds_n, last_steps_m)
     steps = dict(steps_T=steps_T, rounds_n=rounds_n, last_steps_m=last_steps_m, respace=respace, dense_tail=dense_tail)
     steps.update(noise_offset=noise_offset, original_round_trip=original_round_trip)
-    meta = cs.store_header(images, classifier, k, batch_size, **steps, seed=seed, bf16=bf16)
+    labels_bf16 = bf16 if labels_bf16 is None else labels_bf16
+    # the labels' precision is recorded where it differs from the rounds' (older headers had one)
+    other = {} if labels_bf16 == bf16 else {"labels_bf16": labels_bf16}
+    meta = cs.store_header(images, classifier, k, batch_size, **steps, seed=seed, bf16=bf16, **other)
     # rank 0 alone creates or checks the store (header, file sizes) before any rank maps it
     on_rank0(lambda: cs.prepare_store(out_dir, meta, log), rank, world)
     store = cs.ChunkStore.map(out_dir, meta)
@@ -139,7 +143,7 @@ def construct_candidates(
             diffusion_model, base_diffusion, images[lo:hi].to(device), **steps, generator=generator, bf16=bf16
         )
         flat = out.reshape(-1, *out.shape[2:])
-        return out, predict(classifier, flat, device, batch_size=512, bf16=bf16).argmax(1).view(len(out), k)
+        return out, predict(classifier, flat, device, batch_size=512, bf16=labels_bf16).argmax(1).view(len(out), k)
 
     image_steps = rounds_n * (respace or steps_T)
     cs.fill_chunks(store, make, todo, f"candidates[{rank}]" if world > 1 else "candidates", image_steps)
@@ -431,7 +435,7 @@ def candidate_distances(
     model: nn.Module,
     device: torch.device,
     *,
-    bf16: bool = True,
+    bf16: bool = False,
     samples_per_batch: int = 128,
     desc: str = "distances",
     ssim_mode: str = "per_channel",

@@ -41,7 +41,7 @@ class DiffusionTrainConfig:
     log_interval: int = 100
     flip: bool = False
     max_timestep: int | None = None  # CPU-scale option: train only on t < max_timestep
-    bf16: bool = True
+    precision: str = "fp32"  # resolved: fp32 | bf16 (utils/precision.py)
     seed: int = 0
 
 
@@ -117,7 +117,7 @@ def train_diffusion(
         x0 = to_model_range(xb)
         t = sampler.sample(per_rank, t_g, device)
         noise = torch.randn(x0.shape, generator=noise_g, device=device)
-        with autocast(device, cfg.bf16):
+        with autocast(device, cfg.precision == "bf16"):
             out = ddp_model(diffusion.q_sample(x0, t, noise), diffusion.model_timesteps(t))
         terms = diffusion.training_losses(None, x0, t, noise=noise, model_output=out.float())
         loss = terms["loss"].mean()

@@ -222,3 +222,10 @@ POSITIVE, NONNEG, GT0, FRACTION = Range(1), Range(0), Range(0, low_open=True), R
 SUBSET = Range(10)  # a class-balanced subset needs one image per class at least
 DEVICE = Key("auto")
 DOWNLOAD = Key(None, "fetch CIFAR-10 when missing (default: on)", bool, nullable=True)
+PRECISION = Key(
+    "auto",
+    "auto: bf16 where this device runs it natively and its effect on this computation is measured small, "
+    "else fp32 (README, Precision); fp32 | bf16: as asked",
+    choices=("auto", "fp32", "bf16"),
+)
+BF16 = Key(None, "older spelling of --precision: true = bf16, false = fp32", bool, nullable=True)

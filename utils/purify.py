@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from utils.diffusion import GaussianDiffusion, _extract, truncated_steps
+from utils.precision import keep_stored, legacy_precision
 from utils.runtime import autocast
 
 
@@ -115,7 +116,7 @@ def purify_dataset(
     batch_size: int = 256,
     respace: int | None = None,
     seed: int = 1234,
-    bf16: bool = True,
+    precision: str = "fp32",
     quantize: str = "truncate",
     device: torch.device = torch.device("cpu"),
     rank: int = 0,
@@ -147,12 +148,16 @@ def purify_dataset(
         "respace": respace,
         "seed": seed,
         "batch_size": batch_size,
-        "bf16": bf16,
+        "precision": precision,
         "quantize": quantize,
         "n": len(images),
         "images": tensor_fingerprint(images),
         **(settings or {}),
     }
+    # a resumed run keeps the precision its batches were made with (every rank reads it)
+    if not overwrite:
+        keep_stored(store, _stored_settings(parts_dir), parts_dir, log, ("precision",))
+    bf16 = store["precision"] == "bf16"
     key = checksum(json.dumps(store, sort_keys=True, default=str).encode())
     on_rank0(lambda: _open_parts_dir(parts_dir, store, overwrite), rank, world)
     n_parts = (len(images) + batch_size - 1) // batch_size
@@ -205,19 +210,28 @@ def purify_dataset(
         log(f"redoing {len(missing)} missing or damaged batches")
         done += run(missing, "purify (repair)")
     if stats is not None:
-        stats.update(images_done=done, images_resumed=len(images) - done)
+        stats.update(images_done=done, images_resumed=len(images) - done, precision=store["precision"])
     return _read_parts([part(i) for i in range(n_parts)], batch_size, images.shape, parts_dir)
+
+
+def _stored_settings(parts_dir: Path) -> dict | None:
+    """The settings an interrupted run recorded in ``parts_dir`` (older spellings read as now)."""
+    from utils.fileio import read_state_json
+
+    meta = parts_dir / "settings.json"
+    old = read_state_json(meta, f"delete {parts_dir} to start afresh") if meta.is_file() else None
+    return legacy_precision(old) if isinstance(old, dict) else old
 
 
 def _open_parts_dir(parts_dir: Path, store: dict, overwrite: bool) -> None:
     """Refuse a folder of parts written with other settings (``overwrite``: discard it);
     record ours in its ``settings.json``."""
-    from utils.fileio import atomic_write_json, read_state_json
+    from utils.fileio import atomic_write_json
     from utils.run_state import same_settings_or_refuse
 
     meta = parts_dir / "settings.json"
     hint = "re-run with those settings to finish it, or pass --overwrite to discard it"
-    old = read_state_json(meta, f"delete {parts_dir} to start afresh") if meta.is_file() else None
+    old = _stored_settings(parts_dir)
     if not same_settings_or_refuse(parts_dir, old, store, overwrite=overwrite, hint=hint):
         if old is not None:  # --overwrite: discard the other run's batches
             shutil.rmtree(parts_dir, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Device selection, bf16 autocast, seeding and process-group helpers."""
+"""Device selection, autocast, seeding and process-group helpers."""
 
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     return dev
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CPU (AMX) and CUDA; a no-op context when disabled."""
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on ``device`` when ``enabled`` (the precision policy's choice,
+    ``utils.precision``); a no-op context otherwise."""
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -1,8 +1,8 @@
 """One classifier training loop for every script (victims, surrogates, backdoored models).
 
 Data stays as uint8 tensors; each batch is augmented on the fly with batched tensor ops
-(``utils.augment``), converted to float in [0, 1] and fed to the model under bf16
-autocast with channels_last (a model that expects normalised input is wrapped in
+(``utils.augment``), converted to float in [0, 1] and fed to the model in the precision
+the policy resolved (``utils.precision``; float32 unless bf16 is chosen) with channels_last (a model that expects normalised input is wrapped in
 ``Normalized``). The loop checkpoints after every epoch and
 resumes from its checkpoint, so a crash never costs more than one epoch.
 """
@@ -45,10 +45,14 @@ class TrainConfig:
     gamma: float = 0.1
     test_every: int = 5  # evaluate every N epochs and after the last one
     grad_clip: float | None = None
-    bf16: bool = True
+    precision: str = "fp32"  # resolved: fp32 | bf16 (utils/precision.py)
     channels_last: bool = True
     seed: int = 0
     drop_last: bool = True  # False: the last partial batch is a step too (a DataLoader's default)
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16"
 
 
 class Normalized(nn.Module):
@@ -102,7 +106,7 @@ def predict(
     images: torch.Tensor,
     device: torch.device,
     batch_size: int = 500,
-    bf16: bool = True,
+    bf16: bool = False,
     channels_last: bool = True,
     features: bool = False,
 ) -> torch.Tensor:
@@ -118,7 +122,9 @@ def predict(
     return torch.cat(outs) if outs else torch.empty(0)
 
 
-def accuracy(model: nn.Module, data: ImageSet, device: torch.device, bf16: bool = True, batch_size: int = 500) -> float:
+def accuracy(
+    model: nn.Module, data: ImageSet, device: torch.device, bf16: bool = False, batch_size: int = 500
+) -> float:
     if len(data) == 0:
         return float("nan")
     logits = predict(model, data.images, device, batch_size, bf16)
@@ -187,7 +193,7 @@ def optimizer_step(loss: torch.Tensor, model: nn.Module, opt: torch.optim.Optimi
 def cross_entropy_step(
     model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device
 ) -> TrainStep:
-    """The default step: cross-entropy of the model's logits (bf16 autocast), SGD."""
+    """The default step: cross-entropy of the model's logits (under ``cfg.precision``), SGD."""
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         with autocast(device, cfg.bf16):

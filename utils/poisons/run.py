@@ -35,6 +35,7 @@ from utils.poisons.common import (
     measure_norms,
     state_settings_pair,
 )
+from utils.precision import keep_stored, precision_from_args
 from utils.run_state import OutputLock, same_settings_or_refuse
 from utils.runtime import resolve_device
 
@@ -95,6 +96,7 @@ def run_poison(job: PoisonJob, locks: ExitStack) -> int:
         module.preflight(work, job.params)
     refuse_overwrite(out, args.overwrite)  # before any work: an existing result stays untouched
     device = resolve_device(args.device)
+    precision = precision_from_args(args, device, "surrogate")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     # the data is read (and so checked) before anything is written or discarded
@@ -109,11 +111,15 @@ def run_poison(job: PoisonJob, locks: ExitStack) -> int:
         "subset_seed": args.subset_seed,
         "arch": job.arch,
         "width": job.width,
-        "bf16": args.bf16,
+        "bf16": precision.bf16,  # the surrogates' precision, spelled as states have always stored it
         "data_root": str(args.data_root),
     }
+    state = _stored_state(out.with_suffix(".work"))
+    if not args.overwrite and isinstance(state, dict) and isinstance(state.get("settings"), dict):
+        # an interrupted run resumes in the precision it was started with
+        keep_stored(settings, state["settings"], out.with_suffix(".work"), print, ("bf16",))
     fingerprint = fingerprint_of(settings)
-    _discard_stale_state(out.with_suffix(".work"), settings, fingerprint, args.overwrite)
+    _discard_stale_state(out.with_suffix(".work"), state, settings, fingerprint, args.overwrite)
 
     log = setup_logging(out.with_suffix(".log"), "poison")
     subset_idx = None
@@ -126,12 +132,14 @@ def run_poison(job: PoisonJob, locks: ExitStack) -> int:
         + (f"surrogate {job.arch} w{job.width}, " if job.arch else "")
         + f"device {describe_device(device)}"
     )
+    kept = f"precision: {'bf16' if settings['bf16'] else 'fp32'} — kept from the run being resumed"
+    log.info(precision.line() if settings["bf16"] == precision.bf16 else kept)
     ctx = CraftContext(
         clean=train,
         params=job.params,
         seed=args.seed,
         device=device,
-        bf16=args.bf16,
+        bf16=settings["bf16"],
         arch=job.arch or "resnet18",
         width=job.width or 64,
         state_dir=out.with_suffix(".work"),
@@ -155,13 +163,17 @@ def run_poison(job: PoisonJob, locks: ExitStack) -> int:
     return 0
 
 
-def _discard_stale_state(state_dir: Path, settings: dict, fingerprint: str, overwrite: bool) -> None:
-    """An interrupted run's state resumes only with the same settings; with other settings
-    it is refused, or removed under ``--overwrite``."""
+def _stored_state(state_dir: Path) -> Any:
+    """An interrupted run's crafting state (None when there is none)."""
+    state_file = state_dir / "state.pt"
+    return safe_torch_load(state_file, "crafting state") if state_file.is_file() else None
+
+
+def _discard_stale_state(state_dir: Path, old: Any, settings: dict, fingerprint: str, overwrite: bool) -> None:
+    """An interrupted run's state (``old``) resumes only with the same settings; with other
+    settings it is refused, or removed under ``--overwrite``."""
     if not state_dir.exists():
         return
-    state_file = state_dir / "state.pt"
-    old = safe_torch_load(state_file, "crafting state") if state_file.is_file() else None
     pair = state_settings_pair(old, settings, fingerprint) if isinstance(old, dict) else (old, settings)
     hint = "re-run its command to finish it, or pass --overwrite to discard it"
     if not same_settings_or_refuse(state_dir, *pair, overwrite=overwrite, hint=hint):
@@ -201,7 +213,7 @@ def _write_outputs(
         "seed": args.seed,
         "surrogate_arch": job.arch,
         "surrogate_width": job.width,
-        "bf16": args.bf16,
+        "precision": "bf16" if ctx.bf16 else "fp32",
         "n_images": len(train),
         "classes": list(CIFAR10_CLASSES),
         "subset": None

@@ -180,7 +180,7 @@ def fit_surrogate(
         weight_decay=cfg.weight_decay,
         nesterov=cfg.nesterov,
         grad_clip=cfg.grad_clip,
-        bf16=bf16,
+        precision="bf16" if bf16 else "fp32",
     )
     train_classifier(
         model,

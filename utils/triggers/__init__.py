@@ -64,10 +64,16 @@ class Trigger:
         self.target = int(target)
         self.label_trans = label_trans
         self.device = torch.device("cpu")
+        # the auxiliary models' precision, resolved by the caller (utils/precision.py, "trigger")
+        self.precision = "fp32"
         self.aux_info: dict[str, Any] = {}
         self.validate()
 
     # ------------------------------------------------------------------ hooks
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16"
+
     def validate(self) -> None:
         """Raise ``UserError`` for a bad parameter value."""
 

@@ -80,6 +80,7 @@ def train_aux_classifier(
     seed: int,
     log: Log = print,
     lr_schedule: str = "cosine",
+    precision: str = "fp32",
 ) -> tuple[nn.Module, dict[str, Any], Path]:
     """A clean classifier (BackdoorBench recipe: SGD 0.9, wd 5e-4, cosine), cached in
     ``resource_dir/<attack>/clf-<key>/model.pt`` (returned with its info and folder); its
@@ -94,6 +95,7 @@ def train_aux_classifier(
         "lr": p["aux_lr"],
         "schedule": lr_schedule,
         "seed": seed,
+        "precision": precision,
         "data": tensor_fingerprint(train.images, train.labels),
     }
     folder = cache_dir(resource_dir, attack, settings, "clf-")
@@ -114,6 +116,7 @@ def train_aux_classifier(
         schedule=lr_schedule,
         test_every=max(1, p["aux_epochs"]),
         seed=seed,
+        precision=precision,
     )
     history = train_classifier(
         model,

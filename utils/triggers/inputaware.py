@@ -180,6 +180,7 @@ class TriggerInputAware(Trigger):
             "label_trans": self.label_trans,
             "seed": self.seed,
             "data": tensor_fingerprint(train.images, train.labels),
+            "precision": self.precision,
         }
         folder = cache_dir(resource_dir, "inputaware", settings, "gen-")
         gen, mgen = EncoderDecoder(3, p["gen_width"]), EncoderDecoder(1, p["gen_width"])
@@ -219,7 +220,7 @@ class TriggerInputAware(Trigger):
         def mask_lr(epoch: int, _step: int, _steps: int) -> float:  # M milestones at epochs 10 and 20 of 25
             return p["lr_M"] * (0.1 ** sum(epoch >= f * p["mask_epochs"] for f in (0.4, 0.8)))
 
-        mask_cfg = TrainConfig(epochs=p["mask_epochs"], batch_size=bs, lr=p["lr_M"])
+        mask_cfg = TrainConfig(epochs=p["mask_epochs"], batch_size=bs, lr=p["lr_M"], precision=self.precision)
         train_classifier(mgen, data, _AUGMENT, mask_cfg, device, checkpoint=run.store("mask"), desc="inputaware mask",
                          optimizer=opt_m, lr_schedule=mask_lr, step=self._mask_step(mgen, opt_m, g, run),
                          on_epoch_end=run.mask_epoch_end, **phase)  # fmt: skip
@@ -228,7 +229,7 @@ class TriggerInputAware(Trigger):
             q.requires_grad_(False)
         gen.train()
         # C: BackdoorBench's milestones 100.. of 100 epochs, i.e. a constant lr
-        joint_cfg = TrainConfig(epochs=p["aux_epochs"], batch_size=bs, lr=p["aux_lr"])
+        joint_cfg = TrainConfig(epochs=p["aux_epochs"], batch_size=bs, lr=p["aux_lr"], precision=self.precision)
         train_classifier(clf, data, _AUGMENT, joint_cfg, device, checkpoint=run.store("joint"), desc="inputaware joint",
                          optimizer=opt_c, step=self._joint_step(clf, gen, mgen, opt_c, opt_g, bs, g, run),
                          on_epoch_end=run.joint_epoch_end, **phase)  # fmt: skip
@@ -246,7 +247,7 @@ class TriggerInputAware(Trigger):
 
         def step(x1: torch.Tensor, _y: torch.Tensor) -> tuple[float, int]:
             x2 = x1[torch.randperm(len(x1), generator=g).to(x1.device)]
-            with autocast(x1.device):
+            with autocast(x1.device, self.bf16):
                 m1, m2 = mask_of(mgen, x1).float(), mask_of(mgen, x2).float()
             norm = F.relu(m1 - p["mask_density"]).mean()
             div = diversity_loss(normalise(x1), normalise(x2), m1, m2)
@@ -272,7 +273,7 @@ class TriggerInputAware(Trigger):
             x2 = x[torch.randperm(len(x), generator=g).to(x.device)]
             # x2[n_bd + i] lends its trigger to cross sample i and is the diversity partner of x[i]
             src = x2[n_bd : n_bd + max(n_pair, n_cross)]
-            with autocast(x.device):
+            with autocast(x.device, self.bf16):
                 pat = pattern_of(gen, x[:n_bd]).float()
                 pat2 = pattern_of(gen, src).float()
                 m = mask_of(mgen, x[:n_bd]).float()

@@ -114,6 +114,7 @@ class TriggerLC(Trigger):
             **{k: p[k] for k in ("at_eps", "at_alpha", "at_steps")},
             "seed": self.seed,
             "data": tensor_fingerprint(train.images, train.labels),
+            "precision": self.precision,
         }
         self.folder = cache_dir(resource_dir, "lc", settings, "at-")
         model = Normalized(build_classifier(p["aux_arch"], NUM_CLASSES, p["aux_width"]))
@@ -145,6 +146,7 @@ class TriggerLC(Trigger):
             weight_decay=5e-4,
             schedule="cosine",
             channels_last=False,  # BackdoorBench's layout (see prepare)
+            precision=self.precision,
         )
         run = _AdvTrainingRun(
             Resumable(self.folder / "train_ckpt.pt", settings, log, "lc adversarial-training checkpoint"), log
@@ -155,7 +157,7 @@ class TriggerLC(Trigger):
                 # BackdoorBench's PGD draws its random start even in a zero ball (and returns x)
                 torch.rand(x.shape, generator=g)
                 return x
-            return pgd_linf(model, x, y, p["at_eps"], p["at_alpha"], p["at_steps"], g, clip_offset=True)
+            return pgd_linf(model, x, y, p["at_eps"], p["at_alpha"], p["at_steps"], g, self.bf16, clip_offset=True)
 
         train_classifier(
             model,
@@ -198,6 +200,7 @@ class TriggerLC(Trigger):
                 p["adv_alpha"],
                 p["adv_steps"],
                 None,
+                self.bf16,
                 random_start=False,
                 clip_offset=True,
             )
@@ -213,7 +216,7 @@ class TriggerLC(Trigger):
         """Test time: the corner trigger. ``train=True``: PGD against the model's own
         prediction first (``poison_train`` uses the true labels instead)."""
         if train:
-            with torch.no_grad(), autocast(self.device):
+            with torch.no_grad(), autocast(self.device, self.bf16):
                 pred = self.model(to_float(images.to(self.device))).argmax(1)
             images = self.adversarial(images, pred)
         return self.add_trigger(images)

@@ -131,7 +131,9 @@ class TriggerLF(Trigger):
     def prepare(self, train: ImageSet, device: torch.device, resource_dir: Path, log: Log = print) -> None:
         self.device = device
         p = self.params
-        model, clf_info, folder = train_aux_classifier("lf", p, train, device, resource_dir, self.seed, log)
+        model, clf_info, folder = train_aux_classifier(
+            "lf", p, train, device, resource_dir, self.seed, log, precision=self.precision
+        )
         model.float().eval()
         for q in model.parameters():
             q.requires_grad_(False)

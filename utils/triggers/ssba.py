@@ -140,6 +140,7 @@ class TriggerSSBA(Trigger):
             **{k: p[k] for k in ("ssba_bits", "ssba_l2_weight")},
             "seed": self.seed,
             "data": tensor_fingerprint(train.images, train.labels),
+            "precision": self.precision,
         }
         folder = cache_dir(resource_dir, "ssba", settings, "enc-")
         enc, dec = StegaEncoder(p["ssba_bits"], p["aux_width"]), StegaDecoder(p["ssba_bits"], p["aux_width"])
@@ -191,7 +192,7 @@ class TriggerSSBA(Trigger):
                 # StegaStamp's schedule: no image loss until the bits are learnable, then a ramp
                 frac = ((epoch * steps + step) - 0.3 * total) / (0.4 * total)
                 weight = p["ssba_l2_weight"] * min(1.0, max(0.0, frac))
-                with autocast(device):
+                with autocast(device, self.bf16):
                     res = enc(x, bits).float()
                     coded = (x + res).clamp(0, 1)
                     logits = dec(coded + noise).float()
@@ -228,7 +229,7 @@ class TriggerSSBA(Trigger):
         # how well the fixed secret survives uint8 rounding on images the pair trained on
         probe = data.images[: min(256, len(data))]
         coded = self._encode(enc, probe, device)
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), autocast(device, self.bf16):
             logits = dec(to_float(coded).to(device)).float()
         bit_acc_fixed = ((logits > 0).float().cpu() == self.secret).float().mean().item()
         return {
