@@ -37,6 +37,8 @@ from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_s
 from utils.keys import POSITIVE, Key, add_keys_to_argparser
 from utils.paths import REPO_ROOT, poisoned_file, purified_file
 from utils.poisons import POISONS
+from utils.runtime import resolve_device
+from utils.step_costs import measure_unit_costs, step_threads
 
 
 def parse_poisons(text: str) -> list[str]:
@@ -79,10 +81,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     args.work_dir = str(work)
     variants = ["none", "issg", "issj", "eclipse"] if args.baselines else ["none", "eclipse"]
-    steps = build_steps(args, poisons, variants)
-    plan = plan_lines(steps, args.jobs)
-    if any(getattr(args, k) != v for k, v in demo_recipe().items()):
-        plan[-1] += " (times are the default recipe's)"
+    print("timing each kind of step on this machine (a few seconds) ...", flush=True)
+    costs = measure_unit_costs(args, resolve_device("auto"), step_threads(args.jobs))
+    steps = build_steps(args, poisons, variants, costs=costs)
+    plan = plan_lines(steps, args.jobs, costs)
     if not cifar10_present():
         plan.append(
             f"  CIFAR-10 is not at {resolve_data_root()}: the first step downloads the official archive (163 MB)"

@@ -8,6 +8,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+import torch
 
 from utils.cpu_recipe import demo_recipe, load_recipe, poison_flags
 from utils.demo_pipeline import (
@@ -42,11 +43,12 @@ def test_recipe_is_one_declaration_read_by_poisons_and_demo():
 
 def test_damaged_recipe_is_a_one_line_error(tmp_path):
     bad = tmp_path / "r.yaml"
-    bad.write_text("demo: {}\npoison_flags: {EM: 3}\nminutes: {}\n")
+    bad.write_text("demo: {}\npoison_flags: {EM: 3}\n")
     with pytest.raises(UserError, match=r"poison_flags\.EM: expected a string"):
         load_recipe.__wrapped__(bad)
-    bad.write_text("demo: {}\npoison_flags: {}\nminutes: {victim: -1}\n")
-    with pytest.raises(UserError, match=r"minutes\.victim: expected a positive number"):
+    # step times are measured where the demo runs, never read from a file written on another CPU
+    bad.write_text("demo: {}\npoison_flags: {}\nminutes: {victim: 2.7}\n")
+    with pytest.raises(UserError, match=r"unknown section\(s\) minutes"):
         load_recipe.__wrapped__(bad)
     bad.write_text("demo: {}\n")
     with pytest.raises(UserError, match="expected a mapping under 'poison_flags'"):
@@ -133,3 +135,21 @@ def test_compare_needs_a_gap_beyond_the_spread():
     assert compare(st(50, 1), st(47, 1)) == "yes"
     assert compare(st(50, 1), st(49, 1)) == "within spread"
     assert compare(st(45, 1), st(50, 1)) == "no (worse)"
+
+
+def test_unit_costs_are_timed_here_and_counted_from_the_recipe(tmp_path):
+    """The plan's costs come from timing the real models on this machine (briefly), and a
+    step's minutes are its unit count times the measured cost."""
+    from utils.step_costs import measure_unit_costs, step_minutes, surrogate_passes
+
+    args = _args(tmp_path)
+    costs = measure_unit_costs(args, torch.device("cpu"), threads=1, budget_s=0.05)
+    for name in ("diffusion_iteration", "denoise_image_step", "victim_train_image", "surrogate_image_pass"):
+        assert 0 < getattr(costs, name) < 60, name
+    assert step_minutes("diffusion", args, costs) == pytest.approx(3000 * costs.diffusion_iteration / 60)
+    assert step_minutes("purification", args, costs) == pytest.approx(5000 * 20 * costs.denoise_image_step / 60)
+    passes, rough = surrogate_passes("EM", poison_flags("EM"), 5000)
+    assert passes == pytest.approx(4 * (10 * 512 + 5000 * 10 + 5000 / 3)) and not rough
+    assert surrogate_passes("TAP", poison_flags("TAP"), 5000) == (12 * 5000 + 1 * 5000 * 20, True)
+    assert surrogate_passes("ADP", poison_flags("ADP"), 5000) is None
+    assert surrogate_passes("LSP", "", 5000) == (0.0, False)

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from utils import progress as pm
 from utils.progress import LineProgress, progress
+from utils.step_costs import UnitCosts
 
 
 class _Tty(io.StringIO):
@@ -105,9 +106,22 @@ def test_tqdm_api_used_by_the_call_sites_works():
 # --------------------------------------------------------------------------- make demo: a run a person can follow
 
 
+# unit costs as demo.py would time them (fixed here, so that the plan's arithmetic is checked)
+COSTS = UnitCosts(
+    diffusion_iteration=1.0,
+    denoise_image_step=0.001,
+    victim_train_image=0.001,
+    victim_eval_image=0.0005,
+    surrogate_image_pass=0.002,
+    device="cpu",
+    threads=2,
+)
+
+
 def _demo(monkeypatch, capsys, argv: list[str]) -> tuple[str, list[list[str]]]:
     import demo
 
+    monkeypatch.setattr(demo, "measure_unit_costs", lambda *a, **k: COSTS)
     ran: list[list[str]] = []
     monkeypatch.setattr(demo, "run", lambda cmd, log: ran.append(cmd) or 0.0)
     monkeypatch.setattr("sys.argv", ["demo.py", *argv])
@@ -124,8 +138,12 @@ def test_demo_prints_its_plan_then_step_k_of_n(tmp_path, monkeypatch, capsys):
     out, ran = _demo(monkeypatch, capsys, ["--baselines", "--work_dir", str(work)])
     plan, _, rest = out.partition("an interrupted demo resumes")
     assert "sparse diffusion model (3000 iterations): done earlier, skipped" in plan
-    assert "1. victim on the clean subset: ~2.7 min" in plan and "2. craft EM on 5000 images: ~18 min" in plan
-    assert "7 step(s) to run, ~38 min" in plan and "GPU: not measured" in plan
+    # a victim: 20 epochs x 5000 images x 1 ms + 4 evaluations x 10,000 test images x 0.5 ms = 2.0 min;
+    # EM: 4 rounds x (10 x 512 + 5000 x 10 + 5000 / 3) surrogate passes x 2 ms = 7.6 min;
+    # purification: 5000 images x 20 steps x 1 ms = 1.7 min
+    assert "1. victim on the clean subset: ~2.0 min" in plan and "2. craft EM on 5000 images: ~7.6 min" in plan
+    assert "3. purify EM (ECLIPSE stage 1): ~1.7 min" in plan
+    assert "7 step(s) to run, ~19 min" in plan and "timed just now on this machine: cpu, 2 thread(s)" in plan
     assert f"CIFAR-10 is not at {tmp_path / 'no_data'}: the first step downloads" in plan
     assert [ln for ln in rest.splitlines() if ln.startswith("== step")][0].startswith("== step 1 of 7: victim on")
     assert "== step 7 of 7: victim on EM, ECLIPSE" in rest and len(ran) == 7
@@ -145,6 +163,7 @@ def test_demo_rewrites_its_partial_table_after_each_step(tmp_path, monkeypatch, 
         return 0.0
 
     monkeypatch.setattr(demo, "run", fake_run)
+    monkeypatch.setattr(demo, "measure_unit_costs", lambda *a, **k: COSTS)
     monkeypatch.setattr("sys.argv", ["demo.py", "--poisons", "LSP", "--skip_clean", "--work_dir", str(tmp_path)])
     demo.main()
     assert seen[:3] == ["none", "partial: 1 of 5 steps done", "partial: 2 of 5 steps done"]
@@ -152,8 +171,9 @@ def test_demo_rewrites_its_partial_table_after_each_step(tmp_path, monkeypatch, 
 
 
 def test_demo_plan_only_runs_nothing(tmp_path, monkeypatch, capsys):
-    out, ran = _demo(monkeypatch, capsys, ["--plan", "--poisons", "LSP", "--work_dir", str(tmp_path)])
-    assert ran == [] and "craft LSP on 5000 images: time not measured" in out and "1 untimed step(s)" in out
+    out, ran = _demo(monkeypatch, capsys, ["--plan", "--poisons", "LSP,ADP", "--work_dir", str(tmp_path)])
+    assert ran == [] and "craft LSP on 5000 images: ~0.1 min" in out  # model-free: seconds
+    assert "craft ADP on 5000 images (rough estimate): time not estimated" in out and "1 step(s) not estimated" in out
 
 
 def test_makefile_uses_shared_data_only_when_present_and_one_quiet_flag(tmp_path):
@@ -178,3 +198,25 @@ def test_makefile_uses_shared_data_only_when_present_and_one_quiet_flag(tmp_path
     pytest_line = next(ln for ln in dry.splitlines() if "pytest" in ln)
     addopts = (repo / "pyproject.toml").read_text().split("addopts", 1)[1].splitlines()[0]
     assert ("-q" in pytest_line.split()) + ("-q" in addopts) == 1  # -qq would hide pytest's summary line
+
+
+def test_a_slow_unit_is_never_silent_and_the_first_line_has_a_rate(monkeypatch):
+    """A log hears from a loop inside a unit that outlasts PROGRESS_SECONDS, and the first
+    unit finished after FIRST_LINE_S prints at once, with its rate."""
+    import time
+
+    monkeypatch.setenv("PROGRESS_SECONDS", "0.2")
+    monkeypatch.setattr(pm, "FIRST_LINE_S", 0.3)
+    out = io.StringIO()
+    bar = progress(total=3, desc="purify", unit="batch", file=out, mininterval=0)
+    time.sleep(0.7)  # one long unit: heartbeat lines while it runs
+    beats = out.getvalue().splitlines()
+    assert len(beats) >= 2 and all(ln.endswith("batch 1 in progress") for ln in beats)
+    assert beats[0].startswith("purify: 0/3 batch (0%)")
+    bar.update(1)  # the first finished unit: a line at once, with a rate and an ETA
+    first = out.getvalue().splitlines()[len(beats)]
+    assert first.startswith("purify: 1/3 batch (33%)") and "batch/s" in first and "ETA" in first
+    bar.close()
+    n = len(out.getvalue().splitlines())
+    time.sleep(0.5)
+    assert len(out.getvalue().splitlines()) == n  # a closed bar is silent

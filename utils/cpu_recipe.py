@@ -16,7 +16,7 @@ from utils.fileio import UserError
 from utils.paths import REPO_ROOT
 
 RECIPE_FILE = REPO_ROOT / "config" / "eclipse_cpu.yaml"
-_SECTIONS = {"demo": dict, "poison_flags": dict, "minutes": dict}
+_SECTIONS = {"demo": dict, "poison_flags": dict}
 
 
 @cache
@@ -34,9 +34,6 @@ def load_recipe(path: Path = RECIPE_FILE) -> dict[str, dict[str, Any]]:
     for key, flags in data["poison_flags"].items():
         if not isinstance(flags, str):
             raise UserError(f"{path}: poison_flags.{key}: expected a string of poison.py flags, got {flags!r}")
-    for key, minutes in data["minutes"].items():
-        if isinstance(minutes, bool) or not isinstance(minutes, int | float) or minutes <= 0:
-            raise UserError(f"{path}: minutes.{key}: expected a positive number, got {minutes!r}")
     return data
 
 
@@ -47,9 +44,3 @@ def demo_recipe() -> dict[str, Any]:
 def poison_flags(poison: str) -> str:
     """Recommended ``poison.py`` flags for ``poison`` at ``--subset 5000`` ('' when it needs none)."""
     return load_recipe()["poison_flags"].get(poison, "")
-
-
-def expected_minutes(step: str) -> float | None:
-    """Measured wall time of a demo step on 2 CPU cores; None when it has not been measured."""
-    m = load_recipe()["minutes"].get(step)
-    return None if m is None else float(m)

@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from utils.checkpoints import checkpoint_name, resolve_checkpoint
-from utils.cpu_recipe import expected_minutes, poison_flags
+from utils.cpu_recipe import poison_flags
 from utils.fileio import atomic_write_json, read_state_json
 from utils.paths import REPO_ROOT, diff_ckpt_dir, poisoned_file, purified_file
 from utils.plots import pyplot, save_figure
 from utils.poisons import POISONS
+from utils.step_costs import UnitCosts, is_rough, step_minutes
 
 SPARSE_SET = "test2000ps8000"
 # columns of the table: run suffix -> (header, train.py flags)
@@ -48,7 +49,7 @@ class Step:
     key: str  # unique name; step_seconds.json and logs/<key>.log use it
     title: str
     cmd: list[str]
-    minutes: float | None  # expected wall time on 2 CPU cores (None: not measured)
+    minutes: float | None  # expected wall time on this machine (None: not estimated)
     done: bool  # its output exists, so it is skipped
     after: tuple[str, ...] = field(default_factory=tuple)  # keys of the steps it needs
 
@@ -63,8 +64,22 @@ def victim_result(work: Path, name: str) -> Path:
     return work / "runs" / "train" / name / "result.json"
 
 
-def build_steps(args: Any, poisons: Sequence[str], variants: Sequence[str], py: str = sys.executable) -> list[Step]:
-    """Every step of the demo for ``args`` (the recipe's keys, ``work_dir``, ``seeds``, ``skip_clean``)."""
+def build_steps(
+    args: Any,
+    poisons: Sequence[str],
+    variants: Sequence[str],
+    py: str = sys.executable,
+    costs: UnitCosts | None = None,
+) -> list[Step]:
+    """Every step of the demo for ``args`` (the recipe's keys, ``work_dir``, ``seeds``,
+    ``skip_clean``); with ``costs`` (measured here, ``utils.step_costs``) each step's
+    expected minutes."""
+
+    def expected(kind: str, poison: str = "") -> float | None:
+        return (
+            None if costs is None else step_minutes(kind, args, costs, poison, poison_flags(poison) if poison else "")
+        )
+
     work = Path(args.work_dir)
     it = args.diffusion_iterations
     diff_ckpt = checkpoint_name("ema", it, args.diffusion_ema)
@@ -75,7 +90,7 @@ def build_steps(args: Any, poisons: Sequence[str], variants: Sequence[str], py: 
         seed_flags = ["--seed", str(seed)] if seed else []
         cmd = [py, "train.py", *flags, *victim_flags, *seed_flags, "--run_name", name]
         title += f", seed {seed}" if args.seeds > 1 else ""
-        return Step(name, title, cmd, expected_minutes("victim"), victim_result(work, name).is_file(), after)
+        return Step(name, title, cmd, expected("victim"), victim_result(work, name).is_file(), after)
 
     diffusion = Step(
         "diffusion",
@@ -83,7 +98,7 @@ def build_steps(args: Any, poisons: Sequence[str], variants: Sequence[str], py: 
         [py, "train_diffusion.py", "--config", "config/eclipse/cpu.yml", "--iterations", str(it)]
         + ["--batch_size", str(args.diffusion_batch), "--max_timestep", str(args.diffusion_max_timestep)]
         + ["--ema_rate", str(args.diffusion_ema), "--save_interval", "500", "--work_dir", str(work)],
-        expected_minutes("diffusion"),
+        expected("diffusion"),
         resolve_checkpoint(diff_ckpt_dir(work, SPARSE_SET) / diff_ckpt).is_file(),
     )
     steps = [diffusion]
@@ -98,11 +113,12 @@ def build_steps(args: Any, poisons: Sequence[str], variants: Sequence[str], py: 
         if "sparse_diff_model" in POISONS[poison].defaults:  # the adaptive attack crafts through our UNet
             craft_cmd += ["--sparse_diff_model", diff_ckpt]
             craft_after = ("diffusion",)
+        rough = " (rough estimate)" if costs is not None and is_rough(poison, poison_flags(poison), args.subset) else ""
         craft = Step(
             f"{poison} poison",
-            f"craft {poison} on {args.subset} images",
+            f"craft {poison} on {args.subset} images{rough}",
             craft_cmd,
-            expected_minutes(f"poison:{poison}"),
+            expected("poison", poison),
             poisoned_file(work, poison).is_file(),
             craft_after,
         )
@@ -112,7 +128,7 @@ def build_steps(args: Any, poisons: Sequence[str], variants: Sequence[str], py: 
             [py, "purification.py", "--poison", poison, "--config", "config/eclipse/cpu.yml"]
             + ["--sparse_diff_model", diff_ckpt, "--t", str(args.t), "--respace", str(args.respace)]
             + ["--work_dir", str(work)],
-            expected_minutes("purification"),
+            expected("purification"),
             purified_file(work, SPARSE_SET, args.t, it, poison).is_file(),
             ("diffusion", craft.key),
         )
@@ -129,14 +145,15 @@ def build_steps(args: Any, poisons: Sequence[str], variants: Sequence[str], py: 
 
 
 def format_minutes(m: float | None) -> str:
-    return "time not measured" if m is None else f"~{m:.0f} min" if m >= 10 else f"~{m:.1f} min"
+    return "time not estimated" if m is None else f"~{m:.0f} min" if m >= 10 else f"~{m:.1f} min"
 
 
-def plan_lines(steps: list[Step], jobs: int) -> list[str]:
+def plan_lines(steps: list[Step], jobs: int, costs: UnitCosts | None = None) -> list[str]:
     todo = [s for s in steps if not s.done]
     known = sum(s.minutes or 0.0 for s in todo)
     unknown = sum(s.minutes is None for s in todo)
-    lines = ["demo plan (expected wall time on 2 CPU cores, from config/eclipse_cpu.yaml; GPU: not measured yet)"]
+    where = "not timed" if costs is None else f"timed just now on this machine: {costs.describe()}"
+    lines = [f"demo plan (expected wall time of each step, {where})"]
     k = 0
     for s in steps:
         if s.done:
@@ -144,7 +161,7 @@ def plan_lines(steps: list[Step], jobs: int) -> list[str]:
         else:
             k += 1
             lines.append(f"  {k:2d}. {s.title}: {format_minutes(s.minutes)}")
-    total = f"~{known:.0f} min" + (f" plus {unknown} untimed step(s)" if unknown else "")
+    total = f"~{known:.0f} min" + (f" plus {unknown} step(s) not estimated" if unknown else "")
     lines.append(f"  {len(todo)} step(s) to run, {total} of work" + (f", {jobs} at a time" if jobs > 1 else ""))
     return lines
 

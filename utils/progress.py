@@ -7,18 +7,25 @@ then instead — when another ``PROGRESS_PERCENT`` % is done (but at most one su
 ``MIN_GAP_S`` seconds) or ``PROGRESS_SECONDS`` seconds have passed — and a closing line,
 with the same numbers a bar shows: done/total, percentage, rate, elapsed and ETA.
 ``PROGRESS=bar|lines|off`` forces a style.
+
+A slow loop is never silent in a log: its first line comes with the first unit done after
+``FIRST_LINE_S`` seconds (so it already carries a rate and an ETA), and while one unit
+takes longer than ``PROGRESS_SECONDS`` (a batch of minutes on a slow machine) a line
+saying so is printed every ``PROGRESS_SECONDS``.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from typing import Any
 
 from tqdm import tqdm
 
 MIN_GAP_S = 5.0  # fast loops print their closing line only
+FIRST_LINE_S = 5.0  # a loop this slow prints its first line at its first finished unit
 
 
 def _env_float(name: str, default: float) -> float:
@@ -52,10 +59,22 @@ class LineProgress(tqdm):
         for k in ("dynamic_ncols", "ncols", "position"):
             kwargs.pop(k, None)
         kwargs["file"] = _NullFile()
+        self._line_lock = threading.RLock()
+        self._closed = threading.Event()
         super().__init__(*args, **kwargs)
         if self.total:
             done = 100.0 * self.n / self.total
             self._next_pct = (int(done // self._every_pct) + 1) * self._every_pct
+        if not self.disable and self._every_s > 0:
+            threading.Thread(target=self._heartbeat, name=f"progress:{self.desc}", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        """A line every ``PROGRESS_SECONDS`` while no other line was printed (a unit that
+        takes minutes), until the bar closes."""
+        while not self._closed.wait(self._every_s):
+            last = self._last_line_t if self._last_line_t is not None else getattr(self, "start_t", time.time())
+            if time.time() - last >= self._every_s and not self._closed.is_set():
+                self._emit(f"{self.unit} {self.n + 1:g} in progress")
 
     def line(self) -> str:
         """The current state as one line of text."""
@@ -80,11 +99,12 @@ class LineProgress(tqdm):
             parts.append(str(d["postfix"]))
         return ", ".join(parts)
 
-    def _emit(self) -> None:
-        self._out.write(self.line() + "\n")
-        self._out.flush()
-        self._last_line_t = time.time()
-        self._last_line_n = self.n
+    def _emit(self, note: str = "") -> None:
+        with self._line_lock:
+            self._out.write(self.line() + (f", {note}" if note else "") + "\n")
+            self._out.flush()
+            self._last_line_t = time.time()
+            self._last_line_n = self.n
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
         # tqdm calls this on start, on (throttled) updates and on close; decide here
@@ -92,7 +112,7 @@ class LineProgress(tqdm):
         if self.n == self._last_line_n:
             return True
         since = now - (self._last_line_t if self._last_line_t is not None else getattr(self, "start_t", now))
-        due = since >= self._every_s
+        due = since >= self._every_s or (self._last_line_t is None and since >= FIRST_LINE_S)
         if self.total and 100.0 * self.n / self.total >= self._next_pct:
             done = 100.0 * self.n / self.total
             self._next_pct = (int(done // self._every_pct) + 1) * self._every_pct
@@ -102,6 +122,9 @@ class LineProgress(tqdm):
         return True
 
     def close(self) -> None:
+        closed = getattr(self, "_closed", None)
+        if closed is not None:
+            closed.set()
         if not self.disable and self.n != self._last_line_n:
             self._emit()  # the closing line: totals, rate and elapsed time
         super().close()

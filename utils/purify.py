@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def noise_and_denoise(
     bf16: bool = False,
     keep_last: int = 0,
     clip_denoised: bool = True,
+    on_step: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Purify ``x0`` (float, [-1, 1], on the model's device).
 
@@ -65,7 +67,8 @@ def noise_and_denoise(
     DataElixir's reference code does this (an off-by-one), offered for exact replication.
 
     Returns the final sample and the last ``keep_last`` reverse-step samples (oldest
-    first; the final sample is the last of them).
+    first; the final sample is the last of them). ``on_step`` is called after each
+    reverse step (progress reporting).
     """
     if base.num_timesteps != base.original_num_steps:
         raise ValueError("pass the un-respaced diffusion process as `base`")
@@ -89,6 +92,8 @@ def noise_and_denoise(
         ]
         if keep_last and j < keep_last:
             kept.append(x)
+        if on_step is not None:
+            on_step()
     return x, kept
 
 
@@ -174,20 +179,27 @@ def purify_dataset(
 
     def run(todo: list[int], who: str) -> int:
         done = 0
-        bar = progress(todo, desc=who, unit="batch", dynamic_ncols=True)
-        for i in bar:
+        # counted in image-steps, so that a log shows a rate within the first batch
+        sizes = [len(images[i * batch_size : (i + 1) * batch_size]) for i in todo]
+        bar = progress(total=sum(sizes) * steps, desc=who, unit="img-step", dynamic_ncols=True)
+        for k, (i, size) in enumerate(zip(todo, sizes)):
             x = images[i * batch_size : (i + 1) * batch_size]
             g = torch.Generator(device=device).manual_seed(chunk_seed(seed, i))
             out, _ = noise_and_denoise(
-                model, base, to_model_range(x.to(device)), t_star, respace=respace, generator=g, bf16=bf16
+                model,
+                base,
+                to_model_range(x.to(device)),
+                t_star,
+                respace=respace,
+                generator=g,
+                bf16=bf16,
+                on_step=lambda size=size: bar.update(size),
             )
             atomic_torch_save(to_uint8(from_model_range(out), quantize).cpu(), part(i))
             # the marker is written after the part, so a crash between them redoes the batch
             atomic_write_text(part(i).with_suffix(".ok"), f"{key} {checksum(part(i).read_bytes())}\n")
             done += len(x)
-            bar.set_postfix(
-                img_steps_per_s=f"{bar.format_dict['rate'] * len(x) * steps:.0f}" if bar.format_dict.get("rate") else ""
-            )
+            bar.set_postfix(batches=f"{k + 1}/{len(todo)}")
         bar.close()
         return done
 
