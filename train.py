@@ -208,8 +208,7 @@ def _run(
         f"[t*:{args.t}] [sparse_set:{args.sparse_set}] [Grayscale p:{args.p}] [Gaussian std:{args.std}] "
         f"train {source} ({len(train)} images), test {len(test)} images, device {device}"
     )
-    kept = f"precision: {cfg.precision} — kept from the run being resumed (this machine's choice: {precision.name})"
-    log.info(precision.line() if cfg.precision == precision.name else kept)
+    log.info(precision.line(used=cfg.precision))
     t0 = time.time()
     history = train_classifier(
         model, train, augment, cfg, device, {"test_acc": test}, run / "checkpoint.pt", log=log.info, desc=args.run_name

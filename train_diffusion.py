@@ -153,8 +153,7 @@ def main(argv=None) -> None:
             atomic_write_json(out / "run.json", {**settings, "command": " ".join(sys.argv)})
             log.info(f"sparse set {args.sparse_set}: {len(idx)} {args.source} images x {args.replicas} = {len(images)}")
             log.info(f"model {spec.architecture} from {args.config}; world size {world}; device {device}")
-            kept = f"precision: {cfg.precision} — kept from the run being resumed (this machine's choice: {precision.name})"
-            log.info(precision.line() if cfg.precision == precision.name else kept)
+            log.info(precision.line(used=cfg.precision))
         barrier()
         seed_everything(args.seed + rank)
         model = spec.build_model(compile=args.compile)

@@ -168,8 +168,7 @@ def _run_flow(attack: str, argv: list[str], locks: ExitStack, gate: _RankGate) -
         log(f"overlay {o}: keys not used by {attack} ignored: {', '.join(ks)}")
     log("resolved configuration: " + json.dumps(resolved))
     for computation, p in precisions.items():
-        kept = cfg["precisions"][computation]
-        log(p.line(computation) if kept == p.name else f"precision ({computation}): {kept} — kept from the record")
+        log(p.line(computation, used=cfg["precisions"][computation]))
     seed_everything(cfg["random_seed"])
     torch.backends.cudnn.benchmark = True
     ctx = FlowContext(

@@ -69,9 +69,12 @@ class Precision:
     def bf16(self) -> bool:
         return self.name == "bf16"
 
-    def line(self, computation: str | None = None) -> str:
-        """One log line: ``precision: fp32 — CPU AVX2 has no native bf16``."""
+    def line(self, computation: str | None = None, used: str | None = None) -> str:
+        """One log line: ``precision: fp32 — CPU AVX2 has no native bf16``; with ``used``
+        (the precision a resumed run keeps) when that differs, the line says so."""
         what = f" ({computation})" if computation else ""
+        if used is not None and used != self.name:
+            return f"precision{what}: {used} — kept from the run being resumed (this machine's choice: {self.name})"
         return f"precision{what}: {self.name} — {self.reason}"
 
 

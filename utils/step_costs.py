@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from utils.precision import prefer_channels_last, resolve_precision
 from utils.runtime import autocast
@@ -77,6 +76,7 @@ def _seconds_per_call(fn: Callable[[], Any], budget_s: float) -> float:
 
 def _classifier_costs(width: int, batch: int, device: torch.device, bf16: bool, budget_s: float) -> tuple[float, float]:
     from models import build_classifier
+    from utils.trainer import TrainConfig, cross_entropy_step
 
     model = build_classifier("resnet18", 10, width).to(device)
     x = torch.rand(batch, 3, 32, 32, device=device)
@@ -84,13 +84,11 @@ def _classifier_costs(width: int, batch: int, device: torch.device, bf16: bool, 
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    # the one training step every classifier training runs (utils/trainer.py)
+    step = cross_entropy_step(model, opt, TrainConfig(precision="bf16" if bf16 else "fp32"), device)
 
     def train_step() -> None:
-        with autocast(device, bf16):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step(x, y)
 
     @torch.no_grad()
     def eval_step() -> None:

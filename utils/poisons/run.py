@@ -132,8 +132,7 @@ def run_poison(job: PoisonJob, locks: ExitStack) -> int:
         + (f"surrogate {job.arch} w{job.width}, " if job.arch else "")
         + f"device {describe_device(device)}"
     )
-    kept = f"precision: {'bf16' if settings['bf16'] else 'fp32'} — kept from the run being resumed"
-    log.info(precision.line() if settings["bf16"] == precision.bf16 else kept)
+    log.info(precision.line(used="bf16" if settings["bf16"] else "fp32"))
     ctx = CraftContext(
         clean=train,
         params=job.params,
