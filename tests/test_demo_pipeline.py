@@ -149,7 +149,7 @@ def test_unit_costs_are_timed_here_and_counted_from_the_recipe(tmp_path):
     assert step_minutes("diffusion", args, costs) == pytest.approx(3000 * costs.diffusion_iteration / 60)
     assert step_minutes("purification", args, costs) == pytest.approx(5000 * 20 * costs.denoise_image_step / 60)
     passes, rough = surrogate_passes("EM", poison_flags("EM"), 5000)
-    assert passes == pytest.approx(4 * (10 * 512 + 5000 * 10 + 5000 / 3)) and not rough
+    assert passes == pytest.approx(8 * (10 * 512 + 5000 * 10 + 5000 / 3)) and not rough
     assert surrogate_passes("TAP", poison_flags("TAP"), 5000) == (12 * 5000 + 1 * 5000 * 20, True)
     assert surrogate_passes("ADP", poison_flags("ADP"), 5000) is None
     assert surrogate_passes("LSP", "", 5000) == (0.0, False)

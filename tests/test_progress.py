@@ -139,11 +139,11 @@ def test_demo_prints_its_plan_then_step_k_of_n(tmp_path, monkeypatch, capsys):
     plan, _, rest = out.partition("an interrupted demo resumes")
     assert "sparse diffusion model (3000 iterations): done earlier, skipped" in plan
     # a victim: 20 epochs x 5000 images x 1 ms + 4 evaluations x 10,000 test images x 0.5 ms = 2.0 min;
-    # EM: 4 rounds x (10 x 512 + 5000 x 10 + 5000 / 3) surrogate passes x 2 ms = 7.6 min;
+    # EM: 8 rounds (at most) x (10 x 512 + 5000 x 10 + 5000 / 3) surrogate passes x 2 ms = 15 min;
     # purification: 5000 images x 20 steps x 1 ms = 1.7 min
-    assert "1. victim on the clean subset: ~2.0 min" in plan and "2. craft EM on 5000 images: ~7.6 min" in plan
+    assert "1. victim on the clean subset: ~2.0 min" in plan and "2. craft EM on 5000 images: ~15 min" in plan
     assert "3. purify EM (ECLIPSE stage 1): ~1.7 min" in plan
-    assert "7 step(s) to run, ~19 min" in plan and "timed just now on this machine: cpu, 2 thread(s)" in plan
+    assert "7 step(s) to run, ~27 min" in plan and "timed just now on this machine: cpu, 2 thread(s)" in plan
     assert f"CIFAR-10 is not at {tmp_path / 'no_data'}: the first step downloads" in plan
     assert [ln for ln in rest.splitlines() if ln.startswith("== step")][0].startswith("== step 1 of 7: victim on")
     assert "== step 7 of 7: victim on EM, ECLIPSE" in rest and len(ran) == 7
