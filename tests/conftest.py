@@ -29,6 +29,19 @@ if CIFAR_ROOT.exists():
     os.environ.setdefault("CIFAR10_ROOT", str(CIFAR_ROOT))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # bench/gpu_check.py runs the device-marked tests with --device cuda; everything else ignores it
+    parser.addoption(
+        "--device", default="cpu", help="torch device for the tests marked `device` (default cpu; e.g. cuda, cuda:1)"
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "device: numeric test that runs on the --device given to pytest (select with -m device)"
+    )
+
+
 def _need(path: Path, what: str) -> Path:
     if not path.exists():
         msg = f"{what} not found at {path} (set SHARED_DIR or CIFAR10_ROOT, or place ../shared beside the checkout)"
@@ -36,6 +49,25 @@ def _need(path: Path, what: str) -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The torch device of ``--device`` (cpu unless asked); a CUDA device the machine lacks skips the test."""
+    try:
+        dev = torch.device(request.config.getoption("--device"))
+    except RuntimeError as e:
+        raise pytest.UsageError(f"--device: {e}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip(f"--device {dev} asked, but torch {torch.__version__} sees no CUDA device")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            pytest.skip(f"--device {dev} asked, but only {torch.cuda.device_count()} CUDA device(s) exist")
+        # the device tests compare float32 results at ~1e-5; TF32 (on by default for cuDNN
+        # convolutions on Ampere and later) rounds operands to 10 mantissa bits
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return dev
 
 
 @pytest.fixture(scope="session")

@@ -26,15 +26,17 @@ def test_fused_attention_equals_reference(fused, reference, shape):
     torch.testing.assert_close(out, reference(q, k, v), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("config", ["config/eclipse/cpu.yml", "config/ddpm/cpu.yml", "config/ddpm/cpu_wide.yml"])
-def test_model_with_fused_attention_equals_reference(config, monkeypatch):
+def test_model_with_fused_attention_equals_reference(config, monkeypatch, device):
     from utils.diffusion_setup import load_diffusion_spec
 
     torch.manual_seed(0)
     model = load_diffusion_spec(config).build_model().eval()
     for p in model.parameters():  # the zero-initialised output layers would hide differences
         p.data.normal_(0, 0.05)
-    x, t = torch.randn(2, 3, 32, 32), torch.tensor([3, 500])
+    model.to(device)
+    x, t = torch.randn(2, 3, 32, 32).to(device), torch.tensor([3, 500]).to(device)
     with torch.no_grad():
         reference = model(x, t)
         monkeypatch.setattr(unet, "qkv_attention", unet.qkv_attention_sdpa)

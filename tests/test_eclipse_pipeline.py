@@ -48,14 +48,16 @@ def _err(capsys):
 # --------------------------------------------------------------------------- purification core
 
 
-def test_respaced_purification_keeps_the_noise_level():
+@pytest.mark.device
+def test_respaced_purification_keeps_the_noise_level(device):
     spec, model = _random_unet()
+    model.to(device)
     base = spec.build_diffusion()
     proc = _truncated_process(base, 100, 10)
     assert proc.num_timesteps == 10
     assert proc.alphas_cumprod[-1] == pytest.approx(base.alphas_cumprod[99], rel=1e-12)
     calls = []
-    x0 = torch.zeros(2, 3, 32, 32)
+    x0 = torch.zeros(2, 3, 32, 32, device=device)
     noise_and_denoise(lambda x, t: calls.append(t) or model(x, t), base, x0, 100, respace=10)
     assert len(calls) == 10
     assert calls[0][0].item() == pytest.approx(99 * 1000 / 4000)  # first reverse step: original step 99, rescaled
@@ -63,11 +65,13 @@ def test_respaced_purification_keeps_the_noise_level():
     assert len(kept) == 3
 
 
-def test_purify_dataset_resumes_and_shards(tmp_path, small_train):
+@pytest.mark.device
+def test_purify_dataset_resumes_and_shards(tmp_path, small_train, device):
     spec, model = _random_unet()
+    model.to(device)
     base = spec.build_diffusion()
     images = small_train.images[:20]
-    kw = dict(batch_size=8, seed=7, precision="fp32")
+    kw = dict(batch_size=8, seed=7, precision="fp32", device=device)
     full = purify_dataset(model, base, images, 3, tmp_path / "a", **kw)
     assert full.shape == images.shape and full.dtype == torch.uint8
     (tmp_path / "a" / "part_00001.pt").unlink()  # a batch lost to a crash is redone identically

@@ -75,21 +75,23 @@ def test_strict_load_names_the_mismatch(fixtures_dir):
         load_state_dict_strict(_ddpm(ref["config"]), state, "bad.ckpt")
 
 
-def test_tiny_unet_forward(fixtures_dir):
+@pytest.mark.device
+def test_tiny_unet_forward(fixtures_dir, device):
     f = torch.load(fixtures_dir / "improved_diffusion/tiny_unet_forward.pt", weights_only=True)
     model = _unet(f["config"])
     model.load_state_dict(f["state_dict"], strict=True)
     with torch.no_grad():
-        out = model.eval()(f["x"], f["timesteps"])
+        out = model.to(device).eval()(f["x"].to(device), f["timesteps"].to(device)).cpu()
     torch.testing.assert_close(out, f["out"], atol=1e-5, rtol=1e-4)
 
 
-def test_tiny_ddpm_forward(fixtures_dir):
+@pytest.mark.device
+def test_tiny_ddpm_forward(fixtures_dir, device):
     f = torch.load(fixtures_dir / "ddpm/tiny_ddpm_forward.pt", weights_only=True)
     model = _ddpm({**f["config"], "out_ch": 3, "in_channels": 3, "resolution": 32})
     model.load_state_dict(f["state_dict"], strict=True)
     with torch.no_grad():
-        out = model.eval()(f["x"], f["timesteps"])
+        out = model.to(device).eval()(f["x"].to(device), f["timesteps"].to(device)).cpu()
     torch.testing.assert_close(out, f["out"], atol=1e-5, rtol=1e-4)
 
 
