@@ -61,7 +61,7 @@ def test_auto_uses_bf16_only_where_its_effect_is_measured(native):
         assert "native bf16" in p.reason
     assert "purification" in BF16_EVIDENCE
     assert "5.4 points" in resolve_precision("auto", CPU, "surrogate").reason  # the measured reason for fp32
-    assert "not shown to be negligible" in resolve_precision("auto", CPU, "victim").reason
+    assert "not shown to be negligible" in resolve_precision("auto", CPU, "backdoor_training").reason
 
 
 @pytest.mark.parametrize("has", [True, False])
@@ -76,7 +76,7 @@ def test_cuda_asks_the_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Stub GPU")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert resolve_precision("auto", torch.device("cuda"), "purification").name == "bf16"
-    assert resolve_precision("auto", torch.device("cuda"), "victim").name == "fp32"
+    assert resolve_precision("auto", torch.device("cuda"), "surrogate").name == "fp32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     p = resolve_precision("auto", torch.device("cuda"), "purification")
     assert p.name == "fp32" and p.reason == "Stub GPU has no native bf16"
