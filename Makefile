@@ -25,6 +25,7 @@ lint:
 	ruff check . && ruff format --check .
 
 bench: setup
+	$(PYTHON) bench/bench_precision.py
 	$(PYTHON) bench/bench_purification.py
 	$(PYTHON) bench/bench_training.py
 	$(PYTHON) bench/bench_memory.py

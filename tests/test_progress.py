@@ -220,3 +220,15 @@ def test_a_slow_unit_is_never_silent_and_the_first_line_has_a_rate(monkeypatch):
     n = len(out.getvalue().splitlines())
     time.sleep(0.5)
     assert len(out.getvalue().splitlines()) == n  # a closed bar is silent
+
+
+def test_a_dropped_bar_is_collected_despite_its_heartbeat(monkeypatch):
+    import gc
+    import weakref
+
+    monkeypatch.setenv("PROGRESS_SECONDS", "0.05")
+    bar = progress(total=3, desc="dropped", file=io.StringIO())
+    ref = weakref.ref(bar)
+    del bar
+    gc.collect()
+    assert ref() is None  # the heartbeat thread does not keep it alive

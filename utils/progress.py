@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from typing import Any
 
 from tqdm import tqdm
@@ -66,15 +67,14 @@ class LineProgress(tqdm):
             done = 100.0 * self.n / self.total
             self._next_pct = (int(done // self._every_pct) + 1) * self._every_pct
         if not self.disable and self._every_s > 0:
-            threading.Thread(target=self._heartbeat, name=f"progress:{self.desc}", daemon=True).start()
+            # the thread holds the bar weakly: a bar dropped unclosed is collected (and closed) as before
+            args = (weakref.ref(self), self._closed, self._every_s)
+            threading.Thread(target=_heartbeat, args=args, name=f"progress:{self.desc}", daemon=True).start()
 
-    def _heartbeat(self) -> None:
-        """A line every ``PROGRESS_SECONDS`` while no other line was printed (a unit that
-        takes minutes), until the bar closes."""
-        while not self._closed.wait(self._every_s):
-            last = self._last_line_t if self._last_line_t is not None else getattr(self, "start_t", time.time())
-            if time.time() - last >= self._every_s and not self._closed.is_set():
-                self._emit(f"{self.unit} {self.n + 1:g} in progress")
+    def _beat(self) -> None:
+        last = self._last_line_t if self._last_line_t is not None else getattr(self, "start_t", time.time())
+        if time.time() - last >= self._every_s and not self._closed.is_set():
+            self._emit(f"{self.unit} {self.n + 1:g} in progress")
 
     def line(self) -> str:
         """The current state as one line of text."""
@@ -101,8 +101,11 @@ class LineProgress(tqdm):
 
     def _emit(self, note: str = "") -> None:
         with self._line_lock:
-            self._out.write(self.line() + (f", {note}" if note else "") + "\n")
-            self._out.flush()
+            try:
+                self._out.write(self.line() + (f", {note}" if note else "") + "\n")
+                self._out.flush()
+            except (ValueError, OSError):  # the stream was closed under us (a bar collected at exit)
+                pass
             self._last_line_t = time.time()
             self._last_line_n = self.n
 
@@ -128,6 +131,17 @@ class LineProgress(tqdm):
         if not self.disable and self.n != self._last_line_n:
             self._emit()  # the closing line: totals, rate and elapsed time
         super().close()
+
+
+def _heartbeat(ref: weakref.ref, closed: threading.Event, every_s: float) -> None:
+    """A line every ``every_s`` seconds while the bar printed none (a unit that takes
+    minutes), until the bar closes or is collected."""
+    while not closed.wait(every_s):
+        bar = ref()
+        if bar is None:
+            return
+        bar._beat()
+        del bar
 
 
 def _style(stream: Any) -> str:
