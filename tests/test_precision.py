@@ -152,14 +152,20 @@ def test_train_resumes_in_the_stored_precision(tmp_path, small_train, native, ca
     assert "kept from the run being resumed" in (run / "train.log").read_text()
 
 
-def test_a_cpu_without_native_bf16_logs_fp32(tmp_path):
-    """oneDNN capped at AVX2 (as on most laptops): the script's log says fp32 and why."""
-    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
-    code = (
-        "import sys, torch; sys.path.insert(0, '.')\n"
-        "from utils.precision import resolve_precision\n"
-        "print(resolve_precision('auto', torch.device('cpu'), 'purification').line())\n"
+def test_a_cpu_without_native_bf16_runs_and_logs_fp32(tmp_path, small_train):
+    """oneDNN capped at AVX2 (as on most laptops): a default purification.py run computes in
+    float32 and its log says so, and why; its summary records it."""
+    from tests.test_eclipse_pipeline import _setup_work
+
+    _setup_work(tmp_path, small_train.subset(torch.arange(8)))
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    cmd = [sys.executable, "purification.py", "--poison", "URP", "--config", "config/eclipse/cpu.yml"]
+    cmd += ["--sparse_set", "tiny", "--sparse_diff_model", "ema_0.9999_5.pt", "--t", "2", "--batch_size", "8"]
+    r = subprocess.run(
+        cmd + ["--work_dir", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-500:]
-    assert r.stdout.startswith("precision: fp32 — CPU ") and r.stdout.strip().endswith("has no native bf16")
+    assert r.returncode == 0, r.stderr[-1000:]
+    out = tmp_path / "purified_data" / "cifar10" / "tiny" / "2" / "5" / "URP-pure"
+    log = out.with_suffix(".log").read_text()
+    assert "precision: fp32 — CPU AVX2 has no native bf16" in log
+    assert json.loads(out.with_suffix(".json").read_text())["precision"] == "fp32"
