@@ -116,6 +116,27 @@ def test_rerun_resumes_every_phase(badnet_run, work):
         assert f"phase {phase}: done earlier" in log
 
 
+def test_a_record_of_the_older_bf16_keys_resumes_in_its_precisions(badnet_run, work):
+    """A record written before --precision (``bf16: true``, ``amp: false``) resumes instead of
+    being refused, and keeps the precisions it ran with (its log says so)."""
+    import yaml
+
+    old = work / "record" / "older"
+    shutil.copytree(badnet_run, old)
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    for key in ("precision", "precisions"):
+        cfg.pop(key)
+    cfg.update(bf16=True, amp=False)
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (old / "run.log").unlink()
+    again = run_attack_then_defence("badnet", _argv(work, name="older"))
+    assert again["TPR"] == json.loads((badnet_run / "metrics.json").read_text())["TPR"]
+    log = (old / "run.log").read_text()
+    assert "phase candidates: done earlier" in log
+    assert "precision (ddpm_rounds): bf16 — kept from the run being resumed" in log  # the old bf16: true
+    assert "precision (backdoor_training): fp32" in log  # the old amp: false
+
+
 def test_torchrun_shards_the_candidates_and_matches_one_process(badnet_run, work):
     """Two gloo ranks: rank 0 runs the flow, rank 1 joins it to build every other chunk of
     the candidates; the store is the one-process run's, byte for byte; then a resumed run
