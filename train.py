@@ -86,6 +86,12 @@ KEYS: dict[str, Key] = {
     "drop_last": Key(
         False, "drop the last partial batch of each epoch (the reference keeps it: 391 steps of 128 on 50,000)"
     ),
+    "bn_updates": Key(
+        2,
+        "BatchNorm statistics updates per step: 2 = the reference train.py's two forwards per step "
+        "(as BN momentum 0.19), 1 = one forward (momentum 0.1)",
+        choices=(1, 2),
+    ),
     "deterministic": Key(
         True, "cuDNN deterministic, no benchmark (the reference's same_seeds); false: fastest kernels"
     ),
@@ -202,6 +208,7 @@ def _run(
         channels_last=settings["channels_last"],
         seed=args.seed,
         drop_last=args.drop_last,
+        bn_updates=args.bn_updates,
     )
     log.info(
         f"[Pure:{args.pure}] [Defense:{args.defense}] [Arch:{args.arch} w{args.width}] [Poison:{args.poison}] "

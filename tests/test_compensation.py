@@ -147,3 +147,36 @@ def test_interrupted_training_resumes_bit_identically(tmp_path, monkeypatch):
     assert [{k: v for k, v in h.items() if k not in timing} for h in hist_a] == [
         {k: v for k, v in h.items() if k not in timing} for h in hist_b
     ]
+
+
+def test_two_forwards_per_step_equal_one_with_bn_momentum_019():
+    """ECLIPSE's train.py runs the network twice per step (accuracy, then loss): BatchNorm's
+    running statistics are updated twice with the same batch statistics, which one update
+    with momentum 1 - 0.9^2 = 0.19 reproduces (``bn_updates=2``)."""
+    import copy
+
+    from models import build_classifier
+    from utils.trainer import set_bn_updates
+
+    torch.manual_seed(0)
+    ref = build_classifier("resnet18", 10, 4).train()
+    ours = copy.deepcopy(ref)
+    x = torch.rand(16, 3, 32, 32)
+    for _ in range(3):  # three steps (no weight update: only the statistics matter here)
+        ref(x)  # outputs = net(inputs)
+        ref(x)  # loss, _ = standard_loss(args, net, inputs, labels)
+    set_bn_updates(ours, 2)
+    for _ in range(3):
+        ours(x)
+    bns = [(a, b) for a, b in zip(ref.modules(), ours.modules()) if isinstance(a, torch.nn.BatchNorm2d)]
+    assert bns and all(b.momentum == pytest.approx(0.19) for _, b in bns)
+    for a, b in bns:
+        torch.testing.assert_close(b.running_mean, a.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.running_var, a.running_var, rtol=1e-5, atol=1e-6)
+    # one forward per step (PyTorch's default momentum) gives other statistics
+    single = copy.deepcopy(ref)
+    set_bn_updates(single, 1)
+    assert all(m.momentum == pytest.approx(0.1) for m in single.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    import train
+
+    assert train.parse_args(["--poison", "EM"]).bn_updates == 2  # the reference's behaviour by default
