@@ -9,6 +9,7 @@ import torch
 
 from utils.backdoor import ATTACKS, COMMON_KEYS
 from utils.fileio import UserError
+from utils.keys import BF16, PRECISION
 from utils.precision import Precision, resolve_precision
 from utils.runtime import Range
 from utils.yaml_config import Key
@@ -112,17 +113,10 @@ DEFENCE_KEYS: dict[str, Key] = {
         "with purify_respace: the last last_steps_m reverse steps unspaced, so kept candidates are at the "
         "paper's noise levels (CPU-scale option)",
     ),
-    "precision": Key(
-        "auto",
-        "auto: bf16 for a computation only where this device runs it natively and its effect is measured small, "
-        "else fp32 (README, Precision); fp32 | bf16: every computation as asked",
-        choices=("auto", "fp32", "bf16"),
-    ),
-    "bf16": Key(
+    "precision": PRECISION,
+    "bf16": BF16.with_default(
         None,
         "older spelling for the DDPM rounds and the candidates' labels: true = bf16, false = fp32, null = precision",
-        bool,
-        nullable=True,
     ),
 }
 

@@ -31,7 +31,7 @@ from utils.fileio import atomic_write_json, read_state_json
 from utils.paths import REPO_ROOT, diff_ckpt_dir, poisoned_file, purified_file
 from utils.plots import pyplot, save_figure
 from utils.poisons import POISONS
-from utils.step_costs import UnitCosts, is_rough, step_minutes
+from utils.step_costs import UnitCosts, is_rough, step_minutes, step_threads
 
 SPARSE_SET = "test2000ps8000"
 # columns of the table: run suffix -> (header, train.py flags)
@@ -217,7 +217,7 @@ def run_steps(
     failed: list[str] = []
     env = dict(os.environ)
     if jobs > 1 and "OMP_NUM_THREADS" not in env:  # oversubscribed threads slow every process down
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+        env["OMP_NUM_THREADS"] = str(step_threads(jobs))
     total, started, last_status = len(pending), 0, time.time()
 
     def note(line: str) -> None:

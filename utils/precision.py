@@ -44,7 +44,9 @@ COMPUTATIONS: dict[str, str] = {
 }
 
 # Computations where bf16's effect on results is measured small: auto may use bf16 for
-# these (where the device runs it natively). Each entry says what was measured.
+# these (where the device runs it natively). Each entry says what was measured; the
+# victim, diffusion and DataElixir figures are from an Intel Xeon Sapphire Rapids (AMX),
+# 2026-12-05, the purification and surrogate ones from earlier runs (BENCHMARKS.md).
 BF16_EVIDENCE: dict[str, str] = {
     "purification": (
         "purified uint8 images within 1 grey level of float32's (4.2 % of values differ, mean 0.04 levels, "
@@ -61,16 +63,14 @@ BF16_EVIDENCE: dict[str, str] = {
 }
 
 # Computations measured and found sensitive: kept in float32 under auto, with the reason.
+_DATAELIXIR = (
+    "bf16 moves 0.66 % of the candidates' labels, 0.3 % of the transitions and the target scores by up to "
+    "0.06 (BENCHMARKS.md, precision effects)"
+)
 BF16_SENSITIVE: dict[str, str] = {
     "surrogate": "bf16 weakens EM by 5.4 points of victim accuracy (docs/RESULTS.md, surrogate precision)",
-    "ddpm_rounds": (
-        "bf16 moves 0.66 % of the candidates' labels, 0.3 % of the transitions and the target scores by up to "
-        "0.06 (BENCHMARKS.md, precision effects)"
-    ),
-    "candidate_labels": (
-        "bf16 moves 0.66 % of the candidates' labels, 0.3 % of the transitions and the target scores by up to "
-        "0.06 (BENCHMARKS.md, precision effects)"
-    ),
+    "ddpm_rounds": _DATAELIXIR,
+    "candidate_labels": _DATAELIXIR,
 }
 
 

@@ -54,7 +54,7 @@ class UnitCosts:
 
 def step_threads(jobs: int) -> int:
     """The threads each demo step runs with: ``OMP_NUM_THREADS`` if set, else the cores
-    shared between ``jobs`` steps (as ``demo_pipeline.run_steps`` sets them)."""
+    shared between ``jobs`` steps (what ``demo_pipeline.run_steps`` gives each step)."""
     import os
 
     env = os.environ.get("OMP_NUM_THREADS", "")
@@ -139,7 +139,8 @@ def measure_unit_costs(recipe: Any, device: torch.device, threads: int, budget_s
         victim_bf16 = resolve_precision("auto", device, "victim").bf16
         v_train, v_eval = _classifier_costs(recipe.width, 128, device, victim_bf16, budget_s)
         s_bf16 = resolve_precision("auto", device, "surrogate").bf16
-        surrogate, _ = _classifier_costs(16, 128, device, s_bf16, budget_s)
+        same = recipe.width == 16 and s_bf16 == victim_bf16  # the same model in the same precision: timed once
+        surrogate = v_train if same else _classifier_costs(16, 128, device, s_bf16, budget_s)[0]
     finally:
         torch.set_num_threads(before)
     return UnitCosts(diffusion_it, denoise, v_train, v_eval, surrogate, str(device), threads)
