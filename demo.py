@@ -22,7 +22,7 @@ from typing import TextIO
 
 from utils.cpu_recipe import demo_recipe
 from utils.data import cifar10_present, resolve_data_root
-from utils.demo_pipeline import (
+from utils.demo.pipeline import (
     SPARSE_SET,
     StepFailed,
     build_steps,
@@ -33,12 +33,12 @@ from utils.demo_pipeline import (
     summarise,
     table_markdown,
 )
+from utils.demo.step_costs import measure_unit_costs, step_threads
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_state_json
-from utils.keys import POSITIVE, Key, add_keys_to_argparser
+from utils.options import POSITIVE, Key, add_keys_to_argparser
 from utils.paths import REPO_ROOT, poisoned_file, purified_file
 from utils.poisons import POISONS
 from utils.runtime import resolve_device
-from utils.step_costs import measure_unit_costs, step_threads
 
 
 def parse_poisons(text: str) -> list[str]:

@@ -19,11 +19,21 @@ from contextlib import ExitStack
 
 from models import CLASSIFIERS
 from utils.fileio import UserError, cli_main
-from utils.keys import BF16, DEVICE, DOWNLOAD, GT0, POSITIVE, PRECISION, SUBSET, Key, add_keys_to_argparser
+from utils.options import (
+    BF16,
+    DEVICE,
+    DOWNLOAD,
+    GT0,
+    POSITIVE,
+    PRECISION,
+    SUBSET,
+    ArgParser,
+    Key,
+    add_keys_to_argparser,
+)
 from utils.poisons import OPTIONS, POISONS, PoisonSpec, get_poison, resolve_params
 from utils.poisons.run import PAUSED_EXIT, PoisonJob, run_poison
 from utils.run_state import check_name
-from utils.runtime import ArgParser
 
 __all__ = ["PAUSED_EXIT", "main"]
 

@@ -24,18 +24,18 @@ from pathlib import Path
 
 import torch
 
-from utils.checkpoints import parse_checkpoint_name, resolve_checkpoint
 from utils.data import ImageSet, read_eclipse_pkl, write_eclipse_pkl
-from utils.diffusion_setup import diffusion_train_command, load_diffusion_model, load_diffusion_spec, resolve_config
+from utils.diffusion.checkpoints import parse_checkpoint_name, resolve_checkpoint
+from utils.diffusion.factory import diffusion_train_command, load_diffusion_model, load_diffusion_spec, resolve_config
+from utils.diffusion.purify import noise_std_at, purify_dataset
 from utils.download import eclipse_manual
 from utils.fileio import UserError, atomic_write_json, cli_main, refuse_overwrite, safe_torch_load, setup_logging
-from utils.keys import BF16, DEVICE, POSITIVE, PRECISION, Key, add_keys_to_argparser
+from utils.options import BF16, DEVICE, POSITIVE, PRECISION, ArgParser, Key, add_keys_to_argparser
 from utils.paths import diff_ckpt_dir, poisoned_file, purified_file, work_dir
 from utils.plots import amplified_difference, save_image_grid
 from utils.precision import precision_from_args
-from utils.purify import noise_std_at, purify_dataset
 from utils.run_state import check_name, file_fingerprint, output_lock
-from utils.runtime import ArgParser, barrier, cleanup_distributed, init_distributed, resolve_device
+from utils.runtime import barrier, cleanup_distributed, init_distributed, resolve_device
 
 KEYS: dict[str, Key] = {
     # the reference's flags and defaults

@@ -22,8 +22,8 @@ from dataclasses import asdict
 
 from models import CLASSIFIERS, build_classifier
 from utils.augment import compensation_augment, grayscale, jpeg, standard_augment
-from utils.checkpoints import DEFAULT_EMA_RATE, checkpoint_name, ema_checkpoints
 from utils.data import ImageSet, class_balanced_subset, load_cifar10, load_poisoned, read_eclipse_pkl
+from utils.diffusion.checkpoints import DEFAULT_EMA_RATE, checkpoint_name, ema_checkpoints
 from utils.download import eclipse_manual
 from utils.fileio import (
     UserError,
@@ -34,7 +34,7 @@ from utils.fileio import (
     read_state_json,
     setup_logging,
 )
-from utils.keys import (
+from utils.options import (
     BF16,
     DEVICE,
     DOWNLOAD,
@@ -44,14 +44,16 @@ from utils.keys import (
     POSITIVE,
     PRECISION,
     SUBSET,
+    ArgParser,
     Key,
+    Range,
     add_keys_to_argparser,
 )
 from utils.paths import diff_ckpt_dir, purified_file, work_dir
 from utils.plots import history_series, save_curves
 from utils.precision import keep_stored, legacy_precision, precision_from_args, prefer_channels_last
 from utils.run_state import OutputLock, check_name, same_settings_or_refuse
-from utils.runtime import ArgParser, Range, resolve_device, seed_everything, set_deterministic
+from utils.runtime import resolve_device, seed_everything, set_deterministic
 from utils.trainer import TrainConfig, train_classifier
 
 RESULTS_COLUMNS = ["pure", "arch", "poison", "sparse_set", "t", "p", "std", "acc"]

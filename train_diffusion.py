@@ -24,24 +24,28 @@ from pathlib import Path
 
 import torch
 
-from utils.checkpoints import checkpoint_name
 from utils.data import load_cifar10
-from utils.diffusion_setup import load_diffusion_spec
-from utils.diffusion_training import DiffusionTrainConfig, train_diffusion
+from utils.diffusion.checkpoints import checkpoint_name
+from utils.diffusion.factory import load_diffusion_spec
+from utils.diffusion.training import DiffusionTrainConfig, train_diffusion
 from utils.fileio import UserError, atomic_write_json, cli_main, read_state_json, setup_logging
-from utils.keys import BF16, DEVICE, DOWNLOAD, GT0, NONNEG, POSITIVE, PRECISION, Key, add_keys_to_argparser
+from utils.options import (
+    BF16,
+    DEVICE,
+    DOWNLOAD,
+    GT0,
+    NONNEG,
+    POSITIVE,
+    PRECISION,
+    ArgParser,
+    Key,
+    Range,
+    add_keys_to_argparser,
+)
 from utils.paths import diff_ckpt_dir, work_dir
 from utils.precision import keep_stored, legacy_precision, precision_from_args
 from utils.run_state import check_name, output_lock, same_settings_or_refuse
-from utils.runtime import (
-    ArgParser,
-    Range,
-    barrier,
-    cleanup_distributed,
-    init_distributed,
-    resolve_device,
-    seed_everything,
-)
+from utils.runtime import barrier, cleanup_distributed, init_distributed, resolve_device, seed_everything
 
 KEYS: dict[str, Key] = {
     "config": Key("config/eclipse/cifar10.yml", "model + diffusion YAML"),

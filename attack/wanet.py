@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.backdoor_flow import run_attack_then_defence  # noqa: E402
+from utils.dataelixir.flow import run_attack_then_defence  # noqa: E402
 from utils.fileio import cli_main  # noqa: E402
 
 

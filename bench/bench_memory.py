@@ -27,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     from utils.data import load_cifar10, write_eclipse_pkl
-    from utils.diffusion_setup import load_diffusion_spec
+    from utils.diffusion.factory import load_diffusion_spec
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

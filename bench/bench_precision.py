@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from common import machine
 
-from utils.diffusion_setup import load_diffusion_spec
+from utils.diffusion.factory import load_diffusion_spec
+from utils.diffusion.purify import noise_and_denoise
 from utils.precision import cpu_capability, native_bf16, resolve_precision
-from utils.purify import noise_and_denoise
 
 MODELS = [
     ("paper UNet", "config/eclipse/cifar10.yml", 16),

@@ -12,8 +12,8 @@ import torch
 from common import record, timed
 
 from utils.augment import to_uint8
-from utils.diffusion_setup import load_diffusion_model, load_diffusion_spec
-from utils.purify import from_model_range, noise_and_denoise, to_model_range
+from utils.diffusion.factory import load_diffusion_model, load_diffusion_spec
+from utils.diffusion.purify import from_model_range, noise_and_denoise, to_model_range
 from utils.runtime import resolve_device
 
 

@@ -15,8 +15,8 @@ from common import record
 
 from utils.augment import to_uint8
 from utils.data import load_cifar10
-from utils.diffusion_setup import load_diffusion_model, load_diffusion_spec
-from utils.purify import from_model_range, noise_and_denoise, noise_std_at, to_model_range
+from utils.diffusion.factory import load_diffusion_model, load_diffusion_spec
+from utils.diffusion.purify import from_model_range, noise_and_denoise, noise_std_at, to_model_range
 from utils.runtime import resolve_device
 
 

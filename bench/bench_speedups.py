@@ -31,8 +31,8 @@ import models.unet
 from models import build_classifier
 from utils.augment import to_uint8
 from utils.data import load_cifar10
-from utils.diffusion_setup import load_diffusion_spec
-from utils.purify import from_model_range, noise_and_denoise, to_model_range
+from utils.diffusion.factory import load_diffusion_spec
+from utils.diffusion.purify import from_model_range, noise_and_denoise, to_model_range
 from utils.runtime import autocast, compiled
 
 DEVICE = torch.device("cpu")

@@ -29,13 +29,12 @@ from typing import Any
 
 from common import machine
 
-from utils.backdoor import ATTACKS
-from utils.demo_pipeline import Step, StepFailed, run_steps
+from utils.dataelixir.attack_data import ATTACKS
+from utils.demo.pipeline import Step, StepFailed, run_steps
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_state_json
-from utils.keys import POSITIVE, Key, add_keys_to_argparser
+from utils.options import POSITIVE, Key, add_keys_to_argparser, load_yaml_file
 from utils.paths import REPO_ROOT
 from utils.plots import pyplot, save_figure
-from utils.yaml_config import load_yaml_file
 
 KEYS = {
     "attacks": Key("all", "comma-separated attacks, or 'all'"),

@@ -36,14 +36,14 @@ import numpy as np
 import torch
 from common import machine
 
-from utils.backdoor_models import load_model, purification_rounds
-from utils.backdoor_outputs import load_attack_data
-from utils.checkpoints import parse_checkpoint_name
 from utils.data import class_balanced_subset
-from utils.dataelixir import build_chunk
-from utils.diffusion_setup import load_diffusion_model, load_diffusion_spec
+from utils.dataelixir.defence import build_chunk
+from utils.dataelixir.models import load_model, purification_rounds
+from utils.dataelixir.outputs import load_attack_data
+from utils.diffusion.checkpoints import parse_checkpoint_name
+from utils.diffusion.factory import load_diffusion_model, load_diffusion_spec
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_text_file
-from utils.keys import DEVICE, POSITIVE, SUBSET, Key, add_keys_to_argparser
+from utils.options import DEVICE, POSITIVE, SUBSET, Key, add_keys_to_argparser
 from utils.plots import pyplot, save_figure
 from utils.precision import legacy_flow_config, precision_of
 from utils.run_state import file_fingerprint, same_settings_or_refuse

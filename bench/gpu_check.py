@@ -525,7 +525,7 @@ def e2e_chains(dev: str) -> list[list[Step]]:
 
 def _tiny_ddpm(work: Path) -> None:
     """A random CPU-scale DDPM for the attack's defence (as tests/test_attack_cli.py makes one)."""
-    from utils.diffusion_setup import load_diffusion_spec
+    from utils.diffusion.factory import load_diffusion_spec
 
     spec = load_diffusion_spec(REPO / "config/ddpm/cpu.yml")
     torch.manual_seed(0)
@@ -672,8 +672,8 @@ class Speed:
     # -------------------------------------------------------------- workloads
 
     def purification(self) -> None:
-        from utils.diffusion_setup import load_diffusion_spec
-        from utils.purify import noise_and_denoise
+        from utils.diffusion.factory import load_diffusion_spec
+        from utils.diffusion.purify import noise_and_denoise
 
         s, dev = self.scale, self.dev
         spec = load_diffusion_spec(REPO / s.purify_config)
@@ -703,8 +703,8 @@ class Speed:
         )
 
     def dataelixir(self) -> None:
-        from utils.dataelixir import build_chunk
-        from utils.diffusion_setup import load_diffusion_spec
+        from utils.dataelixir.defence import build_chunk
+        from utils.diffusion.factory import load_diffusion_spec
 
         s, dev = self.scale, self.dev
         spec = load_diffusion_spec(REPO / s.ddpm_config)
@@ -739,11 +739,11 @@ class Speed:
             "image-steps/s",
             DIFFUSION_VARIANTS,
             per_call,
-            cudnn="benchmark",  # utils/backdoor_flow.py turns autotuning on
+            cudnn="benchmark",  # utils/dataelixir/flow.py turns autotuning on
         )
 
     def diffusion_training(self) -> None:
-        from utils.diffusion_setup import load_diffusion_spec
+        from utils.diffusion.factory import load_diffusion_spec
         from utils.runtime import autocast
 
         s, dev = self.scale, self.dev
@@ -760,7 +760,7 @@ class Speed:
             bf16 = v.precision == "bf16"
 
             def iterations() -> None:
-                # one iteration of utils/diffusion_training.py: forward, hybrid loss, AdamW, EMA
+                # one iteration of utils/diffusion/training.py: forward, hybrid loss, AdamW, EMA
                 for _ in range(s.train_steps):
                     t = torch.randint(0, diffusion.num_timesteps, (s.train_batch,), device=dev)
                     noise = torch.randn_like(x0)

@@ -46,19 +46,19 @@ import numpy as np
 import torch
 from common import machine
 
-from utils.checkpoints import parse_checkpoint_name, resolve_checkpoint
 from utils.cpu_recipe import demo_recipe
 from utils.data import ImageSet, class_balanced_subset, load_cifar10, read_eclipse_pkl
-from utils.demo_pipeline import SPARSE_SET
-from utils.diffusion_setup import load_diffusion_model, load_diffusion_spec, resolve_config
+from utils.demo.pipeline import SPARSE_SET
+from utils.diffusion.checkpoints import parse_checkpoint_name, resolve_checkpoint
+from utils.diffusion.factory import load_diffusion_model, load_diffusion_spec, resolve_config
+from utils.diffusion.purify import purify_dataset
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, cli_main, read_state_json, refuse_overwrite
-from utils.keys import BF16, POSITIVE, PRECISION, SUBSET, Key, add_keys_to_argparser
+from utils.options import BF16, POSITIVE, PRECISION, SUBSET, Key, add_keys_to_argparser
 from utils.paths import diff_ckpt_dir, poisoned_file, purified_file
 from utils.plots import pyplot, save_figure
 from utils.poisons import POISONS
 from utils.poisons.common import measure_norms
 from utils.precision import precision_from_args
-from utils.purify import purify_dataset
 
 KEYS = {
     "work_dir": Key("runs/demo", "the demo's work dir (poisoned_data/ and purified_data/)"),

@@ -27,15 +27,15 @@ import numpy as np
 import torch
 from common import machine
 
-from utils import dataelixir as de
-from utils.backdoor_models import load_model, purification_rounds
-from utils.backdoor_outputs import load_attack_data
 from utils.data import NUM_CLASSES, class_balanced_subset
-from utils.diffusion_setup import load_diffusion_model, load_diffusion_spec
+from utils.dataelixir import defence as de
+from utils.dataelixir.models import load_model, purification_rounds
+from utils.dataelixir.outputs import load_attack_data
+from utils.diffusion.factory import load_diffusion_model, load_diffusion_spec
+from utils.diffusion.purify import chunk_seed
 from utils.fileio import atomic_write_json, read_text_file
 from utils.plots import pyplot, save_figure
 from utils.precision import legacy_flow_config
-from utils.purify import chunk_seed
 from utils.trainer import predict
 
 

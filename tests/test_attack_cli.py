@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from utils.backdoor_flow import run_attack_then_defence
-from utils.diffusion_setup import load_diffusion_spec
+from utils.dataelixir.flow import run_attack_then_defence
+from utils.diffusion.factory import load_diffusion_spec
 from utils.fileio import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -220,8 +220,8 @@ def test_missing_diffusion_checkpoint_says_how_to_make_one(work):
 
 
 def test_record_written_before_a_key_existed_resumes_at_its_default(tmp_path):
-    from utils.backdoor_flow import open_record
-    from utils.yaml_config import dump_yaml
+    from utils.dataelixir.flow import open_record
+    from utils.options import dump_yaml
 
     rec = tmp_path / "old"
     rec.mkdir()

@@ -29,7 +29,7 @@ def test_fused_attention_equals_reference(fused, reference, shape):
 @pytest.mark.device
 @pytest.mark.parametrize("config", ["config/eclipse/cpu.yml", "config/ddpm/cpu.yml", "config/ddpm/cpu_wide.yml"])
 def test_model_with_fused_attention_equals_reference(config, monkeypatch, device):
-    from utils.diffusion_setup import load_diffusion_spec
+    from utils.diffusion.factory import load_diffusion_spec
 
     torch.manual_seed(0)
     model = load_diffusion_spec(config).build_model().eval()

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from utils import backdoor_phases as bp
-from utils import dataelixir as de
-from utils.backdoor import BackdoorData
-from utils.backdoor_record import PHASES, Record
 from utils.data import ImageSet
+from utils.dataelixir import defence as de
+from utils.dataelixir import phases as bp
+from utils.dataelixir.attack_data import BackdoorData
+from utils.dataelixir.record import PHASES, Record
 
 CFG = {
     "threshold_tau": 0,
@@ -189,7 +189,7 @@ def test_loop_runs_a_phase_without_stored_output_every_time_and_keeps_its_first_
 
 
 def test_stop_after_offers_every_phase_but_the_last():
-    from utils.backdoor_record import PHASES
-    from utils.yaml_config import FIXED_OPTIONS
+    from utils.dataelixir.record import PHASES
+    from utils.options import FIXED_OPTIONS
 
     assert FIXED_OPTIONS["stop_after"].choices == PHASES[:-1]

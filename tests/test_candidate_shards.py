@@ -24,8 +24,8 @@ _SCRIPT = """
 import sys
 import torch
 sys.path.insert(0, {repo!r})
-from utils import dataelixir as de
-from utils.diffusion_setup import spec_from_dict
+from utils.dataelixir import defence as de
+from utils.diffusion.factory import spec_from_dict
 from utils.runtime import cleanup_distributed, init_distributed
 
 torch.set_num_threads(1)
@@ -48,7 +48,7 @@ def _inputs(path: Path) -> Path:
     import torch
     import torch.nn as nn
 
-    from utils.diffusion_setup import spec_from_dict
+    from utils.diffusion.factory import spec_from_dict
 
     g = torch.Generator().manual_seed(2)
     torch.manual_seed(0)
@@ -79,7 +79,7 @@ def _run(tmp_path: Path, out: Path, processes: int) -> subprocess.CompletedProce
 
 
 def test_two_ranks_write_the_bytes_of_one_process(tmp_path):
-    from utils import dataelixir as de
+    from utils.dataelixir import defence as de
 
     one, two = tmp_path / "one", tmp_path / "two"
     _run(tmp_path, one, 1)

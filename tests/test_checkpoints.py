@@ -1,11 +1,11 @@
-"""Checkpoint names (``utils/checkpoints.py``): improved-diffusion's spelling is written,
+"""Checkpoint names (``utils/diffusion/checkpoints.py``): improved-diffusion's spelling is written,
 both it and this project's earlier spelling are read."""
 
 from __future__ import annotations
 
 import pytest
 
-from utils.checkpoints import (
+from utils.diffusion.checkpoints import (
     CheckpointName,
     checkpoint_name,
     checkpoint_steps,
@@ -15,7 +15,7 @@ from utils.checkpoints import (
     resolve_checkpoint,
     spellings,
 )
-from utils.diffusion_setup import diffusion_train_command
+from utils.diffusion.factory import diffusion_train_command
 
 
 def test_build_improved_diffusion_and_legacy_names():

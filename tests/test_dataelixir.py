@@ -1,4 +1,4 @@
-"""Unit tests for ``utils/dataelixir.py`` (DataElixir, AAAI 2024), one group per defence step.
+"""Unit tests for ``utils/dataelixir/defence.py`` (DataElixir, AAAI 2024), one group per defence step.
 
 Every case is built by hand and its expected values are worked out in the comments. The
 semantics checked are those of the reference implementation (``utils/purify_utils.py``
@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from utils import dataelixir as de
 from utils.augment import to_float, to_uint8
-from utils.diffusion_setup import spec_from_dict
+from utils.dataelixir import defence as de
+from utils.diffusion.factory import spec_from_dict
+from utils.diffusion.purify import chunk_seed, from_model_range, noise_and_denoise, to_model_range
 from utils.fileio import UserError
-from utils.purify import chunk_seed, from_model_range, noise_and_denoise, to_model_range
 
 L = torch.long
 
@@ -751,7 +751,7 @@ def test_noise_offset_range(tiny_ddpm):
 
 
 def test_truncated_steps_dense_tail():
-    from utils.diffusion import truncated_steps
+    from utils.diffusion.gaussian_diffusion import truncated_steps
 
     assert truncated_steps(150, 10) == [0, 17, 33, 50, 66, 83, 99, 116, 132, 149]
     # the last m steps unspaced, the rest spread over m .. T-1 (still ending at T-1)
@@ -776,7 +776,7 @@ def test_dense_tail_kept_samples_use_the_full_chain_steps(tiny_ddpm, images):
     rec.calls.clear()
     _chunk(rec, base, x, seed=3, steps_T=10, rounds_n=1, last_steps_m=2, respace=4)
     assert [int(t[0]) for _, t in rec.calls] == [9, 6, 3, 0]
-    from utils.purify import _truncated_process
+    from utils.diffusion.purify import _truncated_process
 
     tail = _truncated_process(base, 10, 4, 2)
     assert np.allclose(tail.betas[:2], base.betas[:2])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from utils.cpu_recipe import demo_recipe, load_recipe, poison_flags
-from utils.demo_pipeline import (
+from utils.demo.pipeline import (
     Step,
     StepFailed,
     build_steps,
@@ -140,7 +140,7 @@ def test_compare_needs_a_gap_beyond_the_spread():
 def test_unit_costs_are_timed_here_and_counted_from_the_recipe(tmp_path):
     """The plan's costs come from timing the real models on this machine (briefly), and a
     step's minutes are its unit count times the measured cost."""
-    from utils.step_costs import measure_unit_costs, step_minutes, surrogate_passes
+    from utils.demo.step_costs import measure_unit_costs, step_minutes, surrogate_passes
 
     args = _args(tmp_path)
     costs = measure_unit_costs(args, torch.device("cpu"), threads=1, budget_s=0.05)

@@ -23,7 +23,7 @@ import torch
 
 from utils import download as dl
 from utils.data import load_cifar10
-from utils.diffusion_setup import load_diffusion_spec
+from utils.diffusion.factory import load_diffusion_spec
 from utils.fileio import UserError
 
 REPO = Path(__file__).resolve().parents[1]

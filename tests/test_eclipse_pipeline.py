@@ -14,10 +14,10 @@ import torch
 import purification
 import train
 import train_diffusion
-import utils.purify as purify_mod
+import utils.diffusion.purify as purify_mod
 from utils.data import read_eclipse_pkl, write_eclipse_pkl
-from utils.diffusion_setup import load_diffusion_spec
-from utils.purify import _truncated_process, noise_and_denoise, purify_dataset
+from utils.diffusion.factory import load_diffusion_spec
+from utils.diffusion.purify import _truncated_process, noise_and_denoise, purify_dataset
 
 TINY_CFG = "config/eclipse/cpu.yml"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,8 +10,8 @@ import torch
 
 from models.ddpm import DDPMModel
 from models.unet import create_unet
-from utils.diffusion import GaussianDiffusion, get_named_beta_schedule, space_timesteps
-from utils.diffusion_setup import load_diffusion_spec, spec_from_dict
+from utils.diffusion.factory import load_diffusion_spec, spec_from_dict
+from utils.diffusion.gaussian_diffusion import GaussianDiffusion, get_named_beta_schedule, space_timesteps
 from utils.fileio import UserError, load_state_dict_strict
 
 

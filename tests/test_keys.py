@@ -8,11 +8,9 @@ import argparse
 
 import pytest
 
+from utils.dataelixir.triggers import coerce_params
 from utils.fileio import UserError
-from utils.keys import BOOL_WORDS, Key, add_keys_to_argparser, check, parse_bool
-from utils.runtime import ArgParser, Range
-from utils.triggers import coerce_params
-from utils.yaml_config import parse_config
+from utils.options import BOOL_WORDS, ArgParser, Key, Range, add_keys_to_argparser, check, parse_bool, parse_config
 
 KEYS = {
     "n": Key(5, "a count", range=Range(1)),
@@ -129,7 +127,7 @@ def test_poison_defaults_are_the_declared_options():
 
 
 def test_trigger_keys_carry_their_ranges():
-    from utils.triggers import TRIGGERS
+    from utils.dataelixir.triggers import TRIGGERS
 
     with pytest.raises(UserError, match=r"lf: lf_sigma must be in \(0, 32\], got 0"):
         TRIGGERS["lf"]({"lf_sigma": 0})

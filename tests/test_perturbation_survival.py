@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import perturbation_survival as ps  # noqa: E402
 
 from utils.data import ImageSet, class_balanced_subset, write_eclipse_pkl  # noqa: E402
-from utils.demo_pipeline import SPARSE_SET  # noqa: E402
+from utils.demo.pipeline import SPARSE_SET  # noqa: E402
 from utils.paths import poisoned_file, purified_file  # noqa: E402
 from utils.poisons.common import measure_norms  # noqa: E402
 
@@ -85,7 +85,7 @@ def test_cli_writes_every_output_and_refuses_to_overwrite(tmp_path, cifar_train,
 
 
 def _random_checkpoint(work, name: str = "ema_0.9999_5.pt"):
-    from utils.diffusion_setup import load_diffusion_spec
+    from utils.diffusion.factory import load_diffusion_spec
     from utils.paths import diff_ckpt_dir
 
     torch.manual_seed(0)

@@ -245,8 +245,8 @@ def test_targeted_poisons_move_predictions_to_their_targets(crafted, data200, ke
 
 
 def test_sep_checkpoint_rule_follows_the_reference():
-    from utils.poisons.common import SurrogateConfig, improving_epochs
     from utils.poisons.sep import select_checkpoints
+    from utils.poisons.surrogate import SurrogateConfig, improving_epochs
 
     # vanilla.py writes a checkpoint whenever test accuracy beats every earlier epoch
     assert improving_epochs([10, 30, 25, 40, 40, 55, 50, 60]) == [0, 1, 3, 5, 7]
@@ -279,7 +279,7 @@ def test_sep_ensemble_is_made_of_improving_checkpoints(crafted):
 def test_craft_pgd_keeps_the_restart_with_the_lowest_total_loss(tmp_path, data200):
     """TAP's reference scores each restart by its loss over the whole set and keeps that
     restart for every image; picking the best restart per image would mix them."""
-    from utils.poisons.common import craft_pgd
+    from utils.poisons.crafting import craft_pgd
 
     data = data200.subset(range(40))
     _, ctx = make_ctx(tmp_path, data, "TAP")
@@ -382,8 +382,8 @@ def test_efp_push_moves_features_away_from_the_own_centroid(crafted, data200):
     cent = class_centroids(res.surrogate, ctx)
 
     def own_distance(images):
+        from utils.adversarial import forward
         from utils.augment import to_float
-        from utils.poisons.common import forward
 
         with torch.no_grad():
             f = forward(res.surrogate.eval(), to_float(images), True, features=True)
@@ -472,7 +472,7 @@ def test_compensation_is_differentiable(data200):
 def test_unet_classifier_and_adp(tmp_path, data200):
     """ADP through a random-weight CPU-scale UNet: budget, classifier head, surrogate trains."""
     from models.unet_classifier import UNetClassifier
-    from utils.diffusion_setup import load_diffusion_spec
+    from utils.diffusion.factory import load_diffusion_spec
 
     spec = load_diffusion_spec("config/eclipse/cpu.yml")
     torch.manual_seed(0)

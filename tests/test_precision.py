@@ -14,8 +14,8 @@ import torch
 
 import train
 import utils.precision as precision_mod
-from utils.backdoor_keys import flow_precisions
 from utils.data import write_eclipse_pkl
+from utils.dataelixir.keys import flow_precisions
 from utils.fileio import UserError
 from utils.precision import (
     BF16_EVIDENCE,

@@ -9,8 +9,8 @@ import pytest
 from tqdm import tqdm
 
 from utils import progress as pm
+from utils.demo.step_costs import UnitCosts
 from utils.progress import LineProgress, progress
-from utils.step_costs import UnitCosts
 
 
 class _Tty(io.StringIO):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from utils.data import read_eclipse_pkl, write_eclipse_pkl
-from utils.diffusion_setup import load_diffusion_spec
+from utils.diffusion.factory import load_diffusion_spec
 from utils.fileio import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_yaml_ranges_apply_to_the_file_too(attack_work, tmp_path):
 
 
 def test_empty_yaml_is_said_in_the_log(attack_work, tmp_path, monkeypatch):
-    import utils.backdoor_flow as flow
+    import utils.dataelixir.flow as flow
 
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing here\n")
@@ -257,8 +257,8 @@ def test_damaged_config_yaml_of_a_record(attack_work):
 
 
 def test_damaged_phases_json_of_a_record(attack_work):
-    from utils.backdoor_flow import attack_keys, open_record
-    from utils.yaml_config import parse_config
+    from utils.dataelixir.flow import attack_keys, open_record
+    from utils.options import parse_config
 
     argv = attack_argv(attack_work)
     cfg, _ = parse_config("badnet", argv, attack_keys("badnet"))
@@ -269,7 +269,7 @@ def test_damaged_phases_json_of_a_record(attack_work):
 
 
 def test_damaged_candidates_meta_json(tmp_path):
-    from utils.dataelixir import candidates_complete
+    from utils.dataelixir.defence import candidates_complete
 
     (tmp_path / "meta.json").write_text('{"n": 4, "k"')
     with pytest.raises(UserError, match=r"meta.json is damaged .*delete"):

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import purification
-import utils.purify as purify_mod
+import utils.diffusion.purify as purify_mod
 from utils.data import write_eclipse_pkl
-from utils.diffusion_setup import load_diffusion_spec
+from utils.diffusion.factory import load_diffusion_spec
 from utils.fileio import UserError
 from utils.run_state import OutputLock, check_name, lock_path, same_settings_or_refuse
 
@@ -218,7 +218,7 @@ def test_purification_names_are_not_paths(tmp_path, capsys, argv):
 def tiny_store_models():
     import torch.nn as nn
 
-    from utils.diffusion_setup import spec_from_dict
+    from utils.diffusion.factory import spec_from_dict
 
     spec = spec_from_dict(
         {
@@ -240,7 +240,7 @@ CAND = dict(steps_T=2, rounds_n=1, last_steps_m=2, batch_size=2, seed=11, bf16=F
 
 @pytest.mark.parametrize("victim", ["candidates.u8", "preds.i16"])
 def test_truncated_candidate_store_is_rebuilt_not_read_as_zeros(tmp_path, tiny_store_models, victim):
-    from utils import dataelixir as de
+    from utils.dataelixir import defence as de
 
     model, base, clf, images = tiny_store_models
     de.construct_candidates(model, base, clf, images, tmp_path / "ref", **CAND)
@@ -260,7 +260,7 @@ def test_truncated_candidate_store_is_rebuilt_not_read_as_zeros(tmp_path, tiny_s
 
 
 def test_candidate_chunk_with_other_bytes_is_rebuilt(tmp_path, tiny_store_models):
-    from utils import dataelixir as de
+    from utils.dataelixir import defence as de
 
     model, base, clf, images = tiny_store_models
     run = tmp_path / "run"
@@ -284,7 +284,7 @@ def test_candidate_chunk_with_other_bytes_is_rebuilt(tmp_path, tiny_store_models
 def test_candidate_store_is_keyed_by_its_inputs(tmp_path, tiny_store_models):
     import torch.nn as nn
 
-    from utils import dataelixir as de
+    from utils.dataelixir import defence as de
 
     model, base, clf, images = tiny_store_models
     de.construct_candidates(model, base, clf, images, tmp_path, **CAND)
@@ -319,7 +319,7 @@ def test_train_diffusion_resumes_bit_identically_mid_epoch(tmp_path, monkeypatch
     killed while saving step 6 (after logging rows 4 to 6) and resumed; dropout (0.1)
     draws from the global generator."""
     import train_diffusion
-    import utils.diffusion_training as dt
+    import utils.diffusion.training as dt
 
     straight, resumed = tmp_path / "a", tmp_path / "b"
     train_diffusion.main(_td(straight, 6))
@@ -466,8 +466,8 @@ def test_poison_state_refusal_names_the_keys_and_output_is_locked(tmp_path, caps
 
 
 def test_attack_flow_locks_its_record_folder_and_names_are_names(tmp_path):
-    from utils.backdoor_flow import run_attack_then_defence
-    from utils.diffusion_setup import load_diffusion_spec
+    from utils.dataelixir.flow import run_attack_then_defence
+    from utils.diffusion.factory import load_diffusion_spec
 
     # the DDPM is load-checked before the lock is taken: a real (tiny, random) one
     torch.save(load_diffusion_spec("config/ddpm/cpu.yml").build_model().state_dict(), tmp_path / "ddpm.pt")

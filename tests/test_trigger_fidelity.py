@@ -14,12 +14,12 @@ import torch
 from scipy.fft import dctn, idctn
 
 from utils.augment import crop_rotate_flip, random_rotate, rotate
-from utils.backdoor import build_backdoor_data
-from utils.backdoor_flow import _train_config, all_known_keys, attack_keys, train_augment
+from utils.dataelixir.attack_data import build_backdoor_data
+from utils.dataelixir.flow import _train_config, all_known_keys, attack_keys, train_augment
+from utils.dataelixir.triggers import TRIGGERS
+from utils.dataelixir.triggers.inputaware import diversity_loss, mask_nonlinearity
+from utils.options import parse_config
 from utils.trainer import TrainConfig, lr_at
-from utils.triggers import TRIGGERS
-from utils.triggers.inputaware import diversity_loss, mask_nonlinearity
-from utils.yaml_config import parse_config
 
 CPU = torch.device("cpu")
 
@@ -118,7 +118,7 @@ def test_ftrojan_colour_conversion_is_opencvs():
     # every value of a 64^3 grid of colours, both directions
     v = torch.arange(0, 256, 4, dtype=torch.uint8)
     grid = torch.stack(torch.meshgrid(v, v, v, indexing="ij")).reshape(1, 3, 512, 512)
-    from utils.triggers.ftrojan import rgb_to_ycrcb, ycrcb_to_rgb
+    from utils.dataelixir.triggers.ftrojan import rgb_to_ycrcb, ycrcb_to_rgb
 
     assert np.array_equal(hwc(rgb_to_ycrcb(grid))[0], _ycrcb(hwc(grid)[0]))
     assert np.array_equal(hwc(ycrcb_to_rgb(grid.long()))[0], _rgb(hwc(grid)[0]))
@@ -333,7 +333,7 @@ def test_yaml_defaults_per_attack(attack, expect):
 
 
 def test_new_keys_are_checked():
-    from utils.backdoor_flow import validate
+    from utils.dataelixir.flow import validate
     from utils.fileio import UserError
 
     cfg = _resolved("wanet")

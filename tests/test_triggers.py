@@ -13,17 +13,23 @@ import numpy as np
 import pytest
 import torch
 
-from utils.backdoor import ATTACKS, COMMON_DEFAULTS, attack_targets, build_backdoor_data, select_poison_indices
 from utils.data import ImageSet
+from utils.dataelixir.attack_data import (
+    ATTACKS,
+    COMMON_DEFAULTS,
+    attack_targets,
+    build_backdoor_data,
+    select_poison_indices,
+)
+from utils.dataelixir.triggers import TRIGGERS, coerce_params
+from utils.dataelixir.triggers.aux import Resumable
+from utils.dataelixir.triggers.badnet import badnet_patch
+from utils.dataelixir.triggers.blended import blended_trigger
+from utils.dataelixir.triggers.ftrojan import TriggerFTrojan, blockwise_dct, rgb_to_ycrcb, ycrcb_to_rgb
+from utils.dataelixir.triggers.lc import lc_trigger_mask
+from utils.dataelixir.triggers.sig import sig_pattern
+from utils.dataelixir.triggers.wanet import warp
 from utils.fileio import UserError
-from utils.triggers import TRIGGERS, coerce_params
-from utils.triggers.aux import Resumable
-from utils.triggers.badnet import badnet_patch
-from utils.triggers.blended import blended_trigger
-from utils.triggers.ftrojan import TriggerFTrojan, blockwise_dct, rgb_to_ycrcb, ycrcb_to_rgb
-from utils.triggers.lc import lc_trigger_mask
-from utils.triggers.sig import sig_pattern
-from utils.triggers.wanet import warp
 
 CPU = torch.device("cpu")
 STATIC = ["badnet", "blended", "sig", "wanet", "ftrojan"]

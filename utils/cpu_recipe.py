@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.fileio import UserError
+from utils.options import load_yaml_file
 from utils.paths import REPO_ROOT
 
 RECIPE_FILE = REPO_ROOT / "config" / "eclipse_cpu.yaml"
@@ -22,8 +23,6 @@ _SECTIONS = {"demo": dict, "poison_flags": dict}
 @cache
 def load_recipe(path: Path = RECIPE_FILE) -> dict[str, dict[str, Any]]:
     """The recipe's sections, checked for shape (a damaged file is a one-line error)."""
-    from utils.yaml_config import load_yaml_file
-
     data = load_yaml_file(path)
     for name in _SECTIONS:
         if not isinstance(data.get(name), dict):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.download import download_cifar10, eclipse_manual, enabled
 from utils.fileio import UserError, atomic_write_bytes
 from utils.paths import REPO_ROOT, poisoned_file
 from utils.safe_pickle import safe_load
@@ -182,8 +183,6 @@ def locate_cifar10(data_root: str | Path | None = None, download: bool | None = 
 
     When the root holds no CIFAR-10, the official archive is downloaded and extracted
     there, unless ``download`` is False (``None``: ``$CIFAR10_DOWNLOAD``, default on)."""
-    from utils.download import download_cifar10, enabled
-
     root = resolve_data_root(data_root)
     layout, folder = _detect_layout(root) if root.is_dir() else ("", root)
     if not layout and enabled(download, "CIFAR10_DOWNLOAD"):
@@ -341,8 +340,6 @@ def load_poisoned(
     ``subset`` keeps a class-balanced subset (the CPU-scale recipe); poison.py's
     ``--subset N`` draws the same images with the same seed.
     """
-    from utils.download import eclipse_manual
-
     path = poisoned_file(work, poison)
     if path.is_file():
         data = read_eclipse_pkl(path)

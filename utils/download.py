@@ -28,6 +28,7 @@ from typing import BinaryIO
 
 from utils.fileio import UserError, _atomic_write
 from utils.paths import REPO_ROOT
+from utils.progress import progress
 
 CHUNK = 1 << 20
 TIMEOUT_S = 60
@@ -65,6 +66,7 @@ CIFAR10 = Remote(
     "download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz by hand and extract it into {dest} "
     "(it holds cifar-10-batches-py/), or point --data_root / $CIFAR10_ROOT at a copy",
 )
+
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_FOLDER = "cifar-10-batches-py"
 
@@ -145,8 +147,6 @@ def _reason(e: BaseException) -> str:
 def fetch(remote: Remote, dest: str | Path) -> Path:
     """Download ``remote`` to ``dest``: streamed to a per-process temporary file beside it,
     verified (length and MD5), then atomically renamed into place."""
-    from utils.progress import progress
-
     dest = Path(dest)
     url, md5 = remote.resolved_url, remote.resolved_md5
     manual = remote.manual.format(url=url, dest=dest.parent if remote is CIFAR10 else dest)

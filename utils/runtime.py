@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import random
-import re
 from datetime import timedelta
 
 import numpy as np
@@ -14,7 +12,6 @@ import torch
 from torch import nn
 
 from utils.fileio import UserError
-from utils.keys import Range as Range  # re-exported: numeric options' ranges
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
@@ -89,19 +86,6 @@ def set_deterministic(deterministic: bool) -> None:
     flags only affect CUDA runs."""
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
-
-
-# --------------------------------------------------------------------------- options
-# Every option is a ``Key`` (utils/keys.py); ``Range`` lives there and is re-exported here.
-
-
-class ArgParser(argparse.ArgumentParser):
-    """argparse whose errors (a bad flag or value) are one-line ``UserError``s, not usage dumps."""
-
-    def error(self, message: str):  # type: ignore[override]
-        # "argument --lr: must be > 0, got -1" -> "--lr must be > 0, got -1"
-        m = re.match(r"argument (\S+): (must be .*)", message)
-        raise UserError(f"{m.group(1)} {m.group(2)}" if m else f"{message} (see --help)")
 
 
 # --------------------------------------------------------------------------- torchrun

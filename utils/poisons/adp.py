@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from models.unet_classifier import unet_classifier_from
-from utils.diffusion_setup import diffusion_train_command, load_diffusion_model, load_diffusion_spec, resolve_config
+from utils.diffusion.checkpoints import resolve_checkpoint
+from utils.diffusion.factory import diffusion_train_command, load_diffusion_model, load_diffusion_spec, resolve_config
 from utils.fileio import UserError
 from utils.paths import REPO_ROOT, diff_ckpt_dir
 from utils.poisons.common import CraftContext, CraftResult, apply_linf, compensation_float, surrogate_report
@@ -30,7 +31,6 @@ from utils.poisons.minmin import MinMinConfig, run_min_min
 
 
 def checkpoint_path(work: Path, params: dict[str, Any]) -> Path:
-    from utils.checkpoints import resolve_checkpoint
 
     return resolve_checkpoint(diff_ckpt_dir(work, params["sparse_set"]) / params["sparse_diff_model"])
 

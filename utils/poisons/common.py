@@ -27,8 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import build_classifier
-from utils.adversarial import forward, freeze, pgd_linf  # noqa: F401 (freeze, pgd_linf: importable from here)
+from utils.adversarial import forward
 from utils.augment import standard_augment, to_float
+from utils.cpu_recipe import poison_flags
 from utils.data import ImageSet
 from utils.fileio import UserError, atomic_torch_save, safe_torch_load
 from utils.progress import progress
@@ -65,8 +66,6 @@ class PoisonSpec:
     @property
     def cpu_flags(self) -> str:
         """Recommended CPU-scale flags at --subset 5000, from config/eclipse_cpu.yaml."""
-        from utils.cpu_recipe import poison_flags
-
         return poison_flags(self.name)
 
 
@@ -444,8 +443,3 @@ def target_hit_rates(
         return 100.0 * (prob.argmax(1) == target).float().mean().item()
 
     return {"target_pred_pct_clean": rate(ctx.clean.images), "target_pred_pct_poisoned": rate(poisoned)}
-
-
-# importable from here as before the split (those modules import this one, hence at the end)
-from utils.poisons.crafting import PerSampleLoss, craft_pgd, targeted_ce  # noqa: E402, F401
-from utils.poisons.surrogate import SurrogateConfig, fit_surrogate, improving_epochs  # noqa: E402, F401

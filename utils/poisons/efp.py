@@ -17,19 +17,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from utils.adversarial import forward
 from utils.augment import to_float
-from utils.poisons.common import (
-    AUGMENTS,
-    CraftContext,
-    CraftResult,
-    SurrogateConfig,
-    apply_linf,
-    craft_pgd,
-    fit_surrogate,
-    forward,
-    parse_milestones,
-    surrogate_report,
-)
+from utils.poisons.common import AUGMENTS, CraftContext, CraftResult, apply_linf, parse_milestones, surrogate_report
+from utils.poisons.crafting import craft_pgd
+from utils.poisons.surrogate import SurrogateConfig, fit_surrogate
 
 
 @torch.no_grad()

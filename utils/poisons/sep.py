@@ -18,15 +18,13 @@ import copy
 from utils.poisons.common import (
     CraftContext,
     CraftResult,
-    SurrogateConfig,
     apply_linf,
-    craft_pgd,
-    fit_surrogate,
     parse_milestones,
     surrogate_report,
     target_hit_rates,
-    targeted_ce,
 )
+from utils.poisons.crafting import craft_pgd, targeted_ce
+from utils.poisons.surrogate import SurrogateConfig, fit_surrogate
 
 
 def select_checkpoints(saved: int, count: int) -> list[int]:

@@ -21,7 +21,10 @@ import torch
 import torch.nn as nn
 import yaml
 
-from utils.diffusion import GaussianDiffusion, get_named_beta_schedule, space_timesteps
+from models.ddpm import DDPMModel
+from models.unet import create_unet
+from utils.diffusion.checkpoints import parse_checkpoint_name
+from utils.diffusion.gaussian_diffusion import GaussianDiffusion, get_named_beta_schedule, space_timesteps
 from utils.fileio import UserError, load_state_dict_strict, read_text_file, safe_torch_load
 from utils.paths import REPO_ROOT
 from utils.runtime import compiled
@@ -62,6 +65,7 @@ DDPM_MODEL_DEFAULTS: dict[str, Any] = dict(
 DDPM_DIFFUSION_DEFAULTS: dict[str, Any] = dict(
     beta_schedule="linear", beta_start=0.0001, beta_end=0.02, num_diffusion_timesteps=1000, model_var_type="fixedlarge"
 )
+
 _VAR_TYPES = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}
 
 
@@ -81,13 +85,10 @@ class DiffusionSpec:
 
     def _build_model(self) -> nn.Module:
         if self.architecture == "ddpm":
-            from models.ddpm import DDPMModel
-
             kw = dict(self.model)
             kw["ch_mult"] = tuple(kw["ch_mult"])
             kw["attn_resolutions"] = tuple(kw["attn_resolutions"])
             return DDPMModel(**kw)
-        from models.unet import create_unet
 
         m = self.model
         return create_unet(
@@ -243,7 +244,6 @@ def diffusion_train_command(config: str | Path, sparse_set: str, checkpoint_name
             parts.append(f"--source {source} --num_clean {n} --replicas {total // n}")
     else:
         parts.append(f"--sparse_set {sparse_set}")
-    from utils.checkpoints import parse_checkpoint_name
 
     parsed = parse_checkpoint_name(checkpoint_name)
     if parsed and parsed.kind == "ema":

@@ -14,7 +14,7 @@ BackdoorBench v1's conventions as DataElixir's fork uses them:
   all2one, every class for all2all) labelled with the attack target(s), for the attack
   success rate; ``test_ra`` is the same images with their true labels.
 
-The triggers themselves live in ``utils.triggers.<attack>``.
+The triggers themselves live in ``utils.dataelixir.triggers.<attack>``.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from utils.data import NUM_CLASSES, ImageSet
+from utils.dataelixir.triggers import TRIGGERS, coerce_params, get_trigger
+from utils.dataelixir.triggers.base import attack_targets
 from utils.fileio import UserError
-from utils.keys import Key
-from utils.runtime import Range
-from utils.triggers import TRIGGERS, coerce_params, get_trigger
+from utils.options import Key, Range
 
 
 @dataclass
@@ -40,7 +40,7 @@ class AttackSpec:
     name: str
     clean_label: bool  # only target-class samples are poisoned and labels stay unchanged
     supports_all2all: bool
-    keys: dict  # attack-specific config keys (utils.keys.Key)
+    keys: dict  # attack-specific config keys (utils.options.Key)
     defaults: dict  # key -> BackdoorBench v1 default
     help: dict  # key -> one-line description
 
@@ -89,13 +89,6 @@ class BackdoorData:
 def _common(attack: str, cfg: dict) -> tuple[int, str, float, int]:
     p = coerce_params(attack, COMMON_KEYS, cfg)
     return p["attack_target"], p["attack_label_trans"], p["pratio"], p["random_seed"]
-
-
-def attack_targets(labels: torch.Tensor, target: int, label_trans: str) -> torch.Tensor:
-    """The label an attacker assigns to a triggered sample of true class ``labels``."""
-    if label_trans == "all2all":
-        return (labels + 1) % NUM_CLASSES
-    return torch.full_like(labels, target)
 
 
 def select_poison_indices(

@@ -13,8 +13,8 @@ re-run with the same configuration skips it (``phases.json`` lists what is done)
 6. ``stage2``: consensus suspicious samples added, stage-1 model fine-tuned with ``ft_lr``.
 7. ``final``: suspicious samples relabelled by the stage-2 model, TPR / FPR, outputs.
 
-This module parses the command line, opens the record folder (``utils.backdoor_record``)
-and runs the phases (``utils.backdoor_phases``); the keys are ``utils.backdoor_keys``'.
+This module parses the command line, opens the record folder (``utils.dataelixir.record``)
+and runs the phases (``utils.dataelixir.phases``); the keys are ``utils.dataelixir.keys``'.
 """
 
 from __future__ import annotations
@@ -27,21 +27,21 @@ from typing import Any
 
 import torch
 
-from utils.backdoor import ATTACKS
-from utils.backdoor_keys import all_known_keys, attack_keys, flow_precisions, validate
-from utils.backdoor_models import build_candidates, load_diffusion, train_augment
-from utils.backdoor_models import train_config as _train_config
-from utils.backdoor_outputs import load_attack_data
-from utils.backdoor_phases import STEPS, FlowContext, run_steps
-from utils.backdoor_record import open_record, stored_config
 from utils.data import ImageSet, class_balanced_subset, load_cifar10, locate_cifar10
-from utils.dataelixir import apply_reference_exact
+from utils.dataelixir.attack_data import ATTACKS
+from utils.dataelixir.defence import apply_reference_exact
+from utils.dataelixir.keys import all_known_keys, attack_keys, flow_precisions, validate
+from utils.dataelixir.models import build_candidates, load_diffusion, train_augment
+from utils.dataelixir.models import train_config as _train_config
+from utils.dataelixir.outputs import load_attack_data
+from utils.dataelixir.phases import STEPS, FlowContext, run_steps
+from utils.dataelixir.record import open_record, stored_config
 from utils.fileio import UserError, setup_logging
+from utils.options import parse_config, resolve_path
 from utils.paths import REPO_ROOT, record_dir, work_dir
 from utils.precision import keep_stored
 from utils.run_state import OutputLock
-from utils.runtime import dist_info
-from utils.yaml_config import parse_config, resolve_path
+from utils.runtime import cleanup_distributed, dist_info, init_distributed, resolve_device, seed_everything
 
 # names other modules and the tests import from here
 __all__ = [
@@ -84,8 +84,6 @@ def run_attack_then_defence(attack: str, argv: list[str]) -> dict[str, Any]:
 
     Under ``torchrun`` rank 0 runs the whole flow; the other ranks only help build the
     candidates (sharded by chunk, the same bytes as one process) and return ``{}``."""
-    from utils.runtime import cleanup_distributed
-
     gate = _RankGate()
     try:
         with ExitStack() as locks:  # the record folder's lock, released however the run ends
@@ -116,7 +114,6 @@ def _candidates_rank(
 
 
 def _run_flow(attack: str, argv: list[str], locks: ExitStack, gate: _RankGate) -> dict[str, Any]:
-    from utils.runtime import init_distributed, resolve_device, seed_everything
 
     if attack not in ATTACKS:
         raise UserError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")

@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils.backdoor import BackdoorData
 from utils.data import ImageSet
+from utils.dataelixir.attack_data import BackdoorData
+from utils.dataelixir.defence import DECISION_NAMES
 from utils.fileio import atomic_torch_save, atomic_write_text, safe_torch_load
+from utils.plots import history_series, save_curves, save_image_grid
 
 
 def finite(x: Any) -> Any:
@@ -57,8 +59,6 @@ def history_csv(path: Path, history: list[dict]) -> None:
 
 def write_curves(folder: Path, name: str, history: list[dict], title: str) -> None:
     """``<name>_curves.csv`` and ``<name>_curves.png`` (BA / ASR / RA per epoch) in ``folder``."""
-    from utils.plots import history_series, save_curves
-
     history_csv(folder / f"{name}_curves.csv", history)
     save_curves(folder / f"{name}_curves.png", history_series(history, ["BA", "ASR", "RA"]), title=title)
 
@@ -109,8 +109,6 @@ def write_decisions(
 ) -> None:
     """``decisions.csv``: one row per training sample; ``consensus`` is -1 where the sample
     was not suspicious (an empty cell), else 0 / 1."""
-    from utils.dataelixir import DECISION_NAMES
-
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(
@@ -145,8 +143,6 @@ def write_decisions(
 
 def example_png(path: Path, bd: BackdoorData, purified: torch.Tensor) -> None:
     """Up to 12 poisoned and 4 clean training images above their purified versions."""
-    from utils.plots import save_image_grid
-
     poisoned = torch.nonzero(bd.poison_indicator).flatten()[:12]
     clean = torch.nonzero(~bd.poison_indicator).flatten()[:4]
     idx = torch.cat([poisoned, clean])

@@ -33,11 +33,12 @@ import torch.nn.functional as F
 
 from utils.augment import random_flip, to_float
 from utils.data import ImageSet
+from utils.dataelixir.triggers.aux import Resumable, aux_keys, shuffled_batches
+from utils.dataelixir.triggers.base import Log, Trigger, aux_subset, cache_dir
+from utils.options import Key, Range
 from utils.progress import progress
 from utils.run_state import tensor_fingerprint
 from utils.runtime import autocast, to_channels_last
-from utils.triggers import Key, Log, Range, Trigger, aux_subset, cache_dir
-from utils.triggers.aux import Resumable, aux_keys, shuffled_batches
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from utils.triggers import Key, Range, Trigger
+from utils.dataelixir.triggers.base import Trigger
+from utils.options import Key, Range
 
 
 def sig_pattern(delta: float, f: float, width: int = 32) -> torch.Tensor:

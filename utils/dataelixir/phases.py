@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils import dataelixir as de
-from utils.backdoor import BackdoorData, build_backdoor_data
-from utils.backdoor_models import (
+from utils.data import NUM_CLASSES, ImageSet
+from utils.dataelixir import defence as de
+from utils.dataelixir.attack_data import BackdoorData, build_backdoor_data
+from utils.dataelixir.models import (
     build_candidates,
     build_model,
     load_model,
@@ -31,7 +32,7 @@ from utils.backdoor_models import (
     train_augment,
     train_config,
 )
-from utils.backdoor_outputs import (
+from utils.dataelixir.outputs import (
     example_png,
     finite,
     last_metrics,
@@ -40,11 +41,11 @@ from utils.backdoor_outputs import (
     write_curves,
     write_decisions,
 )
-from utils.backdoor_record import PHASES, Record
-from utils.data import NUM_CLASSES, ImageSet
+from utils.dataelixir.record import PHASES, Record
 from utils.fileio import atomic_torch_save, atomic_write_json, safe_torch_load
 from utils.paths import resource_dir
 from utils.precision import precision_of
+from utils.trainer import train_classifier
 
 Log = Callable[[str], None]
 
@@ -201,8 +202,6 @@ def train_phase(
 ) -> Trained:
     """One of the three classifier trainings (fresh, or fine-tuned from ``init``), resumable
     per epoch from ``ckpt/<name>.ckpt``."""
-    from utils.trainer import train_classifier
-
     augment = train_augment(ctx.cfg)
     model = build_model(ctx.cfg)
     if init is not None:

@@ -34,12 +34,13 @@ from models import build_classifier
 from utils.adversarial import pgd_linf
 from utils.augment import standard_augment, to_float
 from utils.data import NUM_CLASSES, ImageSet
+from utils.dataelixir.triggers.aux import Resumable, aux_keys
+from utils.dataelixir.triggers.base import Log, Trigger, aux_subset, cache_dir, settings_key
+from utils.options import Key, Range
 from utils.progress import progress
 from utils.run_state import tensor_fingerprint
 from utils.runtime import autocast
 from utils.trainer import Normalized, TrainConfig, train_classifier
-from utils.triggers import Key, Log, Range, Trigger, aux_subset, cache_dir, settings_key
-from utils.triggers.aux import Resumable, aux_keys
 
 _SCALE_255 = Range(0, 255)
 

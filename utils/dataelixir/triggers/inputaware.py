@@ -44,12 +44,13 @@ import torch.nn.functional as F
 from models import build_classifier
 from utils.augment import crop_rotate_flip, to_float
 from utils.data import NUM_CLASSES, ImageSet
+from utils.dataelixir.triggers.aux import Resumable, aux_keys
+from utils.dataelixir.triggers.base import Log, Trigger, attack_targets, aux_subset, cache_dir
+from utils.dataelixir.triggers.wanet import CROSS_RATIO, choose_cross
+from utils.options import Key, Range
 from utils.run_state import tensor_fingerprint
 from utils.runtime import autocast, to_channels_last
 from utils.trainer import CIFAR10_MEAN, CIFAR10_STD, Normalized, TrainConfig, optimizer_step, train_classifier
-from utils.triggers import Key, Log, Range, Trigger, aux_subset, cache_dir
-from utils.triggers.aux import Resumable, aux_keys
-from utils.triggers.wanet import CROSS_RATIO, choose_cross
 
 _GT0 = Range(0, low_open=True)
 
@@ -260,8 +261,6 @@ class TriggerInputAware(Trigger):
 
     def _joint_step(self, clf, gen, mgen, opt_c, opt_g, bs: int, g: torch.Generator, run: _GeneratorTraining):
         """Phase 2: classifier and pattern generator together on backdoored, cross and clean samples."""
-        from utils.backdoor import attack_targets  # here: utils.backdoor imports the trigger registry
-
         p = self.params
         n_bd = max(1, int(round(bs * self.pratio)))
         n_cross = int(round(n_bd * p["cross_ratio"]))

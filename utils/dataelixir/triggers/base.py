@@ -1,4 +1,4 @@
-"""Backdoor triggers: one module per attack, a shared base class and a registry.
+"""The base class every backdoor trigger derives from, and the helpers they share.
 
 Every trigger works on batched ``uint8 [N, 3, 32, 32]`` tensors and returns the same
 dtype and shape. ``prepare`` trains or loads whatever auxiliary model the trigger needs
@@ -21,14 +21,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from utils.data import ImageSet
+from utils.data import NUM_CLASSES, ImageSet, class_balanced_subset
 from utils.fileio import UserError, atomic_write_json
-from utils.keys import BadValue, Key, parse_text
-from utils.runtime import Range
+from utils.options import BadValue, Key, parse_text
+from utils.progress import progress
 
 Log = Callable[[str], None]
-# for the trigger modules' key declarations
-__all__ = ["Key", "Range", "Trigger", "require"]
 
 
 class Trigger:
@@ -110,8 +108,6 @@ class Trigger:
         out = torch.empty_like(images, device="cpu")
         starts = range(0, len(images), self.chunk)
         if desc and len(images) > self.chunk:
-            from utils.progress import progress
-
             starts = progress(starts, desc=desc, leave=False, dynamic_ncols=True)
         for i in starts:
             out[i : i + self.chunk] = self.apply(images[i : i + self.chunk].to(self.device), train=train).cpu()
@@ -163,33 +159,13 @@ def cache_dir(resource_dir: Path, attack: str, settings: dict[str, Any], prefix:
 
 def aux_subset(train: ImageSet, n: int, seed: int) -> ImageSet:
     """The images an auxiliary model trains on: all (``n <= 0``) or a class-balanced subset."""
-    from utils.data import class_balanced_subset
-
     if n <= 0 or n >= len(train):
         return train
     return train.subset(class_balanced_subset(train.labels, n, seed))
 
 
-# ---------------------------------------------------------------------- registry
-
-
-_MODULES = ("badnet", "blended", "sig", "lc", "lf", "ssba", "inputaware", "wanet", "ftrojan")
-
-
-def _registry() -> dict[str, type[Trigger]]:
-    import importlib
-
-    out: dict[str, type[Trigger]] = {}
-    for mod in _MODULES:
-        cls = importlib.import_module(f"utils.triggers.{mod}").TRIGGER
-        out[cls.name] = cls
-    return out
-
-
-TRIGGERS: dict[str, type[Trigger]] = _registry()
-
-
-def get_trigger(name: str) -> type[Trigger]:
-    if name not in TRIGGERS:
-        raise UserError(f"unknown attack {name!r}; choose from {', '.join(TRIGGERS)}")
-    return TRIGGERS[name]
+def attack_targets(labels: torch.Tensor, target: int, label_trans: str) -> torch.Tensor:
+    """The label an attacker assigns to a triggered sample of true class ``labels``."""
+    if label_trans == "all2all":
+        return (labels + 1) % NUM_CLASSES
+    return torch.full_like(labels, target)

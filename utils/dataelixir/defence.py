@@ -7,7 +7,7 @@ One small function per step of the paper, each working on whole arrays:
    reverse samples of each round are kept and the round's (clamped) output seeds the next
    round. ``1 + n*m`` candidates per sample, index 0 being the original. Candidates are
    stored as uint8 in a memory-mapped file together with the backdoored model's labels
-   for them (``utils.candidate_store``); work is done in chunks, each marked done
+   for them (``utils.dataelixir.candidate_store``); work is done in chunks, each marked done
    atomically, so a re-run resumes.
 2. ``label_transition``: which candidates are kept, and which samples "transition".
 3. ``detect_target_labels``: KL divergence per class + MAD outlier score > 2.
@@ -32,12 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import candidate_store as cs
 from utils.augment import to_uint8
-from utils.candidate_store import Log, candidates_complete, open_candidates  # noqa: F401 - step 1's API
+from utils.dataelixir import candidate_store as cs
+from utils.dataelixir.candidate_store import Log, candidates_complete, open_candidates  # noqa: F401 - step 1's API
+from utils.diffusion.purify import chunk_seed, from_model_range, noise_and_denoise, to_model_range
 from utils.fileio import UserError
 from utils.progress import progress
-from utils.purify import chunk_seed, from_model_range, noise_and_denoise, to_model_range
 from utils.run_state import on_rank0
 from utils.runtime import barrier
 from utils.trainer import predict

@@ -27,7 +27,8 @@ import math
 
 import torch
 
-from utils.triggers import Key, Trigger, require
+from utils.dataelixir.triggers.base import Trigger, require
+from utils.options import Key
 
 # OpenCV's 8-bit YCrCb coefficients (color_yuv: yuv_shift 14)
 _SHIFT = 14

@@ -34,9 +34,10 @@ import torch.nn.functional as F
 
 from utils.augment import to_float
 from utils.data import ImageSet, class_balanced_subset
+from utils.dataelixir.triggers.aux import Resumable, aux_keys, train_aux_classifier
+from utils.dataelixir.triggers.base import Log, Trigger, settings_key
+from utils.options import Key, Range
 from utils.progress import progress
-from utils.triggers import Key, Log, Range, Trigger, settings_key
-from utils.triggers.aux import Resumable, aux_keys, train_aux_classifier
 
 
 def gaussian_lowpass(v: torch.Tensor, sigma: float, radius: int = 15) -> torch.Tensor:

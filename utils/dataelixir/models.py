@@ -11,15 +11,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from models import build_classifier
+from utils.augment import crop_rotate_flip, no_augment, standard_augment
 from utils.data import NUM_CLASSES
+from utils.dataelixir import defence as de
+from utils.diffusion.checkpoints import resolve_checkpoint
+from utils.diffusion.factory import diffusion_train_command, load_diffusion_model, load_diffusion_spec
+from utils.download import DDPM_CHECKPOINTS, ddpm_checkpoint
 from utils.fileio import UserError, check_finite, safe_torch_load
+from utils.options import resolve_path
 from utils.precision import precision_of
-from utils.yaml_config import resolve_path
+from utils.progress import progress
+from utils.trainer import Normalized, TrainConfig, predict
 
 
 def build_model(cfg: dict[str, Any]) -> torch.nn.Module:
-    from models import build_classifier
-    from utils.trainer import Normalized
 
     net = build_classifier(cfg["model"], NUM_CLASSES, cfg["model_width"])
     if not hasattr(net, "features"):
@@ -29,8 +35,6 @@ def build_model(cfg: dict[str, Any]) -> torch.nn.Module:
 
 def train_augment(cfg: dict[str, Any]):
     """The training augmentation the keys ``train_augment`` etc. select."""
-    from utils.augment import crop_rotate_flip, no_augment, standard_augment
-
     if cfg["train_augment"] == "crop_flip":
         return standard_augment
     if cfg["train_augment"] == "crop_rotate_flip":
@@ -41,7 +45,6 @@ def train_augment(cfg: dict[str, Any]):
 
 
 def train_config(cfg: dict[str, Any], lr: float, n_train: int, seed_offset: int):
-    from utils.trainer import TrainConfig
 
     multistep = cfg["lr_scheduler"] == "MultiStepLR"
     return TrainConfig(
@@ -79,9 +82,6 @@ def predict_candidates(
     samples_per_batch: int = 256,
 ) -> torch.Tensor:
     """Labels ``[len(rows), K]`` of every candidate of the listed samples."""
-    from utils.progress import progress
-    from utils.trainer import predict
-
     k = cand.shape[1]
     out = torch.empty(len(rows), k, dtype=torch.long)
     for s in progress(range(0, len(rows), samples_per_batch), desc=desc, unit="batch", dynamic_ncols=True):
@@ -94,10 +94,6 @@ def predict_candidates(
 
 def diffusion_ckpt(cfg: dict[str, Any], work: Path) -> tuple[Path, str]:
     """The DDPM checkpoint path and the hint that says how to make it; raises if it is missing."""
-    from utils.checkpoints import resolve_checkpoint
-    from utils.diffusion_setup import diffusion_train_command
-    from utils.download import DDPM_CHECKPOINTS, ddpm_checkpoint
-
     if cfg["diffusion_ckpt"] in DDPM_CHECKPOINTS:
         hint = f"Ho et al.'s DDPM {cfg['diffusion_ckpt']!r} goes with diffusion_config config/ddpm/cifar10.yml"
         return ddpm_checkpoint(cfg["diffusion_ckpt"]), hint
@@ -117,8 +113,6 @@ def diffusion_ckpt(cfg: dict[str, Any], work: Path) -> tuple[Path, str]:
 
 def load_diffusion(cfg: dict[str, Any], work: Path, device: torch.device):
     """The DDPM (weights-only, strict, finite), its unspaced diffusion and its spec."""
-    from utils.diffusion_setup import load_diffusion_model, load_diffusion_spec
-
     spec = load_diffusion_spec(resolve_path(cfg["diffusion_config"], "diffusion config"))
     ckpt, hint = diffusion_ckpt(cfg, work)
     model = load_diffusion_model(spec, ckpt, device, hint=hint)
@@ -158,8 +152,6 @@ def build_candidates(
     log: Callable[[str], None],
 ) -> tuple[np.memmap, np.memmap]:
     """DataElixir's candidates of ``images`` in ``rec_dir/candidates`` (this rank's share)."""
-    from utils import dataelixir as de
-
     diff_model, base, _spec = load_diffusion(cfg, work, device)
     # every rank labels with the saved backdoored model, so the labels do not depend on
     # whether rank 0 trained it in this process (its weights then in another memory layout)

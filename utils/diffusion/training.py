@@ -5,7 +5,7 @@ training_losses`` (hybrid MSE + rescaled VB for learned sigmas, plain epsilon MS
 the DDPM). Checkpoints are improved-diffusion's trio ``model%06d.pt``,
 ``ema_<rate>_%06d.pt`` (plain state_dicts, loadable by the reference code) and
 ``opt%06d.pt`` (optimiser + RNG state, for exact resumption); names come from
-``utils.checkpoints``, which also reads this project's earlier ``model_<step>.pt`` spelling. Multi-process
+``utils.diffusion.checkpoints``, which also reads this project's earlier ``model_<step>.pt`` spelling. Multi-process
 data-parallel training under ``torchrun`` splits each global batch across ranks.
 """
 
@@ -21,12 +21,12 @@ import torch
 import torch.nn as nn
 
 from utils.augment import random_flip
-from utils.checkpoints import checkpoint_name, checkpoint_steps, find_checkpoint, parse_checkpoint_name
-from utils.diffusion import GaussianDiffusion
+from utils.diffusion.checkpoints import checkpoint_name, checkpoint_steps, find_checkpoint, parse_checkpoint_name
+from utils.diffusion.gaussian_diffusion import GaussianDiffusion
+from utils.diffusion.purify import to_model_range
 from utils.fileio import atomic_torch_save, atomic_write_bytes, safe_torch_load
 from utils.plots import save_curves
 from utils.progress import progress
-from utils.purify import to_model_range
 from utils.runtime import autocast, barrier
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_state_json, read_text_file
+from utils.options import dump_yaml
 from utils.precision import legacy_flow_config
 from utils.run_state import same_settings_or_refuse
-from utils.yaml_config import dump_yaml
 
 # how to go on from a damaged state file of a record folder
 _DAMAGED_HOW = "re-run with --overwrite to start {rec} afresh, or use another --save_folder_name"

@@ -17,9 +17,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from utils.diffusion import GaussianDiffusion, _extract, truncated_steps
+from utils.augment import to_uint8
+from utils.diffusion.gaussian_diffusion import GaussianDiffusion, _extract, truncated_steps
+from utils.fileio import UserError, atomic_torch_save, atomic_write_json, atomic_write_text, read_state_json
 from utils.precision import keep_stored, legacy_precision
-from utils.runtime import autocast
+from utils.progress import progress
+from utils.run_state import checksum, on_rank0, same_settings_or_refuse, tensor_fingerprint
+from utils.runtime import autocast, barrier
 
 
 @lru_cache(maxsize=16)
@@ -61,7 +65,7 @@ def noise_and_denoise(
     ``base`` (an un-respaced process), then ancestral ``p_sample`` for steps
     ``t*-1 .. 0`` — or, with ``respace=K``, for K evenly spaced steps over the same range
     with the respaced variances (improved-diffusion's ``SpacedDiffusion`` arithmetic);
-    ``dense_tail`` as in :func:`utils.diffusion.truncated_steps`.
+    ``dense_tail`` as in :func:`utils.diffusion.gaussian_diffusion.truncated_steps`.
 
     ``noise_offset=1`` noises to ``a[t*]`` instead while still denoising from ``t*-1``:
     DataElixir's reference code does this (an off-by-one), offered for exact replication.
@@ -142,12 +146,6 @@ def purify_dataset(
     assembled uint8 result (other ranks return None). ``stats`` receives ``images_done``
     (purified by this job, summed over ranks) and ``images_resumed`` (read from disk).
     """
-    from utils.augment import to_uint8
-    from utils.fileio import atomic_torch_save, atomic_write_text
-    from utils.progress import progress
-    from utils.run_state import checksum, on_rank0, tensor_fingerprint
-    from utils.runtime import barrier
-
     store = {
         "t": t_star,
         "respace": respace,
@@ -228,8 +226,6 @@ def purify_dataset(
 
 def _stored_settings(parts_dir: Path) -> dict | None:
     """The settings an interrupted run recorded in ``parts_dir`` (older spellings read as now)."""
-    from utils.fileio import read_state_json
-
     meta = parts_dir / "settings.json"
     old = read_state_json(meta, f"delete {parts_dir} to start afresh") if meta.is_file() else None
     return legacy_precision(old) if isinstance(old, dict) else old
@@ -238,9 +234,6 @@ def _stored_settings(parts_dir: Path) -> dict | None:
 def _open_parts_dir(parts_dir: Path, store: dict, overwrite: bool) -> None:
     """Refuse a folder of parts written with other settings (``overwrite``: discard it);
     record ours in its ``settings.json``."""
-    from utils.fileio import atomic_write_json
-    from utils.run_state import same_settings_or_refuse
-
     meta = parts_dir / "settings.json"
     hint = "re-run with those settings to finish it, or pass --overwrite to discard it"
     old = _stored_settings(parts_dir)
@@ -252,8 +245,6 @@ def _open_parts_dir(parts_dir: Path, store: dict, overwrite: bool) -> None:
 
 def _read_parts(paths: list[Path], batch_size: int, shape: torch.Size, parts_dir: Path) -> torch.Tensor:
     """The purified batches, checked (uint8, batch ``i``'s size) and concatenated in order."""
-    from utils.fileio import UserError
-
     parts = []
     for i, path in enumerate(paths):
         p = torch.load(path, map_location="cpu", weights_only=True)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from utils.triggers import Key, Range, Trigger, require
+from utils.dataelixir.triggers.base import Trigger, require
+from utils.options import Key, Range
 
 # reading order: top-left, top-right, bottom-left, bottom-right block
 PATCH_COLOURS = ((255, 255, 0), (255, 0, 255), (0, 255, 255), (122, 122, 122))

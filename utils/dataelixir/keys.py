@@ -7,12 +7,13 @@ from typing import Any
 
 import torch
 
-from utils.backdoor import ATTACKS, COMMON_KEYS
+from models import CLASSIFIERS
+from utils.dataelixir import defence as de
+from utils.dataelixir.attack_data import ATTACKS, COMMON_KEYS
+from utils.dataelixir.triggers import get_trigger
 from utils.fileio import UserError
-from utils.keys import BF16, PRECISION
+from utils.options import BF16, PRECISION, Key, Range
 from utils.precision import Precision, resolve_precision
-from utils.runtime import Range
-from utils.yaml_config import Key
 
 _POS, _NONNEG, _GT0 = Range(1), Range(0), Range(0, low_open=True)
 # a class-balanced subset needs one image per class at least
@@ -160,10 +161,6 @@ def all_known_keys() -> set[str]:
 
 def validate(cfg: dict[str, Any], attack: str) -> None:
     """Checks beyond each key's type and range (those are checked while parsing)."""
-    from models import CLASSIFIERS
-    from utils import dataelixir as de
-    from utils.triggers import get_trigger
-
     if cfg["model"] not in CLASSIFIERS:
         raise UserError(f"model must be one of {', '.join(CLASSIFIERS)}, got {cfg['model']!r}")
     ms = cfg["steplr_milestones"]

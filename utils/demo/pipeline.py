@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from utils.checkpoints import checkpoint_name, resolve_checkpoint
 from utils.cpu_recipe import poison_flags
+from utils.demo.step_costs import UnitCosts, is_rough, step_minutes, step_threads
+from utils.diffusion.checkpoints import checkpoint_name, resolve_checkpoint
 from utils.fileio import atomic_write_json, read_state_json
 from utils.paths import REPO_ROOT, diff_ckpt_dir, poisoned_file, purified_file
 from utils.plots import pyplot, save_figure
 from utils.poisons import POISONS
-from utils.step_costs import UnitCosts, is_rough, step_minutes, step_threads
 
 SPARSE_SET = "test2000ps8000"
 # columns of the table: run suffix -> (header, train.py flags)
@@ -72,7 +72,7 @@ def build_steps(
     costs: UnitCosts | None = None,
 ) -> list[Step]:
     """Every step of the demo for ``args`` (the recipe's keys, ``work_dir``, ``seeds``,
-    ``skip_clean``); with ``costs`` (measured here, ``utils.step_costs``) each step's
+    ``skip_clean``); with ``costs`` (measured here, ``utils.demo.step_costs``) each step's
     expected minutes."""
 
     def expected(kind: str, poison: str = "") -> float | None:

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from utils.data import ImageSet
-from utils.triggers import Key, Log, Range, Trigger
+from utils.dataelixir.triggers.base import Log, Trigger
+from utils.options import Key, Range
 
 CROSS_RATIO = Range(0, 10)  # cross samples per poisoned sample (WaNet, Input-aware)
 

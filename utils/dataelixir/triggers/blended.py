@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.dataelixir.triggers.base import Trigger
 from utils.fileio import UserError
-from utils.triggers import Key, Range, Trigger
+from utils.options import Key, Range
 
 _ALPHA = Range(0, 1, low_open=True)
 

@@ -26,8 +26,12 @@ from typing import Any
 
 import torch
 
+from models import build_classifier
+from utils.diffusion.factory import load_diffusion_spec
+from utils.poisons import POISONS
 from utils.precision import prefer_channels_last, resolve_precision
 from utils.runtime import autocast
+from utils.trainer import TrainConfig, cross_entropy_step
 
 TEST_IMAGES = 10_000  # train.py evaluates on the whole test set
 
@@ -75,8 +79,6 @@ def _seconds_per_call(fn: Callable[[], Any], budget_s: float) -> float:
 
 
 def _classifier_costs(width: int, batch: int, device: torch.device, bf16: bool, budget_s: float) -> tuple[float, float]:
-    from models import build_classifier
-    from utils.trainer import TrainConfig, cross_entropy_step
 
     model = build_classifier("resnet18", 10, width).to(device)
     x = torch.rand(batch, 3, 32, 32, device=device)
@@ -101,8 +103,6 @@ def _classifier_costs(width: int, batch: int, device: torch.device, bf16: bool, 
 def measure_unit_costs(recipe: Any, device: torch.device, threads: int, budget_s: float = 0.6) -> UnitCosts:
     """Time each kind of unit for about ``budget_s`` seconds on ``device`` with ``threads``
     threads (the count each step will run with)."""
-    from utils.diffusion_setup import load_diffusion_spec
-
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -157,8 +157,6 @@ def _flags(text: str) -> dict[str, str]:
 def surrogate_passes(poison: str, flags: str, n: int) -> tuple[float, bool] | None:
     """(surrogate image-passes to craft ``poison`` on ``n`` images with ``flags``, whether
     the count is rough); None for a poison whose cost is not counted (ADP: its purifier)."""
-    from utils.poisons import POISONS
-
     p: dict[str, Any] = {k: key.default for k, key in POISONS[poison].defaults.items()}
     p.update(_flags(flags))
 
