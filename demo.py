@@ -20,19 +20,19 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from utils.cpu_recipe import demo_recipe
 from utils.data import cifar10_present, resolve_data_root
 from utils.demo.pipeline import (
     SPARSE_SET,
-    StepFailed,
-    build_steps,
+    CommandFailed,
+    build_commands,
     plan_lines,
     plot_summary,
     run_command,
-    run_steps,
+    run_commands,
     summarise,
     table_markdown,
 )
+from utils.demo.recipe import demo_recipe
 from utils.demo.step_costs import measure_unit_costs, step_threads
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_state_json
 from utils.options import POSITIVE, Key, add_keys_to_argparser
@@ -83,7 +83,7 @@ def main() -> None:
     variants = ["none", "issg", "issj", "eclipse"] if args.baselines else ["none", "eclipse"]
     print("timing each kind of step on this machine (a few seconds) ...", flush=True)
     costs = measure_unit_costs(args, resolve_device("auto"), step_threads(args.jobs))
-    steps = build_steps(args, poisons, variants, costs=costs)
+    steps = build_commands(args, poisons, variants, costs=costs)
     plan = plan_lines(steps, args.jobs, costs)
     if not cifar10_present():
         plan.append(
@@ -94,7 +94,7 @@ def main() -> None:
         return
     with open(work / "demo.log", "a") as log:
         try:
-            run_steps(
+            run_commands(
                 steps,
                 work,
                 args.jobs,
@@ -102,7 +102,7 @@ def main() -> None:
                 runner=lambda cmd: run(cmd, log),
                 on_step_done=lambda done, total: write_summary(args, work, f"partial: {done} of {total} steps done"),
             )
-        except StepFailed as e:
+        except CommandFailed as e:
             sys.exit(f"demo: step failed ({e})\nfix the cause and re-run; finished steps are kept")
 
     print("\n" + write_summary(args, work))

@@ -25,17 +25,31 @@ from pathlib import Path
 import torch
 
 from utils.data import ImageSet, read_eclipse_pkl, write_eclipse_pkl
-from utils.diffusion.checkpoints import parse_checkpoint_name, resolve_checkpoint
-from utils.diffusion.factory import diffusion_train_command, load_diffusion_model, load_diffusion_spec, resolve_config
+from utils.diffusion.checkpoints import parse_checkpoint_name
+from utils.diffusion.factory import (
+    diffusion_train_command,
+    load_diffusion_spec,
+    load_purifier,
+    purifier_checkpoint,
+    resolve_config,
+)
 from utils.diffusion.purify import noise_std_at, purify_dataset
 from utils.download import eclipse_manual
-from utils.fileio import UserError, atomic_write_json, cli_main, refuse_overwrite, safe_torch_load, setup_logging
+from utils.fileio import (
+    UserError,
+    atomic_write_json,
+    cli_main,
+    file_fingerprint,
+    refuse_overwrite,
+    safe_torch_load,
+    setup_logging,
+)
 from utils.options import BF16, DEVICE, POSITIVE, PRECISION, ArgParser, Key, add_keys_to_argparser
 from utils.paths import diff_ckpt_dir, poisoned_file, purified_file, work_dir
 from utils.plots import amplified_difference, save_image_grid
 from utils.precision import precision_from_args
-from utils.run_state import check_name, file_fingerprint, output_lock
-from utils.runtime import barrier, cleanup_distributed, init_distributed, resolve_device
+from utils.run_state import RunFolder, check_name
+from utils.runtime import cleanup_distributed, init_distributed, resolve_device
 
 KEYS: dict[str, Key] = {
     # the reference's flags and defaults
@@ -90,19 +104,18 @@ def main(argv=None) -> None:
     spec = load_diffusion_spec(config)
     iteration = checkpoint_iteration(args.sparse_diff_model)
     src = poisoned_file(work, args.poison)
-    # either spelling of the name loads (ECLIPSE's published ema_0.9999_250000.pt is both)
-    ckpt = resolve_checkpoint(diff_ckpt_dir(work, args.sparse_set) / args.sparse_diff_model)
     dst = purified_file(work, args.sparse_set, args.t, iteration, args.poison)
     if not src.is_file():
         raise UserError(
             f"poisoned dataset not found: {src}; craft it with `python poison.py --poison {args.poison}`, "
             + eclipse_manual("poisoned")
         )
-    if not ckpt.is_file():
-        cmd = diffusion_train_command(args.config, args.sparse_set, args.sparse_diff_model)
-        raise UserError(
-            f"diffusion checkpoint not found: {ckpt}; train it with `{cmd}`, " + eclipse_manual("checkpoint")
-        )
+    # either spelling of the name loads (ECLIPSE's published ema_0.9999_250000.pt is both)
+    cmd = diffusion_train_command(config, args.sparse_set, args.sparse_diff_model, work)
+    ckpt = purifier_checkpoint(
+        diff_ckpt_dir(work, args.sparse_set) / args.sparse_diff_model,
+        f"train it with `{cmd}`, " + eclipse_manual("checkpoint"),
+    )
 
     device = resolve_device(args.device)
     precision = precision_from_args(args, device, "purification")
@@ -111,21 +124,18 @@ def main(argv=None) -> None:
     try:
         # every input is checked (and read) before the log or any output is written
         data = read_eclipse_pkl(src)
-        base = spec.build_diffusion(respacing="")
-        if args.t > base.num_timesteps:
-            raise UserError(f"--t {args.t} exceeds the diffusion's {base.num_timesteps} steps")
-        model = load_diffusion_model(spec, ckpt, device, "train it with train_diffusion.py", args.compile)
-        lock.enter_context(output_lock(dst, rank, world))
-        refuse_overwrite(dst, args.overwrite)
+        model, base, _ = load_purifier(spec, ckpt, device, t=args.t, compile=args.compile)
+        # the batches of an interrupted run; purify_dataset compares their settings
         parts = dst.parent / f".{dst.stem}.parts"
+        folder = RunFolder(parts, {}, settings_file=None, overwrite=args.overwrite, lock=dst, rank=rank, world=world)
+        lock.enter_context(folder)
+        refuse_overwrite(dst, args.overwrite)
         try:
             _check_parts_batch_size(parts, len(data), args.batch_size)
         except UserError:
             if not args.overwrite:
                 raise
-            if rank == 0:
-                shutil.rmtree(parts, ignore_errors=True)
-            barrier()
+            folder.discard()
         log = setup_logging(dst.with_suffix(".log") if rank == 0 else None, "purification")
         steps = args.t if args.respace is None else min(args.respace, args.t)
         if rank == 0:

@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import shutil
 import sys
 import time
 from dataclasses import asdict
 
 from models import CLASSIFIERS, build_classifier
 from utils.augment import compensation_augment, grayscale, jpeg, standard_augment
-from utils.data import ImageSet, class_balanced_subset, load_cifar10, load_poisoned, read_eclipse_pkl
+from utils.compat import legacy_precision
+from utils.data import NUM_CLASSES, ImageSet, class_balanced_subset, load_cifar10, load_poisoned, read_eclipse_pkl
 from utils.diffusion.checkpoints import DEFAULT_EMA_RATE, checkpoint_name, ema_checkpoints
 from utils.download import eclipse_manual
 from utils.fileio import (
@@ -31,7 +31,6 @@ from utils.fileio import (
     atomic_write_json,
     atomic_write_text,
     cli_main,
-    read_state_json,
     setup_logging,
 )
 from utils.options import (
@@ -51,8 +50,8 @@ from utils.options import (
 )
 from utils.paths import diff_ckpt_dir, purified_file, work_dir
 from utils.plots import history_series, save_curves
-from utils.precision import keep_stored, legacy_precision, precision_from_args, prefer_channels_last
-from utils.run_state import OutputLock, check_name, same_settings_or_refuse
+from utils.precision import precision_from_args, prefer_channels_last
+from utils.run_state import RunFolder, check_name
 from utils.runtime import resolve_device, seed_everything, set_deterministic
 from utils.trainer import TrainConfig, train_classifier
 
@@ -156,36 +155,34 @@ def main(argv=None) -> None:
     runtime_only = ("device", "overwrite", "work_dir", "data_root", "download", "bf16")
     settings = {k: v for k, v in vars(args).items() if k not in runtime_only}
     settings.update(precision=precision.name, channels_last=channels_last)
-    result_path = run / "result.json"
-    # an interrupted run records its settings too, so a re-run never resumes another's checkpoint
-    stored = run / "settings.json"
+    # an interrupted run records its settings too, so a re-run never resumes another's checkpoint;
+    # a resumed run keeps the precision and layout it was started with
     hint = "pass --run_name NAME or --overwrite"
-    old = read_state_json(result_path, hint) if result_path.is_file() else None
-    old_settings = old.get("settings") if old else read_state_json(stored, hint) if stored.is_file() else None
-    if isinstance(old_settings, dict):
-        old_settings = legacy_precision(old_settings)
-        if not args.overwrite:  # a resumed run keeps the precision and layout it was started with
-            keep_stored(settings, old_settings, run, print, how=hint)
-    same = same_settings_or_refuse(run, old_settings, settings, overwrite=args.overwrite, hint=hint)
+    folder = RunFolder(
+        run,
+        settings,
+        overwrite=args.overwrite,
+        hint=hint,
+        upgrade=legacy_precision,
+        keep=("precision", "channels_last"),
+        keep_how=hint,
+    )
+    # checked before the inputs are read: a finished run answers without them
+    old = folder.read("result.json")
+    same = folder.check(old.get("settings") if old else folder.read())
     if old and same and not args.overwrite:
         print(f"{run} is finished: test accuracy {old['final_test_acc']:.2f}% (pass --overwrite to redo it)")
         return
     # every input is checked (and read) before the run folder is made
     train, source = load_training_set(args, work)
     test = load_cifar10("test", args.data_root, download=args.download)
-    discard = bool(old) or (old_settings is not None and not same)
-    with OutputLock(run):
-        _run(args, work, run, settings, discard, device, train, source, test, precision)
+    with folder:
+        folder.open(fresh=bool(old))  # a finished run redone (--overwrite) starts afresh
+        _run(args, work, run, settings, device, train, source, test, precision)
 
 
-def _run(
-    args, work, run, settings: dict, discard: bool, device, train: ImageSet, source: str, test: ImageSet, precision
-) -> None:
-    result_path, stored = run / "result.json", run / "settings.json"
-    if discard:
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(stored, settings)
+def _run(args, work, run, settings: dict, device, train: ImageSet, source: str, test: ImageSet, precision) -> None:
+    result_path = run / "result.json"
     log = setup_logging(run / "train.log", "train")
     seed_everything(args.seed)
     set_deterministic(args.deterministic)
@@ -197,7 +194,7 @@ def _run(
     augment = compensation_augment(args.p, args.std, args.quantize) if args.pure else standard_augment
     if args.test_subset:
         test = test.subset(class_balanced_subset(test.labels, args.test_subset, 0))
-    model = build_classifier(args.arch, 10, args.width)
+    model = build_classifier(args.arch, NUM_CLASSES, args.width)
     cfg = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,

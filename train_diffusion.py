@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
+from utils.compat import legacy_precision
 from utils.data import load_cifar10
 from utils.diffusion.checkpoints import checkpoint_name
-from utils.diffusion.factory import load_diffusion_spec
+from utils.diffusion.factory import create_diffusion, load_diffusion_spec
 from utils.diffusion.training import DiffusionTrainConfig, train_diffusion
-from utils.fileio import UserError, atomic_write_json, cli_main, read_state_json, setup_logging
+from utils.fileio import UserError, atomic_write_json, cli_main, setup_logging
 from utils.options import (
     BF16,
     DEVICE,
@@ -43,8 +44,8 @@ from utils.options import (
     add_keys_to_argparser,
 )
 from utils.paths import diff_ckpt_dir, work_dir
-from utils.precision import keep_stored, legacy_precision, precision_from_args
-from utils.run_state import check_name, output_lock, same_settings_or_refuse
+from utils.precision import precision_from_args
+from utils.run_state import RunFolder, check_name
 from utils.runtime import barrier, cleanup_distributed, init_distributed, resolve_device, seed_everything
 
 KEYS: dict[str, Key] = {
@@ -102,7 +103,7 @@ def sparse_set_indices(n_available: int, num_clean: int, seed: int) -> torch.Ten
 def main(argv=None) -> None:
     args = parse_args(argv)
     spec = load_diffusion_spec(args.config)
-    steps = spec.build_diffusion(respacing="").num_timesteps
+    steps = create_diffusion(spec).num_timesteps
     if args.max_timestep is not None and args.max_timestep > steps:
         raise UserError(f"--max_timestep {args.max_timestep} exceeds the diffusion's {steps} steps ({args.config})")
     device = resolve_device(args.device)
@@ -138,30 +139,24 @@ def main(argv=None) -> None:
         }
         # every input is checked before the run folder is made or an old run is discarded
         clean = load_cifar10(args.source, args.data_root, download=args.download)
-        lock.enter_context(output_lock(out, rank, world))
-        discard = _check_same_run(out / "run.json", settings, args.overwrite)
+        folder = lock.enter_context(_run_folder(out, settings, args.overwrite, rank, world))
+        folder.check()
         cfg.precision = settings["training"]["precision"]  # a resumed run keeps its stored precision
         idx = sparse_set_indices(len(clean), args.num_clean, args.seed)
         images = clean.images[idx].repeat(args.replicas, 1, 1, 1)  # ECLIPSE Eq. 3: D_s plus its duplicates
-        if discard and rank == 0:
-            for f in list(out.glob("*.pt")) + [out / "progress.csv", out / "loss.png"]:
-                f.unlink(missing_ok=True)
-        barrier()
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
+        folder.open(content={**settings, "command": " ".join(sys.argv)})
         log = setup_logging(out / "train.log" if rank == 0 else None, "train_diffusion")
         if rank == 0:
             atomic_write_json(
                 out / "sparse_set.json", {**settings["sparse_set"], "split": args.source, "indices": idx.tolist()}
             )
-            atomic_write_json(out / "run.json", {**settings, "command": " ".join(sys.argv)})
             log.info(f"sparse set {args.sparse_set}: {len(idx)} {args.source} images x {args.replicas} = {len(images)}")
             log.info(f"model {spec.architecture} from {args.config}; world size {world}; device {device}")
             log.info(precision.line(used=cfg.precision))
         barrier()
         seed_everything(args.seed + rank)
         model = spec.build_model(compile=args.compile)
-        diffusion = spec.build_diffusion(respacing="")
+        diffusion = create_diffusion(spec)
         train_diffusion(model, diffusion, images, cfg, out, device, rank, world, log=log.info)
         if rank == 0:
             log.info(f"done: {out / checkpoint_name('ema', cfg.iterations, cfg.ema_rate)}")
@@ -170,26 +165,29 @@ def main(argv=None) -> None:
         cleanup_distributed()
 
 
-def _check_same_run(path: Path, settings: dict, overwrite: bool) -> bool:
-    """Resume only a run with the same settings; never mix two runs in one folder.
-    Returns whether the folder's run is to be discarded (``--overwrite``)."""
-    if not path.is_file():
-        return False
-    try:
-        old = read_state_json(
-            path, "pass --overwrite to discard the run in that folder, or choose another --sparse_set"
-        )
-    except UserError:
-        if overwrite:
-            return True
-        raise
-    old = {k: v for k, v in old.items() if k in settings} if isinstance(old, dict) else None
-    hint = "choose another --sparse_set or pass --overwrite to discard it"
-    if old is not None and isinstance(old.get("training"), dict):
-        old["training"] = legacy_precision(old["training"])
-        if not overwrite:
-            keep_stored(settings["training"], old["training"], path.parent, print, ("precision",))
-    return not same_settings_or_refuse(path.parent, old, settings, overwrite=overwrite, hint=hint)
+def _run_folder(out: Path, settings: dict, overwrite: bool, rank: int, world: int) -> RunFolder:
+    """The run's folder: resumed only with the same settings, never two runs mixed in it;
+    ``--overwrite`` discards the other run's checkpoints and curves (its log goes on)."""
+
+    def upgrade(old: dict) -> dict:
+        old = {k: v for k, v in old.items() if k in settings}  # run.json also holds the command
+        if isinstance(old.get("training"), dict):
+            old["training"] = legacy_precision(old["training"])
+        return old
+
+    return RunFolder(
+        out,
+        settings,
+        settings_file="run.json",
+        overwrite=overwrite,
+        hint="choose another --sparse_set or pass --overwrite to discard it",
+        damaged="pass --overwrite to discard the run in that folder, or choose another --sparse_set",
+        upgrade=upgrade,
+        keep=("training.precision",),
+        discard_only=("*.pt", "progress.csv", "loss.png"),
+        rank=rank,
+        world=world,
+    )
 
 
 if __name__ == "__main__":

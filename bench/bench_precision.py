@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from common import machine
 
-from utils.diffusion.factory import load_diffusion_spec
+from utils.data import NUM_CLASSES
+from utils.diffusion.factory import create_diffusion, load_diffusion_spec
 from utils.diffusion.purify import noise_and_denoise
 from utils.precision import cpu_capability, native_bf16, resolve_precision
 
@@ -92,7 +93,7 @@ def layout_rates(width: int, precisions: tuple[bool, ...], seconds: float) -> li
     for bf16 in precisions:
         for channels_last in (False, True):
             torch.manual_seed(0)
-            model = build_classifier("resnet18", 10, width)
+            model = build_classifier("resnet18", NUM_CLASSES, width)
             x, y = torch.rand(128, 3, 32, 32), torch.randint(0, 10, (128,))
             if channels_last:
                 model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -166,7 +167,7 @@ def main() -> None:
         model = spec.build_model().eval()
         for p in model.parameters():
             p.data.normal_(0, 0.02)
-        base = spec.build_diffusion(respacing="")
+        base = create_diffusion(spec)
         flops = unet_flops(model, base.model_timesteps(torch.zeros(1, dtype=torch.long)))
         x = torch.rand(batch, 3, 32, 32) * 2 - 1
         variants = {"reference (fp32 loop)": False, f"default ({default.name})": default.bf16}

@@ -12,7 +12,7 @@ import torch
 from common import record, timed
 
 from utils.augment import to_uint8
-from utils.diffusion.factory import load_diffusion_model, load_diffusion_spec
+from utils.diffusion.factory import create_diffusion, load_diffusion_spec, load_purifier
 from utils.diffusion.purify import from_model_range, noise_and_denoise, to_model_range
 from utils.runtime import resolve_device
 
@@ -45,7 +45,7 @@ def main() -> None:
         model = random_model(spec).to(device)
         x = torch.randn(batch, 3, 32, 32, device=device)
         t = torch.full((batch,), 10, device=device)
-        ts = spec.build_diffusion().model_timesteps(t)
+        ts = create_diffusion(spec, None).model_timesteps(t)
         for bf16 in (False, True):
 
             def step(model=model, x=x, ts=ts, bf16=bf16):
@@ -58,11 +58,13 @@ def main() -> None:
 
     # fidelity: the same purification (same noise) in float32 and in bf16
     spec = load_diffusion_spec(args.config)
-    model = load_diffusion_model(spec, args.ckpt, device) if args.ckpt else random_model(spec).to(device)
+    if args.ckpt:
+        model, base, _ = load_purifier(spec, args.ckpt, device)
+    else:
+        model, base = random_model(spec).to(device), create_diffusion(spec)
     from utils.data import load_cifar10
 
     images = load_cifar10("train").images[: args.images].to(device)
-    base = spec.build_diffusion(respacing="")
     outs = {}
     for bf16 in (False, True):
         g = torch.Generator(device=device).manual_seed(0)

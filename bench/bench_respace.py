@@ -15,7 +15,7 @@ from common import record
 
 from utils.augment import to_uint8
 from utils.data import load_cifar10
-from utils.diffusion.factory import load_diffusion_model, load_diffusion_spec
+from utils.diffusion.factory import load_purifier
 from utils.diffusion.purify import from_model_range, noise_and_denoise, noise_std_at, to_model_range
 from utils.runtime import resolve_device
 
@@ -35,9 +35,7 @@ def main() -> None:
     ap.add_argument("--bf16", type=int, default=1)
     args = ap.parse_args()
     device = resolve_device("auto")
-    spec = load_diffusion_spec(args.config)
-    model = load_diffusion_model(spec, args.ckpt, device)
-    base = spec.build_diffusion(respacing="")
+    model, base, _ = load_purifier(args.config, args.ckpt, device)
     clean = load_cifar10("train").images[: args.images].to(device)
     x0 = to_model_range(clean)
     g = torch.Generator(device=device).manual_seed(0)

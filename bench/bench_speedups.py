@@ -30,8 +30,8 @@ import models.ddpm
 import models.unet
 from models import build_classifier
 from utils.augment import to_uint8
-from utils.data import load_cifar10
-from utils.diffusion.factory import load_diffusion_spec
+from utils.data import NUM_CLASSES, load_cifar10
+from utils.diffusion.factory import create_diffusion, load_diffusion_spec
 from utils.diffusion.purify import from_model_range, noise_and_denoise, to_model_range
 from utils.runtime import autocast, compiled
 
@@ -115,7 +115,7 @@ def bench_diffusion(name: str, reps: int, options: set[str], rows: list[dict]) -
     cfg, batch, train_batch = DIFFUSION[name]
     spec = load_diffusion_spec(cfg)
     base = random_model(spec)
-    diffusion = spec.build_diffusion(respacing="")
+    diffusion = create_diffusion(spec)
     images = to_model_range(load_cifar10("train").images[:batch])
 
     def purify(v: Variant) -> torch.Tensor:
@@ -231,7 +231,7 @@ def bench_victim(width: int, reps: int, rows: list[dict]) -> None:
     data = load_cifar10("train").images[:128]
     labels = torch.randint(0, 10, (128,), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    base = build_classifier("resnet18", 10, width).to(memory_format=torch.channels_last)
+    base = build_classifier("resnet18", NUM_CLASSES, width).to(memory_format=torch.channels_last)
     x = prepare_batch(data, DEVICE, True)
 
     def make_step(model):

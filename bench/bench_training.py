@@ -12,7 +12,7 @@ from common import record, timed
 
 from models import build_classifier
 from utils.augment import compensation_augment, standard_augment
-from utils.data import load_cifar10
+from utils.data import NUM_CLASSES, load_cifar10
 from utils.runtime import autocast, resolve_device
 from utils.trainer import prepare_batch
 
@@ -29,7 +29,7 @@ def main() -> None:
             ("compensation (crop+flip+gray+noise)", compensation_augment(0.4, 0.05)),
         ):
             torch.manual_seed(0)
-            model = build_classifier("resnet18", 10, width).to(device).to(memory_format=torch.channels_last)
+            model = build_classifier("resnet18", NUM_CLASSES, width).to(device).to(memory_format=torch.channels_last)
             opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
             g = torch.Generator(device=device).manual_seed(0)
             fixed = prepare_batch(data[:128], device, True)

@@ -30,7 +30,7 @@ from typing import Any
 from common import machine
 
 from utils.dataelixir.attack_data import ATTACKS
-from utils.demo.pipeline import Step, StepFailed, run_steps
+from utils.demo.pipeline import CommandFailed, DemoCommand, run_commands
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_state_json
 from utils.options import POSITIVE, Key, add_keys_to_argparser, load_yaml_file
 from utils.paths import REPO_ROOT
@@ -68,7 +68,9 @@ def attack_overlays(attack: str, overlay: str) -> list[str]:
     return [overlay, *([str(own)] if (REPO_ROOT / own).is_file() else [])]
 
 
-def build_steps(attacks: list[str], seeds: int, overlay: str, work: Path, py: str = sys.executable) -> list[Step]:
+def build_commands(
+    attacks: list[str], seeds: int, overlay: str, work: Path, py: str = sys.executable
+) -> list[DemoCommand]:
     steps = []
     for attack in attacks:
         for seed in range(seeds):
@@ -78,7 +80,7 @@ def build_steps(attacks: list[str], seeds: int, overlay: str, work: Path, py: st
                 cmd += ["--overlay", o]
             cmd += ["--random_seed", str(seed), "--work_dir", str(work), "--save_folder_name", name]
             done = (work / "record" / name / "metrics.json").is_file()
-            steps.append(Step(name, f"{attack} + DataElixir, seed {seed}", cmd, None, done))
+            steps.append(DemoCommand(name, f"{attack} + DataElixir, seed {seed}", cmd, None, done))
     return steps
 
 
@@ -212,10 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         work = Path(args.work_dir).resolve()
         if not args.table_only:
-            steps = build_steps(parse_attacks(args.attacks), args.seeds, args.overlay, work)
+            steps = build_commands(parse_attacks(args.attacks), args.seeds, args.overlay, work)
             work.mkdir(parents=True, exist_ok=True)
             with open(work / "dataelixir_table.log", "a") as log:
-                run_steps(
+                run_commands(
                     steps,
                     work,
                     args.jobs,
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
                     on_step_done=lambda done, total: write_table(work, f"partial: {done} of {total} runs done"),
                 )
         print(write_table(work))
-    except StepFailed as e:
+    except CommandFailed as e:
         write_table(work, "a run failed")
         sys.exit(f"dataelixir_table: run failed ({e})\nfix the cause and re-run; finished runs are kept")
     except UserError as e:

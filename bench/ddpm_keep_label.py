@@ -36,17 +36,18 @@ import numpy as np
 import torch
 from common import machine
 
+from utils.compat import legacy_flow_config
 from utils.data import class_balanced_subset
 from utils.dataelixir.defence import build_chunk
+from utils.dataelixir.keys import FlowConfig
 from utils.dataelixir.models import load_model, purification_rounds
 from utils.dataelixir.outputs import load_attack_data
 from utils.diffusion.checkpoints import parse_checkpoint_name
-from utils.diffusion.factory import load_diffusion_model, load_diffusion_spec
-from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_text_file
+from utils.diffusion.factory import load_purifier
+from utils.fileio import UserError, atomic_write_json, atomic_write_text, file_fingerprint, read_text_file
 from utils.options import DEVICE, POSITIVE, SUBSET, Key, add_keys_to_argparser
 from utils.plots import pyplot, save_figure
-from utils.precision import legacy_flow_config, precision_of
-from utils.run_state import file_fingerprint, same_settings_or_refuse
+from utils.run_state import same_settings_or_refuse
 from utils.runtime import resolve_device
 from utils.trainer import predict
 
@@ -68,17 +69,17 @@ def keep_rates(preds: torch.Tensor, labels: torch.Tensor) -> list[float]:
     return (preds == labels[:, None]).float().mean(0).tolist()
 
 
-def _record_config(record: Path) -> dict:
+def _record_config(record: Path) -> FlowConfig:
     import yaml
 
     cfg = yaml.safe_load(read_text_file(record / "config.yaml", "record configuration"))
     if not isinstance(cfg, dict):
         raise UserError(f"{record / 'config.yaml'}: damaged record configuration")
-    return legacy_flow_config(cfg)  # the precisions the flow ran with
+    return FlowConfig.from_dict(legacy_flow_config(cfg))  # the precisions the flow ran with
 
 
-def _labels_bf16(cfg: dict) -> bool:
-    return precision_of(cfg, "candidate_labels") == "bf16"
+def _labels_bf16(cfg: FlowConfig) -> bool:
+    return cfg.precision_of("candidate_labels") == "bf16"
 
 
 def _parse_ckpt(text: str) -> tuple[Path, Path]:
@@ -130,9 +131,9 @@ def measure(args: argparse.Namespace) -> dict:
         "acc_on_untouched": keep_rates(
             predict(classifier, images, device, bf16=_labels_bf16(cfg)).argmax(1)[:, None], labels
         )[0],
-        "steps_T": cfg["steps_T"],
-        "respace": cfg["purify_respace"],
-        "last_steps_m": cfg["last_steps_m"],
+        "steps_T": cfg.steps_T,
+        "respace": cfg.purify_respace,
+        "last_steps_m": cfg.last_steps_m,
         "seed": args.seed,
         "machine": machine(),
         "rows": [],
@@ -148,9 +149,7 @@ def measure(args: argparse.Namespace) -> dict:
         if any(r.get("config") == str(config) and r.get("fingerprint") == fingerprint for r in out["rows"]):
             print(f"{ckpt}: measured before, kept", flush=True)
             continue
-        spec = load_diffusion_spec(config)
-        model = load_diffusion_model(spec, ckpt, device)
-        base = spec.build_diffusion(respacing="")
+        model, base, spec = load_purifier(config, ckpt, device)
         gen = torch.Generator(device=device).manual_seed(args.seed)
         t0 = time.time()
         preds = []

@@ -46,11 +46,11 @@ import numpy as np
 import torch
 from common import machine
 
-from utils.cpu_recipe import demo_recipe
 from utils.data import ImageSet, class_balanced_subset, load_cifar10, read_eclipse_pkl
 from utils.demo.pipeline import SPARSE_SET
-from utils.diffusion.checkpoints import parse_checkpoint_name, resolve_checkpoint
-from utils.diffusion.factory import load_diffusion_model, load_diffusion_spec, resolve_config
+from utils.demo.recipe import demo_recipe
+from utils.diffusion.checkpoints import parse_checkpoint_name
+from utils.diffusion.factory import load_purifier, purifier_checkpoint, resolve_config
 from utils.diffusion.purify import purify_dataset
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, cli_main, read_state_json, refuse_overwrite
 from utils.options import BF16, POSITIVE, PRECISION, SUBSET, Key, add_keys_to_argparser
@@ -135,9 +135,7 @@ def _settings(args: argparse.Namespace, work: Path) -> list[tuple[str, int | Non
         return [(f"purified set ({args.diffusion_iterations} iterations)", None, None)]
     settings = []
     for name in _parse_list(args.ckpts, "--ckpts"):
-        ckpt = resolve_checkpoint(diff_ckpt_dir(work, SPARSE_SET) / name)
-        if not ckpt.is_file():
-            raise UserError(f"diffusion checkpoint not found: {ckpt}")
+        ckpt = purifier_checkpoint(diff_ckpt_dir(work, SPARSE_SET) / name)
         parsed = parse_checkpoint_name(name)
         its = f"{parsed.step} iterations" if parsed else Path(name).stem
         for r in _parse_list(args.respace, "--respace"):
@@ -151,9 +149,8 @@ def _settings(args: argparse.Namespace, work: Path) -> list[tuple[str, int | Non
 @cache
 def _diffusion(config: str, ckpt: Path) -> tuple:
     """The model and its un-respaced process, loaded once per checkpoint for every poison."""
-    spec = load_diffusion_spec(resolve_config(config))
-    model = load_diffusion_model(spec, ckpt, torch.device("cpu"), "train it with train_diffusion.py")
-    return model, spec.build_diffusion(respacing="")
+    model, diffusion, _ = load_purifier(resolve_config(config), ckpt, torch.device("cpu"))
+    return model, diffusion
 
 
 def _purify(args: argparse.Namespace, ckpt: Path, steps: int, images: torch.Tensor) -> torch.Tensor:

@@ -27,15 +27,16 @@ import numpy as np
 import torch
 from common import machine
 
+from utils.compat import legacy_flow_config
 from utils.data import NUM_CLASSES, class_balanced_subset
 from utils.dataelixir import defence as de
+from utils.dataelixir.keys import FlowConfig
 from utils.dataelixir.models import load_model, purification_rounds
 from utils.dataelixir.outputs import load_attack_data
-from utils.diffusion.factory import load_diffusion_model, load_diffusion_spec
+from utils.diffusion.factory import load_purifier
 from utils.diffusion.purify import chunk_seed
 from utils.fileio import atomic_write_json, read_text_file
 from utils.plots import pyplot, save_figure
-from utils.precision import legacy_flow_config
 from utils.trainer import predict
 
 
@@ -109,32 +110,39 @@ def diffusion(args: argparse.Namespace) -> dict:
     return out
 
 
-def _decisions(cfg: dict, cand: torch.Tensor, model: torch.nn.Module, labels: torch.Tensor, bf16: bool) -> dict:
+def _decisions(cfg: FlowConfig, cand: torch.Tensor, model: torch.nn.Module, labels: torch.Tensor, bf16: bool) -> dict:
     """DataElixir's steps 2-5 on candidates ``[N, K, 3, 32, 32]`` with labels in ``bf16`` or not."""
     n, k = cand.shape[:2]
     flat = cand.reshape(n * k, *cand.shape[2:])
     preds = predict(model, flat, torch.device("cpu"), batch_size=512, bf16=bf16).argmax(1).view(n, k)
-    ident = de.label_transition(preds, cfg["threshold_tau"], NUM_CLASSES)
-    det = de.detect_target_labels(preds, ident["kept"], ident["transition"], labels, NUM_CLASSES)
-    srt = de.sort_samples(preds, ident, labels, det["targets"])
-    rows = torch.nonzero(srt["decision"] == de.RELABELLED).flatten().numpy()
+    ident = de.label_transition(preds, cfg.threshold_tau, NUM_CLASSES)
+    det = de.detect_target_labels(preds, ident.kept, ident.transition, labels, NUM_CLASSES)
+    srt = de.sort_samples(ident, labels, det.targets)
+    rows = torch.nonzero(srt.decision == de.RELABELLED).flatten().numpy()
     chosen = torch.full((n,), -1, dtype=torch.long)
     if len(rows):
         dist = de.candidate_distances(cand.numpy(), rows, model, torch.device("cpu"), bf16=bf16)
-        chosen[torch.from_numpy(rows)] = de.select_index(dist, ident["kept"][rows])
-    return {"preds": preds, **ident, "targets": det["targets"], "scores": det["scores"], **srt, "chosen": chosen}
+        chosen[torch.from_numpy(rows)] = de.select_index(dist, ident.kept[rows])
+    return {
+        "preds": preds,
+        **vars(ident),
+        "targets": det.targets,
+        "scores": det.scores,
+        **vars(srt),
+        "chosen": chosen,
+    }
 
 
 def dataelixir(args: argparse.Namespace) -> dict:
     record = Path(args.record)
     import yaml
 
-    cfg = legacy_flow_config(yaml.safe_load(read_text_file(record / "config.yaml", "record configuration")))
+    cfg = FlowConfig.from_dict(
+        legacy_flow_config(yaml.safe_load(read_text_file(record / "config.yaml", "record configuration")))
+    )
     bd, _ = load_attack_data(record / "attack_data.pt")
     model = load_model(cfg, record / "backdoored_model.pt", torch.device("cpu"))
-    spec = load_diffusion_spec(args.config)
-    ddpm = load_diffusion_model(spec, Path(args.ckpt), torch.device("cpu"))
-    base = spec.build_diffusion(respacing="")
+    ddpm, base, _ = load_purifier(args.config, args.ckpt, torch.device("cpu"))
     rows = class_balanced_subset(bd.train.labels, args.samples, seed=0)
     images, labels = bd.train.images[rows], bd.train.labels[rows]
     poisoned = bd.poison_indicator[rows].bool()
@@ -143,7 +151,7 @@ def dataelixir(args: argparse.Namespace) -> dict:
     for name, bf16 in (("fp32", False), ("bf16", True)):
         parts = []
         for c, s in enumerate(range(0, len(images), args.batch)):
-            g = torch.Generator().manual_seed(chunk_seed(cfg["random_seed"], c))
+            g = torch.Generator().manual_seed(chunk_seed(cfg.random_seed, c))
             parts.append(
                 de.build_chunk(ddpm, base, images[s : s + args.batch], **{**rounds, "bf16": bf16}, generator=g)
             )

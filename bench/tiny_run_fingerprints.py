@@ -73,8 +73,8 @@ REPO = Path(__file__).resolve().parents[1]
 # names, every key ending in DROPPED_ENDINGS (crafting_seconds, images_per_s, total_s, ...)
 DROPPED_KEYS = frozenset({"timings", "created", "device", "torch"})
 DROPPED_ENDINGS = ("seconds", "_s")
-# endings of files never hashed (logs and lock files carry times and PIDs)
-LOG_SUFFIXES = (".log", ".lock", ".err", ".out")
+# endings of files never hashed (logs and lock files carry times and PIDs; the demo's step_seconds.json wall times)
+LOG_SUFFIXES = (".log", ".lock", ".err", ".out", "_seconds.json")
 TEXT_SUFFIXES = (".json", ".csv", ".yaml", ".yml", ".md", ".txt")
 TENSOR_SUFFIXES = (".pt", ".pth", ".ckpt")
 
@@ -270,10 +270,7 @@ class Case:
 
 
 def _flags(d: dict[str, Any]) -> list[str]:
-    out = []
-    for k, v in d.items():
-        out += [f"--{k}", str(v)]
-    return out
+    return [a for k, v in d.items() for a in (f"--{k}", str(v))]
 
 
 ECLIPSE_CFG = "config/eclipse/cpu.yml"
@@ -512,7 +509,7 @@ def machine() -> str:
 
 # this tool's own files: the commit recorded is the last one that changed anything else
 OWN_FILES = ("bench/tiny_run_fingerprints.py", "bench/tiny_run_fingerprints.baseline.json", "BENCHMARKS.md",
-             "tests/test_fingerprint_hashing.py")  # fmt: skip
+             "tests/test_tiny_run_fingerprints.py")  # fmt: skip
 
 
 def commit() -> str:

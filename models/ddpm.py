@@ -103,7 +103,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """:func:`attention` as one fused kernel, equal up to rounding (tests/test_attention.py).
+    """:func:`attention` as one fused kernel, equal up to rounding (tests/test_unet_attention.py).
     Not used: slower on the CPU (BENCHMARKS.md, "Speed options")."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)

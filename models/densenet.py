@@ -29,7 +29,7 @@ class Transition(nn.Sequential):
 
 
 class DenseNet(nn.Module):
-    def __init__(self, growth: int = 32, blocks=(6, 12, 24, 16), init_features: int = 64, num_classes: int = 10):
+    def __init__(self, num_classes: int, growth: int = 32, blocks=(6, 12, 24, 16), init_features: int = 64):
         super().__init__()
         layers: list[nn.Module] = [
             nn.Conv2d(3, init_features, 3, stride=1, padding=1, bias=False),
@@ -61,6 +61,6 @@ class DenseNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-def densenet121(num_classes: int = 10, width: int = 64) -> DenseNet:
+def densenet121(num_classes: int, width: int = 64) -> DenseNet:
     # width scales growth rate and stem together (32 and 64 at the paper's width 64)
     return DenseNet(growth=max(width // 2, 4), init_features=width, num_classes=num_classes)

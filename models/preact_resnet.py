@@ -31,7 +31,7 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(nn.Module):
-    def __init__(self, num_blocks: list[int], num_classes: int = 10, width: int = 64):
+    def __init__(self, num_blocks: list[int], num_classes: int, width: int = 64):
         super().__init__()
         self.in_planes = width
         self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
@@ -57,5 +57,5 @@ class PreActResNet(nn.Module):
         return self.linear(self.features(x))
 
 
-def preactresnet18(num_classes: int = 10, width: int = 64) -> PreActResNet:
+def preactresnet18(num_classes: int, width: int = 64) -> PreActResNet:
     return PreActResNet([2, 2, 2, 2], num_classes, width)

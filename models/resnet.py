@@ -57,7 +57,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block, num_blocks: list[int], num_classes: int = 10, width: int = 64):
+    def __init__(self, block, num_blocks: list[int], num_classes: int, width: int = 64):
         super().__init__()
         self.in_planes = width
         self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
@@ -86,9 +86,9 @@ class ResNet(nn.Module):
         return self.linear(self.features(x))
 
 
-def resnet18(num_classes: int = 10, width: int = 64) -> ResNet:
+def resnet18(num_classes: int, width: int = 64) -> ResNet:
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, width)
 
 
-def resnet50(num_classes: int = 10, width: int = 64) -> ResNet:
+def resnet50(num_classes: int, width: int = 64) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, width)

@@ -145,7 +145,7 @@ def qkv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
 
 def qkv_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """:func:`qkv_attention` as one fused kernel (``scaled_dot_product_attention``), equal up
-    to rounding (tests/test_attention.py). Not used: on the CPU it is 2-5x slower than the
+    to rounding (tests/test_unet_attention.py). Not used: on the CPU it is 2-5x slower than the
     einsum formula under bf16 (BENCHMARKS.md, "Speed options")."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)

@@ -23,7 +23,7 @@ from models.unet import UNetModel
 
 
 class UNetClassifier(nn.Module):
-    def __init__(self, unet: UNetModel, num_classes: int = 10, timestep: float = 0.0):
+    def __init__(self, unet: UNetModel, num_classes: int, timestep: float = 0.0):
         super().__init__()
         last = unet.out[-1]
         if not isinstance(last, nn.Conv2d):
@@ -53,7 +53,7 @@ class UNetClassifier(nn.Module):
         return self.class_maps(x).mean(dim=(2, 3))
 
 
-def unet_classifier_from(unet: UNetModel, num_classes: int = 10, timestep: float = 0.0) -> UNetClassifier:
+def unet_classifier_from(unet: UNetModel, num_classes: int, timestep: float = 0.0) -> UNetClassifier:
     """Wrap a UNet (already holding the diffusion weights) as a classifier; trainable."""
     model = UNetClassifier(unet, num_classes, timestep)
     return model.requires_grad_(True).train()

@@ -12,7 +12,7 @@ _CFG = {
 
 
 class VGG(nn.Module):
-    def __init__(self, depth: int, num_classes: int = 10, width: int = 64):
+    def __init__(self, depth: int, num_classes: int, width: int = 64):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
@@ -33,9 +33,9 @@ class VGG(nn.Module):
         return self.classifier(self.features(x))
 
 
-def vgg16(num_classes: int = 10, width: int = 64) -> VGG:
+def vgg16(num_classes: int, width: int = 64) -> VGG:
     return VGG(16, num_classes, width)
 
 
-def vgg19(num_classes: int = 10, width: int = 64) -> VGG:
+def vgg19(num_classes: int, width: int = 64) -> VGG:
     return VGG(19, num_classes, width)

@@ -105,6 +105,10 @@ def test_badnet_end_to_end_writes_every_output(badnet_run):
     assert data["images"].shape == (200, 3, 32, 32) and data["images"].dtype == torch.uint8
     rows = (rec / "decisions.csv").read_text().splitlines()
     assert len(rows) == 201
+    # the flow ran every phase, in the paper's order
+    from utils.dataelixir.record import PHASES
+
+    assert list(json.loads((rec / "phases.json").read_text())) == list(PHASES)
 
 
 def test_rerun_resumes_every_phase(badnet_run, work):
@@ -220,7 +224,7 @@ def test_missing_diffusion_checkpoint_says_how_to_make_one(work):
 
 
 def test_record_written_before_a_key_existed_resumes_at_its_default(tmp_path):
-    from utils.dataelixir.flow import open_record
+    from utils.dataelixir.record import open_record
     from utils.options import dump_yaml
 
     rec = tmp_path / "old"
@@ -279,7 +283,7 @@ def test_dataelixir_table_runs_what_is_missing_and_tables_every_record(badnet_ru
     sys.path.insert(0, os.path.join(REPO, "bench"))
     import dataelixir_table as dt
 
-    steps = {s.key: s for s in dt.build_steps(["sig", "ssba", "badnet"], 2, "o.yaml", work, py="py")}
+    steps = {s.key: s for s in dt.build_commands(["sig", "ssba", "badnet"], 2, "o.yaml", work, py="py")}
     assert steps["sig_s1"].cmd == [
         "py", "attack/sig.py", "--yaml_path", "config/sig/cifar10.yaml", "--overlay", "o.yaml",
         "--overlay", "config/sig/cpu.yaml", "--random_seed", "1", "--work_dir", str(work),

@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.cpu_recipe import demo_recipe, load_recipe, poison_flags
 from utils.demo.pipeline import (
-    Step,
-    StepFailed,
-    build_steps,
+    CommandFailed,
+    DemoCommand,
+    build_commands,
     compare,
     plot_summary,
-    run_steps,
+    run_commands,
     summarise,
     table_markdown,
     victim_name,
 )
+from utils.demo.recipe import demo_recipe, load_recipe, poison_flags
 from utils.fileio import UserError
 from utils.poisons import POISONS
 
@@ -56,7 +56,7 @@ def test_damaged_recipe_is_a_one_line_error(tmp_path):
 
 
 def test_steps_per_seed_and_their_dependencies(tmp_path):
-    steps = {s.key: s for s in build_steps(_args(tmp_path, seeds=2), ["EM", "ADP"], ["none", "eclipse"], py="py")}
+    steps = {s.key: s for s in build_commands(_args(tmp_path, seeds=2), ["EM", "ADP"], ["none", "eclipse"], py="py")}
     assert victim_name("EM", "none", 0) == "demo-EM-none" and victim_name("", None, 1) == "demo-clean-s1"
     assert {"demo-clean", "demo-clean-s1", "demo-EM-eclipse", "demo-EM-eclipse-s1"} <= set(steps)
     seeded = steps["demo-EM-none-s1"].cmd
@@ -69,8 +69,8 @@ def test_steps_per_seed_and_their_dependencies(tmp_path):
     assert adp.after == ("diffusion",) and adp.cmd[-2:] == ["--sparse_diff_model", "ema_0.999_003000.pt"]
 
 
-def _py_step(key: str, code: str, after: tuple[str, ...] = ()) -> Step:
-    return Step(key, key, [sys.executable, "-c", code], 0.1, False, after)
+def _py_step(key: str, code: str, after: tuple[str, ...] = ()) -> DemoCommand:
+    return DemoCommand(key, key, [sys.executable, "-c", code], 0.1, False, after)
 
 
 def test_two_jobs_run_at_once_and_wait_for_their_dependencies(tmp_path):
@@ -85,7 +85,9 @@ def test_two_jobs_run_at_once_and_wait_for_their_dependencies(tmp_path):
     )
     lines: list[str] = []
     done: list[tuple[int, int]] = []
-    took = run_steps([c, a, b], tmp_path, jobs=2, say=lines.append, poll_s=0.05, on_step_done=lambda *d: done.append(d))
+    took = run_commands(
+        [c, a, b], tmp_path, jobs=2, say=lines.append, poll_s=0.05, on_step_done=lambda *d: done.append(d)
+    )
     assert set(took) == {"a", "b", "c"} and done == [(1, 3), (2, 3), (3, 3)]  # the demo's partial tables
     assert [ln for ln in lines if ln.startswith("\n== step")][-1].startswith("\n== step 3 of 3: c")
     assert set(json.loads((tmp_path / "step_seconds.json").read_text())) == {"a", "b", "c"}
@@ -94,11 +96,11 @@ def test_two_jobs_run_at_once_and_wait_for_their_dependencies(tmp_path):
 
 def test_after_a_failure_no_new_step_starts(tmp_path):
     steps = [_py_step("bad", "import sys; sys.exit(4)"), _py_step("later", "pass", ("bad",)), _py_step("x", "pass")]
-    with pytest.raises(StepFailed, match=r"exit 4: .* \(log: .*bad\.log\)"):
-        run_steps(steps, tmp_path, jobs=2, say=lambda _: None, poll_s=0.05)
+    with pytest.raises(CommandFailed, match=r"exit 4: .* \(log: .*bad\.log\)"):
+        run_commands(steps, tmp_path, jobs=2, say=lambda _: None, poll_s=0.05)
     assert set(json.loads((tmp_path / "step_seconds.json").read_text())) == {"x"}
-    with pytest.raises(StepFailed, match="exit 4"):  # one job: the runner's failure ends the run
-        run_steps(steps[:1], tmp_path, jobs=1, say=lambda _: None)
+    with pytest.raises(CommandFailed, match="exit 4"):  # one job: the runner's failure ends the run
+        run_commands(steps[:1], tmp_path, jobs=1, say=lambda _: None)
 
 
 def _result(work: Path, name: str, acc: float) -> None:

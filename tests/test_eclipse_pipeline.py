@@ -78,6 +78,7 @@ def test_purify_dataset_resumes_and_shards(tmp_path, small_train, device):
     assert torch.equal(purify_dataset(model, base, images, 3, tmp_path / "a", **kw), full)
     assert purify_dataset(model, base, images, 3, tmp_path / "b", rank=1, world=2, **kw) is None
     assert sorted(p.name for p in (tmp_path / "b").glob("part_*.pt")) == ["part_00001.pt"]
+    assert sorted(p.name for p in (tmp_path / "b" / "done").iterdir()) == ["chunk_00001"]
     assert torch.equal(purify_dataset(model, base, images, 3, tmp_path / "b", rank=0, world=2, **kw), full)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.data import class_balanced_subset
+from utils.data import NUM_CLASSES, class_balanced_subset
 from utils.poisons import POISONS, get_poison, resolve_params
 from utils.poisons.ar import filters_of, responses
 from utils.poisons.common import (
@@ -479,7 +479,7 @@ def test_unet_classifier_and_adp(tmp_path, data200):
     ckpt = tmp_path / "diff_ckpt" / "cifar10" / "tiny" / "ema_0.9999_5.pt"
     ckpt.parent.mkdir(parents=True)
     torch.save(spec.build_model().state_dict(), ckpt)
-    clf = UNetClassifier(spec.build_model())
+    clf = UNetClassifier(spec.build_model(), NUM_CLASSES)
     out = clf(torch.rand(2, 3, 32, 32))
     assert out.shape == (2, 10) and clf.features(torch.rand(2, 3, 32, 32)).shape == (2, 32)
 

@@ -14,18 +14,11 @@ import torch
 
 import train
 import utils.precision as precision_mod
+from utils.compat import legacy_flow_config, legacy_precision
 from utils.data import write_eclipse_pkl
-from utils.dataelixir.keys import flow_precisions
+from utils.dataelixir.keys import FlowConfig, flow_precisions
 from utils.fileio import UserError
-from utils.precision import (
-    BF16_EVIDENCE,
-    COMPUTATIONS,
-    keep_stored,
-    legacy_flow_config,
-    legacy_precision,
-    requested_precision,
-    resolve_precision,
-)
+from utils.precision import BF16_EVIDENCE, COMPUTATIONS, keep_stored, requested_precision, resolve_precision
 
 CPU = torch.device("cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,11 +88,15 @@ def test_older_bf16_spelling_and_clashes():
 def test_attack_flow_resolves_each_computation_and_honours_amp_and_bf16(native):
     native(True)
     cfg = {"precision": "auto", "amp": None, "bf16": None}
-    got = {k: p.name for k, p in flow_precisions(cfg, CPU).items()}
+    got = {k: p.name for k, p in flow_precisions(FlowConfig.from_dict(cfg), CPU).items()}
     assert got == {"trigger": "fp32", "backdoor_training": "fp32", "ddpm_rounds": "fp32", "candidate_labels": "fp32"}
-    got = {k: p.name for k, p in flow_precisions({**cfg, "amp": True, "bf16": False}, CPU).items()}
+    got = {
+        k: p.name for k, p in flow_precisions(FlowConfig.from_dict({**cfg, "amp": True, "bf16": False}), CPU).items()
+    }
     assert got["backdoor_training"] == "bf16" and got["ddpm_rounds"] == "fp32"
-    assert {p.name for p in flow_precisions({**cfg, "precision": "bf16"}, CPU).values()} == {"bf16"}
+    assert {p.name for p in flow_precisions(FlowConfig.from_dict({**cfg, "precision": "bf16"}), CPU).values()} == {
+        "bf16"
+    }
 
 
 def test_keep_stored_and_older_records():

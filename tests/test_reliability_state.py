@@ -142,7 +142,9 @@ def test_purification_after_kill_with_other_seed_is_refused_or_restarted(tmp_pat
     assert json.loads((run / f"{OUT}.json").read_text())["seed"] == 2
 
 
-def test_purification_parts_are_keyed_by_input_and_checksummed(tmp_path, monkeypatch, capsys):
+def _interrupted_purification(tmp_path, monkeypatch):
+    """A finished reference run and the same run killed after two batches: (ref, run, parts
+    folder of the killed run, the real noise_and_denoise)."""
     ref, run = tmp_path / "ref", tmp_path / "run"
     _purif_work(ref)
     _purif_work(run)
@@ -151,7 +153,11 @@ def test_purification_parts_are_keyed_by_input_and_checksummed(tmp_path, monkeyp
     with pytest.raises(SystemExit):
         purification.main(_purif_argv(run))
     monkeypatch.setattr(purify_mod, "noise_and_denoise", real)
-    parts = run / "purified_data/cifar10/tiny/2/5/.URP-pure.parts"
+    return ref, run, run / "purified_data/cifar10/tiny/2/5/.URP-pure.parts", real
+
+
+def test_purification_parts_are_keyed_by_input_and_checksummed(tmp_path, monkeypatch, capsys):
+    ref, run, parts, real = _interrupted_purification(tmp_path, monkeypatch)
     # a damaged part (same size, other bytes) is redone, not used
     p0 = parts / "part_00000.pt"
     raw = bytearray(p0.read_bytes())
@@ -176,6 +182,23 @@ def test_purification_parts_are_keyed_by_input_and_checksummed(tmp_path, monkeyp
         purification.main(_purif_argv(run))
     msg = _err(capsys)
     assert "images: '" in msg and "n: 24 -> 16" in msg
+
+
+def test_purification_resumes_parts_marked_part_ok(tmp_path, monkeypatch):
+    """A parts folder whose batches are marked ``part_<i>.ok`` (``<key of settings.json>
+    <checksum>``) instead of ``done/chunk_<i>`` resumes from those batches."""
+    from utils.fileio import checksum
+
+    ref, run, parts, real = _interrupted_purification(tmp_path, monkeypatch)
+    settings = json.loads((parts / "settings.json").read_text())
+    key = checksum(json.dumps(settings, sort_keys=True, default=str).encode())
+    for i in range(2):
+        part = parts / f"part_{i:05d}.pt"
+        part.with_suffix(".ok").write_text(f"{key} {checksum(part.read_bytes())}\n")
+        (parts / "done" / f"chunk_{i:05d}").unlink()
+    purification.main(_purif_argv(run))
+    assert (run / f"{OUT}.pkl").read_bytes() == (ref / f"{OUT}.pkl").read_bytes()
+    assert json.loads((run / f"{OUT}.json").read_text())["images_resumed"] == 16
 
 
 def test_purification_refuses_a_running_output(tmp_path, capsys):
@@ -240,6 +263,7 @@ CAND = dict(steps_T=2, rounds_n=1, last_steps_m=2, batch_size=2, seed=11, bf16=F
 
 @pytest.mark.parametrize("victim", ["candidates.u8", "preds.i16"])
 def test_truncated_candidate_store_is_rebuilt_not_read_as_zeros(tmp_path, tiny_store_models, victim):
+    from utils.dataelixir import candidate_store as cs
     from utils.dataelixir import defence as de
 
     model, base, clf, images = tiny_store_models
@@ -248,18 +272,19 @@ def test_truncated_candidate_store_is_rebuilt_not_read_as_zeros(tmp_path, tiny_s
     de.construct_candidates(model, base, clf, images, run, **CAND)
     with open(run / victim, "r+b") as f:  # a kill while the file was being extended
         f.truncate(os.path.getsize(run / victim) // 2)
-    assert not de.candidates_complete(run)
+    assert not cs.candidates_complete(run)
     with pytest.raises(UserError, match=f"{victim} holds"):
-        de.open_candidates(run)
+        cs.open_candidates(run)
     logs: list[str] = []
     de.construct_candidates(model, base, clf, images, run, log=logs.append, **CAND)
     assert any("rebuilding the chunks it lost" in m for m in logs)
-    assert de.candidates_complete(run)
+    assert cs.candidates_complete(run)
     for f in ("candidates.u8", "preds.i16"):
         assert (run / f).read_bytes() == (tmp_path / "ref" / f).read_bytes()
 
 
 def test_candidate_chunk_with_other_bytes_is_rebuilt(tmp_path, tiny_store_models):
+    from utils.dataelixir import candidate_store as cs
     from utils.dataelixir import defence as de
 
     model, base, clf, images = tiny_store_models
@@ -270,7 +295,7 @@ def test_candidate_chunk_with_other_bytes_is_rebuilt(tmp_path, tiny_store_models
     cand[-10:] = 0  # same size, damaged last chunk
     cand.flush()
     del cand
-    assert not de.candidates_complete(run)
+    assert not cs.candidates_complete(run)
     calls = []
     real = de.build_chunk
     try:

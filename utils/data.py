@@ -37,6 +37,9 @@ CIFAR10_CLASSES = (
     "truck",
 )
 NUM_CLASSES = 10
+# the per-channel mean and std classifiers normalise with (BackdoorBench's values)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.247, 0.243, 0.261)
 IMAGE_BYTES = 32 * 32 * 3
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 _SOURCES_HELP = (

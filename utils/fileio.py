@@ -8,6 +8,7 @@ place, so a crash never leaves a half-written result. Every checkpoint read uses
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import logging
@@ -206,3 +207,27 @@ def cli_main(fn):
 
     wrapper.__wrapped__ = fn
     return wrapper
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def checksum(data: bytes | memoryview) -> str:
+    """A fast hash of a stored chunk's bytes (recorded in its completion marker)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def tensor_fingerprint(*tensors: torch.Tensor) -> str:
+    """A hash of the tensors' bytes: stores record the inputs they were computed from."""
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def file_fingerprint(path: str | Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()[:16]

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from utils.compat import legacy_precision
 from utils.fileio import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -186,41 +187,7 @@ def keep_stored(
             settings[key] = old[key]
 
 
-def legacy_precision(stored: Mapping[str, Any]) -> dict[str, Any]:
-    """Stored settings with the older ``bf16: true|false`` read as ``precision: bf16|fp32``."""
-    out = dict(stored)
-    if "bf16" in out and "precision" not in out and isinstance(out["bf16"], bool):
-        out["precision"] = "bf16" if out.pop("bf16") else "fp32"
-    return out
-
-
 def prefer_channels_last(device: torch.device) -> bool:
     """Whether convolutional models run in channels_last on ``device``: measured faster in
     float32 and bf16 on every CPU tried (AVX2, AVX-512, AMX; BENCHMARKS.md) and on CUDA."""
     return device.type in ("cpu", "cuda")
-
-
-def precision_of(cfg: Mapping[str, Any], computation: str) -> str:
-    """The resolved precision of ``computation`` in an attack flow's configuration (its
-    ``precisions``; ``fp32``, the references' arithmetic, in one resolved without a device)."""
-    return cfg.get("precisions", {}).get(computation, "fp32")
-
-
-def legacy_flow_config(stored: Mapping[str, Any]) -> dict[str, Any]:
-    """An attack record's stored configuration with the older ``bf16`` / ``amp`` booleans
-    (written before ``precision``) read as the ``precisions`` they ran with: ``amp`` for
-    the classifier trainings, ``bf16`` for the DDPM rounds and the candidates' labels, and
-    bf16 for the triggers' auxiliary models (they always ran under bf16 autocast then)."""
-    out = dict(stored)
-    if "precisions" in out or "bf16" not in out:
-        return out
-    name = {True: "bf16", False: "fp32"}
-    rounds = name.get(out.pop("bf16"), "bf16")
-    out["precisions"] = {
-        "trigger": "bf16",
-        "backdoor_training": name.get(out.pop("amp", False), "fp32"),
-        "ddpm_rounds": rounds,
-        "candidate_labels": rounds,
-    }
-    out.update(precision="auto", bf16=None, amp=None)
-    return out

@@ -9,6 +9,9 @@
 * ``OutputLock`` / ``output_lock``: one process (one torchrun job) at a time per output.
   The lock file ``.<name>.lock`` beside the output holds the holder's PID and host; a
   live holder gets a one-line error, a dead holder's lock (same host) is taken over.
+* ``RunFolder``: the one implementation of a resumable run's folder: lock it, compare
+  the stored settings, then resume, refuse or (``--overwrite``) discard, and record the
+  settings of the run that goes on.
 * ``checksum`` / ``tensor_fingerprint``: the hashes the stores record for their chunks
   and inputs.
 """
@@ -17,20 +20,22 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from utils.fileio import UserError
+from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_state_json, read_text_file
+from utils.precision import keep_stored
 
 # --------------------------------------------------------------------------- names
 
@@ -96,27 +101,6 @@ def same_settings_or_refuse(
 
 
 # --------------------------------------------------------------------------- hashes
-
-
-def checksum(data: bytes | memoryview) -> str:
-    """A fast hash of a stored chunk's bytes (recorded in its completion marker)."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def tensor_fingerprint(*tensors: torch.Tensor) -> str:
-    """A hash of the tensors' bytes: stores record the inputs they were computed from."""
-    h = hashlib.sha1()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def file_fingerprint(path: str | Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- lock
@@ -252,3 +236,165 @@ def on_rank0(fn, rank: int = 0, world: int = 1) -> None:
         err = box[0]
     if err:
         raise UserError(err)
+
+
+# --------------------------------------------------------------------------- run folder
+
+_READ = object()  # check(): read the stored settings from the settings file
+
+
+def _barrier(world: int) -> None:
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+class RunFolder:
+    """A resumable run's folder: lock, compare the stored settings, resume / refuse / discard.
+
+        with RunFolder(out, settings, overwrite=args.overwrite, rank=rank, world=world) as run:
+            resumes = run.check()  # the stored settings read, compared, refused when other
+            ...                    # every input read, so a refused command discards nothing
+            run.open()             # a stale run discarded, the folder made, the settings written
+
+    Entering takes the lock on ``lock`` (the folder itself; another output such as the
+    poisoned file whose state folder this is; False where the caller holds it), on rank 0
+    under torchrun as :func:`output_lock`. ``check`` may come before the lock where a
+    script answers before reading its inputs (``train.py``'s finished run).
+
+    * ``settings_file``: the folder's record of its settings (JSON, or YAML by its
+      suffix); None where the caller reads and writes it (a crafting state).
+    * ``hint``: how to go on after a refusal; ``damaged``: after a damaged settings file
+      (``--overwrite`` discards such a folder); ``what``: a YAML file's kind in errors.
+    * ``ignore``: keys that do not change results; ``upgrade``: the stored settings read
+      as now (older spellings); ``keep``: keys (``section.key`` for a nested one) a
+      resumed run takes from the stored settings (:func:`utils.precision.keep_stored`,
+      saying ``keep_how``).
+    * ``discard_only``: the glob patterns discarded instead of the whole folder."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        settings: MutableMapping[str, Any],
+        *,
+        settings_file: str | None = "settings.json",
+        overwrite: bool = False,
+        hint: str = "pass --overwrite to discard it",
+        damaged: str | None = None,
+        what: str = "state file",
+        ignore: tuple[str, ...] = (),
+        upgrade: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        keep: tuple[str, ...] = (),
+        keep_how: str | None = None,
+        discard_only: tuple[str, ...] = (),
+        lock: str | Path | bool = True,
+        rank: int = 0,
+        world: int = 1,
+    ):
+        self.folder = Path(folder)
+        self.settings = settings
+        self.settings_file = settings_file
+        self.overwrite = overwrite
+        self.hint = hint
+        self.damaged = hint if damaged is None else damaged
+        self.what = what
+        self.ignore = ignore
+        self.upgrade = upgrade
+        self.keep = keep
+        self.keep_how = keep_how
+        self.discard_only = discard_only
+        self.lock = self.folder if lock is True else Path(lock) if lock else None
+        self.rank, self.world = rank, world
+        self.stored: Any = None  # the stored settings check() compared (upgraded)
+        self.resume = False  # whether the stored run goes on (same settings)
+        self.stale = False  # whether open() discards what the folder holds
+        self._locks = ExitStack()
+
+    def __enter__(self) -> RunFolder:
+        if self.lock is not None:
+            self._locks.enter_context(output_lock(self.lock, self.rank, self.world))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._locks.close()
+
+    def read(self, name: str | None = None) -> Any:
+        """The JSON or YAML file ``name`` (default: the settings file) of the folder, None
+        when absent; a damaged one is refused saying ``damaged``, or with ``overwrite``
+        marks the folder to be discarded."""
+        name = name or self.settings_file
+        path = self.folder / name if name else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            if path.suffix not in (".yaml", ".yml"):
+                return read_state_json(path, self.damaged)
+            try:
+                return yaml.safe_load(read_text_file(path, self.what))
+            except yaml.YAMLError:
+                raise UserError(f"{path} is damaged; {self.damaged}") from None
+        except UserError:
+            if not self.overwrite:
+                raise
+            self.stale = True
+            return None
+
+    def check(self, stored: Any = _READ, current: Mapping[str, Any] | None = None) -> bool:
+        """Whether the folder's run resumes: its ``stored`` settings (default: read from the
+        settings file; None: no earlier run) are this run's. Other settings are refused
+        naming each differing key, or with ``overwrite`` marked to be discarded.
+
+        ``current``: what ``stored`` is compared with instead of the settings (a
+        fingerprint of them, for stores written before their settings were kept)."""
+        if stored is _READ:
+            stored = self.read()
+        if isinstance(stored, Mapping) and self.upgrade is not None:
+            stored = self.upgrade(dict(stored))
+        if current is None or current is self.settings:
+            current = self.settings
+            if not self.overwrite:  # a resumed run keeps what it was started with
+                self._keep(stored)
+        same = same_settings_or_refuse(
+            self.folder, stored, current, overwrite=self.overwrite, hint=self.hint, ignore=self.ignore
+        )
+        self.stored, self.resume = stored, same
+        self.stale = self.stale or (stored is not None and not same)
+        return same
+
+    def _keep(self, stored: Any) -> None:
+        how = {"how": self.keep_how} if self.keep_how is not None else {}
+        for key in self.keep:
+            *section, leaf = key.split(".")
+            new, old = self.settings, stored
+            for k in section:
+                new = new.get(k) if isinstance(new, Mapping) else None
+                old = old.get(k) if isinstance(old, Mapping) else None
+            if isinstance(new, MutableMapping):
+                keep_stored(new, old, self.folder, print, (leaf,), **how)
+
+    def discard(self) -> None:
+        """Remove what the folder holds (``discard_only``: those files), on rank 0."""
+        if self.rank == 0 and self.folder.exists():
+            if not self.discard_only:
+                shutil.rmtree(self.folder)
+            for pattern in self.discard_only:
+                for f in self.folder.glob(pattern):
+                    f.unlink(missing_ok=True)
+        _barrier(self.world)
+
+    def open(self, fresh: bool = False, content: Any = None) -> None:
+        """Make the folder for the run that goes on: a stale run (or with ``fresh`` any
+        earlier one) discarded first, then ``content`` (default: the settings; a string is
+        written as it is) written atomically to the settings file, on rank 0."""
+        _barrier(self.world)  # every rank has read the stored settings before rank 0 replaces them
+        if fresh or self.stale:
+            self.discard()
+        if self.rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if self.settings_file is not None:
+                path = self.folder / self.settings_file
+                content = self.settings if content is None else content
+                if isinstance(content, str):
+                    atomic_write_text(path, content)
+                else:
+                    atomic_write_json(path, content)
+        _barrier(self.world)

@@ -22,14 +22,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.augment import Augment, to_float
-from utils.data import ImageSet
-from utils.fileio import atomic_torch_save, safe_torch_load
+from utils.compat import legacy_training_config
+from utils.data import CIFAR10_MEAN, CIFAR10_STD, ImageSet
+from utils.fileio import atomic_torch_save, safe_torch_load, tensor_fingerprint
 from utils.progress import progress
-from utils.run_state import same_settings_or_refuse, tensor_fingerprint
+from utils.run_state import same_settings_or_refuse
 from utils.runtime import autocast, to_channels_last
-
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.247, 0.243, 0.261)  # BackdoorBench's values
 
 
 @dataclass
@@ -174,11 +172,7 @@ class KeyedCheckpoint:
         state = safe_torch_load(self.path, "training checkpoint")
         old = {k: state.get(k, "<missing>") for k in self.keyed} if isinstance(state, dict) else None
         if old and isinstance(old["config"], dict):
-            # checkpoints written before drop_last existed dropped the last batch
-            old["config"] = {"drop_last": True, **old["config"]}
-            # older checkpoints carried two fields that never changed training
-            for gone in ("normalize", "extra"):
-                old["config"].pop(gone, None)
+            old["config"] = legacy_training_config(old["config"])
         same_settings_or_refuse(self.path, old or {}, self.keyed, hint=f"delete {self.path} to train from scratch")
         self.log(f"{self.desc}: resuming from {self.path} after epoch {state['epoch']}")
         return state

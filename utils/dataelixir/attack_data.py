@@ -1,6 +1,6 @@
 """Poisoned CIFAR-10 training and test sets for the nine backdoor attacks.
 
-``build_backdoor_data(attack, cfg, train, test, device, resource_dir)`` follows
+``build_backdoor_data(attack, params, train, test, device, resource_dir)`` follows
 BackdoorBench v1's conventions as DataElixir's fork uses them:
 
 * poisoned-index selection: dirty-label all2one draws ``round(pratio * N)`` training
@@ -20,7 +20,7 @@ The triggers themselves live in ``utils.dataelixir.triggers.<attack>``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,8 +86,8 @@ class BackdoorData:
     info: dict  # JSON-able description of the attack and its run
 
 
-def _common(attack: str, cfg: dict) -> tuple[int, str, float, int]:
-    p = coerce_params(attack, COMMON_KEYS, cfg)
+def _common(attack: str, params: Mapping[str, Any]) -> tuple[int, str, float, int]:
+    p = coerce_params(attack, COMMON_KEYS, params)
     return p["attack_target"], p["attack_label_trans"], p["pratio"], p["random_seed"]
 
 
@@ -126,25 +126,26 @@ def select_poison_indices(
 
 def build_backdoor_data(
     attack: str,
-    cfg: dict,
+    params: Mapping[str, Any],
     train: ImageSet,
     test: ImageSet,
     device: torch.device,
     resource_dir: Path,
     log: Callable[[str], None] = print,
+    precision: str = "fp32",
 ) -> BackdoorData:
     """Poison ``train`` with ``attack`` and build the clean, backdoor and robust test sets.
 
-    ``cfg`` holds the common keys (``COMMON_KEYS``) and the attack's own keys
+    ``params`` holds the common keys (``COMMON_KEYS``) and the attack's own keys
     (``ATTACKS[attack].defaults``); other keys are ignored. Auxiliary models are trained
-    or loaded under ``resource_dir/<attack>/``. Bad values raise ``UserError``."""
+    or loaded under ``resource_dir/<attack>/``, in ``precision``. Bad values raise ``UserError``."""
     cls = get_trigger(attack)
-    target, trans, pratio, seed = _common(attack, cfg)
+    target, trans, pratio, seed = _common(attack, params)
     if trans == "all2all" and not cls.supports_all2all:
         kind = "a clean-label attack (only target-class samples are poisoned)" if cls.clean_label else "all2one only"
         raise UserError(f"{attack} is {kind}; attack_label_trans must be all2one, not all2all")
-    trigger = cls(cfg, seed=seed, target=target, label_trans=trans, pratio=pratio)
-    trigger.precision = cfg.get("precisions", {}).get("trigger", "fp32")
+    trigger = cls(params, seed=seed, target=target, label_trans=trans, pratio=pratio)
+    trigger.precision = precision
     timings: dict[str, float] = {}
 
     t0 = time.time()

@@ -13,9 +13,10 @@ One small function per step of the paper, each working on whole arrays:
 3. ``detect_target_labels``: KL divergence per class + MAD outlier score > 2.
 4. ``sort_samples``: kept / relabelled / suspicious.
 5. ``ssim_3x3``, ``selection_distance``, ``select_index``: the 0.8-quantile image choice.
-
-``REFERENCE_EXACT`` lists the options that reproduce the reference code's quirks.
 6.-8. ``stage2_selection``, ``final_relabel``, ``tpr_fpr``.
+
+Steps 2-8 return small frozen dataclasses (``LabelTransition``, ``TargetDetection``, ...).
+``REFERENCE_EXACT`` lists the options that reproduce the reference code's quirks.
 
 The semantics follow the reference implementation (``utils/purify_utils.py`` of
 Manu21JC/DataElixir); where it is ill-defined (empty classes in the detection, sort
@@ -24,6 +25,8 @@ ties) the choice made here is documented at the function.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +36,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.augment import to_uint8
+from utils.chunk_store import Log, Tick
+from utils.data import NUM_CLASSES
 from utils.dataelixir import candidate_store as cs
-from utils.dataelixir.candidate_store import Log, candidates_complete, open_candidates  # noqa: F401 - step 1's API
+from utils.diffusion.gaussian_diffusion import truncated_steps
 from utils.diffusion.purify import chunk_seed, from_model_range, noise_and_denoise, to_model_range
 from utils.fileio import UserError
 from utils.progress import progress
 from utils.run_state import on_rank0
-from utils.runtime import barrier
 from utils.trainer import predict
 
 KEPT, RELABELLED, SUSPICIOUS = 0, 1, 2
@@ -125,35 +129,25 @@ def construct_candidates(
     # the labels' precision is recorded where it differs from the rounds' (older headers had one)
     other = {} if labels_bf16 == bf16 else {"labels_bf16": labels_bf16}
     meta = cs.store_header(images, classifier, k, batch_size, **steps, seed=seed, bf16=bf16, **other)
+    store = cs.candidate_chunks(out_dir, meta)
     # rank 0 alone creates or checks the store (header, file sizes) before any rank maps it
-    on_rank0(lambda: cs.prepare_store(out_dir, meta, log), rank, world)
-    store = cs.ChunkStore.map(out_dir, meta)
-    mine = [c for c in range(meta["chunks"]) if c % world == rank]
-    todo = [c for c in mine if not store.ok(c)]
-    if len(todo) < len(mine):
-        log(f"candidates: {len(mine) - len(todo)} of {len(mine)} chunks already built in {out_dir}")
-    if max_chunks is not None:
-        todo = todo[:max_chunks]
+    on_rank0(lambda: store.prepare(meta, log=log), rank, world)
     classifier.eval()
 
-    def make(c: int) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = store.rows(c)
+    def work(c: int, tick: Tick) -> None:
+        rows = store.rows(c)
+        x = images[rows].to(device)
         generator = torch.Generator(device=device).manual_seed(chunk_seed(seed, c))
         out = build_chunk(
-            diffusion_model, base_diffusion, images[lo:hi].to(device), **steps, generator=generator, bf16=bf16
+            diffusion_model, base_diffusion, x, **steps, generator=generator, bf16=bf16, on_step=lambda: tick(len(x))
         )
         flat = out.reshape(-1, *out.shape[2:])
-        return out, predict(classifier, flat, device, batch_size=512, bf16=labels_bf16).argmax(1).view(len(out), k)
+        labels = predict(classifier, flat, device, batch_size=512, bf16=labels_bf16).argmax(1).view(len(out), k)
+        store.storage.write(rows, out, labels)
 
-    image_steps = rounds_n * (respace or steps_T)
-    cs.fill_chunks(store, make, todo, f"candidates[{rank}]" if world > 1 else "candidates", image_steps)
-    barrier()
-    if rank == 0 and world > 1 and max_chunks is None:
-        # a chunk whose marker is missing after every rank finished (its rank lost it) is built here
-        lost = [c for c in range(meta["chunks"]) if not (store.done / f"chunk_{c:05d}").is_file()]
-        if lost:
-            log(f"candidates: building {len(lost)} chunks the other ranks left undone")
-            cs.fill_chunks(store, make, lost, "candidates (repair)", image_steps)
+    reverse_steps = len(truncated_steps(steps_T, respace, last_steps_m if dense_tail else 0))
+    units = rounds_n * reverse_steps
+    store.build(work, what="candidates", units_per_item=units, rank=rank, world=world, log=log, max_chunks=max_chunks)
     return cs.open_candidates(out_dir)[:2]
 
 
@@ -181,11 +175,13 @@ def build_chunk(
     bf16: bool,
     dense_tail: bool = False,
     original_round_trip: bool = False,
+    on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Candidates of one batch: uint8 ``[B, 1 + n*m, 3, H, W]`` on the CPU.
 
     Index 0 is the original bytes (default), or with ``original_round_trip`` the
-    reference's float round trip of them (:func:`reference_original`).
+    reference's float round trip of them (:func:`reference_original`). ``on_step`` is
+    called after each reverse step (progress reporting).
     """
     x = to_model_range(x_u8)
     original = reference_original(x_u8) if original_round_trip else x_u8
@@ -202,6 +198,7 @@ def build_chunk(
             generator=generator,
             bf16=bf16,
             keep_last=last_steps_m,
+            on_step=on_step,
         )
         # the reference clamps to [-1, 1] before quantising (ToPILImage truncates)
         steps = torch.stack([to_uint8(from_model_range(s.clamp(-1, 1))) for s in kept], dim=1)
@@ -239,16 +236,22 @@ def _majority(inter: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torc
     return majority, second, (counts > 0).sum(1)
 
 
-def label_transition(preds: torch.Tensor | np.ndarray, tau: int, num_classes: int = 10) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class LabelTransition:
+    """Step 2's result per sample."""
+
+    kept: torch.Tensor  # bool [N, K]: the candidates kept
+    transition: torch.Tensor  # bool [N]: the kept labels are not all equal
+    majority: torch.Tensor  # [N]: the most common intermediary label
+    inter_unanimous: torch.Tensor  # bool [N]: the kept intermediaries share one label
+
+
+def label_transition(preds: torch.Tensor | np.ndarray, tau: int, num_classes: int = NUM_CLASSES) -> LabelTransition:
     """Step 2 (``anomalous_samples_identification``) on labels ``[N, K]`` (column 0 = original).
 
     * intermediaries (columns 1..) all one label -> keep every candidate;
     * else the second most common intermediary label occurs >= ``tau`` times -> keep all;
     * else keep the original and the intermediaries with the majority label.
-
-    Returns ``kept`` bool [N, K], ``transition`` bool [N] (kept labels not all equal),
-    ``majority`` [N] (most common intermediary label) and ``inter_unanimous`` [N] (the
-    kept intermediaries share one label).
     """
     p = torch.as_tensor(np.asarray(preds), dtype=torch.long)
     if p.ndim != 2 or p.shape[1] < 2:
@@ -260,7 +263,7 @@ def label_transition(preds: torch.Tensor | np.ndarray, tau: int, num_classes: in
     kept[:, 1:] = keep_all[:, None] | (inter == majority[:, None])
     transition = (kept & (p != p[:, :1])).any(1)
     inter_unanimous = (~kept[:, 1:] | (inter == majority[:, None])).all(1)
-    return {"kept": kept, "transition": transition, "majority": majority, "inter_unanimous": inter_unanimous}
+    return LabelTransition(kept, transition, majority, inter_unanimous)
 
 
 # --------------------------------------------------------------------------- 3. target labels
@@ -275,15 +278,28 @@ def kl_onehot(hist: np.ndarray, i: int) -> float:
     return float("inf") if q == 0 else float(-np.log(q))
 
 
+@dataclass(frozen=True)
+class TargetDetection:
+    """Step 3's result per class."""
+
+    metrics: np.ndarray  # float [C]: KL(onehot(i) || histogram of class i), NaN without transitions
+    scores: np.ndarray  # float [C]: the MAD outlier scores
+    median: float  # of the metrics
+    mad: float  # median absolute deviation of the metrics
+    targets: list[int]  # the detected target labels
+    histograms: np.ndarray  # int [C, C]: kept labels of the transitioning samples per dataset label
+    transitioning_per_class: list[int]
+
+
 def detect_target_labels(
     preds: torch.Tensor | np.ndarray,
     kept: torch.Tensor,
     transition: torch.Tensor,
     labels: torch.Tensor | np.ndarray,
-    num_classes: int = 10,
+    num_classes: int = NUM_CLASSES,
     threshold: float = 2.0,
     tail: str = "two_sided",
-) -> dict[str, Any]:
+) -> TargetDetection:
     """Step 3: per class i, the histogram of kept labels of transitioning samples whose
     dataset label is i; ``metric = KL(onehot(i) || histogram)``;
     ``score = |metric - median| / 1.4826 / (MAD + 1e-6)``; targets: score > ``threshold``.
@@ -321,28 +337,30 @@ def detect_target_labels(
         median = mad = float("nan")
     with np.errstate(invalid="ignore"):
         targets = np.flatnonzero(scores > threshold)
-    return {
-        "metrics": metrics,
-        "scores": scores,
-        "median": float(median),
-        "mad": float(mad),
-        "targets": targets.tolist(),
-        "histograms": h,
-        "transitioning_per_class": torch.bincount(y[transition], minlength=num_classes).tolist(),
-    }
+    return TargetDetection(
+        metrics=metrics,
+        scores=scores,
+        median=float(median),
+        mad=float(mad),
+        targets=targets.tolist(),
+        histograms=h,
+        transitioning_per_class=torch.bincount(y[transition], minlength=num_classes).tolist(),
+    )
 
 
 # --------------------------------------------------------------------------- 4. sorting
 
 
-def sort_samples(
-    preds: torch.Tensor | np.ndarray,
-    ident: dict[str, torch.Tensor],
-    labels: torch.Tensor | np.ndarray,
-    targets: list[int] | np.ndarray,
-) -> dict[str, torch.Tensor]:
-    """Step 4: ``decision`` [N] (0 kept, 1 relabelled, 2 suspicious) and ``label`` [N]
-    (new label for relabelled samples, tentative label for suspicious ones).
+@dataclass(frozen=True)
+class Sorting:
+    """Step 4's result per sample."""
+
+    decision: torch.Tensor  # [N]: KEPT / RELABELLED / SUSPICIOUS
+    label: torch.Tensor  # [N]: new (relabelled), tentative (suspicious) or dataset label (kept)
+
+
+def sort_samples(ident: LabelTransition, labels: torch.Tensor | np.ndarray, targets: list[int] | np.ndarray) -> Sorting:
+    """Step 4: each sample kept, relabelled or suspicious, with its label.
 
     * kept labels all equal -> kept with its dataset label;
     * kept intermediaries unanimous -> dataset label is a target: relabelled to their
@@ -355,14 +373,12 @@ def sort_samples(
     is_target = torch.zeros_like(y, dtype=torch.bool)
     for t in targets:
         is_target |= y == int(t)
-    trans, unanimous, majority = ident["transition"], ident["inter_unanimous"], ident["majority"]
     decision = torch.full_like(y, KEPT)
-    relabel = trans & unanimous & is_target
-    suspicious = trans & ~unanimous & is_target
+    relabel = ident.transition & ident.inter_unanimous & is_target
+    suspicious = ident.transition & ~ident.inter_unanimous & is_target
     decision[relabel] = RELABELLED
     decision[suspicious] = SUSPICIOUS
-    label = torch.where(relabel | suspicious, majority, y)
-    return {"decision": decision, "label": label}
+    return Sorting(decision, torch.where(relabel | suspicious, ident.majority, y))
 
 
 # --------------------------------------------------------------------------- 5. image selection
@@ -481,9 +497,17 @@ def select_index(distances: torch.Tensor | np.ndarray, valid: torch.Tensor | np.
 # --------------------------------------------------------------------------- 6.-8. two stages
 
 
+@dataclass(frozen=True)
+class Stage2Selection:
+    """Step 7's result per suspicious sample."""
+
+    consensus: torch.Tensor  # bool [S]: the stage-1 model gives the original the tentative label
+    chosen: torch.Tensor  # [S]: the chosen candidate where consensus, else -1
+
+
 def stage2_selection(
     stage1_preds: torch.Tensor, tentative: torch.Tensor, distances: torch.Tensor | np.ndarray
-) -> dict[str, torch.Tensor]:
+) -> Stage2Selection:
     """Step 7 for the suspicious samples: labels ``[S, K]`` from the stage-1 model, their
     tentative labels ``[S]`` and distances ``[S, K]``. Consensus: the stage-1 model gives
     the original the tentative label; the image is chosen among the original and the
@@ -496,24 +520,48 @@ def stage2_selection(
     chosen = torch.full_like(t, -1)
     if consensus.any():
         chosen[consensus] = select_index(torch.as_tensor(np.asarray(distances))[consensus], valid[consensus])
-    return {"consensus": consensus, "chosen": chosen}
+    return Stage2Selection(consensus, chosen)
 
 
-def final_relabel(stage2_preds: torch.Tensor, distances: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class FinalRelabel:
+    """Step 8's result per suspicious sample."""
+
+    label: torch.Tensor  # [S]: the stage-2 model's label of the original
+    chosen: torch.Tensor  # [S]: the chosen candidate
+
+
+def final_relabel(stage2_preds: torch.Tensor, distances: torch.Tensor | np.ndarray) -> FinalRelabel:
     """Step 8 for the suspicious samples: label = the stage-2 model's prediction on the
     original; image chosen among the candidates it gives that label (the original included)."""
     p = torch.as_tensor(np.asarray(stage2_preds), dtype=torch.long)
     label = p[:, 0]
     valid = p == label[:, None]
     chosen = select_index(distances, valid) if len(p) else torch.zeros(0, dtype=torch.long)
-    return {"label": label, "chosen": chosen}
+    return FinalRelabel(label, chosen)
+
+
+@dataclass(frozen=True)
+class DetectionRates:
+    """How well the final labels find the poisoned samples (None: a denominator is 0)."""
+
+    tpr: float | None
+    fpr: float | None
+    true_positives: int
+    false_positives: int
+    n_poisoned: int
+    n_clean: int
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        """As ``metrics.json`` writes it."""
+        return {"TPR": self.tpr, "FPR": self.fpr, **{k: v for k, v in asdict(self).items() if k not in ("tpr", "fpr")}}
 
 
 def tpr_fpr(
     final_labels: torch.Tensor | np.ndarray,
     poisoned_labels: torch.Tensor | np.ndarray,
     poison_indicator: torch.Tensor | np.ndarray,
-) -> dict[str, float | int | None]:
+) -> DetectionRates:
     """Predicted poisoned = final label differs from the poisoned dataset's label.
     TPR = |predicted ∩ poisoned| / |poisoned|; FPR = |predicted - poisoned| / |clean|
     (None when the denominator is 0)."""
@@ -524,44 +572,7 @@ def tpr_fpr(
     tp = int((pred & pi).sum())
     fp = int((pred & ~pi).sum())
     n_p, n_c = int(pi.sum()), int((~pi).sum())
-    return {
-        "TPR": tp / n_p if n_p else None,
-        "FPR": fp / n_c if n_c else None,
-        "true_positives": tp,
-        "false_positives": fp,
-        "n_poisoned": n_p,
-        "n_clean": n_c,
-    }
-
-
-def candidate_label_rates(
-    preds: torch.Tensor | np.ndarray,
-    dataset_labels: torch.Tensor | np.ndarray,
-    true_labels: torch.Tensor | np.ndarray,
-    poison_indicator: torch.Tensor | np.ndarray,
-) -> dict[str, list[float | None]]:
-    """Per candidate position (0 = original, then each round's kept steps), how often the
-    backdoored model gives clean samples their label, and poisoned samples their true or
-    their poisoned (dataset) label.
-
-    An experiment's diagnostic, not part of the defence (it needs the ground truth): the
-    defence works when purified clean samples keep their label and purified poisoned ones
-    go back to their true class; where the first rate is low, clean samples transition too
-    and the target class stops standing out.
-    """
-    p = np.asarray(preds)
-    y = np.asarray(dataset_labels)[:, None]
-    t = np.asarray(true_labels)[:, None]
-    pi = np.asarray(poison_indicator).astype(bool)
-
-    def rate(hit: np.ndarray, rows: np.ndarray) -> list[float | None]:
-        return hit[rows].mean(0).tolist() if rows.any() else [None] * p.shape[1]
-
-    return {
-        "clean_dataset_label": rate(p == y, ~pi),
-        "poisoned_true_label": rate(p == t, pi),
-        "poisoned_dataset_label": rate(p == y, pi),
-    }
+    return DetectionRates(tp / n_p if n_p else None, fp / n_c if n_c else None, tp, fp, n_p, n_c)
 
 
 def gather_images(candidates: np.ndarray, rows: np.ndarray, chosen: np.ndarray) -> torch.Tensor:

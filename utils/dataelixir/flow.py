@@ -13,13 +13,15 @@ re-run with the same configuration skips it (``phases.json`` lists what is done)
 6. ``stage2``: consensus suspicious samples added, stage-1 model fine-tuned with ``ft_lr``.
 7. ``final``: suspicious samples relabelled by the stage-2 model, TPR / FPR, outputs.
 
-This module parses the command line, opens the record folder (``utils.dataelixir.record``)
-and runs the phases (``utils.dataelixir.phases``); the keys are ``utils.dataelixir.keys``'.
+This module parses the command line into a ``FlowConfig`` (the keys are
+``utils.dataelixir.keys``'), opens the record folder (``utils.dataelixir.record``) and runs
+the phases (``utils.dataelixir.phases.run_flow``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import timedelta
 from pathlib import Path
@@ -30,11 +32,10 @@ import torch
 from utils.data import ImageSet, class_balanced_subset, load_cifar10, locate_cifar10
 from utils.dataelixir.attack_data import ATTACKS
 from utils.dataelixir.defence import apply_reference_exact
-from utils.dataelixir.keys import all_known_keys, attack_keys, flow_precisions, validate
-from utils.dataelixir.models import build_candidates, load_diffusion, train_augment
-from utils.dataelixir.models import train_config as _train_config
+from utils.dataelixir.keys import FlowConfig, all_known_keys, attack_keys, flow_precisions, validate
+from utils.dataelixir.models import build_candidates, load_diffusion
 from utils.dataelixir.outputs import load_attack_data
-from utils.dataelixir.phases import STEPS, FlowContext, run_steps
+from utils.dataelixir.phases import FlowContext, run_flow
 from utils.dataelixir.record import open_record, stored_config
 from utils.fileio import UserError, setup_logging
 from utils.options import parse_config, resolve_path
@@ -42,18 +43,6 @@ from utils.paths import REPO_ROOT, record_dir, work_dir
 from utils.precision import keep_stored
 from utils.run_state import OutputLock
 from utils.runtime import cleanup_distributed, dist_info, init_distributed, resolve_device, seed_everything
-
-# names other modules and the tests import from here
-__all__ = [
-    "_train_config",
-    "all_known_keys",
-    "attack_keys",
-    "open_record",
-    "run_attack_then_defence",
-    "train_augment",
-    "validate",
-]
-
 
 # the other torchrun ranks wait at one broadcast while rank 0 runs the attack and trains the
 # backdoored model: hours at the paper's scale, beyond torch's default 30-minute timeout
@@ -97,7 +86,7 @@ def run_attack_then_defence(attack: str, argv: list[str]) -> dict[str, Any]:
 
 
 def _candidates_rank(
-    cfg: dict[str, Any], work: Path, rec_dir: Path, device: torch.device, rank: int, world: int, gate: _RankGate
+    cfg: FlowConfig, work: Path, rec_dir: Path, device: torch.device, rank: int, world: int, gate: _RankGate
 ) -> dict[str, Any]:
     """A torchrun rank other than 0: wait for rank 0's word, build this rank's chunks, leave."""
     message = gate.receive()
@@ -114,11 +103,10 @@ def _candidates_rank(
 
 
 def _run_flow(attack: str, argv: list[str], locks: ExitStack, gate: _RankGate) -> dict[str, Any]:
-
     if attack not in ATTACKS:
         raise UserError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
     keys = attack_keys(attack)
-    cfg, run = parse_config(
+    settings, run = parse_config(
         f"attack/{attack}.py",
         argv,
         keys,
@@ -126,19 +114,20 @@ def _run_flow(attack: str, argv: list[str], locks: ExitStack, gate: _RankGate) -
         default_yaml=str(REPO_ROOT / "config" / attack / "cifar10.yaml"),
         default_name=attack,
     )
-    validate(cfg, attack)
-    cfg = apply_reference_exact(cfg)
+    validate(FlowConfig.from_dict(settings, attack))
+    cfg = FlowConfig.from_dict(apply_reference_exact(settings), attack)
     work = work_dir(run.work_dir)
     # everything is checked before the record folder is made, so a refused command leaves nothing behind
-    resolve_path(cfg["diffusion_config"], "diffusion config")
+    resolve_path(cfg.diffusion_config, "diffusion config")
     rec_dir = record_dir(work, run.save_folder_name)
     if not (rec_dir / "attack_data.pt").is_file():
         locate_cifar10(_data_root(cfg))
-    device = resolve_device(cfg["device"])
+    device = resolve_device(cfg.device)
     precisions = flow_precisions(cfg, device)
-    cfg["precisions"] = {k: p.name for k, p in precisions.items()}
+    chosen = {"precisions": {k: p.name for k, p in precisions.items()}}
     if not run.overwrite:  # a resumed record keeps the precisions it was started with (every rank)
-        keep_stored(cfg, stored_config(rec_dir), rec_dir, print, ("precisions",))
+        keep_stored(chosen, stored_config(rec_dir), rec_dir, print, ("precisions",))
+    cfg = cfg.with_precisions(chosen["precisions"])
     threads = torch.get_num_threads()
     rank, world = init_distributed(device, _RANK_WAIT)
     shard_threads = torch.get_num_threads()
@@ -149,7 +138,7 @@ def _run_flow(attack: str, argv: list[str], locks: ExitStack, gate: _RankGate) -
     if not stops_early and not (rec_dir / "candidates" / "done").is_dir():
         # load the DDPM now (weights-only, strict, finite): a bad file fails before hours of attack and training
         load_diffusion(cfg, work, torch.device("cpu"))
-    resolved = {"attack": attack, **cfg}
+    resolved = cfg.to_dict()
     locks.enter_context(OutputLock(rec_dir))
     rec, resumed = open_record(rec_dir, resolved, run.overwrite, {k: v.default for k, v in keys.items()})
     logger = setup_logging(rec.path("run.log"), name=f"dataelixir.{run.save_folder_name}")
@@ -165,11 +154,10 @@ def _run_flow(attack: str, argv: list[str], locks: ExitStack, gate: _RankGate) -
         log(f"overlay {o}: keys not used by {attack} ignored: {', '.join(ks)}")
     log("resolved configuration: " + json.dumps(resolved))
     for computation, p in precisions.items():
-        log(p.line(computation, used=cfg["precisions"][computation]))
-    seed_everything(cfg["random_seed"])
+        log(p.line(computation, used=cfg.precision_of(computation)))
+    seed_everything(cfg.random_seed)
     torch.backends.cudnn.benchmark = True
     ctx = FlowContext(
-        attack=attack,
         cfg=cfg,
         rec=rec,
         work=work,
@@ -183,32 +171,31 @@ def _run_flow(attack: str, argv: list[str], locks: ExitStack, gate: _RankGate) -
         threads=threads,
         shard_threads=shard_threads,
     )
-    if run.stop_after is None:
-        return run_steps(ctx).report
-    last = max(i for i, step in enumerate(STEPS) if step.phase == run.stop_after)
-    run_steps(ctx, STEPS[: last + 1])
-    log(f"stopped after phase {run.stop_after} (--stop_after); re-run without it to go on")
-    return {}
+    metrics = run_flow(ctx, run.stop_after)
+    if metrics is None:
+        log(f"stopped after phase {run.stop_after} (--stop_after); re-run without it to go on")
+        return {}
+    return metrics
 
 
-def _data_root(cfg: dict[str, Any]) -> Path | None:
-    if not cfg["dataset_path"]:
+def _data_root(cfg: FlowConfig) -> Path | None:
+    if not cfg.dataset_path:
         return None
-    root = resolve_path(cfg["dataset_path"], "dataset_path")
+    root = resolve_path(cfg.dataset_path, "dataset_path")
     # BackdoorBench appends the dataset name to dataset_path
     return root / "cifar10" if (root / "cifar10").is_dir() else root
 
 
-def _clean_data(cfg: dict[str, Any], log: Any) -> tuple[ImageSet, ImageSet, torch.Tensor]:
+def _clean_data(cfg: FlowConfig, log: Callable[[str], None]) -> tuple[ImageSet, ImageSet, torch.Tensor]:
     """The clean training and test sets (class-balanced subsets where asked) and the
     training set's CIFAR-10 indices."""
     train = load_cifar10("train", _data_root(cfg))
     test = load_cifar10("test", _data_root(cfg))
     train_idx = torch.arange(len(train))
-    if cfg["subset"]:
-        train_idx = class_balanced_subset(train.labels, cfg["subset"], seed=0)
+    if cfg.subset:
+        train_idx = class_balanced_subset(train.labels, cfg.subset, seed=0)
         train = train.subset(train_idx)
-    if cfg["test_subset"]:
-        test = test.subset(class_balanced_subset(test.labels, cfg["test_subset"], seed=0))
+    if cfg.test_subset:
+        test = test.subset(class_balanced_subset(test.labels, cfg.test_subset, seed=0))
     log(f"data: {len(train)} training / {len(test)} test images")
     return train, test, train_idx

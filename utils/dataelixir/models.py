@@ -15,55 +15,58 @@ from models import build_classifier
 from utils.augment import crop_rotate_flip, no_augment, standard_augment
 from utils.data import NUM_CLASSES
 from utils.dataelixir import defence as de
+from utils.dataelixir.keys import FlowConfig
 from utils.diffusion.checkpoints import resolve_checkpoint
-from utils.diffusion.factory import diffusion_train_command, load_diffusion_model, load_diffusion_spec
+from utils.diffusion.factory import Purifier, diffusion_train_command, load_purifier
 from utils.download import DDPM_CHECKPOINTS, ddpm_checkpoint
 from utils.fileio import UserError, check_finite, safe_torch_load
 from utils.options import resolve_path
-from utils.precision import precision_of
 from utils.progress import progress
 from utils.trainer import Normalized, TrainConfig, predict
 
+# the benchmarks pass a record's config.yaml as read (a dict); the flow its FlowConfig
 
-def build_model(cfg: dict[str, Any]) -> torch.nn.Module:
 
-    net = build_classifier(cfg["model"], NUM_CLASSES, cfg["model_width"])
+def build_model(cfg: FlowConfig) -> torch.nn.Module:
+    """A fresh classifier of the configured architecture and width, normalising its input."""
+    net = build_classifier(cfg.model, NUM_CLASSES, cfg.model_width)
     if not hasattr(net, "features"):
-        raise UserError(f"model {cfg['model']} has no pooled-feature output, which DataElixir's image selection needs")
+        raise UserError(f"model {cfg.model} has no pooled-feature output, which DataElixir's image selection needs")
     return Normalized(net)
 
 
-def train_augment(cfg: dict[str, Any]):
+def train_augment(cfg: FlowConfig) -> Callable:
     """The training augmentation the keys ``train_augment`` etc. select."""
-    if cfg["train_augment"] == "crop_flip":
+    if cfg.train_augment == "crop_flip":
         return standard_augment
-    if cfg["train_augment"] == "crop_rotate_flip":
+    if cfg.train_augment == "crop_rotate_flip":
         return crop_rotate_flip(
-            cfg["random_crop"], cfg["random_rotation"], cfg["crop_prob"], cfg["rotation_prob"], cfg["rotation_interp"]
+            cfg.random_crop, cfg.random_rotation, cfg.crop_prob, cfg.rotation_prob, cfg.rotation_interp
         )
     return no_augment
 
 
-def train_config(cfg: dict[str, Any], lr: float, n_train: int, seed_offset: int):
-
-    multistep = cfg["lr_scheduler"] == "MultiStepLR"
+def train_config(cfg: FlowConfig, lr: float, n_train: int, seed_offset: int) -> TrainConfig:
+    """The settings of one of the flow's three classifier trainings."""
+    multistep = cfg.lr_scheduler == "MultiStepLR"
     return TrainConfig(
-        epochs=cfg["epochs"],
-        batch_size=min(cfg["batch_size"], max(1, n_train)),
+        epochs=cfg.epochs,
+        batch_size=min(cfg.batch_size, max(1, n_train)),
         lr=lr,
-        momentum=cfg["sgd_momentum"],
-        weight_decay=cfg["wd"],
+        momentum=cfg.sgd_momentum,
+        weight_decay=cfg.wd,
         schedule="multistep" if multistep else "cosine",
-        milestones=tuple(cfg["steplr_milestones"]) if multistep else (),
-        gamma=cfg["steplr_gamma"] if multistep else 0.1,
+        milestones=cfg.steplr_milestones if multistep else (),
+        gamma=cfg.steplr_gamma if multistep else 0.1,
         test_every=1,
-        precision=precision_of(cfg, "backdoor_training"),
+        precision=cfg.precision_of("backdoor_training"),
         channels_last=True,
-        seed=cfg["random_seed"] + seed_offset,
+        seed=cfg.random_seed + seed_offset,
     )
 
 
-def load_model(cfg: dict[str, Any], path: Path, device: torch.device) -> torch.nn.Module:
+def load_model(cfg: FlowConfig, path: Path, device: torch.device) -> torch.nn.Module:
+    """A saved classifier (weights-only, finite), in eval mode on ``device``."""
     model = build_model(cfg)
     state = safe_torch_load(path, "classifier")
     check_finite(state, path)
@@ -92,17 +95,17 @@ def predict_candidates(
     return out
 
 
-def diffusion_ckpt(cfg: dict[str, Any], work: Path) -> tuple[Path, str]:
+def diffusion_ckpt(cfg: FlowConfig, work: Path) -> tuple[Path, str]:
     """The DDPM checkpoint path and the hint that says how to make it; raises if it is missing."""
-    if cfg["diffusion_ckpt"] in DDPM_CHECKPOINTS:
-        hint = f"Ho et al.'s DDPM {cfg['diffusion_ckpt']!r} goes with diffusion_config config/ddpm/cifar10.yml"
-        return ddpm_checkpoint(cfg["diffusion_ckpt"]), hint
-    ckpt = Path(cfg["diffusion_ckpt"]).expanduser()
+    if cfg.diffusion_ckpt in DDPM_CHECKPOINTS:
+        hint = f"Ho et al.'s DDPM {cfg.diffusion_ckpt!r} goes with diffusion_config config/ddpm/cifar10.yml"
+        return ddpm_checkpoint(cfg.diffusion_ckpt), hint
+    ckpt = Path(cfg.diffusion_ckpt).expanduser()
     if not ckpt.is_absolute():
         ckpt = work / ckpt
     ckpt = resolve_checkpoint(ckpt)  # either spelling of a train_diffusion.py name
     hint = (
-        f"make one with `{diffusion_train_command(cfg['diffusion_config'], ckpt.parent.name, ckpt.name)}`"
+        f"make one with `{diffusion_train_command(cfg.diffusion_config, ckpt.parent.name, ckpt.name)}`"
         " (a DDPM trained on the clean CIFAR-10 training set), or point diffusion_ckpt at Ho's converted"
         " model-790000.ckpt with diffusion_config config/ddpm/cifar10.yml"
     )
@@ -111,38 +114,32 @@ def diffusion_ckpt(cfg: dict[str, Any], work: Path) -> tuple[Path, str]:
     return ckpt, hint
 
 
-def load_diffusion(cfg: dict[str, Any], work: Path, device: torch.device):
+def load_diffusion(cfg: FlowConfig, work: Path, device: torch.device) -> Purifier:
     """The DDPM (weights-only, strict, finite), its unspaced diffusion and its spec."""
-    spec = load_diffusion_spec(resolve_path(cfg["diffusion_config"], "diffusion config"))
+    config = resolve_path(cfg.diffusion_config, "diffusion config")
     ckpt, hint = diffusion_ckpt(cfg, work)
-    model = load_diffusion_model(spec, ckpt, device, hint=hint)
-    base = spec.build_diffusion(respacing="")
-    total = base.num_timesteps
-    if cfg["steps_T"] + cfg["noise_offset"] > total:
-        raise UserError(
-            f"steps_T + noise_offset = {cfg['steps_T'] + cfg['noise_offset']} exceeds the {total} diffusion steps"
-        )
-    return model, base, spec
+    t_error = "steps_T + noise_offset = {t} exceeds the {steps} diffusion steps"
+    return load_purifier(config, ckpt, device, missing=hint, t=cfg.steps_T + cfg.noise_offset, t_error=t_error)
 
 
-def purification_rounds(cfg: dict[str, Any]) -> dict[str, Any]:
+def purification_rounds(cfg: FlowConfig) -> dict[str, Any]:
     """The purification rounds' settings of a resolved configuration, as the keyword
     arguments of ``dataelixir.build_chunk`` (and ``construct_candidates``): the flow and
     ``bench/ddpm_keep_label.py`` purify alike."""
     return {
-        "steps_T": cfg["steps_T"],
-        "rounds_n": cfg["rounds_n"],
-        "last_steps_m": cfg["last_steps_m"],
-        "respace": cfg["purify_respace"],
-        "dense_tail": cfg["purify_dense_tail"],
-        "noise_offset": cfg["noise_offset"],
-        "original_round_trip": cfg["original_round_trip"],
-        "bf16": precision_of(cfg, "ddpm_rounds") == "bf16",
+        "steps_T": cfg.steps_T,
+        "rounds_n": cfg.rounds_n,
+        "last_steps_m": cfg.last_steps_m,
+        "respace": cfg.purify_respace,
+        "dense_tail": cfg.purify_dense_tail,
+        "noise_offset": cfg.noise_offset,
+        "original_round_trip": cfg.original_round_trip,
+        "bf16": cfg.precision_of("ddpm_rounds") == "bf16",
     }
 
 
 def build_candidates(
-    cfg: dict[str, Any],
+    cfg: FlowConfig,
     work: Path,
     rec_dir: Path,
     images: torch.Tensor,
@@ -163,9 +160,9 @@ def build_candidates(
         images,
         rec_dir / "candidates",
         **purification_rounds(cfg),
-        batch_size=cfg["purify_batch_size"],
-        seed=cfg["random_seed"],
-        labels_bf16=precision_of(cfg, "candidate_labels") == "bf16",
+        batch_size=cfg.purify_batch_size,
+        seed=cfg.random_seed,
+        labels_bf16=cfg.precision_of("candidate_labels") == "bf16",
         device=device,
         rank=rank,
         world=world,

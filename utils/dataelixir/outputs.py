@@ -1,5 +1,5 @@
 """The files an attack script writes besides the models: the attack data, training curves,
-per-sample decisions, example images, and JSON-safe numbers for the reports."""
+per-sample decisions, example images, and JSON-safe numbers and diagnostics for the reports."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,45 @@ def last_metrics(history: list[dict]) -> dict[str, float]:
         if "BA" in h:
             return {k: h.get(k) for k in ("BA", "ASR", "RA")}
     return {"BA": None, "ASR": None, "RA": None}
+
+
+@dataclass(frozen=True)
+class CandidateLabelRates:
+    """Per candidate position, the rate of each kind of label (None: no such sample)."""
+
+    clean_dataset_label: list[float | None]
+    poisoned_true_label: list[float | None]
+    poisoned_dataset_label: list[float | None]
+
+
+def candidate_label_rates(
+    preds: torch.Tensor | np.ndarray,
+    dataset_labels: torch.Tensor | np.ndarray,
+    true_labels: torch.Tensor | np.ndarray,
+    poison_indicator: torch.Tensor | np.ndarray,
+) -> CandidateLabelRates:
+    """Per candidate position (0 = original, then each round's kept steps), how often the
+    backdoored model gives clean samples their label, and poisoned samples their true or
+    their poisoned (dataset) label.
+
+    An experiment's diagnostic, not part of the defence (it needs the ground truth): the
+    defence works when purified clean samples keep their label and purified poisoned ones
+    go back to their true class; where the first rate is low, clean samples transition too
+    and the target class stops standing out.
+    """
+    p = np.asarray(preds)
+    y = np.asarray(dataset_labels)[:, None]
+    t = np.asarray(true_labels)[:, None]
+    pi = np.asarray(poison_indicator).astype(bool)
+
+    def rate(hit: np.ndarray, rows: np.ndarray) -> list[float | None]:
+        return hit[rows].mean(0).tolist() if rows.any() else [None] * p.shape[1]
+
+    return CandidateLabelRates(
+        clean_dataset_label=rate(p == y, ~pi),
+        poisoned_true_label=rate(p == t, pi),
+        poisoned_dataset_label=rate(p == y, pi),
+    )
 
 
 def history_csv(path: Path, history: list[dict]) -> None:

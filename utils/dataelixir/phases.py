@@ -1,8 +1,9 @@
-"""The phases of the attack scripts' flow, each a function from small frozen dataclasses to one,
-and the one loop that runs them with the resume rule.
+"""The attack scripts' flow, phase by phase (:func:`run_flow`): the attack data, the backdoored
+model, DataElixir's candidates, label transitions, target-label detection, image selection and
+relabelling, the two retrainings and the outputs.
 
 Every phase of ``PHASES`` stores its output under ``record/<save_folder_name>/`` and is marked
-done in ``phases.json`` as soon as it finishes. :func:`run_steps` loads a phase whose stored
+done in ``phases.json`` as soon as it finishes. :func:`cached_phase` loads a phase whose stored
 output exists instead of running it again; otherwise it runs the phase, stores its output
 and marks it. Three steps between the phases are not in ``phases.json``: the stage-1
 training set (gathered every run), the stage-2 selection (stored on its own, so a stage-2
@@ -16,14 +17,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
 
 from utils.data import NUM_CLASSES, ImageSet
+from utils.dataelixir import candidate_store as cs
 from utils.dataelixir import defence as de
 from utils.dataelixir.attack_data import BackdoorData, build_backdoor_data
+from utils.dataelixir.keys import FlowConfig
 from utils.dataelixir.models import (
     build_candidates,
     build_model,
@@ -33,6 +36,7 @@ from utils.dataelixir.models import (
     train_config,
 )
 from utils.dataelixir.outputs import (
+    candidate_label_rates,
     example_png,
     finite,
     last_metrics,
@@ -44,18 +48,17 @@ from utils.dataelixir.outputs import (
 from utils.dataelixir.record import PHASES, Record
 from utils.fileio import atomic_torch_save, atomic_write_json, safe_torch_load
 from utils.paths import resource_dir
-from utils.precision import precision_of
 from utils.trainer import train_classifier
 
 Log = Callable[[str], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class FlowContext:
     """What every phase reads: the settings, the record folder and where to run."""
 
-    attack: str
-    cfg: dict[str, Any]
+    cfg: FlowConfig
     rec: Record
     work: Path
     device: torch.device
@@ -73,7 +76,7 @@ class FlowContext:
     @property
     def labels_bf16(self) -> bool:
         """Whether the candidates' labels and features run in bf16 (utils/precision.py)."""
-        return precision_of(self.cfg, "candidate_labels") == "bf16"
+        return self.cfg.precision_of("candidate_labels") == "bf16"
 
 
 @dataclass(frozen=True)
@@ -128,45 +131,123 @@ class Identification:
 
 
 @dataclass(frozen=True)
-class Selection:
-    """Stage 2's choice for the suspicious samples (in :meth:`Identification.suspicious` order)."""
-
-    consensus: torch.Tensor  # bool [S]: the stage-1 model agrees with the tentative label
-    chosen: torch.Tensor  # [S]: chosen candidate where consensus, else -1
-
-
-@dataclass(frozen=True)
 class Relabelled:
     """The final training set: every sample's label and chosen candidate, and the detection rates."""
 
     label: torch.Tensor
     chosen: torch.Tensor
-    rates: dict
+    rates: de.DetectionRates
+
+
+# --------------------------------------------------------------------------- the flow
+
+
+def run_flow(ctx: FlowContext, stop_after: str | None = None) -> dict[str, Any] | None:
+    """Attack, then DataElixir; returns ``metrics.json``'s content, or None when it stops
+    after the phase ``stop_after``."""
+    cfg = ctx.cfg
+    # 0. the attack: a poisoned training set and a model trained on it
+    attack = cached_phase(ctx, "attack", lambda: attack_phase(ctx), attack_record(ctx))
+    if stop_after == "attack":
+        return None
+    tests = attack.tests
+    backdoored = classifier_phase(
+        ctx, "backdoor_training", "backdoored", lambda: attack.data.train, cfg.lr, 0, tests, title="backdoored model"
+    )
+    report_attack(ctx, backdoored)
+    if stop_after == "backdoor_training":
+        return None
+    # 1. the candidate sets, labelled by the backdoored model
+    cands = cached_phase(
+        ctx, "candidates", lambda: candidates_phase(ctx, attack.data.train.images), candidates_record(ctx)
+    )
+    if stop_after == "candidates":
+        return None
+    # 2.-5. label transitions, target labels, sorting, the relabelled samples' images
+    ident = cached_phase(
+        ctx,
+        "identification",
+        lambda: identification_phase(ctx, attack.data.train.labels, cands, backdoored.model),
+        identification_record(ctx),
+    )
+    if stop_after == "identification":
+        return None
+    # 6. stage 1: a fresh model on the non-suspicious samples
+    purified = stage1_set(ident, cands)
+    stage1 = classifier_phase(
+        ctx, "stage1", "stage1", lambda: stage1_data(ctx, purified), cfg.lr, 1, tests, title="DataElixir stage 1"
+    )
+    if stop_after == "stage1":
+        return None
+    # 7. stage 2: the suspicious samples the stage-1 model agrees on join; the stage-1 model is fine-tuned
+    selection = cached_phase(ctx, None, lambda: selection_phase(ctx, ident, cands, stage1.model), selection_record(ctx))
+    stage2 = classifier_phase(
+        ctx,
+        "stage2",
+        "stage2",
+        lambda: stage2_data(ctx, ident, cands, selection, purified),
+        cfg.ft_lr,
+        2,
+        tests,
+        title="DataElixir stage 2 (defended model)",
+        init=stage1.model,
+    )
+    if stop_after == "stage2":
+        return None
+    # 8. the suspicious samples relabelled by the stage-2 model; the outputs
+    final = cached_phase(ctx, "final", lambda: final_phase(ctx, attack.data, cands, ident, selection, stage2.model))
+    return report(ctx, attack.data, cands, ident, selection, final, backdoored=backdoored, stage1=stage1, stage2=stage2)
+
+
+# --------------------------------------------------------------------------- the resume rule
 
 
 @dataclass(frozen=True)
-class FlowState:
-    """The outputs of the steps run so far (None: not yet run)."""
+class Stored(Generic[T]):
+    """A phase's output in the record folder: whether it is there, how to read it back and
+    how to write it (a phase that writes as it goes stores nothing at the end)."""
 
-    attack: AttackResult | None = None
-    backdoored: Trained | None = None
-    candidates: Candidates | None = None
-    identification: Identification | None = None
-    purified: ImageSet | None = None  # the stage-1 training set
-    stage1: Trained | None = None
-    selection: Selection | None = None
-    stage2: Trained | None = None
-    final: Relabelled | None = None
-    report: dict | None = None  # metrics.json
+    present: Callable[[], bool]
+    load: Callable[[], T]
+    save: Callable[[T], None] = lambda out: None
 
 
-# --------------------------------------------------------------------------- 1. attack
+def cached_phase(ctx: FlowContext, phase: str | None, compute: Callable[[], T], stored: Stored[T] | None = None) -> T:
+    """``compute()``, or its stored output. ``phase``: its ``phases.json`` entry (None: a
+    step between phases). The output is loaded when it is stored and its phase (if any) is
+    marked done; otherwise it is computed, saved (each file atomically) and then the phase
+    marked done. A phase without ``stored`` runs every time and keeps the time of its first run."""
+    if stored is not None and (phase is None or ctx.rec.done(phase)) and stored.present():
+        if phase:
+            ctx.log(f"phase {phase}: done earlier")
+        return stored.load()
+    t0 = time.time()
+    out = compute()
+    if stored is not None:
+        stored.save(out)
+    if phase and (stored is not None or not ctx.rec.done(phase)):
+        # after an interruption this is the time of the resuming run only
+        ctx.rec.mark(phase, time.time() - t0)
+    return out
+
+
+# --------------------------------------------------------------------------- the attack
 
 
 def attack_phase(ctx: FlowContext) -> AttackResult:
     """Poison the clean training set and make the triggered test sets."""
+    cfg = ctx.cfg
     train, test, train_idx = ctx.load_data()
-    bd = build_backdoor_data(ctx.attack, ctx.cfg, train, test, ctx.device, resource_dir(ctx.work), ctx.log)
+    bd = build_backdoor_data(
+        cfg.attack,
+        cfg.trigger_params(),
+        train,
+        test,
+        ctx.device,
+        resource_dir(ctx.work),
+        ctx.log,
+        precision=cfg.precision_of("trigger"),
+    )
     return AttackResult(bd, train_idx)
 
 
@@ -184,11 +265,21 @@ def store_attack(ctx: FlowContext, out: AttackResult) -> None:
     atomic_write_json(ctx.rec.path("attack_info.json"), finite(out.data.info))
 
 
-def load_attack(ctx: FlowContext) -> AttackResult:
-    return AttackResult(*load_attack_data(ctx.rec.path("attack_data.pt")))
+def attack_record(ctx: FlowContext) -> Stored[AttackResult]:
+    return Stored(
+        lambda: ctx.rec.path("attack_data.pt").is_file(),
+        lambda: AttackResult(*load_attack_data(ctx.rec.path("attack_data.pt"))),
+        lambda out: store_attack(ctx, out),
+    )
 
 
-# --------------------------------------------------------------------------- 2., 5., 6. trainings
+def report_attack(ctx: FlowContext, backdoored: Trained) -> None:
+    backdoored.model.eval()
+    m = last_metrics(backdoored.history)
+    ctx.log(f"attack: BA {m['BA']} ASR {m['ASR']} RA {m['RA']}")
+
+
+# --------------------------------------------------------------------------- the three trainings
 
 
 def train_phase(
@@ -220,30 +311,45 @@ def train_phase(
     return Trained(model, history)
 
 
-def store_trained(ctx: FlowContext, name: str, out: Trained, title: str) -> None:
-    """``<name>_model.pt``, ``<name>_history.json`` and the curves."""
-    atomic_torch_save(out.model.state_dict(), ctx.rec.path(f"{name}_model.pt"))
-    atomic_write_json(ctx.rec.path(f"{name}_history.json"), out.history)
-    write_curves(ctx.rec.root, name, out.history, title)
+def trained_record(ctx: FlowContext, name: str, title: str) -> Stored[Trained]:
+    """``<name>_model.pt`` and ``<name>_history.json``; the curves are written with them."""
+    model_file, history_file = ctx.rec.path(f"{name}_model.pt"), ctx.rec.path(f"{name}_history.json")
+
+    def save(out: Trained) -> None:
+        atomic_torch_save(out.model.state_dict(), model_file)
+        atomic_write_json(history_file, out.history)
+        write_curves(ctx.rec.root, name, out.history, f"{ctx.cfg.attack}: {title}")
+
+    return Stored(
+        lambda: model_file.is_file() and history_file.is_file(),
+        lambda: Trained(load_model(ctx.cfg, model_file, ctx.device), ctx.rec.read_state(f"{name}_history.json")),
+        save,
+    )
 
 
-def trained_stored(ctx: FlowContext, name: str) -> bool:
-    return ctx.rec.path(f"{name}_model.pt").is_file() and ctx.rec.path(f"{name}_history.json").is_file()
+def classifier_phase(
+    ctx: FlowContext,
+    phase: str,
+    name: str,
+    data: Callable[[], ImageSet],
+    lr: float,
+    seed_offset: int,
+    tests: dict[str, ImageSet],
+    *,
+    title: str,
+    init: torch.nn.Module | None = None,
+) -> Trained:
+    """A training as a phase writing ``<name>_model.pt`` etc. (``title``: its curves'); the
+    training set ``data()`` is gathered only when the model is not stored yet."""
+    return cached_phase(
+        ctx,
+        phase,
+        lambda: train_phase(ctx, name, data(), lr, seed_offset, tests, init),
+        trained_record(ctx, name, title),
+    )
 
 
-def load_trained(ctx: FlowContext, name: str) -> Trained:
-    model = load_model(ctx.cfg, ctx.rec.path(f"{name}_model.pt"), ctx.device)
-    return Trained(model, ctx.rec.read_state(f"{name}_history.json"))
-
-
-def _attack_reported(ctx: FlowContext, backdoored: Trained) -> Trained:
-    backdoored.model.eval()
-    m = last_metrics(backdoored.history)
-    ctx.log(f"attack: BA {m['BA']} ASR {m['ASR']} RA {m['RA']}")
-    return backdoored
-
-
-# --------------------------------------------------------------------------- 3. candidates
+# --------------------------------------------------------------------------- 1. candidates
 
 
 def candidates_phase(ctx: FlowContext, images: torch.Tensor) -> Candidates:
@@ -255,17 +361,38 @@ def candidates_phase(ctx: FlowContext, images: torch.Tensor) -> Candidates:
     return Candidates(cand, preds)
 
 
-def load_candidates(ctx: FlowContext) -> Candidates:
-    ctx.tell_ranks("skip")
-    cand, preds, _ = de.open_candidates(ctx.rec.path("candidates"))
-    return Candidates(cand, preds)
+def candidates_record(ctx: FlowContext) -> Stored[Candidates]:
+    """The candidate store, written chunk by chunk while it is built."""
+
+    def load() -> Candidates:
+        ctx.tell_ranks("skip")
+        cand, preds, _ = cs.open_candidates(ctx.rec.path("candidates"))
+        return Candidates(cand, preds)
+
+    return Stored(lambda: cs.candidates_complete(ctx.rec.path("candidates")), load)
 
 
-# --------------------------------------------------------------------------- 4. identification
+# --------------------------------------------------------------------------- 2.-5. identification
 
 
 def decision_counts(decision: torch.Tensor) -> dict[str, int]:
     return {de.DECISION_NAMES[c]: int((decision == c).sum()) for c in de.DECISION_NAMES}
+
+
+def detection_report(det: de.TargetDetection, cfg: FlowConfig) -> dict[str, Any]:
+    """``target_detection.json``."""
+    return finite(
+        {
+            "target_labels": det.targets,
+            "scores": det.scores,
+            "kl_metrics": det.metrics,
+            "median": det.median,
+            "mad": det.mad,
+            "transitioning_per_class": det.transitioning_per_class,
+            "kept_label_histograms": det.histograms,
+            "true_attack_target": cfg.attack_target if cfg.attack_label_trans == "all2one" else "all2all",
+        }
+    )
 
 
 def identification_phase(
@@ -275,26 +402,11 @@ def identification_phase(
     sample (chosen by its distances to the original under the backdoored model)."""
     cfg = ctx.cfg
     p = torch.from_numpy(np.asarray(cands.preds).astype(np.int64))
-    ident = de.label_transition(p, cfg["threshold_tau"], NUM_CLASSES)
-    det = de.detect_target_labels(
-        p, ident["kept"], ident["transition"], labels, NUM_CLASSES, tail=cfg["detection_tail"]
-    )
-    detection = finite(
-        {
-            "target_labels": det["targets"],
-            "scores": det["scores"],
-            "kl_metrics": det["metrics"],
-            "median": det["median"],
-            "mad": det["mad"],
-            "transitioning_per_class": det["transitioning_per_class"],
-            "kept_label_histograms": det["histograms"],
-            "true_attack_target": cfg["attack_target"] if cfg["attack_label_trans"] == "all2one" else "all2all",
-        }
-    )
-    ctx.log(f"target labels {det['targets']} (scores {np.round(det['scores'], 3).tolist()})")
-    srt = de.sort_samples(p, ident, labels, det["targets"])
-    decision, new_label = srt["decision"], srt["label"]
-    rows = torch.nonzero(decision != de.KEPT).flatten().numpy()
+    trans = de.label_transition(p, cfg.threshold_tau, NUM_CLASSES)
+    det = de.detect_target_labels(p, trans.kept, trans.transition, labels, NUM_CLASSES, tail=cfg.detection_tail)
+    ctx.log(f"target labels {det.targets} (scores {np.round(det.scores, 3).tolist()})")
+    srt = de.sort_samples(trans, labels, det.targets)
+    rows = torch.nonzero(srt.decision != de.KEPT).flatten().numpy()
     dist = de.candidate_distances(
         cands.images,
         rows,
@@ -302,38 +414,43 @@ def identification_phase(
         ctx.device,
         bf16=ctx.labels_bf16,
         desc="selection distances",
-        ssim_mode=cfg["ssim_mode"],
+        ssim_mode=cfg.ssim_mode,
     )
     chosen = torch.zeros(len(labels), dtype=torch.long)
-    rel = decision[rows] == de.RELABELLED
+    rel = srt.decision[rows] == de.RELABELLED
     if rel.any():
-        chosen[torch.from_numpy(rows)[rel]] = de.select_index(dist[rel.numpy()], ident["kept"][rows][rel])
-    chosen[decision == de.SUSPICIOUS] = -1
-    ctx.log(f"sorting: {decision_counts(decision)}; {int(ident['transition'].sum())} samples transition")
+        chosen[torch.from_numpy(rows)[rel]] = de.select_index(dist[rel.numpy()], trans.kept[rows][rel])
+    chosen[srt.decision == de.SUSPICIOUS] = -1
+    ctx.log(f"sorting: {decision_counts(srt.decision)}; {int(trans.transition.sum())} samples transition")
     return Identification(
-        kept=ident["kept"],
-        transition=ident["transition"],
-        majority=ident["majority"],
-        decision=decision,
-        label=new_label,
+        kept=trans.kept,
+        transition=trans.transition,
+        majority=trans.majority,
+        decision=srt.decision,
+        label=srt.label,
         chosen=chosen,
         dist_rows=torch.from_numpy(rows),
         distances=torch.from_numpy(dist),
-        detection=detection,
+        detection=detection_report(det, cfg),
     )
 
 
-def store_identification(ctx: FlowContext, out: Identification) -> None:
-    atomic_write_json(ctx.rec.path("target_detection.json"), out.detection)
-    atomic_torch_save(out.tensors(), ctx.rec.path("identification.pt"))
+def identification_record(ctx: FlowContext) -> Stored[Identification]:
+    """``identification.pt`` (the tensors) and ``target_detection.json``."""
+    tensors_file = ctx.rec.path("identification.pt")
+
+    def save(out: Identification) -> None:
+        atomic_write_json(ctx.rec.path("target_detection.json"), out.detection)
+        atomic_torch_save(out.tensors(), tensors_file)
+
+    def load() -> Identification:
+        st = safe_torch_load(tensors_file, "identification results")
+        return Identification(**st, detection=ctx.rec.read_state("target_detection.json"))
+
+    return Stored(tensors_file.is_file, load, save)
 
 
-def load_identification(ctx: FlowContext) -> Identification:
-    st = safe_torch_load(ctx.rec.path("identification.pt"), "identification results")
-    return Identification(**st, detection=ctx.rec.read_state("target_detection.json"))
-
-
-# --------------------------------------------------------------------------- 5.-7. two stages
+# --------------------------------------------------------------------------- 6.-8. two stages
 
 
 def stage1_set(ident: Identification, cands: Candidates) -> ImageSet:
@@ -344,36 +461,71 @@ def stage1_set(ident: Identification, cands: Candidates) -> ImageSet:
     )
 
 
-def selection_phase(ctx: FlowContext, ident: Identification, cands: Candidates, stage1: torch.nn.Module) -> Selection:
-    """The suspicious samples on which the stage-1 model agrees with the tentative label, and their images."""
+def stage1_data(ctx: FlowContext, purified: ImageSet) -> ImageSet:
+    ctx.log(f"stage 1: training a fresh model on {len(purified)} non-suspicious samples")
+    return purified
+
+
+def selection_phase(
+    ctx: FlowContext, ident: Identification, cands: Candidates, stage1: torch.nn.Module
+) -> de.Stage2Selection:
+    """The suspicious samples on which the stage-1 model agrees with the tentative label, and
+    their images (in :meth:`Identification.suspicious` order)."""
     susp = ident.suspicious()
     if not len(susp):
-        return Selection(torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long))
+        return de.Stage2Selection(torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long))
     p1 = predict_candidates(stage1, cands.images, susp.numpy(), ctx.device, ctx.labels_bf16, "stage-1 labels")
-    s2 = de.stage2_selection(p1, ident.label[susp], ident.suspicious_distances())
-    return Selection(s2["consensus"], s2["chosen"])
+    return de.stage2_selection(p1, ident.label[susp], ident.suspicious_distances())
 
 
-def stage2_set(ident: Identification, cands: Candidates, sel: Selection, purified: ImageSet) -> ImageSet:
+def selection_record(ctx: FlowContext) -> Stored[de.Stage2Selection]:
+    """``stage2_selection.pt``."""
+    path = ctx.rec.path("stage2_selection.pt")
+
+    def load() -> de.Stage2Selection:
+        s2 = safe_torch_load(path, "stage-2 selection")
+        return de.Stage2Selection(s2["consensus"], s2["chosen"])
+
+    def save(out: de.Stage2Selection) -> None:
+        atomic_torch_save({"consensus": out.consensus, "chosen": out.chosen}, path)
+
+    return Stored(path.is_file, load, save)
+
+
+def stage2_set(ident: Identification, cands: Candidates, sel: de.Stage2Selection, purified: ImageSet) -> ImageSet:
     """The stage-1 set and the suspicious samples that reached consensus."""
     cons = ident.suspicious()[sel.consensus]
     extra = ImageSet(de.gather_images(cands.images, cons.numpy(), sel.chosen[sel.consensus].numpy()), ident.label[cons])
     return ImageSet(torch.cat([purified.images, extra.images]), torch.cat([purified.labels, extra.labels]))
 
 
-def final_phase(ctx: FlowContext, s: FlowState) -> Relabelled:
+def stage2_data(
+    ctx: FlowContext, ident: Identification, cands: Candidates, sel: de.Stage2Selection, purified: ImageSet
+) -> ImageSet:
+    ft_set = stage2_set(ident, cands, sel, purified)
+    susp, cons = len(ident.suspicious()), int(sel.consensus.sum())
+    ctx.log(f"stage 2: {cons} of {susp} suspicious samples reach consensus; fine-tuning on {len(ft_set)}")
+    return ft_set
+
+
+def final_phase(
+    ctx: FlowContext,
+    bd: BackdoorData,
+    cands: Candidates,
+    ident: Identification,
+    sel: de.Stage2Selection,
+    stage2: torch.nn.Module,
+) -> Relabelled:
     """Suspicious samples relabelled by the stage-2 model; writes the purified dataset,
     ``decisions.csv`` and the example images."""
-    bd, ident, cands, sel = s.attack.data, s.identification, s.candidates, s.selection
-    stage2 = s.stage2.model
     stage2.eval()
     susp = ident.suspicious()
     final_label, chosen = ident.label.clone(), ident.chosen.clone()
     if len(susp):
         p2 = predict_candidates(stage2, cands.images, susp.numpy(), ctx.device, ctx.labels_bf16, "stage-2 labels")
         fin = de.final_relabel(p2, ident.suspicious_distances())
-        final_label[susp] = fin["label"]
-        chosen[susp] = fin["chosen"]
+        final_label[susp] = fin.label
+        chosen[susp] = fin.chosen
     rates = de.tpr_fpr(final_label, bd.train.labels, bd.poison_indicator)
     images = de.gather_images(cands.images, np.arange(len(bd.train)), chosen.numpy())
     atomic_torch_save(
@@ -390,14 +542,26 @@ def final_phase(ctx: FlowContext, s: FlowState) -> Relabelled:
     return Relabelled(final_label, chosen, rates)
 
 
-def report(ctx: FlowContext, s: FlowState) -> dict[str, Any]:
+def report(
+    ctx: FlowContext,
+    bd: BackdoorData,
+    cands: Candidates,
+    ident: Identification,
+    sel: de.Stage2Selection,
+    final: Relabelled,
+    *,
+    backdoored: Trained,
+    stage1: Trained,
+    stage2: Trained,
+) -> dict[str, Any]:
     """``metrics.json``: the attack's and the defence's metrics, the detection and the timings."""
-    bd, ident, cands, rates = s.attack.data, s.identification, s.candidates, s.final.rates
-    attack_metrics, defended = last_metrics(s.backdoored.history), last_metrics(s.stage2.history)
+    rates = final.rates
+    attack_metrics, defended = last_metrics(backdoored.history), last_metrics(stage2.history)
     timings = {ph: ctx.rec.phases.get(ph, {}).get("seconds") for ph in PHASES}
+    label_rates = candidate_label_rates(cands.preds, bd.train.labels, bd.original_labels, bd.poison_indicator)
     metrics = finite(
         {
-            "attack": ctx.attack,
+            "attack": ctx.cfg.attack,
             "save_folder_name": ctx.save_folder_name,
             "n_train": len(bd.train),
             "n_poisoned": int(bd.poison_indicator.sum()),
@@ -405,18 +569,16 @@ def report(ctx: FlowContext, s: FlowState) -> dict[str, Any]:
             "n_test_bd": len(bd.test_bd),
             "attack_metrics": attack_metrics,
             "defended_metrics": defended,
-            "stage1_metrics": last_metrics(s.stage1.history),
-            "TPR": rates["TPR"],
-            "FPR": rates["FPR"],
-            "detection": rates,
+            "stage1_metrics": last_metrics(stage1.history),
+            "TPR": rates.tpr,
+            "FPR": rates.fpr,
+            "detection": rates.as_dict(),
             "target_labels": ident.detection["target_labels"],
             "target_scores": ident.detection["scores"],
             "decisions": decision_counts(ident.decision),
-            "stage2_consensus": int(s.selection.consensus.sum()),
+            "stage2_consensus": int(sel.consensus.sum()),
             "candidates_per_sample": cands.images.shape[1],
-            "candidate_label_rates": de.candidate_label_rates(
-                cands.preds, bd.train.labels, bd.original_labels, bd.poison_indicator
-            ),
+            "candidate_label_rates": dataclasses.asdict(label_rates),
             "timings_s": timings,
             "total_s": round(sum(t for t in timings.values() if t is not None), 3),
         }
@@ -424,154 +586,6 @@ def report(ctx: FlowContext, s: FlowState) -> dict[str, Any]:
     atomic_write_json(ctx.rec.path("metrics.json"), metrics)
     ctx.log(
         f"done: attack BA {attack_metrics['BA']} ASR {attack_metrics['ASR']} | defended BA {defended['BA']} "
-        f"ASR {defended['ASR']} RA {defended['RA']} | TPR {rates['TPR']} FPR {rates['FPR']}"
+        f"ASR {defended['ASR']} RA {defended['RA']} | TPR {rates.tpr} FPR {rates.fpr}"
     )
     return metrics
-
-
-# --------------------------------------------------------------------------- the loop
-
-
-@dataclass(frozen=True)
-class Step:
-    """One step of the flow: ``run`` computes ``FlowState.<field>``, ``store`` writes it, and
-    ``stored`` says whether an earlier run's output can be loaded with ``load`` instead.
-    ``phase``: its ``phases.json`` entry (None: a step between phases); a step without
-    ``stored`` runs every time, and a phase among those keeps the time of its first run."""
-
-    field: str
-    phase: str | None
-    run: Callable[[FlowContext, FlowState], Any]
-    stored: Callable[[FlowContext], bool] | None = None
-    load: Callable[[FlowContext], Any] | None = None
-    store: Callable[[FlowContext, Any], None] | None = None
-
-
-def run_steps(ctx: FlowContext, steps: tuple[Step, ...] | None = None, state: FlowState | None = None) -> FlowState:
-    """Run ``steps`` (default :data:`STEPS`) in order. A step whose phase is marked done (or
-    that has no phase) and whose stored output exists is loaded; any other step runs, stores
-    its output (each file atomically) and then has its phase marked done."""
-    state = state or FlowState()
-    for step in STEPS if steps is None else steps:
-        resumable = step.stored is not None and step.load is not None
-        if resumable and (step.phase is None or ctx.rec.done(step.phase)) and step.stored(ctx):
-            if step.phase:
-                ctx.log(f"phase {step.phase}: done earlier")
-            out = step.load(ctx)
-        else:
-            t0 = time.time()
-            out = step.run(ctx, state)
-            if step.store is not None:
-                step.store(ctx, out)
-            if step.phase and (resumable or not ctx.rec.done(step.phase)):
-                # after an interruption this is the time of the resuming run only
-                ctx.rec.mark(step.phase, time.time() - t0)
-        state = dataclasses.replace(state, **{step.field: out})
-    return state
-
-
-def _training_step(
-    name: str,
-    phase: str,
-    lr_key: str,
-    seed_offset: int,
-    title: str,
-    data: Callable[[FlowContext, FlowState], ImageSet],
-    init: Callable[[FlowState], torch.nn.Module | None] = lambda s: None,
-    then: Callable[[FlowContext, Trained], Trained] = lambda ctx, out: out,
-) -> Step:
-    """A classifier training writing ``<name>_model.pt`` etc. into ``FlowState.<name>``;
-    ``then`` follows it whether it ran or was loaded."""
-
-    def run(ctx: FlowContext, s: FlowState) -> Trained:
-        out = train_phase(ctx, name, data(ctx, s), ctx.cfg[lr_key], seed_offset, s.attack.tests, init(s))
-        return then(ctx, out)
-
-    def store(ctx: FlowContext, out: Trained) -> None:
-        store_trained(ctx, name, out, f"{ctx.attack}: {title}")
-
-    return Step(
-        name, phase, run, lambda ctx: trained_stored(ctx, name), lambda ctx: then(ctx, load_trained(ctx, name)), store
-    )
-
-
-def _stage1_data(ctx: FlowContext, s: FlowState) -> ImageSet:
-    ctx.log(f"stage 1: training a fresh model on {len(s.purified)} non-suspicious samples")
-    return s.purified
-
-
-def _stage2_data(ctx: FlowContext, s: FlowState) -> ImageSet:
-    ft_set = stage2_set(s.identification, s.candidates, s.selection, s.purified)
-    susp, cons = len(s.identification.suspicious()), int(s.selection.consensus.sum())
-    ctx.log(f"stage 2: {cons} of {susp} suspicious samples reach consensus; fine-tuning on {len(ft_set)}")
-    return ft_set
-
-
-def _selection_file(ctx: FlowContext) -> Path:
-    return ctx.rec.path("stage2_selection.pt")
-
-
-def _load_selection(ctx: FlowContext) -> Selection:
-    s2 = safe_torch_load(_selection_file(ctx), "stage-2 selection")
-    return Selection(s2["consensus"], s2["chosen"])
-
-
-def _store_selection(ctx: FlowContext, out: Selection) -> None:
-    atomic_torch_save({"consensus": out.consensus, "chosen": out.chosen}, _selection_file(ctx))
-
-
-STEPS: tuple[Step, ...] = (
-    Step(
-        "attack",
-        "attack",
-        lambda ctx, s: attack_phase(ctx),
-        lambda ctx: ctx.rec.path("attack_data.pt").is_file(),
-        load_attack,
-        store_attack,
-    ),
-    _training_step(
-        "backdoored",
-        "backdoor_training",
-        "lr",
-        0,
-        "backdoored model",
-        lambda ctx, s: s.attack.data.train,
-        then=_attack_reported,
-    ),
-    Step(
-        "candidates",
-        "candidates",
-        lambda ctx, s: candidates_phase(ctx, s.attack.data.train.images),
-        lambda ctx: de.candidates_complete(ctx.rec.path("candidates")),
-        load_candidates,
-    ),
-    Step(
-        "identification",
-        "identification",
-        lambda ctx, s: identification_phase(ctx, s.attack.data.train.labels, s.candidates, s.backdoored.model),
-        lambda ctx: ctx.rec.path("identification.pt").is_file(),
-        load_identification,
-        store_identification,
-    ),
-    Step("purified", None, lambda ctx, s: stage1_set(s.identification, s.candidates)),
-    _training_step("stage1", "stage1", "lr", 1, "DataElixir stage 1", _stage1_data),
-    Step(
-        "selection",
-        None,
-        lambda ctx, s: selection_phase(ctx, s.identification, s.candidates, s.stage1.model),
-        lambda ctx: _selection_file(ctx).is_file(),
-        _load_selection,
-        _store_selection,
-    ),
-    _training_step(
-        "stage2",
-        "stage2",
-        "ft_lr",
-        2,
-        "DataElixir stage 2 (defended model)",
-        _stage2_data,
-        init=lambda s: s.stage1.model,
-    ),
-    Step("final", "final", final_phase),
-    Step("report", None, report),
-)

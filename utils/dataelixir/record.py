@@ -6,14 +6,13 @@ A record folder written with a different resolved configuration is refused unles
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
-from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_state_json, read_text_file
+from utils.compat import legacy_flow_config
+from utils.fileio import UserError, atomic_write_json, read_state_json, read_text_file
 from utils.options import dump_yaml
-from utils.precision import legacy_flow_config
-from utils.run_state import same_settings_or_refuse
+from utils.run_state import RunFolder
 
 # how to go on from a damaged state file of a record folder
 _DAMAGED_HOW = "re-run with --overwrite to start {rec} afresh, or use another --save_folder_name"
@@ -65,26 +64,29 @@ def open_record(
     A key missing from the stored configuration matches its value in ``defaults``: records
     written before a key was added still resume when the new key keeps its default."""
     cfg_file = rec / "config.yaml"
-    if rec.exists() and any(rec.iterdir()):
-        if overwrite:
-            if not cfg_file.is_file() and not (rec / "phases.json").is_file():
-                raise UserError(f"{rec} exists and was not written by an attack script; refusing to delete it")
-            shutil.rmtree(rec)
-        elif not cfg_file.is_file():
+    how = _DAMAGED_HOW.format(rec=rec)
+    folder = RunFolder(
+        rec,
+        resolved,
+        settings_file=cfg_file.name,
+        hint="use another --save_folder_name or pass --overwrite to replace it",
+        damaged=how,
+        what="record configuration",
+        ignore=tuple(_RUN_ONLY),
+        upgrade=lambda stored: legacy_flow_config({**(defaults or {}), **stored}),
+        lock=False,  # the flow (utils/dataelixir/flow.py) holds the lock on the record
+    )
+    held = rec.exists() and any(rec.iterdir())
+    if held and overwrite:
+        if not cfg_file.is_file() and not (rec / "phases.json").is_file():
+            raise UserError(f"{rec} exists and was not written by an attack script; refusing to delete it")
+    elif held:
+        if not cfg_file.is_file():
             raise UserError(f"{rec} exists but holds no config.yaml; choose another --save_folder_name")
-        else:
-            import yaml
-
-            try:
-                stored = yaml.safe_load(read_text_file(cfg_file, "record configuration"))
-            except yaml.YAMLError:
-                stored = None
-            if not isinstance(stored, dict) or "attack" not in stored:
-                raise UserError(f"{cfg_file} is damaged; " + _DAMAGED_HOW.format(rec=rec))
-            old = legacy_flow_config({**(defaults or {}), **stored})
-            hint = "use another --save_folder_name or pass --overwrite to replace it"
-            same_settings_or_refuse(rec, old, resolved, hint=hint, ignore=tuple(_RUN_ONLY))
-            return Record(rec), True
-    rec.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cfg_file, dump_yaml(resolved))
+        stored = folder.read()
+        if not isinstance(stored, dict) or "attack" not in stored:
+            raise UserError(f"{cfg_file} is damaged; {how}")
+        folder.check(stored)
+        return Record(rec), True
+    folder.open(fresh=held, content=dump_yaml(resolved))
     return Record(rec), False

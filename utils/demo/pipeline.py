@@ -1,12 +1,12 @@
 """The CPU-scale ECLIPSE pipeline as a list of steps (``demo.py``).
 
-Each :class:`Step` is one command a user would run (``train_diffusion.py``, ``poison.py``,
-``purification.py``, ``train.py``), with the steps it waits for. :func:`build_steps` makes
-them from the recipe (``config/eclipse_cpu.yaml``); :func:`run_steps` runs those whose
+Each :class:`DemoCommand` is one command a user would run (``train_diffusion.py``, ``poison.py``,
+``purification.py``, ``train.py``), with the steps it waits for. :func:`build_commands` makes
+them from the recipe (``config/eclipse_cpu.yaml``); :func:`run_commands` runs those whose
 output does not exist yet, up to ``jobs`` at a time in dependency order; :func:`summarise`
 reads every finished victim back into a table of mean ± std over seeds.
 
-Step outputs are the scripts' own (each script resumes and refuses other settings), so a
+Their outputs are the scripts' own (each script resumes and refuses other settings), so a
 step counts as done exactly when its script's result file exists: an interrupted demo
 resumes where it stopped, and demo processes with disjoint ``--poisons`` may share a work
 dir. Wall times of finished steps accumulate in ``<work>/step_seconds.json``.
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from utils.cpu_recipe import poison_flags
+from utils.demo.recipe import poison_flags
 from utils.demo.step_costs import UnitCosts, is_rough, step_minutes, step_threads
 from utils.diffusion.checkpoints import checkpoint_name, resolve_checkpoint
 from utils.fileio import atomic_write_json, read_state_json
@@ -45,7 +45,7 @@ STATUS_EVERY_S = 300.0  # a status line while steps run in parallel (their outpu
 
 
 @dataclass
-class Step:
+class DemoCommand:
     key: str  # unique name; step_seconds.json and logs/<key>.log use it
     title: str
     cmd: list[str]
@@ -64,13 +64,13 @@ def victim_result(work: Path, name: str) -> Path:
     return work / "runs" / "train" / name / "result.json"
 
 
-def build_steps(
+def build_commands(
     args: Any,
     poisons: Sequence[str],
     variants: Sequence[str],
     py: str = sys.executable,
     costs: UnitCosts | None = None,
-) -> list[Step]:
+) -> list[DemoCommand]:
     """Every step of the demo for ``args`` (the recipe's keys, ``work_dir``, ``seeds``,
     ``skip_clean``); with ``costs`` (measured here, ``utils.demo.step_costs``) each step's
     expected minutes."""
@@ -86,13 +86,13 @@ def build_steps(
     victim_flags = ["--arch", args.arch, "--width", str(args.width), "--epochs", str(args.epochs)]
     victim_flags += ["--schedule", args.schedule, "--weight_decay", str(args.weight_decay), "--work_dir", str(work)]
 
-    def victim(name: str, title: str, flags: list[str], seed: int, after: tuple[str, ...]) -> Step:
+    def victim(name: str, title: str, flags: list[str], seed: int, after: tuple[str, ...]) -> DemoCommand:
         seed_flags = ["--seed", str(seed)] if seed else []
         cmd = [py, "train.py", *flags, *victim_flags, *seed_flags, "--run_name", name]
         title += f", seed {seed}" if args.seeds > 1 else ""
-        return Step(name, title, cmd, expected("victim"), victim_result(work, name).is_file(), after)
+        return DemoCommand(name, title, cmd, expected("victim"), victim_result(work, name).is_file(), after)
 
-    diffusion = Step(
+    diffusion = DemoCommand(
         "diffusion",
         f"sparse diffusion model ({it} iterations)",
         [py, "train_diffusion.py", "--config", "config/eclipse/cpu.yml", "--iterations", str(it)]
@@ -114,7 +114,7 @@ def build_steps(
             craft_cmd += ["--sparse_diff_model", diff_ckpt]
             craft_after = ("diffusion",)
         rough = " (rough estimate)" if costs is not None and is_rough(poison, poison_flags(poison), args.subset) else ""
-        craft = Step(
+        craft = DemoCommand(
             f"{poison} poison",
             f"craft {poison} on {args.subset} images{rough}",
             craft_cmd,
@@ -122,7 +122,7 @@ def build_steps(
             poisoned_file(work, poison).is_file(),
             craft_after,
         )
-        purify = Step(
+        purify = DemoCommand(
             f"{poison} purification",
             f"purify {poison} (ECLIPSE stage 1)",
             [py, "purification.py", "--poison", poison, "--config", "config/eclipse/cpu.yml"]
@@ -148,7 +148,7 @@ def format_minutes(m: float | None) -> str:
     return "time not estimated" if m is None else f"~{m:.0f} min" if m >= 10 else f"~{m:.1f} min"
 
 
-def plan_lines(steps: list[Step], jobs: int, costs: UnitCosts | None = None) -> list[str]:
+def plan_lines(steps: list[DemoCommand], jobs: int, costs: UnitCosts | None = None) -> list[str]:
     todo = [s for s in steps if not s.done]
     known = sum(s.minutes or 0.0 for s in todo)
     unknown = sum(s.minutes is None for s in todo)
@@ -166,7 +166,7 @@ def plan_lines(steps: list[Step], jobs: int, costs: UnitCosts | None = None) -> 
     return lines
 
 
-class StepFailed(Exception):
+class CommandFailed(Exception):
     pass
 
 
@@ -182,12 +182,12 @@ def run_command(cmd: list[str]) -> float:
     t0 = time.time()
     res = subprocess.run(cmd, cwd=REPO_ROOT)
     if res.returncode != 0:
-        raise StepFailed(f"exit {res.returncode}: {' '.join(shlex.quote(c) for c in cmd)}")
+        raise CommandFailed(f"exit {res.returncode}: {' '.join(shlex.quote(c) for c in cmd)}")
     return time.time() - t0
 
 
-def run_steps(
-    steps: list[Step],
+def run_commands(
+    steps: list[DemoCommand],
     work: Path,
     jobs: int = 1,
     log: TextIO | None = None,
@@ -201,7 +201,7 @@ def run_steps(
     With one job each step runs in the foreground through ``runner``; with several, each
     step writes ``<work>/logs/<key>.log`` and its start and end (and a status line every
     few minutes) are printed here. After a failure no new step starts; running ones
-    finish, then :class:`StepFailed` names the failed command and its log. Returns the
+    finish, then :class:`CommandFailed` names the failed command and its log. Returns the
     wall time of each step run; they also accumulate in ``<work>/step_seconds.json``.
     ``on_step_done(done, total)`` is called after each step that succeeds (the demo
     rewrites its partial table there, so hours-long runs show their results as they come)."""
@@ -212,7 +212,7 @@ def run_steps(
             raise ValueError(f"step {s.key!r} waits for unknown step(s) {missing}")
     finished = {s.key for s in steps if s.done}
     pending = [s for s in steps if not s.done]
-    running: dict[str, tuple[subprocess.Popen, float, Step, TextIO]] = {}
+    running: dict[str, tuple[subprocess.Popen, float, DemoCommand, TextIO]] = {}
     seconds: dict[str, float] = {}
     failed: list[str] = []
     env = dict(os.environ)
@@ -226,7 +226,7 @@ def run_steps(
             log.write(line + "\n")
             log.flush()
 
-    def finish(s: Step, took: float) -> None:
+    def finish(s: DemoCommand, took: float) -> None:
         finished.add(s.key)
         seconds[s.key] = took
         _record_seconds(work, s.key, took)
@@ -246,7 +246,7 @@ def run_steps(
             note(f"\n== step {started} of {total}: {s.title} ({format_minutes(s.minutes)})")
             note("$ " + " ".join(shlex.quote(c) for c in s.cmd))
             if jobs == 1:
-                finish(s, runner(s.cmd))  # StepFailed propagates: nothing else is running
+                finish(s, runner(s.cmd))  # CommandFailed propagates: nothing else is running
                 continue
             (work / "logs").mkdir(parents=True, exist_ok=True)
             out = open(work / "logs" / f"{_file_key(s.key)}.log", "a")  # noqa: SIM115 - closed when it ends
@@ -273,7 +273,7 @@ def run_steps(
             now = ", ".join(f"{s.title} ({(time.time() - t0) / 60:.0f} min)" for _, t0, s, _ in running.values())
             note(f"   running: {now}; {len(pending)} step(s) waiting")
     if failed:
-        raise StepFailed("; ".join(failed))
+        raise CommandFailed("; ".join(failed))
     return seconds
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from models import build_classifier
+from utils.data import NUM_CLASSES
 from utils.diffusion.factory import load_diffusion_spec
 from utils.poisons import POISONS
 from utils.precision import prefer_channels_last, resolve_precision
@@ -58,7 +59,7 @@ class UnitCosts:
 
 def step_threads(jobs: int) -> int:
     """The threads each demo step runs with: ``OMP_NUM_THREADS`` if set, else the cores
-    shared between ``jobs`` steps (what ``demo_pipeline.run_steps`` gives each step)."""
+    shared between ``jobs`` steps (what ``utils.demo.pipeline.run_commands`` gives each command)."""
     import os
 
     env = os.environ.get("OMP_NUM_THREADS", "")
@@ -80,11 +81,11 @@ def _seconds_per_call(fn: Callable[[], Any], budget_s: float) -> float:
 
 def _classifier_costs(width: int, batch: int, device: torch.device, bf16: bool, budget_s: float) -> tuple[float, float]:
 
-    model = build_classifier("resnet18", 10, width).to(device)
+    model = build_classifier("resnet18", NUM_CLASSES, width).to(device)
     x = torch.rand(batch, 3, 32, 32, device=device)
     if prefer_channels_last(device):
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), device=device)
+    y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     # the one training step every classifier training runs (utils/trainer.py)
     step = cross_entropy_step(model, opt, TrainConfig(precision="bf16" if bf16 else "fp32"), device)

@@ -13,9 +13,10 @@ Two config dialects, one per model family:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -23,7 +24,7 @@ import yaml
 
 from models.ddpm import DDPMModel
 from models.unet import create_unet
-from utils.diffusion.checkpoints import parse_checkpoint_name
+from utils.diffusion.checkpoints import parse_checkpoint_name, resolve_checkpoint
 from utils.diffusion.gaussian_diffusion import GaussianDiffusion, get_named_beta_schedule, space_timesteps
 from utils.fileio import UserError, load_state_dict_strict, read_text_file, safe_torch_load
 from utils.paths import REPO_ROOT
@@ -104,20 +105,9 @@ class DiffusionSpec:
         )
 
     def build_diffusion(self, respacing: str | None = None) -> GaussianDiffusion:
-        """The process; ``respacing`` overrides the config's ``timestep_respacing``."""
-        d = self.diffusion
-        betas = get_named_beta_schedule(d["beta_schedule"], d["num_steps"], d.get("beta_start"), d.get("beta_end"))
-        spacing = d.get("timestep_respacing", "") if respacing is None else respacing
-        use = space_timesteps(d["num_steps"], spacing) if spacing else None
-        if use is not None and len(use) == d["num_steps"]:
-            use = None
-        return GaussianDiffusion(
-            betas,
-            model_var_type=d["model_var_type"],
-            loss_type=d["loss_type"],
-            rescale_timesteps=d["rescale_timesteps"],
-            use_timesteps=use,
-        )
+        """The process (:func:`create_diffusion`); ``respacing`` overrides the config's
+        ``timestep_respacing``."""
+        return create_diffusion(self, respacing)
 
     @property
     def image_size(self) -> int:
@@ -130,6 +120,26 @@ class DiffusionSpec:
             "diffusion": self.diffusion,
             "source": self.source,
         }
+
+
+def create_diffusion(spec: DiffusionSpec | Mapping[str, Any], timestep_respacing: str | None = "") -> GaussianDiffusion:
+    """The one factory of a diffusion process (as DiT's ``create_diffusion``): the process a
+    spec (or its ``diffusion`` section) describes, over the timesteps ``timestep_respacing``
+    keeps. ``""`` keeps all (the process purification noises and trains with); None takes
+    the config's own ``timestep_respacing``."""
+    d = spec.diffusion if isinstance(spec, DiffusionSpec) else spec
+    betas = get_named_beta_schedule(d["beta_schedule"], d["num_steps"], d.get("beta_start"), d.get("beta_end"))
+    spacing = d.get("timestep_respacing", "") if timestep_respacing is None else timestep_respacing
+    use = space_timesteps(d["num_steps"], spacing) if spacing else None
+    if use is not None and len(use) == d["num_steps"]:
+        use = None
+    return GaussianDiffusion(
+        betas,
+        model_var_type=d["model_var_type"],
+        loss_type=d["loss_type"],
+        rescale_timesteps=d["rescale_timesteps"],
+        use_timesteps=use,
+    )
 
 
 def _check_keys(section: dict, allowed: dict, where: str) -> None:
@@ -196,7 +206,7 @@ def spec_from_dict(cfg: dict, source: str = "<dict>") -> DiffusionSpec:
         raise UserError(f"{source}: noise schedule must be linear or cosine, got {diffusion['beta_schedule']!r}")
     spec = DiffusionSpec(arch, m, diffusion, source, cfg)
     try:
-        spec.build_diffusion()
+        create_diffusion(spec, None)
     except ValueError as e:
         raise UserError(f"{source}: {e}") from None
     return spec
@@ -232,10 +242,22 @@ def load_diffusion_model(
     return compiled(model.eval().requires_grad_(False).to(device), compile)
 
 
-def diffusion_train_command(config: str | Path, sparse_set: str, checkpoint_name: str) -> str:
-    """The ``train_diffusion.py`` command that produces ``diff_ckpt/cifar10/<sparse_set>/<checkpoint_name>``."""
+def diffusion_train_command(
+    config: str | Path, sparse_set: str, checkpoint_name: str, work: str | Path | None = None
+) -> str:
+    """The ``train_diffusion.py`` command that produces ``diff_ckpt/cifar10/<sparse_set>/<checkpoint_name>``.
+
+    ``work``: the work folder the checkpoint belongs to; given, the config is named as it
+    is found (relative to the repository, where that command runs) and ``--work_dir``
+    added when the work folder is not the repository."""
     import re
 
+    if work is not None:
+        config = resolve_config(config)
+        try:
+            config = config.resolve().relative_to(REPO_ROOT.resolve())
+        except ValueError:
+            pass
     parts = [f"python train_diffusion.py --config {config}"]
     m = re.fullmatch(r"(test|train)(\d+)ps(\d+)", sparse_set)
     if m and int(m.group(3)) % int(m.group(2)) == 0:
@@ -250,4 +272,47 @@ def diffusion_train_command(config: str | Path, sparse_set: str, checkpoint_name
         if parsed.rate != "0.9999":
             parts.append(f"--ema_rate {parsed.rate}")
         parts.append(f"--iterations {parsed.step}")
+    if work is not None and Path(work).resolve() != REPO_ROOT.resolve():
+        parts.append(f"--work_dir {work}")
     return " ".join(parts)
+
+
+class Purifier(NamedTuple):
+    """A loaded purifier: the network (eval mode, frozen), its un-respaced process, its spec."""
+
+    model: nn.Module
+    diffusion: GaussianDiffusion
+    spec: DiffusionSpec
+
+
+def purifier_checkpoint(path: str | Path, missing: str = "") -> Path:
+    """The diffusion checkpoint ``path`` (either spelling of a ``train_diffusion.py`` name);
+    a missing one is a one-line error saying ``missing`` (how to make it)."""
+    ckpt = resolve_checkpoint(path)
+    if not ckpt.is_file():
+        raise UserError(f"diffusion checkpoint not found: {ckpt}" + (f"; {missing}" if missing else ""))
+    return ckpt
+
+
+def load_purifier(
+    config: str | Path | DiffusionSpec,
+    checkpoint: str | Path,
+    device: torch.device,
+    *,
+    missing: str = "",
+    t: int | None = None,
+    t_error: str = "--t {t} exceeds the diffusion's {steps} steps",
+    compile: bool = False,
+) -> Purifier:
+    """The purifier of ``config`` (a config file or its spec) with the weights of
+    ``checkpoint``: the one way a diffusion model is loaded to purify or attack.
+
+    The noise step ``t`` (when given) is checked against the process's length first,
+    refused with ``t_error`` (``{t}``, ``{steps}``); a missing checkpoint is refused saying
+    ``missing``; the weights load weights-only, strict and finite."""
+    spec = config if isinstance(config, DiffusionSpec) else load_diffusion_spec(config)
+    diffusion = create_diffusion(spec)
+    if t is not None and t > diffusion.num_timesteps:
+        raise UserError(t_error.format(t=t, steps=diffusion.num_timesteps))
+    ckpt = purifier_checkpoint(checkpoint, missing)
+    return Purifier(load_diffusion_model(spec, ckpt, device, compile=compile), diffusion, spec)

@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -18,12 +16,13 @@ import torch
 import torch.nn as nn
 
 from utils.augment import to_uint8
+from utils.chunk_store import ChunkStorage, ChunkStore, Log, Tick
+from utils.compat import adopt_part_markers, legacy_precision
 from utils.diffusion.gaussian_diffusion import GaussianDiffusion, _extract, truncated_steps
-from utils.fileio import UserError, atomic_torch_save, atomic_write_json, atomic_write_text, read_state_json
-from utils.precision import keep_stored, legacy_precision
-from utils.progress import progress
-from utils.run_state import checksum, on_rank0, same_settings_or_refuse, tensor_fingerprint
-from utils.runtime import autocast, barrier
+from utils.fileio import UserError, atomic_torch_save, tensor_fingerprint
+from utils.precision import keep_stored
+from utils.run_state import on_rank0
+from utils.runtime import autocast
 
 
 @lru_cache(maxsize=16)
@@ -130,23 +129,23 @@ def purify_dataset(
     device: torch.device = torch.device("cpu"),
     rank: int = 0,
     world: int = 1,
-    log=print,
+    log: Log = print,
     settings: dict | None = None,
     overwrite: bool = False,
     stats: dict | None = None,
 ) -> torch.Tensor | None:
     """Purify uint8 ``images`` [N, 3, 32, 32] batch by batch, in input order.
 
-    Each batch is written to ``parts_dir/part_<i>.pt`` as soon as it is done, with a
-    marker ``part_<i>.ok`` holding the key of the settings (these arguments, a fingerprint
-    of ``images`` and the caller's ``settings``) and a checksum of the part's bytes. An
-    interrupted run resumes at the parts whose marker matches; parts written with other
+    Batch ``i`` is written to ``parts_dir/part_<i>.pt`` as soon as it is done, as a chunk of
+    a :class:`utils.chunk_store.ChunkStore` whose header ``settings.json`` holds these
+    arguments, a fingerprint of ``images`` and the caller's ``settings``: an interrupted run
+    resumes at the batches marked done with their bytes intact; parts written with other
     settings are refused (``overwrite``: discarded), damaged parts are redone. With
     ``world`` processes, rank r does batches i with i % world == r. Rank 0 returns the
     assembled uint8 result (other ranks return None). ``stats`` receives ``images_done``
     (purified by this job, summed over ranks) and ``images_resumed`` (read from disk).
     """
-    store = {
+    header = {
         "t": t_star,
         "respace": respace,
         "seed": seed,
@@ -157,99 +156,79 @@ def purify_dataset(
         "images": tensor_fingerprint(images),
         **(settings or {}),
     }
+    parts = PartFiles(parts_dir)
+    store = _parts_store(parts, len(images), batch_size)
     # a resumed run keeps the precision its batches were made with (every rank reads it)
     if not overwrite:
-        keep_stored(store, _stored_settings(parts_dir), parts_dir, log, ("precision",))
-    bf16 = store["precision"] == "bf16"
-    key = checksum(json.dumps(store, sort_keys=True, default=str).encode())
-    on_rank0(lambda: _open_parts_dir(parts_dir, store, overwrite), rank, world)
-    n_parts = (len(images) + batch_size - 1) // batch_size
+        keep_stored(header, store.read_header(), parts_dir, log, ("precision",))
+    bf16 = header["precision"] == "bf16"
+    on_rank0(lambda: _open_parts(store, parts, header, overwrite, log), rank, world)
 
-    def part(i: int) -> Path:
-        return parts_dir / f"part_{i:05d}.pt"
+    def work(i: int, tick: Tick) -> None:
+        x = images[store.rows(i)]
+        g = torch.Generator(device=device).manual_seed(chunk_seed(seed, i))
+        out, _ = noise_and_denoise(
+            model,
+            base,
+            to_model_range(x.to(device)),
+            t_star,
+            respace=respace,
+            generator=g,
+            bf16=bf16,
+            on_step=lambda: tick(len(x)),
+        )
+        atomic_torch_save(to_uint8(from_model_range(out), quantize).cpu(), parts.path(i))
 
-    def valid(i: int) -> bool:
-        marker = part(i).with_suffix(".ok")
-        try:
-            return marker.read_text().split() == [key, checksum(part(i).read_bytes())]
-        except OSError:
-            return False
-
-    def run(todo: list[int], who: str) -> int:
-        done = 0
-        # counted in image-steps, so that a log shows a rate within the first batch
-        sizes = [len(images[i * batch_size : (i + 1) * batch_size]) for i in todo]
-        bar = progress(total=sum(sizes) * steps, desc=who, unit="img-step", dynamic_ncols=True)
-        for k, (i, size) in enumerate(zip(todo, sizes)):
-            x = images[i * batch_size : (i + 1) * batch_size]
-            g = torch.Generator(device=device).manual_seed(chunk_seed(seed, i))
-            out, _ = noise_and_denoise(
-                model,
-                base,
-                to_model_range(x.to(device)),
-                t_star,
-                respace=respace,
-                generator=g,
-                bf16=bf16,
-                on_step=lambda size=size: bar.update(size),
-            )
-            atomic_torch_save(to_uint8(from_model_range(out), quantize).cpu(), part(i))
-            # the marker is written after the part, so a crash between them redoes the batch
-            atomic_write_text(part(i).with_suffix(".ok"), f"{key} {checksum(part(i).read_bytes())}\n")
-            done += len(x)
-            bar.set_postfix(batches=f"{k + 1}/{len(todo)}")
-        bar.close()
-        return done
-
-    mine = [i for i in range(n_parts) if i % world == rank]
-    todo = [i for i in mine if not valid(i)]
-    if len(todo) < len(mine):
-        log(f"resuming: {len(mine) - len(todo)} of {len(mine)} batches already purified in {parts_dir}")
     steps = len(truncated_steps(t_star, respace))
-    done = run(todo, f"purify[{rank}]" if world > 1 else "purify")
-    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        total = torch.tensor([done], dtype=torch.long)
-        torch.distributed.all_reduce(total)
-        done = int(total)
-    barrier()
+    done = store.build(work, what="purify", units_per_item=steps, rank=rank, world=world, log=log)
     if rank != 0:
         return None
-    # a part lost or damaged after its rank finished is redone here
-    missing = [i for i in range(n_parts) if not valid(i)]
-    if missing:
-        log(f"redoing {len(missing)} missing or damaged batches")
-        done += run(missing, "purify (repair)")
     if stats is not None:
-        stats.update(images_done=done, images_resumed=len(images) - done, precision=store["precision"])
-    return _read_parts([part(i) for i in range(n_parts)], batch_size, images.shape, parts_dir)
+        stats.update(images_done=done, images_resumed=len(images) - done, precision=header["precision"])
+    return _read_parts(store, parts, images.shape)
 
 
-def _stored_settings(parts_dir: Path) -> dict | None:
-    """The settings an interrupted run recorded in ``parts_dir`` (older spellings read as now)."""
-    meta = parts_dir / "settings.json"
-    old = read_state_json(meta, f"delete {parts_dir} to start afresh") if meta.is_file() else None
-    return legacy_precision(old) if isinstance(old, dict) else old
+class PartFiles(ChunkStorage):
+    """One torch file per batch: ``part_<i>.pt``."""
+
+    def __init__(self, parts_dir: Path) -> None:
+        self.parts_dir = parts_dir
+
+    def path(self, i: int) -> Path:
+        return self.parts_dir / f"part_{i:05d}.pt"
+
+    def chunk_bytes(self, c: int, rows: slice) -> list[bytes | memoryview]:
+        return [self.path(c).read_bytes()]
 
 
-def _open_parts_dir(parts_dir: Path, store: dict, overwrite: bool) -> None:
-    """Refuse a folder of parts written with other settings (``overwrite``: discard it);
-    record ours in its ``settings.json``."""
-    meta = parts_dir / "settings.json"
-    hint = "re-run with those settings to finish it, or pass --overwrite to discard it"
-    old = _stored_settings(parts_dir)
-    if not same_settings_or_refuse(parts_dir, old, store, overwrite=overwrite, hint=hint):
-        if old is not None:  # --overwrite: discard the other run's batches
-            shutil.rmtree(parts_dir, ignore_errors=True)
-        atomic_write_json(meta, store)
+def _parts_store(parts: PartFiles, n: int, batch_size: int) -> ChunkStore:
+    parts_dir = parts.parts_dir
+    return ChunkStore(
+        parts_dir,
+        n,
+        batch_size,
+        parts,
+        header_name="settings.json",
+        upgrade=legacy_precision,
+        damaged_hint=f"delete {parts_dir} to start afresh",
+        refuse_hint="re-run with those settings to finish it, or pass --overwrite to discard it",
+    )
 
 
-def _read_parts(paths: list[Path], batch_size: int, shape: torch.Size, parts_dir: Path) -> torch.Tensor:
+def _open_parts(store: ChunkStore, parts: PartFiles, header: dict, overwrite: bool, log: Log) -> None:
+    """Create or check the parts folder (rank 0), adopting batches marked in the earlier way."""
+    store.prepare(header, overwrite=overwrite, log=log)
+    adopt_part_markers(store.root, store.n_chunks, parts.path, store.mark, header)
+
+
+def _read_parts(store: ChunkStore, parts: PartFiles, shape: torch.Size) -> torch.Tensor:
     """The purified batches, checked (uint8, batch ``i``'s size) and concatenated in order."""
-    parts = []
-    for i, path in enumerate(paths):
+    batches = []
+    for i in range(store.n_chunks):
+        path = parts.path(i)
         p = torch.load(path, map_location="cpu", weights_only=True)
-        expected = min(batch_size, shape[0] - i * batch_size)
-        if not isinstance(p, torch.Tensor) or p.dtype != torch.uint8 or p.shape != (expected, *shape[1:]):
-            raise UserError(f"{path} does not hold batch {i}; delete {parts_dir} and re-run")
-        parts.append(p)
-    return torch.cat(parts)
+        rows = store.rows(i)
+        if not isinstance(p, torch.Tensor) or p.dtype != torch.uint8 or p.shape != (rows.stop - rows.start, *shape[1:]):
+            raise UserError(f"{path} does not hold batch {i}; delete {store.root} and re-run")
+        batches.append(p)
+    return torch.cat(batches)

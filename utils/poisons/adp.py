@@ -22,35 +22,34 @@ from typing import Any
 import torch
 
 from models.unet_classifier import unet_classifier_from
+from utils.data import NUM_CLASSES
 from utils.diffusion.checkpoints import resolve_checkpoint
-from utils.diffusion.factory import diffusion_train_command, load_diffusion_model, load_diffusion_spec, resolve_config
+from utils.diffusion.factory import (
+    diffusion_train_command,
+    load_diffusion_spec,
+    load_purifier,
+    purifier_checkpoint,
+    resolve_config,
+)
 from utils.fileio import UserError
-from utils.paths import REPO_ROOT, diff_ckpt_dir
+from utils.paths import diff_ckpt_dir
 from utils.poisons.common import CraftContext, CraftResult, apply_linf, compensation_float, surrogate_report
 from utils.poisons.minmin import MinMinConfig, run_min_min
 
 
 def checkpoint_path(work: Path, params: dict[str, Any]) -> Path:
-
+    """The sparse diffusion model's checkpoint (either spelling of its name)."""
     return resolve_checkpoint(diff_ckpt_dir(work, params["sparse_set"]) / params["sparse_diff_model"])
 
 
 def preflight(work: Path, params: dict[str, Any]) -> None:
     """Fail before any work when the config or the diffusion checkpoint is missing."""
     config = resolve_config(params["diff_config"])
-    ckpt = checkpoint_path(work, params)
-    if not ckpt.is_file():
-        try:
-            shown = config.resolve().relative_to(REPO_ROOT)
-        except ValueError:
-            shown = config
-        cmd = diffusion_train_command(shown, params["sparse_set"], params["sparse_diff_model"])
-        if Path(work).resolve() != REPO_ROOT.resolve():
-            cmd += f" --work_dir {work}"
-        raise UserError(
-            f"diffusion checkpoint not found: {ckpt}; ADP crafts through ECLIPSE's sparse diffusion model, "
-            f"train it first with `{cmd}`"
-        )
+    cmd = diffusion_train_command(config, params["sparse_set"], params["sparse_diff_model"], work)
+    purifier_checkpoint(
+        checkpoint_path(work, params),
+        f"ADP crafts through ECLIPSE's sparse diffusion model, train it first with `{cmd}`",
+    )
 
 
 def craft(ctx: CraftContext) -> CraftResult:
@@ -60,11 +59,10 @@ def craft(ctx: CraftContext) -> CraftResult:
     if spec.architecture != "improved_unet":
         raise UserError(f"{config}: ADP needs ECLIPSE's improved-diffusion UNet, not {spec.architecture!r}")
     ckpt = checkpoint_path(ctx.work, p)
-    unet = load_diffusion_model(spec, ckpt, ctx.device, hint="train it with train_diffusion.py")
-    diffusion = spec.build_diffusion(respacing="")
+    unet, diffusion, _ = load_purifier(spec, ckpt, ctx.device, missing="train it with train_diffusion.py")
     t_model = p["unet_t"] * (1000.0 / diffusion.num_timesteps if spec.diffusion["rescale_timesteps"] else 1.0)
     torch.manual_seed(ctx.seed * 7919)  # the new classifier head, seeded as every surrogate (build_surrogate)
-    model = unet_classifier_from(unet, 10, t_model).to(ctx.device)
+    model = unet_classifier_from(unet, NUM_CLASSES, t_model).to(ctx.device)
     cfg = MinMinConfig(
         eps=p["eps"],
         step_size=p["step_size"],

@@ -29,15 +29,14 @@ import torch.nn.functional as F
 from models import build_classifier
 from utils.adversarial import forward
 from utils.augment import standard_augment, to_float
-from utils.cpu_recipe import poison_flags
-from utils.data import ImageSet
+from utils.data import NUM_CLASSES, ImageSet
+from utils.demo.recipe import poison_flags
 from utils.fileio import UserError, atomic_torch_save, safe_torch_load
 from utils.progress import progress
 from utils.run_state import same_settings_or_refuse
 from utils.runtime import to_channels_last
 
 IMAGE_DIM = 3 * 32 * 32
-NUM_CLASSES = 10
 
 FloatAugment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -189,7 +188,7 @@ class CraftContext:
     def build_surrogate(self, arch: str | None = None, width: int | None = None, seed_stream: int = 0) -> nn.Module:
         """A fresh classifier (seeded), on the device, channels_last where that is safe."""
         torch.manual_seed(self.seed * 7919 + seed_stream)
-        model = build_classifier(arch or self.arch, 10, width or self.width)
+        model = build_classifier(arch or self.arch, NUM_CLASSES, width or self.width)
         return to_channels_last(model, self.device)
 
     def bar(self, total: int | None, desc: str, initial: int = 0) -> Any:
@@ -398,7 +397,7 @@ def eval_logits(
     model.eval()
     out = [forward(model, to_float(images[i : i + batch].to(device)), bf16).cpu() for i in range(0, len(images), batch)]
     model.train(was)
-    return torch.cat(out) if out else torch.empty(0, 10)
+    return torch.cat(out) if out else torch.empty(0, NUM_CLASSES)
 
 
 def accuracy_and_loss(

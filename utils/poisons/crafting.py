@@ -10,8 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.adversarial import forward, freeze
+from utils.data import NUM_CLASSES
 from utils.poisons import common  # project_linf is looked up there on each call (tests interrupt it)
-from utils.poisons.common import NUM_CLASSES, CraftContext, FloatAugment
+from utils.poisons.common import CraftContext, FloatAugment
 
 PerSampleLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -13,15 +13,16 @@ import torch
 import torch.nn.functional as F
 
 from utils.augment import to_float
+from utils.data import NUM_CLASSES
 from utils.poisons.common import CraftContext, CraftResult
 
 
 def class_kernels(blur: float, g: torch.Generator) -> torch.Tensor:
     """[10, 3, 1, 3, 3] depthwise kernels, one per class, identical across channels."""
-    k = torch.rand(10, 3, 3, generator=g) * blur
-    pos = torch.randint(0, 9, (10,), generator=g)
+    k = torch.rand(NUM_CLASSES, 3, 3, generator=g) * blur
+    pos = torch.randint(0, 9, (NUM_CLASSES,), generator=g)
     k.view(10, 9)[torch.arange(10), pos] = 1.0
-    return k[:, None, None].expand(10, 3, 1, 3, 3).contiguous()
+    return k[:, None, None].expand(NUM_CLASSES, 3, 1, 3, 3).contiguous()
 
 
 def convolve(

@@ -16,17 +16,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from utils.data import NUM_CLASSES
 from utils.poisons.common import CraftContext, CraftResult, apply_l2, l2_radius_255
 
 
 def cluster_params(dim: int, class_sep: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Per-class centres (distinct hypercube vertices) and mixing matrices."""
     while True:
-        vertices = rng.integers(0, 2, size=(10, dim))
+        vertices = rng.integers(0, 2, size=(NUM_CLASSES, dim))
         if len({v.tobytes() for v in vertices}) == 10:
             break
     centres = vertices.astype(np.float64) * 2 * class_sep - class_sep
-    mixing = 2 * rng.uniform(size=(10, dim, dim)) - 1
+    mixing = 2 * rng.uniform(size=(NUM_CLASSES, dim, dim)) - 1
     return centres, mixing
 
 

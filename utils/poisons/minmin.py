@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.adversarial import forward, freeze, pgd_linf
-from utils.data import ImageSet
+from utils.data import NUM_CLASSES, ImageSet
 from utils.poisons.common import CraftContext, FloatAugment, accuracy_and_loss
 from utils.trainer import optimizer_step
 
@@ -97,7 +97,7 @@ class MinMin:
         data = ctx.clean if data is None else data
         self.images, self.labels = data.images, data.labels
         n = len(self.images)
-        shape = (10, 3, 32, 32) if cfg.classwise else (n, 3, 32, 32)
+        shape = (NUM_CLASSES, 3, 32, 32) if cfg.classwise else (n, 3, 32, 32)
         # /255 units in float16: half the memory and checkpoint size of float32 at
         # full scale, with a resolution (≈0.004/255 at 8/255) far below one pixel level
         self.noise = torch.zeros(shape, dtype=torch.float16)
@@ -217,8 +217,8 @@ class MinMin:
             y_cpu = self.labels[idx]
             stepped = self.craft_batch(idx, self.delta_of(idx)).cpu()
             # clipping at [0, 255] is per image; the class pattern averages the stepped copies
-            sums = torch.zeros(10, 3, 32, 32).index_add_(0, y_cpu, stepped)
-            counts = torch.bincount(y_cpu, minlength=10).float()
+            sums = torch.zeros(NUM_CLASSES, 3, 32, 32).index_add_(0, y_cpu, stepped)
+            counts = torch.bincount(y_cpu, minlength=NUM_CLASSES).float()
             has = counts > 0
             self.noise[has] = (sums[has] / counts[has].view(-1, 1, 1, 1)).clamp(-cfg.eps, cfg.eps).half()
         else:

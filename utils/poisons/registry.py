@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from utils.fileio import UserError
-from utils.options import BadValue, Key, Range, check
+from utils.options import FINITE, FRACTION, GT0, NONNEG, POSITIVE, BadValue, Key, Range, check
 from utils.poisons.common import CraftContext, CraftResult, PoisonSpec
 
 AR_EPS = 255.0 / math.sqrt(3 * 32 * 32)  # L2 = 1 on the [0, 1] scale, as an RMS in /255 units
@@ -26,7 +26,6 @@ def _tau(p: dict) -> float:
     return 0.05 * p["eps"]
 
 
-_FINITE, _GT0, _NONNEG, _POS = Range(), Range(1e-9), Range(0), Range(1)
 _QUANTIZE = ("truncate", "round")
 
 # every poison-specific option, declared once; a poison's ``defaults`` are these Keys
@@ -37,7 +36,7 @@ OPTIONS: dict[str, Key] = {
         "budget in /255 units: L∞ radius, or for L2 poisons the per-pixel RMS (L2 = eps/255·√3072); "
         "SEP's default 8 is ECLIPSE's common budget, --eps 2 is SEP's own",
         float,
-        range=_FINITE,
+        range=FINITE,
     ),
     "classwise": Key(None, "EM: one pattern per class (Huang et al.'s class-wise variant)", bool, flag=True),
     "portion": Key(
@@ -46,35 +45,41 @@ OPTIONS: dict[str, Key] = {
         float,
         range=Range(0, 1, low_open=True),
     ),
-    "step_size": Key(None, "PGD step on the perturbation, /255 units", float, range=_GT0),
-    "pgd_steps": Key(None, "PGD steps on the perturbation (per round for EM/ADP)", int, range=_POS),
-    "train_steps": Key(None, "surrogate SGD steps per min-min round", int, range=_POS),
-    "train_batch": Key(None, "surrogate training batch size", int, range=_POS),
-    "batch_size": Key(None, "images per perturbation batch", int, range=_POS),
+    "step_size": Key(None, "PGD step on the perturbation, /255 units", float, range=GT0),
+    "pgd_steps": Key(None, "PGD steps on the perturbation (per round for EM/ADP)", int, range=POSITIVE),
+    "train_steps": Key(None, "surrogate SGD steps per min-min round", int, range=POSITIVE),
+    "train_batch": Key(None, "surrogate training batch size", int, range=POSITIVE),
+    "batch_size": Key(None, "images per perturbation batch", int, range=POSITIVE),
     "lr": Key(None, "surrogate learning rate (SGD, momentum 0.9)", float, range=Range(1e-12)),
-    "weight_decay": Key(None, "surrogate weight decay", float, range=_NONNEG),
+    "weight_decay": Key(None, "surrogate weight decay", float, range=NONNEG),
     "stop_acc": Key(
         None,
         "min-min: stop when the surrogate's accuracy on the poisoned data reaches this (%)",
         float,
         range=Range(0, 100),
     ),
-    "max_rounds": Key(None, "min-min: give up after this many rounds", int, range=_POS),
-    "steps": Key(None, "REM: min-min steps (one batch each)", int, range=_POS),
-    "lr_decay_every": Key(None, "REM: multiply the lr by 0.1 every this many steps", int, range=_POS),
-    "samples": Key(None, "transformation samples averaged per perturbation step (EOT)", int, range=_POS),
-    "adv_eps": Key(None, "adversarial training radius of the surrogate/reference, /255", float, range=_NONNEG),
-    "adv_step": Key(None, "adversarial training PGD step, /255", float, range=_NONNEG),
-    "adv_steps": Key(None, "adversarial training PGD steps", int, range=_NONNEG),
-    "epochs": Key(None, "surrogate / reference model training epochs", int, range=_POS),
+    "max_rounds": Key(None, "min-min: give up after this many rounds", int, range=POSITIVE),
+    "steps": Key(None, "REM: min-min steps (one batch each)", int, range=POSITIVE),
+    "lr_decay_every": Key(None, "REM: multiply the lr by 0.1 every this many steps", int, range=POSITIVE),
+    "samples": Key(None, "transformation samples averaged per perturbation step (EOT)", int, range=POSITIVE),
+    "adv_eps": Key(None, "adversarial training radius of the surrogate/reference, /255", float, range=NONNEG),
+    "adv_step": Key(None, "adversarial training PGD step, /255", float, range=NONNEG),
+    "adv_steps": Key(None, "adversarial training PGD steps", int, range=NONNEG),
+    "epochs": Key(None, "surrogate / reference model training epochs", int, range=POSITIVE),
     "milestones": Key(None, "epochs (comma-separated) at which the surrogate's lr drops x0.1", str),
     "restarts": Key(
-        None, "random restarts of the whole crafting pass (the one with the lowest total loss is kept)", int, range=_POS
+        None,
+        "random restarts of the whole crafting pass (the one with the lowest total loss is kept)",
+        int,
+        range=POSITIVE,
     ),
     "checkpoints": Key(
-        None, "SEP: checkpoints in the ensemble, picked among those saved when test accuracy improved", int, range=_POS
+        None,
+        "SEP: checkpoints in the ensemble, picked among those saved when test accuracy improved",
+        int,
+        range=POSITIVE,
     ),
-    "target_shift": Key(None, "targeted poisons: target label (y + shift) mod 10", int, range=_POS),
+    "target_shift": Key(None, "targeted poisons: target label (y + shift) mod 10", int, range=POSITIVE),
     "variant": Key(
         None,
         "EFP: push (away from the own class centroid) or pull (to the nearest other)",
@@ -88,20 +93,20 @@ OPTIONS: dict[str, Key] = {
         str,
         choices=("shift_flip", "crop_flip", "none"),
     ),
-    "sigma": Key(None, "URP: std of the class-wise Gaussian noise, /255 (then clipped to eps)", float, range=_GT0),
-    "patch": Key(None, "LSP: patch size (pixels); 32 must be a multiple", int, range=_POS),
-    "class_sep": Key(None, "LSP: make_classification class_sep", float, range=_NONNEG),
-    "pixels": Key(None, "OPS: pixels set per class (L0 budget)", int, range=_POS),
-    "blur": Key(None, "CUDA: kernel entries ~ U(0, blur)", float, range=_GT0),
+    "sigma": Key(None, "URP: std of the class-wise Gaussian noise, /255 (then clipped to eps)", float, range=GT0),
+    "patch": Key(None, "LSP: patch size (pixels); 32 must be a multiple", int, range=POSITIVE),
+    "class_sep": Key(None, "LSP: make_classification class_sep", float, range=NONNEG),
+    "pixels": Key(None, "OPS: pixels set per class (L0 budget)", int, range=POSITIVE),
+    "blur": Key(None, "CUDA: kernel entries ~ U(0, blur)", float, range=GT0),
     "quantize": Key(
         None, "LSP/CUDA: float to uint8 by truncate (the references' astype(uint8)) or round", str, choices=_QUANTIZE
     ),
     "diff_config": Key(None, "ADP: diffusion YAML (a path, or a name in config/eclipse/)", str),
     "sparse_set": Key(None, "ADP: diff_ckpt/cifar10/<sparse_set>/", str),
     "sparse_diff_model": Key(None, "ADP: checkpoint file in diff_ckpt/cifar10/<sparse_set>/", str),
-    "unet_t": Key(None, "ADP: diffusion timestep fed to the UNet classifier", int, range=_NONNEG),
-    "gray_p": Key(None, "ADP: compensation grayscale probability", float, range=Range(0, 1)),
-    "noise_std": Key(None, "ADP: compensation Gaussian noise std on [0, 1]", float, range=_NONNEG),
+    "unet_t": Key(None, "ADP: diffusion timestep fed to the UNet classifier", int, range=NONNEG),
+    "gray_p": Key(None, "ADP: compensation grayscale probability", float, range=FRACTION),
+    "noise_std": Key(None, "ADP: compensation Gaussian noise std on [0, 1]", float, range=NONNEG),
 }
 
 

@@ -12,7 +12,6 @@ import argparse
 import datetime
 import importlib
 import platform
-import shutil
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -35,8 +34,8 @@ from utils.poisons.common import (
     measure_norms,
     state_settings_pair,
 )
-from utils.precision import keep_stored, precision_from_args
-from utils.run_state import OutputLock, same_settings_or_refuse
+from utils.precision import precision_from_args
+from utils.run_state import RunFolder
 from utils.runtime import resolve_device
 
 PAUSED_EXIT = 3  # exit code of a run paused by --stop_after (its state is saved)
@@ -101,8 +100,6 @@ def run_poison(job: PoisonJob, locks: ExitStack) -> int:
         torch.set_num_threads(args.threads)
     # the data is read (and so checked) before anything is written or discarded
     train = load_cifar10("train", args.data_root, download=args.download)
-    locks.enter_context(OutputLock(out))
-    refuse_overwrite(out, args.overwrite)  # again under the lock: another process may have finished it
     settings = {
         "poison": spec.name,
         "params": job.params,
@@ -114,12 +111,21 @@ def run_poison(job: PoisonJob, locks: ExitStack) -> int:
         "bf16": precision.bf16,  # the surrogates' precision, spelled as states have always stored it
         "data_root": str(args.data_root),
     }
-    state = _stored_state(out.with_suffix(".work"))
-    if not args.overwrite and isinstance(state, dict) and isinstance(state.get("settings"), dict):
-        # an interrupted run resumes in the precision it was started with
-        keep_stored(settings, state["settings"], out.with_suffix(".work"), print, ("bf16",))
+    # an interrupted run's state resumes only with the same settings, in the precision it was
+    # started with; with other settings it is refused, or discarded under --overwrite
+    folder = RunFolder(
+        out.with_suffix(".work"),
+        settings,
+        settings_file=None,
+        overwrite=args.overwrite,
+        hint="re-run its command to finish it, or pass --overwrite to discard it",
+        keep=("bf16",),
+        lock=out,
+    )
+    locks.enter_context(folder)
+    refuse_overwrite(out, args.overwrite)  # again under the lock: another process may have finished it
+    _discard_stale_state(folder, _stored_state(folder.folder))
     fingerprint = fingerprint_of(settings)
-    _discard_stale_state(out.with_suffix(".work"), state, settings, fingerprint, args.overwrite)
 
     log = setup_logging(out.with_suffix(".log"), "poison")
     subset_idx = None
@@ -168,15 +174,13 @@ def _stored_state(state_dir: Path) -> Any:
     return safe_torch_load(state_file, "crafting state") if state_file.is_file() else None
 
 
-def _discard_stale_state(state_dir: Path, old: Any, settings: dict, fingerprint: str, overwrite: bool) -> None:
-    """An interrupted run's state (``old``) resumes only with the same settings; with other
-    settings it is refused, or removed under ``--overwrite``."""
-    if not state_dir.exists():
-        return
-    pair = state_settings_pair(old, settings, fingerprint) if isinstance(old, dict) else (old, settings)
-    hint = "re-run its command to finish it, or pass --overwrite to discard it"
-    if not same_settings_or_refuse(state_dir, *pair, overwrite=overwrite, hint=hint):
-        shutil.rmtree(state_dir)
+def _discard_stale_state(folder: RunFolder, state: Any) -> None:
+    """Refuse or discard (``--overwrite``) an interrupted run's state (``state``) of other
+    settings; a state folder without its state is discarded."""
+    settings = folder.settings
+    pair = state_settings_pair(state, settings, fingerprint_of(settings)) if isinstance(state, dict) else (state, None)
+    if not folder.check(*pair) and folder.folder.exists():
+        folder.discard()
 
 
 def _write_outputs(

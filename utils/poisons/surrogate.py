@@ -14,9 +14,8 @@ import torch.nn as nn
 from utils.adversarial import pgd_linf
 from utils.augment import Augment, standard_augment
 from utils.data import ImageSet
-from utils.fileio import UserError, atomic_torch_save, safe_torch_load
+from utils.fileio import UserError, atomic_torch_save, safe_torch_load, tensor_fingerprint
 from utils.poisons.common import AUGMENTS, CraftContext, accuracy_and_loss, fingerprint_of
-from utils.run_state import tensor_fingerprint
 from utils.trainer import TrainConfig, train_classifier
 
 

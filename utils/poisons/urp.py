@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import torch
 
+from utils.data import NUM_CLASSES
 from utils.poisons.common import CraftContext, CraftResult, apply_linf, linf_levels
 
 
 def class_patterns(eps: float, sigma: float, g: torch.Generator) -> torch.Tensor:
     """[10, 3, 32, 32] integer-valued patterns (/255 units) in [-floor(eps), floor(eps)]."""
     k = linf_levels(eps)
-    return (torch.randn(10, 3, 32, 32, generator=g) * sigma).clamp(-eps, eps).round().clamp(-k, k)
+    return (torch.randn(NUM_CLASSES, 3, 32, 32, generator=g) * sigma).clamp(-eps, eps).round().clamp(-k, k)
 
 
 def craft(ctx: CraftContext) -> CraftResult:

@@ -21,9 +21,9 @@ from models import CLASSIFIERS, build_classifier
 from utils.augment import standard_augment
 from utils.data import NUM_CLASSES, ImageSet
 from utils.dataelixir.triggers.base import Log, aux_subset, cache_dir
-from utils.fileio import atomic_torch_save, safe_torch_load
+from utils.fileio import atomic_torch_save, safe_torch_load, tensor_fingerprint
 from utils.options import Key, Range
-from utils.run_state import same_settings_or_refuse, tensor_fingerprint
+from utils.run_state import same_settings_or_refuse
 from utils.trainer import Normalized, TrainConfig, train_classifier
 
 # the keys that size an auxiliary training; each attack declares them with its own defaults

@@ -43,16 +43,14 @@ import torch.nn.functional as F
 
 from models import build_classifier
 from utils.augment import crop_rotate_flip, to_float
-from utils.data import NUM_CLASSES, ImageSet
+from utils.data import CIFAR10_MEAN, CIFAR10_STD, NUM_CLASSES, ImageSet
 from utils.dataelixir.triggers.aux import Resumable, aux_keys
 from utils.dataelixir.triggers.base import Log, Trigger, attack_targets, aux_subset, cache_dir
 from utils.dataelixir.triggers.wanet import CROSS_RATIO, choose_cross
-from utils.options import Key, Range
-from utils.run_state import tensor_fingerprint
+from utils.fileio import tensor_fingerprint
+from utils.options import GT0, Key, Range
 from utils.runtime import autocast, to_channels_last
-from utils.trainer import CIFAR10_MEAN, CIFAR10_STD, Normalized, TrainConfig, optimizer_step, train_classifier
-
-_GT0 = Range(0, low_open=True)
+from utils.trainer import Normalized, TrainConfig, optimizer_step, train_classifier
 
 
 def _block(cin: int, cout: int) -> list[nn.Module]:
@@ -146,8 +144,8 @@ class TriggerInputAware(Trigger):
             aux_batch_size=128,
             aux_lr=0.01,
         ),
-        "lr_G": Key(0.01, "Adam learning rate of the pattern generator (BackdoorBench: 0.01)", range=_GT0),
-        "lr_M": Key(0.01, "Adam learning rate of the mask generator (BackdoorBench: 0.01)", range=_GT0),
+        "lr_G": Key(0.01, "Adam learning rate of the pattern generator (BackdoorBench: 0.01)", range=GT0),
+        "lr_M": Key(0.01, "Adam learning rate of the mask generator (BackdoorBench: 0.01)", range=GT0),
         "lambda_div": Key(1.0, "weight of the diversity losses (BackdoorBench: 1)", range=Range(0)),
         "lambda_norm": Key(100.0, "weight of the mask-density penalty (BackdoorBench: 100)", range=Range(0)),
         "mask_density": Key(

@@ -36,9 +36,9 @@ from utils.augment import standard_augment, to_float
 from utils.data import NUM_CLASSES, ImageSet
 from utils.dataelixir.triggers.aux import Resumable, aux_keys
 from utils.dataelixir.triggers.base import Log, Trigger, aux_subset, cache_dir, settings_key
+from utils.fileio import tensor_fingerprint
 from utils.options import Key, Range
 from utils.progress import progress
-from utils.run_state import tensor_fingerprint
 from utils.runtime import autocast
 from utils.trainer import Normalized, TrainConfig, train_classifier
 

@@ -35,9 +35,9 @@ from utils.augment import random_flip, to_float
 from utils.data import ImageSet
 from utils.dataelixir.triggers.aux import Resumable, aux_keys, shuffled_batches
 from utils.dataelixir.triggers.base import Log, Trigger, aux_subset, cache_dir
+from utils.fileio import tensor_fingerprint
 from utils.options import Key, Range
 from utils.progress import progress
-from utils.run_state import tensor_fingerprint
 from utils.runtime import autocast, to_channels_last
 
 

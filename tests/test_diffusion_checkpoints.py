@@ -4,7 +4,9 @@ both it and this project's earlier spelling are read."""
 from __future__ import annotations
 
 import pytest
+import torch
 
+from utils.diffusion import create_diffusion, load_purifier
 from utils.diffusion.checkpoints import (
     CheckpointName,
     checkpoint_name,
@@ -15,7 +17,9 @@ from utils.diffusion.checkpoints import (
     resolve_checkpoint,
     spellings,
 )
-from utils.diffusion.factory import diffusion_train_command
+from utils.diffusion.factory import diffusion_train_command, load_diffusion_spec
+from utils.fileio import UserError
+from utils.paths import REPO_ROOT
 
 
 def test_build_improved_diffusion_and_legacy_names():
@@ -89,3 +93,22 @@ def test_train_command_hint_reads_both_spellings():
         cmd = diffusion_train_command("config/eclipse/cpu.yml", "test2000ps8000", name)
         assert cmd.endswith("--ema_rate 0.999 --iterations 3000")
     assert diffusion_train_command("c.yml", "test2000ps8000", "ema_0.9999_250000.pt").endswith("--iterations 250000")
+
+
+def test_train_command_hint_names_the_config_from_the_repository(tmp_path):
+    cmd = diffusion_train_command("cpu.yml", "test2000ps8000", "ema_0.9999_30.pt", tmp_path)
+    assert cmd == f"python train_diffusion.py --config config/eclipse/cpu.yml --iterations 30 --work_dir {tmp_path}"
+    assert "--work_dir" not in diffusion_train_command("cpu.yml", "test2000ps8000", "ema_0.9999_30.pt", REPO_ROOT)
+
+
+def test_load_purifier_either_spelling_missing_and_noise_step(tmp_path):
+    spec = load_diffusion_spec("config/eclipse/cpu.yml")
+    torch.save(spec.build_model().state_dict(), tmp_path / "ema_0.9999_000030.pt")
+    model, diffusion, got = load_purifier(spec, tmp_path / "ema_0.9999_30.pt", torch.device("cpu"), t=100)
+    assert got is spec and not model.training and not any(p.requires_grad for p in model.parameters())
+    assert diffusion.num_timesteps == create_diffusion(spec).num_timesteps == spec.build_diffusion("").num_timesteps
+    with pytest.raises(UserError, match=r"--t 4001 exceeds the diffusion's 4000 steps"):
+        load_purifier(spec, tmp_path / "ema_0.9999_30.pt", torch.device("cpu"), t=4001)
+    with pytest.raises(UserError, match=r"diffusion checkpoint not found: .*ema_0\.9999_40\.pt; train it$"):
+        load_purifier("config/eclipse/cpu.yml", tmp_path / "ema_0.9999_40.pt", torch.device("cpu"), missing="train it")
+    assert len(create_diffusion(spec, "10").timestep_map) == 10

@@ -19,7 +19,9 @@ import torch
 import torch.nn as nn
 
 from utils.augment import to_float, to_uint8
+from utils.dataelixir import candidate_store as cs
 from utils.dataelixir import defence as de
+from utils.dataelixir.outputs import candidate_label_rates
 from utils.diffusion.factory import spec_from_dict
 from utils.diffusion.purify import chunk_seed, from_model_range, noise_and_denoise, to_model_range
 from utils.fileio import UserError
@@ -58,7 +60,7 @@ def test_label_transition_hand_cases():
     )
     out = de.label_transition(preds, tau=2, num_classes=10)
     T, F = True, False
-    assert out["kept"].tolist() == [
+    assert out.kept.tolist() == [
         [T, T, T, T, T, T, T],
         [T, T, T, T, T, T, T],
         [T, T, F, T, T, F, T],
@@ -66,10 +68,10 @@ def test_label_transition_hand_cases():
         [T, T, T, T, T, T, T],
         [T, T, T, F, T, T, T],
     ]
-    assert out["transition"].tolist() == [F, T, T, T, T, F]
-    assert out["majority"].tolist() == [3, 5, 5, 5, 7, 4]
+    assert out.transition.tolist() == [F, T, T, T, T, F]
+    assert out.majority.tolist() == [3, 5, 5, 5, 7, 4]
     # r2 after filtering keeps only 5s -> unanimous; r3/r4 keep everything -> mixed
-    assert out["inter_unanimous"].tolist() == [T, T, T, F, F, T]
+    assert out.inter_unanimous.tolist() == [T, T, T, F, F, T]
 
 
 def test_label_transition_tau_boundary_and_first_seen_tie():
@@ -78,13 +80,13 @@ def test_label_transition_tau_boundary_and_first_seen_tie():
     row = [0, 2, 7, 7, 2, 4, 4]
     assert Counter(row[1:]).most_common(1)[0][0] == 2  # what the reference's Counter picks
     keep_all = de.label_transition(_t([row]), tau=2)
-    assert keep_all["kept"].all() and not keep_all["inter_unanimous"][0]
+    assert keep_all.kept.all() and not keep_all.inter_unanimous[0]
     filt = de.label_transition(_t([row]), tau=3)
-    assert filt["kept"][0].tolist() == [True, True, False, False, True, False, False]
-    assert filt["majority"].tolist() == [2] and filt["inter_unanimous"].tolist() == [True]
-    assert filt["transition"].tolist() == [True]  # kept labels {0, 2}
+    assert filt.kept[0].tolist() == [True, True, False, False, True, False, False]
+    assert filt.majority.tolist() == [2] and filt.inter_unanimous.tolist() == [True]
+    assert filt.transition.tolist() == [True]  # kept labels {0, 2}
     # numpy input works the same way; a row without intermediaries is an error
-    assert torch.equal(de.label_transition(np.array([row]), tau=3)["kept"], filt["kept"])
+    assert torch.equal(de.label_transition(np.array([row]), tau=3).kept, filt.kept)
     with pytest.raises(ValueError):
         de.label_transition(_t([[1], [2]]), tau=2)
 
@@ -109,10 +111,10 @@ def test_label_transition_matches_counter_oracle(tau):
     out = de.label_transition(preds, tau=tau, num_classes=3)
     for i, row in enumerate(preds.tolist()):
         kept, trans, maj, unan = _oracle_transition(row, tau)
-        assert out["kept"][i].tolist() == kept, row
-        assert bool(out["transition"][i]) == trans, row
-        assert int(out["majority"][i]) == maj, row
-        assert bool(out["inter_unanimous"][i]) == unan, row
+        assert out.kept[i].tolist() == kept, row
+        assert bool(out.transition[i]) == trans, row
+        assert int(out.majority[i]) == maj, row
+        assert bool(out.inter_unanimous[i]) == unan, row
 
 
 # --------------------------------------------------------------------------- 3. target labels
@@ -165,34 +167,34 @@ def _detection_case():
 def test_detect_target_labels_hand_case():
     preds, kept, transition, labels = _detection_case()
     det = de.detect_target_labels(preds, kept, transition, labels, num_classes=5)
-    assert det["histograms"].tolist() == [
+    assert det.histograms.tolist() == [
         [3, 1, 0, 0, 0],
         [0, 3, 1, 0, 0],
         [0, 0, 1, 0, 2],
         [0, 1, 0, 1, 6],
         [0, 0, 0, 0, 0],
     ]
-    assert det["transitioning_per_class"] == [1, 1, 1, 2, 0]
-    m = det["metrics"]
+    assert det.transitioning_per_class == [1, 1, 1, 2, 0]
+    m = det.metrics
     assert m[:4] == pytest.approx([math.log(4 / 3), math.log(4 / 3), math.log(3), math.log(8)], rel=1e-12)
     assert math.isnan(m[4])
     # median of the 4 valid metrics = (log(4/3) + log 3) / 2 = log 2;
     # deviations: log(3/2), log(3/2), log(3/2), log 4 -> MAD = log(3/2)
-    assert det["median"] == pytest.approx(math.log(2), rel=1e-12)
-    assert det["mad"] == pytest.approx(math.log(1.5), rel=1e-12)
+    assert det.median == pytest.approx(math.log(2), rel=1e-12)
+    assert det.mad == pytest.approx(math.log(1.5), rel=1e-12)
     a = math.log(1.5)
     small = a / 1.4826 / (a + 1e-6)  # ~ 0.6745, the normal-consistency constant
     big = math.log(4) / 1.4826 / (a + 1e-6)  # ~ 2.306 > 2 -> class 3 (dominated by 4) is a target
-    assert det["scores"].tolist() == pytest.approx([small, small, small, big, 0.0], rel=1e-12)
+    assert det.scores.tolist() == pytest.approx([small, small, small, big, 0.0], rel=1e-12)
     assert big == pytest.approx(2.3061, abs=1e-4)
-    assert det["targets"] == [3]
+    assert det.targets == [3]
     # the same median/MAD arithmetic written directly with numpy on the valid metrics
     v = m[:4]
     med = np.median(v)
     mad = np.median(np.abs(v - med))
-    assert det["scores"][:4] == pytest.approx(np.abs(v - med) / 1.4826 / (mad + 1e-6), rel=1e-12)
+    assert det.scores[:4] == pytest.approx(np.abs(v - med) / 1.4826 / (mad + 1e-6), rel=1e-12)
     # a higher threshold detects nothing
-    assert de.detect_target_labels(preds, kept, transition, labels, 5, threshold=2.4)["targets"] == []
+    assert de.detect_target_labels(preds, kept, transition, labels, 5, threshold=2.4).targets == []
 
 
 def test_detect_target_labels_matches_reference_arithmetic_without_empty_classes():
@@ -205,24 +207,24 @@ def test_detect_target_labels_matches_reference_arithmetic_without_empty_classes
     preds = torch.where(torch.rand(n, k, generator=g) < 0.7, labels[:, None], torch.randint(0, c, (n, k), generator=g))
     preds[labels == 2, 1:] = torch.where(torch.rand(int((labels == 2).sum()), k - 1, generator=g) < 0.8, 0, 2)
     ident = de.label_transition(preds, tau=2, num_classes=c)
-    det = de.detect_target_labels(preds, ident["kept"], ident["transition"], labels, num_classes=c)
+    det = de.detect_target_labels(preds, ident.kept, ident.transition, labels, num_classes=c)
     metrics = []
     for i in range(c):
         kept_labels = [
             int(preds[s, j])
             for s in range(n)
-            if labels[s] == i and ident["transition"][s]
+            if labels[s] == i and ident.transition[s]
             for j in range(k)
-            if ident["kept"][s, j]
+            if ident.kept[s, j]
         ]
         q = np.array([kept_labels.count(j) / len(kept_labels) for j in range(c)])
         metrics.append(stats.entropy(np.eye(c)[i], q))
     metrics = np.array(metrics)
     med = np.median(metrics)
     scores = np.abs(metrics - med) / 1.4826 / (np.median(np.abs(metrics - med)) + 1e-6)
-    assert det["metrics"] == pytest.approx(metrics, rel=1e-12)
-    assert det["scores"] == pytest.approx(scores, rel=1e-12)
-    assert det["targets"] == np.flatnonzero(scores > 2).tolist() == [2]
+    assert det.metrics == pytest.approx(metrics, rel=1e-12)
+    assert det.scores == pytest.approx(scores, rel=1e-12)
+    assert det.targets == np.flatnonzero(scores > 2).tolist() == [2]
 
 
 def test_detect_target_labels_edge_cases():
@@ -230,7 +232,7 @@ def test_detect_target_labels_edge_cases():
     preds = _t([[1, 1, 1], [0, 0, 0]])
     kept = torch.ones(2, 3, dtype=torch.bool)
     det = de.detect_target_labels(preds, kept, torch.tensor([False, False]), _t([1, 0]), num_classes=3)
-    assert det["targets"] == [] and det["scores"].tolist() == [0.0, 0.0, 0.0] and math.isnan(det["median"])
+    assert det.targets == [] and det.scores.tolist() == [0.0, 0.0, 0.0] and math.isnan(det.median)
     # class 0 never among its own kept labels: KL = inf, |inf - median| = inf -> a target
     preds = _t([[1, 1, 2], [1, 1, 2], [2, 2, 1], [0, 3, 0], [3, 3, 0]])
     labels = _t([0, 1, 2, 3, 3])
@@ -241,11 +243,11 @@ def test_detect_target_labels_edge_cases():
     # -> q = 2/3, KL log 1.5; class 3 [2,0,0,1] + [1,0,0,2] = [3,0,0,3] -> q3 = 1/2, KL log 2.
     # median (log 1.5 + log 2)/2; deviations inf, d, d, d with d = log(4/3)/2 -> MAD d:
     # scores inf, ~0.674, ~0.674, ~0.674 -> only class 0
-    assert det["histograms"][3].tolist() == [3, 0, 0, 3]
-    assert det["metrics"][0] == math.inf
-    assert det["metrics"][1:] == pytest.approx([math.log(1.5), math.log(1.5), math.log(2)])
-    assert det["mad"] == pytest.approx(math.log(4 / 3) / 2)
-    assert det["scores"][0] == math.inf and det["targets"] == [0]
+    assert det.histograms[3].tolist() == [3, 0, 0, 3]
+    assert det.metrics[0] == math.inf
+    assert det.metrics[1:] == pytest.approx([math.log(1.5), math.log(1.5), math.log(2)])
+    assert det.mad == pytest.approx(math.log(4 / 3) / 2)
+    assert det.scores[0] == math.inf and det.targets == [0]
 
 
 # --------------------------------------------------------------------------- 4. sorting
@@ -265,13 +267,13 @@ def test_sort_samples_hand_case():
     )
     labels = _t([6, 4, 2, 4, 2, 4, 4])
     ident = de.label_transition(preds, tau=2)
-    out = de.sort_samples(preds, ident, labels, targets=[4, 6])
+    out = de.sort_samples(ident, labels, targets=[4, 6])
     K, R, S = de.KEPT, de.RELABELLED, de.SUSPICIOUS
-    assert out["decision"].tolist() == [K, R, K, S, K, R, K]
-    assert out["label"].tolist() == [6, 6, 2, 6, 2, 8, 4]
+    assert out.decision.tolist() == [K, R, K, S, K, R, K]
+    assert out.label.tolist() == [6, 6, 2, 6, 2, 8, 4]
     # no target -> everything kept with its dataset label
-    none = de.sort_samples(preds, ident, labels, targets=np.array([], dtype=int))
-    assert none["decision"].tolist() == [K] * 7 and torch.equal(none["label"], labels)
+    none = de.sort_samples(ident, labels, targets=np.array([], dtype=int))
+    assert none.decision.tolist() == [K] * 7 and torch.equal(none.label, labels)
 
 
 # --------------------------------------------------------------------------- 5. image selection
@@ -518,10 +520,10 @@ def test_stage2_selection():
         ]
     )
     out = de.stage2_selection(stage1, _t([2, 2, 7]), dist)
-    assert out["consensus"].tolist() == [True, False, True]
-    assert out["chosen"].tolist() == [1, -1, 0]
+    assert out.consensus.tolist() == [True, False, True]
+    assert out.chosen.tolist() == [1, -1, 0]
     none = de.stage2_selection(stage1[1:2], _t([2]), dist[1:2])
-    assert none["consensus"].tolist() == [False] and none["chosen"].tolist() == [-1]
+    assert none.consensus.tolist() == [False] and none.chosen.tolist() == [-1]
 
 
 def test_final_relabel():
@@ -533,9 +535,9 @@ def test_final_relabel():
     )
     dist = np.array([[0.0, 0.1, 0.9, 0.3, 0.05, 0.2], [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]])
     out = de.final_relabel(stage2, dist)
-    assert out["label"].tolist() == [3, 8] and out["chosen"].tolist() == [3, 0]
+    assert out.label.tolist() == [3, 8] and out.chosen.tolist() == [3, 0]
     empty = de.final_relabel(torch.zeros(0, 6, dtype=L), np.zeros((0, 6)))
-    assert empty["label"].numel() == 0 and empty["chosen"].numel() == 0
+    assert empty.label.numel() == 0 and empty.chosen.numel() == 0
 
 
 def test_tpr_fpr():
@@ -545,12 +547,15 @@ def test_tpr_fpr():
     # flagged (final != dataset label): 0, 3, 4. Poisoned 0, 1, 4 -> TP = {0, 4} = 2 of 3;
     # clean 2, 3, 5 -> FP = {3} = 1 of 3
     r = de.tpr_fpr(torch.tensor(final), torch.tensor(poisoned_labels), torch.tensor(indicator))
-    assert r["TPR"] == pytest.approx(2 / 3) and r["FPR"] == pytest.approx(1 / 3)
-    assert (r["true_positives"], r["false_positives"], r["n_poisoned"], r["n_clean"]) == (2, 1, 3, 3)
+    assert r.tpr == pytest.approx(2 / 3) and r.fpr == pytest.approx(1 / 3)
+    assert (r.true_positives, r.false_positives, r.n_poisoned, r.n_clean) == (2, 1, 3, 3)
+    # metrics.json's "detection", key for key
+    want = {"TPR": r.tpr, "FPR": r.fpr, "true_positives": 2, "false_positives": 1, "n_poisoned": 3, "n_clean": 3}
+    assert list(r.as_dict().items()) == list(want.items())
     all_poisoned = de.tpr_fpr(np.array(final), np.array(poisoned_labels), np.ones(6))
-    assert all_poisoned["TPR"] == pytest.approx(3 / 6) and all_poisoned["FPR"] is None
+    assert all_poisoned.tpr == pytest.approx(3 / 6) and all_poisoned.fpr is None
     all_clean = de.tpr_fpr(final, poisoned_labels, [0] * 6)
-    assert all_clean["TPR"] is None and all_clean["FPR"] == pytest.approx(3 / 6)
+    assert all_clean.tpr is None and all_clean.fpr == pytest.approx(3 / 6)
 
 
 # --------------------------------------------------------------------------- 1. candidates
@@ -653,7 +658,7 @@ def test_construct_candidates_resume_and_settings(tiny_ddpm, tiny_classifier, im
     cand, preds = de.construct_candidates(model, base, tiny_classifier, images, tmp_path / "a", **CAND_KW)
     assert cand.shape == (3, 5, 3, 32, 32) and cand.dtype == np.uint8
     assert preds.shape == (3, 5) and preds.dtype == np.int16
-    assert de.candidates_complete(tmp_path / "a")
+    assert cs.candidates_complete(tmp_path / "a")
     assert np.array_equal(cand[:, 0], images.numpy())
     # labels are the classifier's argmax on [0, 1] inputs
     flat = torch.from_numpy(np.array(cand)).reshape(-1, 3, 32, 32)
@@ -678,15 +683,15 @@ def test_construct_candidates_resume_and_settings(tiny_ddpm, tiny_classifier, im
     # interrupted after one chunk, then completed: byte-identical to the uninterrupted run
     b = tmp_path / "b"
     de.construct_candidates(model, base, tiny_classifier, images, b, max_chunks=1, log=logs.append, **CAND_KW)
-    assert not de.candidates_complete(b)
+    assert not cs.candidates_complete(b)
     assert sorted(p.name for p in (b / "done").iterdir()) == ["chunk_00000"]
     cand_b, preds_b = de.construct_candidates(model, base, tiny_classifier, images, b, log=logs.append, **CAND_KW)
     assert any("1 of 2 chunks already built" in m for m in logs)
-    assert de.candidates_complete(b)
+    assert cs.candidates_complete(b)
     assert (b / "candidates.u8").read_bytes() == (tmp_path / "a" / "candidates.u8").read_bytes()
     assert (b / "preds.i16").read_bytes() == (tmp_path / "a" / "preds.i16").read_bytes()
     assert np.array_equal(cand_b, cand) and np.array_equal(preds_b, preds)
-    opened, opened_preds, meta = de.open_candidates(b)
+    opened, opened_preds, meta = cs.open_candidates(b)
     assert meta["k"] == 5 and meta["chunks"] == 2 and np.array_equal(opened, cand)
 
     # other settings on an existing folder -> UserError naming the difference, nothing touched
@@ -801,12 +806,12 @@ def test_candidate_label_rates_hand_case():
     dataset = np.array([1, 2, 3, 0, 0])
     true = np.array([1, 2, 3, 4, 5])
     poisoned = np.array([0, 0, 0, 1, 1])
-    r = de.candidate_label_rates(preds, dataset, true, poisoned)
-    assert r["clean_dataset_label"] == pytest.approx([1.0, 2 / 3, 1 / 3])
-    assert r["poisoned_true_label"] == pytest.approx([0.0, 0.5, 0.5])
-    assert r["poisoned_dataset_label"] == pytest.approx([1.0, 0.5, 0.5])
-    none = de.candidate_label_rates(preds[:3], dataset[:3], true[:3], poisoned[:3])
-    assert none["poisoned_true_label"] == [None, None, None]
+    r = candidate_label_rates(preds, dataset, true, poisoned)
+    assert r.clean_dataset_label == pytest.approx([1.0, 2 / 3, 1 / 3])
+    assert r.poisoned_true_label == pytest.approx([0.0, 0.5, 0.5])
+    assert r.poisoned_dataset_label == pytest.approx([1.0, 0.5, 0.5])
+    none = candidate_label_rates(preds[:3], dataset[:3], true[:3], poisoned[:3])
+    assert none.poisoned_true_label == [None, None, None]
 
 
 def test_detect_target_labels_upper_tail_ignores_classes_that_keep_their_label():
@@ -826,9 +831,9 @@ def test_detect_target_labels_upper_tail_ignores_classes_that_keep_their_label()
     two = de.detect_target_labels(preds, kept, transition, labels, num_classes=5)
     up = de.detect_target_labels(preds, kept, transition, labels, num_classes=5, tail="upper")
     # metrics: -log q_i with q = 10/20, 10/20, 5/20, 19/20, 11/20
-    assert two["metrics"] == pytest.approx([math.log(2), math.log(2), math.log(4), -math.log(0.95), -math.log(0.55)])
-    assert two["targets"] == [2, 3]  # class 3 keeps its label unusually often: flagged too
-    assert up["targets"] == [2]
-    assert up["scores"][2] == pytest.approx(two["scores"][2]) and up["scores"][3] == pytest.approx(-two["scores"][3])
+    assert two.metrics == pytest.approx([math.log(2), math.log(2), math.log(4), -math.log(0.95), -math.log(0.55)])
+    assert two.targets == [2, 3]  # class 3 keeps its label unusually often: flagged too
+    assert up.targets == [2]
+    assert up.scores[2] == pytest.approx(two.scores[2]) and up.scores[3] == pytest.approx(-two.scores[3])
     with pytest.raises(ValueError, match="tail"):
         de.detect_target_labels(preds, kept, transition, labels, num_classes=5, tail="lower")

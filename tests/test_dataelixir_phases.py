@@ -1,5 +1,5 @@
 """The attack scripts' phases on their own, on small synthetic inputs (no CIFAR-10, no DDPM):
-identification, the stage-2 selection and the final relabelling, and the loop's resume rule."""
+identification, the stage-2 selection and the final relabelling, and the resume rule."""
 
 from __future__ import annotations
 
@@ -15,16 +15,20 @@ from utils.data import ImageSet
 from utils.dataelixir import defence as de
 from utils.dataelixir import phases as bp
 from utils.dataelixir.attack_data import BackdoorData
-from utils.dataelixir.record import PHASES, Record
+from utils.dataelixir.keys import FlowConfig
+from utils.dataelixir.record import Record
 
-CFG = {
-    "threshold_tau": 0,
-    "detection_tail": "two_sided",
-    "attack_target": 3,
-    "attack_label_trans": "all2one",
-    "precisions": {"candidate_labels": "fp32"},
-    "ssim_mode": "per_channel",
-}
+CFG = FlowConfig.from_dict(
+    {
+        "threshold_tau": 0,
+        "detection_tail": "two_sided",
+        "attack_target": 3,
+        "attack_label_trans": "all2one",
+        "precisions": {"candidate_labels": "fp32"},
+        "ssim_mode": "per_channel",
+    },
+    "badnet",
+)
 
 
 class PixelLabel(nn.Module):
@@ -42,7 +46,7 @@ def _ctx(tmp_path, cfg=CFG) -> bp.FlowContext:
     def no_data():
         raise AssertionError("no phase here loads CIFAR-10")
 
-    return bp.FlowContext("badnet", cfg, Record(tmp_path), tmp_path, torch.device("cpu"), lambda m: None, no_data)
+    return bp.FlowContext(cfg, Record(tmp_path), tmp_path, torch.device("cpu"), lambda m: None, no_data)
 
 
 def _candidates(labels: list[list[int]], seed: int = 0) -> bp.Candidates:
@@ -123,20 +127,13 @@ def _backdoor_data(images: torch.Tensor, labels: list[int], original: list[int],
 def test_final_phase_relabels_the_suspicious_samples(tmp_path):
     cands = _candidates(SEL_PREDS)
     ident = _ident(*SEL_IDENT)
-    n = 3
     bd = _backdoor_data(torch.from_numpy(cands.images[:, 0].copy()), [1, 3, 3], [1, 7, 4], [False, True, True])
-    state = bp.FlowState(
-        attack=bp.AttackResult(bd, torch.arange(n)),
-        candidates=cands,
-        identification=ident,
-        selection=bp.Selection(torch.tensor([True, False]), torch.tensor([4, -1])),
-        stage2=bp.Trained(PixelLabel(), []),
-    )
-    out = bp.final_phase(_ctx(tmp_path), state)
+    sel = de.Stage2Selection(torch.tensor([True, False]), torch.tensor([4, -1]))
+    out = bp.final_phase(_ctx(tmp_path), bd, cands, ident, sel, PixelLabel())
     # the stage-2 model's label of each suspicious original, and its image among the candidates
     # it gives that label: sample 1 -> 7 (candidates 0, 1, 3, 4 -> 4), sample 2 -> 5 (only 0)
     assert out.label.tolist() == [1, 7, 5] and out.chosen.tolist() == [0, 4, 0]
-    assert out.rates["TPR"] == 1.0 and out.rates["FPR"] == 0.0
+    assert out.rates.tpr == 1.0 and out.rates.fpr == 0.0
     rows = list(csv.reader((tmp_path / "decisions.csv").open()))
     assert [r[5] for r in rows[1:]] == ["kept", "suspicious", "suspicious"]
     assert [r[7] for r in rows[1:]] == ["", "1", "0"]
@@ -144,47 +141,57 @@ def test_final_phase_relabels_the_suspicious_samples(tmp_path):
     assert torch.equal(saved["images"][1], torch.from_numpy(cands.images[1, 4]))
 
 
-def test_steps_cover_the_phases_in_order():
-    assert tuple(s.phase for s in bp.STEPS if s.phase) == PHASES
-    fields = [f.name for f in dataclasses.fields(bp.FlowState)]
-    assert [s.field for s in bp.STEPS] == fields
-
-
-def test_loop_loads_a_stored_phase_instead_of_running_it(tmp_path, monkeypatch):
-    step = next(s for s in bp.STEPS if s.phase == "identification")
-    cands, n = _candidates(PREDS), len(LABELS)
-    given = bp.FlowState(
-        attack=bp.AttackResult(
-            _backdoor_data(torch.from_numpy(cands.images[:, 0].copy()), LABELS, LABELS, [False] * n), torch.arange(n)
-        ),
-        candidates=cands,
-        backdoored=bp.Trained(PixelLabel(), []),
+def _identify(ctx: bp.FlowContext, cands: bp.Candidates) -> bp.Identification:
+    """The identification phase under the resume rule, as the flow runs it."""
+    labels = torch.tensor(LABELS)
+    return bp.cached_phase(
+        ctx,
+        "identification",
+        lambda: bp.identification_phase(ctx, labels, cands, PixelLabel()),
+        bp.identification_record(ctx),
     )
+
+
+def test_a_stored_phase_is_loaded_instead_of_run(tmp_path, monkeypatch):
+    cands = _candidates(PREDS)
     ctx = _ctx(tmp_path)
-    first = bp.run_steps(ctx, (step,), given).identification
+    first = _identify(ctx, cands)
     assert ctx.rec.done("identification") and (tmp_path / "identification.pt").is_file()
 
     def must_not_run(*a, **k):
         raise AssertionError("a stored phase ran again")
 
     monkeypatch.setattr(bp, "identification_phase", must_not_run)
-    again = bp.run_steps(_ctx(tmp_path), (step,), given).identification  # a new run reads phases.json
+    again = _identify(_ctx(tmp_path), cands)  # a new run reads phases.json
     for f in dataclasses.fields(first):
         a, b = getattr(first, f.name), getattr(again, f.name)
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, f.name
     # a phase not marked done, or whose output is gone, runs again
+    (tmp_path / "phases.json").unlink()
+    with pytest.raises(AssertionError, match="ran again"):
+        _identify(_ctx(tmp_path), cands)
+    ctx = _ctx(tmp_path)
+    ctx.rec.mark("identification", 1.0)
     (tmp_path / "identification.pt").unlink()
     with pytest.raises(AssertionError, match="ran again"):
-        bp.run_steps(_ctx(tmp_path), (step,), given)
+        _identify(ctx, cands)
 
 
-def test_loop_runs_a_phase_without_stored_output_every_time_and_keeps_its_first_time(tmp_path):
+def test_a_step_between_phases_is_loaded_when_stored_without_a_mark(tmp_path):
     runs = []
-    step = bp.Step("report", "final", lambda ctx, s: runs.append(1) or {"n": len(runs)})
+    stored = bp.Stored(lambda: bool(runs), lambda: "loaded", lambda out: None)
     ctx = _ctx(tmp_path)
-    assert bp.run_steps(ctx, (step,)).report == {"n": 1}
+    assert bp.cached_phase(ctx, None, lambda: runs.append(1) or "run", stored) == "run"
+    assert bp.cached_phase(ctx, None, lambda: runs.append(1) or "run", stored) == "loaded"
+    assert runs == [1] and ctx.rec.phases == {}
+
+
+def test_a_phase_without_stored_output_runs_every_time_and_keeps_its_first_time(tmp_path):
+    runs = []
+    ctx = _ctx(tmp_path)
+    assert bp.cached_phase(ctx, "final", lambda: runs.append(1) or {"n": len(runs)}) == {"n": 1}
     first = dict(ctx.rec.phases["final"])
-    assert bp.run_steps(ctx, (step,)).report == {"n": 2}
+    assert bp.cached_phase(ctx, "final", lambda: runs.append(1) or {"n": len(runs)}) == {"n": 2}
     assert ctx.rec.phases["final"] == first
 
 
@@ -193,3 +200,21 @@ def test_stop_after_offers_every_phase_but_the_last():
     from utils.options import FIXED_OPTIONS
 
     assert FIXED_OPTIONS["stop_after"].choices == PHASES[:-1]
+
+
+def test_flow_config_gives_back_the_record_settings_key_for_key():
+    """config.yaml and the logged configuration come from FlowConfig.to_dict: every key, in
+    the order of the parsed settings, for every attack; the typed fields are the flow's keys."""
+    from utils.dataelixir.attack_data import ATTACKS, COMMON_KEYS
+    from utils.dataelixir.keys import FLOW_KEYS, attack_keys
+
+    typed = {f.name for f in dataclasses.fields(FlowConfig)} - {"attack", "trigger_settings", "precisions"}
+    assert typed == set(FLOW_KEYS)
+    for attack in ATTACKS:
+        settings = {"attack": attack, **{k: key.default for k, key in attack_keys(attack).items()}}
+        settings["precisions"] = {"trigger": "fp32", "backdoor_training": "bf16"}
+        cfg = FlowConfig.from_dict(settings)
+        assert list(cfg.to_dict().items()) == list(settings.items()), attack
+        assert cfg.steplr_milestones == (100, 200, 300, 400) and cfg.precision_of("ddpm_rounds") == "fp32"
+        own = set(attack_keys(attack)) - set(FLOW_KEYS)
+        assert set(cfg.trigger_params()) == own | set(COMMON_KEYS)

@@ -1,4 +1,4 @@
-"""One option declaration (utils/keys.Key): the same type, range, choices and boolean
+"""One option declaration (utils.options.Key): the same type, range, choices and boolean
 spellings whether a value comes from YAML, the attack command line, an argparse option
 generated from the Key, or a trigger's parameters given from Python."""
 

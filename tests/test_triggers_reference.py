@@ -15,7 +15,8 @@ from scipy.fft import dctn, idctn
 
 from utils.augment import crop_rotate_flip, random_rotate, rotate
 from utils.dataelixir.attack_data import build_backdoor_data
-from utils.dataelixir.flow import _train_config, all_known_keys, attack_keys, train_augment
+from utils.dataelixir.keys import FlowConfig, all_known_keys, attack_keys
+from utils.dataelixir.models import train_augment, train_config
 from utils.dataelixir.triggers import TRIGGERS
 from utils.dataelixir.triggers.inputaware import diversity_loss, mask_nonlinearity
 from utils.options import parse_config
@@ -318,13 +319,13 @@ def _resolved(attack: str) -> dict:
 def test_yaml_defaults_per_attack(attack, expect):
     cfg = _resolved(attack)
     assert {k: cfg[k] for k in expect} == expect
-    tc = _train_config(cfg, cfg["lr"], 50000, 0)
+    tc = train_config(FlowConfig.from_dict(cfg, attack), cfg["lr"], 50000, 0)
     lrs = {lr_at(tc, e, 0, 1) for e in range(cfg["epochs"])}
     if cfg["lr_scheduler"] == "MultiStepLR":
         assert lrs == {cfg["lr"]}  # constant over the 100 epochs
     else:
         assert len(lrs) == cfg["epochs"]  # cosine
-    aug = train_augment(cfg)
+    aug = train_augment(FlowConfig.from_dict(cfg, attack))
     x = torch.full((64, 3, 32, 32), 255, dtype=torch.uint8)
     y = aug(x, torch.Generator().manual_seed(0))
     # crop padding 5 can blank up to 5 rows; padding 4 (crop_flip) at most 4
@@ -333,12 +334,12 @@ def test_yaml_defaults_per_attack(attack, expect):
 
 
 def test_new_keys_are_checked():
-    from utils.dataelixir.flow import validate
+    from utils.dataelixir.keys import validate
     from utils.fileio import UserError
 
     cfg = _resolved("wanet")
     with pytest.raises(UserError, match="steplr_milestones"):
-        validate(dict(cfg, steplr_milestones=[100, "x"]), "wanet")
+        validate(FlowConfig.from_dict(dict(cfg, steplr_milestones=[100, "x"]), "wanet"))
     # ranges are checked while parsing, from the YAML or the command line
     for key, bad in (("crop_prob", "1.5"), ("random_rotation", "-1.0"), ("random_crop", "17")):
         with pytest.raises(UserError, match=key):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.dataelixir import candidate_store as cs
+
 REPO = Path(__file__).resolve().parents[1]
 
 # a tiny random DDPM (32 channels, one level, 10 steps) and a linear classifier
@@ -79,7 +81,6 @@ def _run(tmp_path: Path, out: Path, processes: int) -> subprocess.CompletedProce
 
 
 def test_two_ranks_write_the_bytes_of_one_process(tmp_path):
-    from utils.dataelixir import defence as de
 
     one, two = tmp_path / "one", tmp_path / "two"
     _run(tmp_path, one, 1)
@@ -89,8 +90,8 @@ def test_two_ranks_write_the_bytes_of_one_process(tmp_path):
     for name in ("candidates.u8", "preds.i16", "meta.json"):
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
     assert sorted(p.name for p in (two / "done").iterdir()) == ["chunk_00000", "chunk_00001", "chunk_00002"]
-    assert de.candidates_complete(two)
-    cand, _, _ = de.open_candidates(two)
+    assert cs.candidates_complete(two)
+    cand, _, _ = cs.open_candidates(two)
     assert cand.shape == (5, 5, 3, 32, 32) and np.asarray(cand[:, 1:]).any()
     # a second sharded run finds every chunk built and changes nothing
     before = (two / "candidates.u8").read_bytes()
