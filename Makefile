@@ -1,4 +1,6 @@
-# Two commands do everything on a fresh machine:
+# Three commands do everything on a fresh machine:
+#   make smoke  # installs the requirements, runs the whole ECLIPSE pipeline on a few hundred images
+#               # in a few minutes (a smoke run: its numbers mean nothing)
 #   make demo   # installs the requirements, runs the CPU-scale ECLIPSE pipeline end to end, prints the table
 #               # (downloads CIFAR-10 into data/cifar10 when no copy is found)
 #   make test   # installs the requirements, runs the test suite
@@ -11,12 +13,15 @@ CIFAR10_ROOT ?= $(abspath $(SHARED)/datasets/cifar10)
 export CIFAR10_ROOT
 endif
 
-.PHONY: setup test demo lint bench
+.PHONY: setup test smoke demo lint bench
 setup:
 	$(PYTHON) -m pip install -q -r requirements.txt
 
 test: setup
 	$(PYTHON) -m pytest
+
+smoke: setup
+	$(PYTHON) demo.py --tiny --baselines
 
 demo: setup
 	$(PYTHON) demo.py --baselines

@@ -10,7 +10,13 @@ Runs, as the README's CPU-scale table lists them, the same commands a user would
 and prints a table of test accuracies (mean ± std over seeds) in the shape of ECLIPSE's
 Table 1. The recipe is config/eclipse_cpu.yaml. Everything goes under --work_dir (default
 runs/demo/); every step resumes or is skipped when its output exists, so an interrupted
-demo continues where it stopped. --jobs 2 runs two steps at a time (one thread each).
+demo continues where it stopped; an output made with other settings is refused (another
+--work_dir, or --overwrite to redo it). --jobs 2 runs two steps at a time (one thread each).
+Ctrl-C or SIGTERM interrupts the running steps and waits for them.
+
+--tiny (make smoke) is the smoke run: the same steps on a few hundred images in a few
+minutes (config/eclipse_cpu.yaml, `tiny`; under runs/demo-tiny/), to see that everything
+runs on this machine. Its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from utils.demo.pipeline import (
     SPARSE_SET,
     CommandFailed,
     build_commands,
+    interrupt_on_sigterm,
     plan_lines,
     plot_summary,
     run_command,
@@ -32,10 +39,11 @@ from utils.demo.pipeline import (
     summarise,
     table_markdown,
 )
-from utils.demo.recipe import demo_recipe
+from utils.demo.recipe import demo_recipe, recipe_help, tiny_recipe
 from utils.demo.step_costs import measure_unit_costs, step_threads
+from utils.demo.stored import check_stored_settings
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_state_json
-from utils.options import POSITIVE, Key, add_keys_to_argparser
+from utils.options import POSITIVE, SUBSET, Key, add_keys_to_argparser
 from utils.paths import REPO_ROOT, poisoned_file, purified_file
 from utils.poisons import POISONS
 from utils.runtime import resolve_device
@@ -54,9 +62,18 @@ def run(cmd: list[str], log: TextIO) -> float:
     return run_command(cmd)
 
 
+SMOKE = "SMOKE RUN (--tiny): it only shows that every step runs here; its numbers mean nothing"
+
 KEYS: dict[str, Key] = {
     "poisons": Key("EM", "comma-separated poisons to craft and defend against, or 'all'"),
-    "work_dir": Key(str(REPO_ROOT / "runs" / "demo")),
+    "work_dir": Key(None, "folder of every output (default: runs/demo, with --tiny runs/demo-tiny)", nullable=True),
+    "tiny": Key(False, "the smoke run: a few hundred images, a few minutes; its numbers mean nothing", flag=True),
+    "overwrite": Key(
+        False, "redo the steps whose outputs were made with other settings (and the steps after them)", flag=True
+    ),
+    "test_subset": Key(
+        None, "test the victims on a class-balanced subset (default: all 10,000)", int, True, range=SUBSET
+    ),
     "baselines": Key(False, "also train the ISS baselines (grayscale, JPEG)", flag=True),
     "seeds": Key(1, "victims per cell, seeds 0..N-1 (table: mean ± std)", range=POSITIVE),
     "jobs": Key(1, "steps run at a time (each with cores/jobs threads)", range=POSITIVE),
@@ -68,23 +85,37 @@ KEYS: dict[str, Key] = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_keys_to_argparser(ap, KEYS)
-    # the recipe's keys, typed by their values in config/eclipse_cpu.yaml
-    recipe = {k: Key(v, "(config/eclipse_cpu.yaml)") for k, v in demo_recipe().items()}
+    # the recipe's keys, typed by their values in config/eclipse_cpu.yaml, with its comments as help
+    helps = recipe_help()
+    recipe = {k: Key(v, helps.get(k) or "see config/eclipse_cpu.yaml") for k, v in demo_recipe().items()}
     add_keys_to_argparser(ap.add_argument_group("recipe (defaults: config/eclipse_cpu.yaml)"), recipe)
-    return ap.parse_args(argv)
+    if ap.parse_known_args(argv)[0].tiny:  # the smoke run's values replace the defaults; flags still win
+        ap.set_defaults(**tiny_recipe())
+    args = ap.parse_args(argv)
+    if args.work_dir is None:
+        args.work_dir = str(REPO_ROOT / "runs" / ("demo-tiny" if args.tiny else "demo"))
+    return args
 
 
 def main() -> None:
     args = parse_args()
     poisons = parse_poisons(args.poisons)
     work = Path(args.work_dir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the work folder {work} ({e.strerror or e}); use a writable one") from None
     args.work_dir = str(work)
     variants = ["none", "issg", "issj", "eclipse"] if args.baselines else ["none", "eclipse"]
+    if args.tiny:
+        print(SMOKE, flush=True)
+    # outputs made with other settings are refused before anything else happens
+    check_stored_settings(build_commands(args, poisons, variants), args.overwrite)
     print("timing each kind of step on this machine (a few seconds) ...", flush=True)
     costs = measure_unit_costs(args, resolve_device("auto"), step_threads(args.jobs))
     steps = build_commands(args, poisons, variants, costs=costs)
-    plan = plan_lines(steps, args.jobs, costs)
+    redone = check_stored_settings(steps, args.overwrite)
+    plan = plan_lines(steps, args.jobs, costs) + redone
     if not cifar10_present():
         plan.append(
             f"  CIFAR-10 is not at {resolve_data_root()}: the first step downloads the official archive (163 MB)"
@@ -92,7 +123,7 @@ def main() -> None:
     print("\n".join(plan + ["  an interrupted demo resumes where it stopped when run again"]), flush=True)
     if args.plan:
         return
-    with open(work / "demo.log", "a") as log:
+    with interrupt_on_sigterm(), open(work / "demo.log", "a") as log:
         try:
             run_commands(
                 steps,
@@ -117,10 +148,13 @@ def main() -> None:
 def write_summary(args: argparse.Namespace, work: Path, status: str = "") -> str:
     """The table of every finished victim in ``work`` as summary.md, .json and .png; returns it."""
     summary = summarise(work, list(POISONS), args.seeds)
+    tested = f"on {args.test_subset} test images" if args.test_subset else "on the test set"
     heading = (
-        f"CPU-scale ECLIPSE: {args.subset} training images, {args.arch} width {args.width}, {args.epochs} epochs, "
+        (f"{SMOKE}\n\n" if args.tiny else "")
+        + f"CPU-scale ECLIPSE: {args.subset} training images, {args.arch} width {args.width}, {args.epochs} epochs, "
         f"{args.seeds} seed(s) per victim (mean ± std); diffusion UNet {args.diffusion_iterations} iterations, "
-        f"t*={args.t} with {args.respace} reverse steps; test accuracy (%)" + (f" ({status})" if status else "")
+        f"t*={args.t} with {args.respace} reverse steps; test accuracy (%) {tested}"
+        + (f" ({status})" if status else "")
     )
     table = table_markdown(summary, heading)
     seconds_file = work / "step_seconds.json"
@@ -139,3 +173,11 @@ if __name__ == "__main__":
         main()
     except UserError as e:
         sys.exit(f"demo: {e}")
+    except OSError as e:  # a read-only or full work folder, a path blocked by a file: one line, no traceback
+        sys.exit(f"demo: {str(e.filename) + ': ' if e.filename else ''}{e.strerror or e}")
+    except KeyboardInterrupt:
+        print(
+            "\ndemo: interrupted; its running steps were stopped, finished work is saved and a re-run resumes from it",
+            file=sys.stderr,
+        )
+        sys.exit(130)

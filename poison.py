@@ -41,7 +41,7 @@ KEYS: dict[str, Key] = {
     "poison": Key(None, f"one of {', '.join(POISONS)}", nullable=True),
     "list": Key(False, "list the poisons, their norms and defaults, and exit", flag=True),
     "name": Key(None, "output name (default: the poison's name; EM-classwise for --classwise)", nullable=True),
-    "seed": Key(0),
+    "seed": Key(0, "seed of the crafting (surrogate, noise, data order)"),
     "subset": Key(None, "CPU scale: poison a class-balanced subset of N images", int, True, range=SUBSET),
     "subset_seed": Key(0, "seed of the subset draw (train.py --subset uses 0)"),
     "arch": Key(None, "surrogate architecture (default resnet18)", str, True, choices=tuple(CLASSIFIERS)),
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_keys_to_argparser(p, KEYS)
     group = p.add_argument_group("poison options (each poison takes a subset; defaults: --list)")
     # their usage lines name the value, as before the choices were declared with the options
-    add_keys_to_argparser(group, OPTIONS, show_choices=False)
+    add_keys_to_argparser(group, OPTIONS, show_choices=False, show_defaults=False)
     return p
 
 

@@ -34,7 +34,7 @@ from utils.diffusion.factory import (
     resolve_config,
 )
 from utils.diffusion.purify import noise_std_at, purify_dataset
-from utils.download import eclipse_manual
+from utils.download import eclipse_manual, work_dir_flag
 from utils.fileio import (
     UserError,
     atomic_write_json,
@@ -54,11 +54,11 @@ from utils.runtime import cleanup_distributed, init_distributed, resolve_device
 KEYS: dict[str, Key] = {
     # the reference's flags and defaults
     "config": Key("cifar10.yml", "diffusion YAML: a path, or a file name in config/eclipse/"),
-    "seed": Key(1234),
+    "seed": Key(1234, "seed of the noise (each batch seeded by seed and batch index)"),
     "t": Key(100, "t*: noise level (diffusion step) and number of reverse steps", range=POSITIVE),
     "sparse_diff_model": Key("ema_0.9999_250000.pt", "checkpoint file in diff_ckpt/cifar10/<sparse_set>/"),
-    "sparse_set": Key("test2000ps8000"),
-    "batch_size": Key(256, range=POSITIVE),
+    "sparse_set": Key("test2000ps8000", "diffusion run name: the checkpoint folder diff_ckpt/cifar10/<sparse_set>/"),
+    "batch_size": Key(256, "images purified per batch (a resumed run keeps its batch size)", range=POSITIVE),
     "poison": Key("EM", "poisoned_data/cifar10/<POISON>.pkl"),
     # additions
     "respace": Key(
@@ -80,12 +80,16 @@ KEYS: dict[str, Key] = {
 }
 
 
+OUTPUT_SUFFIXES = (".pkl", ".json", ".png", ".log")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_keys_to_argparser(p, KEYS)
     args = p.parse_args(argv)
-    for flag in ("poison", "sparse_set", "sparse_diff_model"):
+    for flag in ("poison", "sparse_set"):
         check_name(getattr(args, flag), f"--{flag}")
+    check_name(args.sparse_diff_model, "--sparse_diff_model", made=())  # read, never written
     return args
 
 
@@ -105,10 +109,14 @@ def main(argv=None) -> None:
     iteration = checkpoint_iteration(args.sparse_diff_model)
     src = poisoned_file(work, args.poison)
     dst = purified_file(work, args.sparse_set, args.t, iteration, args.poison)
+    # the outputs' names (with their temporary and lock files) fit the file system
+    check_name(
+        args.poison, "--poison", tuple(f"{{}}-pure{s}" for s in OUTPUT_SUFFIXES) + (".{}-pure.parts/",), dst.parent
+    )
     if not src.is_file():
         raise UserError(
-            f"poisoned dataset not found: {src}; craft it with `python poison.py --poison {args.poison}`, "
-            + eclipse_manual("poisoned")
+            f"poisoned dataset not found: {src}; craft it with "
+            f"`python poison.py --poison {args.poison}{work_dir_flag(work)}`, " + eclipse_manual("poisoned")
         )
     # either spelling of the name loads (ECLIPSE's published ema_0.9999_250000.pt is both)
     cmd = diffusion_train_command(config, args.sparse_set, args.sparse_diff_model, work)
@@ -169,10 +177,12 @@ def main(argv=None) -> None:
         if rank == 0:
             seconds = time.time() - t0
             purified = ImageSet(out, data.labels)
-            write_eclipse_pkl(dst, purified)
             summary = _summary(args, data, purified, seconds, steps, device, world, str(config), str(ckpt), base, stats)
+            # the .pkl last: it marks the run finished (utils.run_state); --overwrite's earlier one goes first
+            dst.unlink(missing_ok=True)
             atomic_write_json(dst.with_suffix(".json"), summary)
             _grid(dst.with_suffix(".png"), data, purified)
+            write_eclipse_pkl(dst, purified)
             shutil.rmtree(parts, ignore_errors=True)
             rate = summary["image_steps_per_s"]
             log.info(f"wrote {dst} ({seconds:.0f} s, {rate or 0:.1f} image-steps/s)")
@@ -184,13 +194,19 @@ def main(argv=None) -> None:
 def _check_parts_batch_size(parts: Path, n_images: int, batch_size: int) -> None:
     """Batches of an interrupted run resume only with the same ``--batch_size``: each batch's
     noise comes from its index, so other batches would mix two runs' noise."""
-    found = sorted(parts.glob("part_*.pt")) if parts.is_dir() else []
-    if not found:
+    found = sorted(p for p in parts.glob("part_*.pt") if p.stem[5:].isdigit()) if parts.is_dir() else []
+    for path in found:
+        try:
+            part = safe_torch_load(path, "purified batch")
+        except UserError:
+            continue  # a damaged batch tells nothing; purify_dataset redoes it
+        if isinstance(part, torch.Tensor) and part.dtype == torch.uint8 and part.dim() == 4:
+            break
+    else:
         return
-    first = found[0]  # the lowest-numbered batch: full-sized unless it is the last one
-    i = int(first.stem.split("_")[1])
-    part = safe_torch_load(first, "purified batch")
-    had = len(part) if isinstance(part, torch.Tensor) else -1
+    # the lowest-numbered readable batch: full-sized unless it is the last one
+    i = int(path.stem.split("_")[1])
+    had = len(part)
     expected = max(0, min(batch_size, n_images - i * batch_size))
     if had != expected:
         raise UserError(

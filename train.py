@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import io
+import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 
 from models import CLASSIFIERS, build_classifier
@@ -24,13 +27,15 @@ from utils.augment import compensation_augment, grayscale, jpeg, standard_augmen
 from utils.compat import legacy_precision
 from utils.data import NUM_CLASSES, ImageSet, class_balanced_subset, load_cifar10, load_poisoned, read_eclipse_pkl
 from utils.diffusion.checkpoints import DEFAULT_EMA_RATE, checkpoint_name, ema_checkpoints
-from utils.download import eclipse_manual
+from utils.download import eclipse_manual, work_dir_flag
 from utils.fileio import (
     UserError,
     atomic_torch_save,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     cli_main,
+    read_state_json,
     setup_logging,
 )
 from utils.options import (
@@ -51,37 +56,40 @@ from utils.options import (
 from utils.paths import diff_ckpt_dir, purified_file, work_dir
 from utils.plots import history_series, save_curves
 from utils.precision import precision_from_args, prefer_channels_last
-from utils.run_state import RunFolder, check_name
+from utils.run_state import RunFolder, check_name, lock_path
 from utils.runtime import resolve_device, seed_everything, set_deterministic
 from utils.trainer import TrainConfig, train_classifier
 
 RESULTS_COLUMNS = ["pure", "arch", "poison", "sparse_set", "t", "p", "std", "acc"]
 EXTRA_COLUMNS = ["defense", "width", "epochs", "n_train", "seed", "run"]
+ROWS_RECORD = "results_rows.json"  # in the run folder: where its rows of the results files are
 
 
 KEYS: dict[str, Key] = {
     # the reference's flags and defaults
-    "lr": Key(0.1, range=GT0),
-    "epochs": Key(80, range=POSITIVE),
-    "arch": Key("resnet18", choices=tuple(CLASSIFIERS)),
+    "lr": Key(0.1, "SGD learning rate (peak lr with --schedule onecycle)", range=GT0),
+    "epochs": Key(80, "training epochs", range=POSITIVE),
+    "arch": Key("resnet18", "victim architecture", choices=tuple(CLASSIFIERS)),
     "poison": Key("EM", "poisoned_data/cifar10/<POISON>.pkl, or 'clean'"),
-    "batch_size": Key(128, range=POSITIVE),
+    "batch_size": Key(128, "training batch size", range=POSITIVE),
     "t": Key(100, "t* of the purified set (with --pure)", range=POSITIVE),
     "iter": Key(250000, "diffusion iteration of the purified set (with --pure)", range=NONNEG),
-    "seed": Key(0),
+    "seed": Key(0, "seed of the initialisation, data order and augmentation"),
     "std": Key(0.05, "compensation: Gaussian noise std on [0, 1]", range=NONNEG),
     "p": Key(0.4, "compensation: random grayscale probability", range=FRACTION),
-    "sparse_set": Key("test2000ps8000"),
+    "sparse_set": Key("test2000ps8000", "sparse set (diffusion run name) of the purified set (with --pure)"),
     "pure": Key(False, "ECLIPSE: train on the purified set with corruption compensation", flag=True),
     # additions
     "defense": Key("none", "ISS baselines (JPEG / grayscale)", choices=("none", "jpeg", "grayscale")),
-    "jpeg_quality": Key(10, range=Range(1, 100)),
+    "jpeg_quality": Key(10, "JPEG quality of --defense jpeg (ISS-J)", range=Range(1, 100)),
     "width": Key(64, "first-stage channels (64 = paper; 16 = CPU-scale variant)", range=POSITIVE),
-    "weight_decay": Key(0.0, "the reference uses none", range=NONNEG),
-    "schedule": Key("constant", "the reference: constant", choices=("constant", "cosine", "onecycle")),
-    "test_every": Key(5, range=POSITIVE),
+    "weight_decay": Key(0.0, "SGD weight decay (the reference uses none)", range=NONNEG),
+    "schedule": Key(
+        "constant", "learning-rate schedule (the reference: constant)", choices=("constant", "cosine", "onecycle")
+    ),
+    "test_every": Key(5, "epochs between test-accuracy evaluations (and always the last)", range=POSITIVE),
     "subset": Key(None, "--poison clean only: class-balanced subset of N images", int, True, range=SUBSET),
-    "subset_seed": Key(0),
+    "subset_seed": Key(0, "seed of the --subset draw (poison.py --subset uses 0)"),
     "test_subset": Key(None, "evaluate on a class-balanced subset of the test set", int, True, range=SUBSET),
     "quantize": Key("truncate", "compensation re-quantisation", choices=("truncate", "round")),
     "drop_last": Key(
@@ -100,7 +108,7 @@ KEYS: dict[str, Key] = {
     "bf16": BF16,
     "channels_last": Key(None, "null: where it is faster on the device (README, Precision)", bool, nullable=True),
     "device": DEVICE,
-    "data_root": Key(None, nullable=True),
+    "data_root": Key(None, "CIFAR-10 root (else $CIFAR10_ROOT, else data/cifar10)", nullable=True),
     "download": DOWNLOAD,
     "work_dir": Key(None, "folder holding poisoned_data/, purified_data/, runs/, results.csv", nullable=True),
     "run_name": Key(None, "folder name under runs/train/ (default: derived from the settings)", nullable=True),
@@ -130,8 +138,8 @@ def load_training_set(args, work) -> tuple[ImageSet, str]:
         if not path.is_file():
             raise UserError(
                 f"purified dataset not found: {path}; make it with `python purification.py --poison {args.poison} "
-                f"--t {args.t} --sparse_set {args.sparse_set} --sparse_diff_model {_ema_name(work, args)}`, "
-                + eclipse_manual("purified")
+                f"--t {args.t} --sparse_set {args.sparse_set} --sparse_diff_model {_ema_name(work, args)}"
+                f"{work_dir_flag(work)}`, " + eclipse_manual("purified")
             )
         return read_eclipse_pkl(path), str(path)
     return load_poisoned(work, args.poison, args.data_root, args.subset, args.subset_seed, args.download)
@@ -149,6 +157,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     work = work_dir(args.work_dir)
     run = work / "runs" / "train" / args.run_name
+    check_name(args.run_name, "--run_name", folder=run.parent)  # the run folder and its lock fit the file system
     device = resolve_device(args.device)
     precision = precision_from_args(args, device, "victim")
     channels_last = prefer_channels_last(device) if args.channels_last is None else args.channels_last
@@ -177,7 +186,11 @@ def main(argv=None) -> None:
     train, source = load_training_set(args, work)
     test = load_cifar10("test", args.data_root, download=args.download)
     with folder:
+        record = run / ROWS_RECORD  # kept: the run redone replaces its rows of the results files
+        rows = record.read_bytes() if record.is_file() else None
         folder.open(fresh=bool(old))  # a finished run redone (--overwrite) starts afresh
+        if rows is not None and not record.exists():
+            atomic_write_bytes(record, rows)
         _run(args, work, run, settings, device, train, source, test, precision)
 
 
@@ -221,8 +234,11 @@ def _run(args, work, run, settings: dict, device, train: ImageSet, source: str, 
     )
     acc = history[-1]["test_acc"]
     seconds = time.time() - t0
-    _append_results(work, args, acc, len(train))
+    # result.json last: it marks the run finished (utils.run_state), so a kill before it
+    # leaves a run that resumes from checkpoint.pt, removed only once the run is finished
+    atomic_torch_save(model.state_dict(), run / "model.pt")
     save_curves(run / "curves.png", history_series(history, ["train_acc", "test_acc"]), args.run_name)
+    _append_results(work, run, args, acc, len(train))
     atomic_write_json(
         result_path,
         {
@@ -239,31 +255,89 @@ def _run(args, work, run, settings: dict, device, train: ImageSet, source: str, 
         },
     )
     (run / "checkpoint.pt").unlink(missing_ok=True)
-    atomic_torch_save(model.state_dict(), run / "model.pt")
     log.info(f"Test Acc: {acc:.2f}  ({seconds:.0f} s) -> {result_path}")
     print(f"Finished Training: test accuracy {acc:.2f}%")
 
 
-def _append_results(work, args, acc: float, n_train: int) -> None:
+def _append_results(work, run, args, acc: float, n_train: int) -> None:
     """``results.csv``: the reference's row exactly (8 columns, no header, the accuracy
     unrounded, written by ``csv.writer``); ``results_extra.csv``: that row plus our
     columns, with a header. A ``results.csv`` of the earlier layout (header, 14 columns)
-    becomes ``results_extra.csv`` first, its reference columns copied back."""
+    becomes ``results_extra.csv`` first, its reference columns copied back.
+
+    Keyed by run: where each row goes (line and text) is recorded in ``run``'s
+    ``results_rows.json`` before it is appended, under a lock shared by every train.py
+    writing to ``work``; a re-run of the run (after a kill before result.json, or with
+    --overwrite) replaces its own rows instead of adding more."""
     path, extra = work / "results.csv", work / "results_extra.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    _migrate_results(path, extra)
     row = [args.pure, args.arch, args.poison, args.sparse_set, args.t, args.p, args.std, acc]
-    new = not extra.exists()
+    record = run / ROWS_RECORD
     try:
-        with open(path, "a", newline="") as f:
-            csv.writer(f).writerow(row)
-        with open(extra, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(RESULTS_COLUMNS + EXTRA_COLUMNS)
-            w.writerow(row + [args.defense, args.width, args.epochs, n_train, args.seed, args.run_name])
+        with _results_lock(path):
+            _migrate_results(path, extra)
+            how = f"delete it, and {path} may then get a second row of this run"
+            rows = read_state_json(record, how) if record.is_file() else {}
+            rows = rows if isinstance(rows, dict) else {}
+            if not extra.exists():
+                _append_line(extra, _csv_line(RESULTS_COLUMNS + EXTRA_COLUMNS))
+            lines = {
+                path: _csv_line(row),
+                extra: _csv_line(row + [args.defense, args.width, args.epochs, n_train, args.seed, args.run_name]),
+            }
+            for file, line in lines.items():
+                data = file.read_bytes() if file.is_file() else b""
+                if _replace_row(file, data, rows.get(file.name), line):
+                    continue
+                sep = "\r\n" if data and not data.endswith(b"\n") else ""  # a last line without its end
+                rows[file.name] = [data.count(b"\n") + bool(sep), line]
+                atomic_write_json(record, rows)  # before the row: a kill after it leaves a row found again
+                _append_line(file, sep + line)
     except OSError as e:  # a full disk fails the write itself, with no path in the error
         raise OSError(e.errno, e.strerror, e.filename or str(path)) from e
+
+
+def _csv_line(row: list) -> str:
+    buf = io.StringIO()
+    csv.writer(buf).writerow(row)
+    return buf.getvalue()
+
+
+def _append_line(file, line: str) -> None:
+    with open(file, "a", newline="") as f:
+        f.write(line)
+
+
+def _replace_row(file, data: bytes, recorded, line: str) -> bool:
+    """Put ``line`` at the line where ``recorded`` (``[line index, text]``) says this run's row
+    is in ``file`` (holding ``data``); False when the row is no longer there."""
+    if not (isinstance(recorded, list) and len(recorded) == 2):
+        return False
+    at, old = recorded
+    lines = data.split(b"\n")
+    if not (isinstance(at, int) and isinstance(old, str) and 0 <= at < len(lines) - 1):
+        return False
+    if lines[at].rstrip(b"\r") != old.encode().rstrip(b"\r\n"):  # an editor may have changed the line ends
+        return False
+    new = line.encode().rstrip(b"\r\n") + (b"\r" if lines[at].endswith(b"\r") else b"")
+    if new != lines[at]:
+        lines[at] = new
+        atomic_write_bytes(file, b"\n".join(lines))
+    return True
+
+
+@contextmanager
+def _results_lock(path):
+    """Every train.py writing ``path`` (and its extra file) waits here for the others."""
+    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a file system without flock: one run at a time is the user's to keep
+        yield
+    finally:
+        os.close(fd)
 
 
 def _migrate_results(path, extra) -> None:

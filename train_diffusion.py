@@ -28,7 +28,7 @@ from utils.compat import legacy_precision
 from utils.data import load_cifar10
 from utils.diffusion.checkpoints import checkpoint_name
 from utils.diffusion.factory import create_diffusion, load_diffusion_spec
-from utils.diffusion.training import DiffusionTrainConfig, train_diffusion
+from utils.diffusion.training import DiffusionTrainConfig, load_resume_state, train_diffusion
 from utils.fileio import UserError, atomic_write_json, cli_main, setup_logging
 from utils.options import (
     BF16,
@@ -54,13 +54,15 @@ KEYS: dict[str, Key] = {
     "num_clean": Key(2000, "B: clean images drawn at random (with --seed)", range=POSITIVE),
     "replicas": Key(4, "M: copies of each image in the training set", range=POSITIVE),
     "sparse_set": Key(None, "run name; default <source><B>ps<B*M>, e.g. test2000ps8000", nullable=True),
-    "iterations": Key(250_000, range=POSITIVE),
+    "iterations": Key(250_000, "training iterations (a re-run with more continues the run)", range=POSITIVE),
     "batch_size": Key(128, "global batch (split across torchrun processes)", range=POSITIVE),
-    "lr": Key(1e-4, range=GT0),
-    "weight_decay": Key(0.0, range=NONNEG),
-    "ema_rate": Key(0.9999, range=Range(0, 1, low_open=True, high_open=True)),
-    "save_interval": Key(10_000, range=POSITIVE),
-    "log_interval": Key(100, range=POSITIVE),
+    "lr": Key(1e-4, "AdamW learning rate", range=GT0),
+    "weight_decay": Key(0.0, "AdamW weight decay (improved-diffusion: none)", range=NONNEG),
+    "ema_rate": Key(
+        0.9999, "EMA decay of the saved ema_<rate>_<iter>.pt weights", range=Range(0, 1, low_open=True, high_open=True)
+    ),
+    "save_interval": Key(10_000, "iterations between checkpoints (model, EMA, optimiser)", range=POSITIVE),
+    "log_interval": Key(100, "iterations between progress.csv rows", range=POSITIVE),
     "flip": Key(False, "random horizontal flip (the paper: off)"),
     "max_timestep": Key(
         None,
@@ -111,6 +113,8 @@ def main(argv=None) -> None:
     rank, world = init_distributed(device)
     lock = ExitStack()
     try:
+        if args.batch_size % world:
+            raise UserError(f"--batch_size {args.batch_size} must be divisible by the {world} torchrun processes")
         out = diff_ckpt_dir(work_dir(args.work_dir), args.sparse_set)
         cfg = DiffusionTrainConfig(
             iterations=args.iterations,
@@ -142,6 +146,8 @@ def main(argv=None) -> None:
         folder = lock.enter_context(_run_folder(out, settings, args.overwrite, rank, world))
         folder.check()
         cfg.precision = settings["training"]["precision"]  # a resumed run keeps its stored precision
+        # the checkpoint resumed from (checked: finite, floating-point, this many processes)
+        resume = None if folder.stale else load_resume_state(out, cfg.ema_rate, world)
         idx = sparse_set_indices(len(clean), args.num_clean, args.seed)
         images = clean.images[idx].repeat(args.replicas, 1, 1, 1)  # ECLIPSE Eq. 3: D_s plus its duplicates
         folder.open(content={**settings, "command": " ".join(sys.argv)})
@@ -157,7 +163,7 @@ def main(argv=None) -> None:
         seed_everything(args.seed + rank)
         model = spec.build_model(compile=args.compile)
         diffusion = create_diffusion(spec)
-        train_diffusion(model, diffusion, images, cfg, out, device, rank, world, log=log.info)
+        train_diffusion(model, diffusion, images, cfg, out, device, rank, world, log=log.info, resume=resume)
         if rank == 0:
             log.info(f"done: {out / checkpoint_name('ema', cfg.iterations, cfg.ema_rate)}")
     finally:

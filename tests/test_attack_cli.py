@@ -120,6 +120,47 @@ def test_rerun_resumes_every_phase(badnet_run, work):
         assert f"phase {phase}: done earlier" in log
 
 
+def _outputs(rec):
+    """What a finished record holds that must not depend on where runs stopped: metrics.json
+    without the timings (and the folder's name), the three models' weights, the candidates
+    and the identification."""
+    metrics = json.loads((rec / "metrics.json").read_text())
+    for key in ("timings_s", "total_s", "save_folder_name"):
+        metrics.pop(key)
+    out = {"metrics": metrics}
+    for name in ("backdoored", "stage1", "stage2"):
+        out.update({f"{name}.{k}": v for k, v in torch.load(rec / f"{name}_model.pt", weights_only=True).items()})
+    out.update({f"ident.{k}": v for k, v in torch.load(rec / "identification.pt", weights_only=True).items()})
+    for name in ("candidates/candidates.u8", "candidates/preds.i16"):
+        out[name] = (rec / name).read_bytes()
+    return out
+
+
+def test_stopping_at_every_phase_boundary_then_resuming_gives_the_uninterrupted_bytes(work):
+    """One run stopped after each phase in turn (--stop_after with every choice, each run
+    resuming the one before), then finished, against one uninterrupted run: each phase ran in
+    a process where every earlier phase was loaded, not computed, and the outputs are equal.
+    Smaller than TINY (100 images, one round of two steps) and on one thread, to keep it short."""
+    from utils.options import FIXED_OPTIONS
+
+    small = {"subset": 100, "rounds_n": 1, "purify_respace": 2}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        whole = run_attack_then_defence("badnet", _argv(work, name="whole", **small))
+        for phase in FIXED_OPTIONS["stop_after"].choices:
+            stopped = run_attack_then_defence("badnet", [*_argv(work, name="chain", **small), "--stop_after", phase])
+            assert stopped == {}
+        assert run_attack_then_defence("badnet", _argv(work, name="chain", **small))["TPR"] == whole["TPR"]
+    finally:
+        torch.set_num_threads(threads)
+    a, b = _outputs(work / "record" / "whole"), _outputs(work / "record" / "chain")
+    assert a.keys() == b.keys()
+    for key in a:
+        same = torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key]
+        assert same, key
+
+
 def test_a_record_of_the_older_bf16_keys_resumes_in_its_precisions(badnet_run, work):
     """A record written before --precision (``bf16: true``, ``amp: false``) resumes instead of
     being refused, and keeps the precisions it ran with (its log says so)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import time
@@ -76,6 +77,35 @@ def test_reads_an_image_folder_tree_and_caches(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
     again = load_cifar10("train", tmp_path)  # from the cache
     assert torch.equal(again.images, data.images)
+
+
+def test_image_tree_cache_sees_a_replaced_image(tmp_path, monkeypatch):
+    """The cache of an image tree is keyed by every file's size and mtime: an image replaced
+    in a middle class folder (neither the first nor the last folder changes) is read anew."""
+    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(2)
+    for cls in CIFAR10_CLASSES:
+        (tmp_path / "test" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "test" / cls / f"{i}.png"
+            )
+    first = load_cifar10("test", tmp_path)
+    replaced = tmp_path / "test" / "cat" / "1.png"
+    folders = {d: os.stat(d).st_mtime_ns for d in (tmp_path / "test").iterdir()}
+    new = np.full((32, 32, 3), 7, dtype=np.uint8)
+    with open(replaced, "r+b") as f:  # rewritten in place: the folders' mtimes stay as they were
+        buf = io.BytesIO()
+        Image.fromarray(new).save(buf, format="PNG")
+        f.write(buf.getvalue())
+        f.truncate()
+    st = os.stat(replaced)
+    os.utime(replaced, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert {d: os.stat(d).st_mtime_ns for d in (tmp_path / "test").iterdir()} == folders
+    again = load_cifar10("test", tmp_path)
+    k = CIFAR10_CLASSES.index("cat") * 2 + 1
+    assert torch.equal(again.images[k], torch.from_numpy(new).permute(2, 0, 1))
+    assert torch.equal(again.images[:k], first.images[:k]) and not torch.equal(again.images[k], first.images[k])
 
 
 def test_missing_or_malformed_roots(tmp_path, monkeypatch):

@@ -1,16 +1,25 @@
-"""DataElixir's candidate construction sharded across torchrun processes: two gloo ranks
-write the same bytes as one process (each chunk's noise comes from its index alone)."""
+"""DataElixir's candidate store: its construction sharded across torchrun processes (two gloo
+ranks write the same bytes as one process, each chunk's noise coming from its index alone),
+and its header keyed by the DDPM checkpoint the attack scripts build it with."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
+import yaml
 
 from utils.dataelixir import candidate_store as cs
+from utils.dataelixir.keys import FlowConfig
+from utils.dataelixir.models import build_candidates, build_model
+from utils.diffusion.factory import spec_from_dict
+from utils.fileio import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,3 +107,70 @@ def test_two_ranks_write_the_bytes_of_one_process(tmp_path):
     res = _run(tmp_path, two, 2)
     assert "2 of 2 chunks already built" in res.stdout and "1 of 1 chunks already built" in res.stdout
     assert (two / "candidates.u8").read_bytes() == before
+
+
+def _flow_inputs(tmp_path: Path) -> tuple[FlowConfig, Path, Path, torch.Tensor]:
+    """A flow configuration building 5 images' candidates in 3 chunks with the tiny DDPM of
+    ``ddpm.yml`` and the checkpoint at ``diff_ckpt/tiny/ema_0.999_1.pt``, and a record folder
+    holding a backdoored model."""
+    (tmp_path / "ddpm.yml").write_text(yaml.safe_dump(TINY_DDPM))
+    ckpt = tmp_path / "diff_ckpt" / "tiny" / "ema_0.999_1.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(spec_from_dict(TINY_DDPM, "tiny").build_model().state_dict(), ckpt)
+    settings = {
+        "model_width": 4,
+        "diffusion_config": str(tmp_path / "ddpm.yml"),
+        "diffusion_ckpt": str(ckpt),
+        "steps_T": 2,
+        "rounds_n": 1,
+        "last_steps_m": 2,
+        "purify_batch_size": 2,
+    }
+    cfg = FlowConfig.from_dict(settings, "badnet")
+    rec = tmp_path / "record"
+    rec.mkdir()
+    torch.save(build_model(cfg).state_dict(), rec / "backdoored_model.pt")
+    images = torch.randint(0, 256, (5, 3, 32, 32), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    return cfg, ckpt, rec, images
+
+
+def test_a_store_begun_with_another_ddpm_checkpoint_is_refused(tmp_path):
+    """A kill after the first chunk, then another checkpoint at the same path: the resumed run
+    is refused with one line naming the DDPM (the old chunks are not mixed with new ones); the
+    original checkpoint resumes it. An unfinished store written before the header named its
+    DDPM cannot be checked, and is refused saying how to go on."""
+    cfg, ckpt, rec, images = _flow_inputs(tmp_path)
+
+    def build() -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny tensors: a second thread only waits
+        try:
+            build_candidates(cfg, tmp_path, rec, images, torch.device("cpu"), 0, 1, lambda m: None)
+        finally:
+            torch.set_num_threads(threads)
+
+    build()
+    store = rec / "candidates"
+    for marker in ("chunk_00001", "chunk_00002"):  # as if killed after chunk 0
+        (store / "done" / marker).unlink()
+    before = (store / "candidates.u8").read_bytes()
+    original = ckpt.read_bytes()
+    torch.manual_seed(1)
+    torch.save(spec_from_dict(TINY_DDPM, "tiny").build_model().state_dict(), ckpt)
+    with pytest.raises(UserError) as err:
+        build()
+    message = str(err.value)
+    assert "\n" not in message and "other settings (ddpm: '" in message and "pass --overwrite" in message
+    assert (store / "candidates.u8").read_bytes() == before and not cs.candidates_complete(store)
+    ckpt.write_bytes(original)
+    build()
+    assert cs.candidates_complete(store) and (store / "candidates.u8").read_bytes() == before
+
+    meta = json.loads((store / "meta.json").read_text())
+    del meta["ddpm"]
+    (store / "meta.json").write_text(json.dumps(meta))
+    assert cs.candidates_complete(store)  # a finished older store is still read (the flow loads it)
+    (store / "done" / "chunk_00002").unlink()
+    with pytest.raises(UserError, match=r"\(ddpm: 'not recorded: .*' -> '\w+'\); delete that folder to rebuild"):
+        build()

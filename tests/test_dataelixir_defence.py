@@ -21,6 +21,7 @@ import torch.nn as nn
 from utils.augment import to_float, to_uint8
 from utils.dataelixir import candidate_store as cs
 from utils.dataelixir import defence as de
+from utils.dataelixir.keys import apply_reference_exact
 from utils.dataelixir.outputs import candidate_label_rates
 from utils.diffusion.factory import spec_from_dict
 from utils.diffusion.purify import chunk_seed, from_model_range, noise_and_denoise, to_model_range
@@ -250,6 +251,35 @@ def test_detect_target_labels_edge_cases():
     assert det.scores[0] == math.inf and det.targets == [0]
 
 
+def test_detect_target_labels_infinite_median_warns_instead_of_scoring_nan():
+    # hand-made histograms: classes 0 and 1 never keep their own label among the kept labels
+    # of their transitioning samples (their originals' labels not kept: KL = -log 0 = inf),
+    # class 2 keeps it in 2 of 3 (KL log 1.5), class 3 has no transitioning sample (NaN, left
+    # out). The median of [inf, inf, log 1.5] is inf: the reference's |inf - inf| = NaN gives
+    # every class a NaN score, and then "target label: []"
+    preds = _t([[0, 1, 1], [1, 2, 2], [2, 0, 2], [3, 3, 3]])
+    labels = _t([0, 1, 2, 3])
+    kept = torch.ones(4, 3, dtype=torch.bool)
+    kept[0, 0] = kept[1, 0] = False
+    trans = torch.tensor([True, True, True, False])
+    det = de.detect_target_labels(preds, kept, trans, labels, num_classes=4)
+    assert det.histograms[:3].tolist() == [[0, 2, 0, 0], [0, 0, 2, 0], [1, 0, 2, 0]]
+    assert det.metrics[:2].tolist() == [math.inf, math.inf] and det.metrics[2] == pytest.approx(math.log(1.5))
+    assert det.median == math.inf and np.isnan(det.scores[:3]).all() and det.scores[3] == 0.0
+    assert det.targets == []
+    assert det.warning is not None and "\n" not in det.warning
+    assert "infinite for classes [0, 1]" in det.warning and "finite for [2]" in det.warning
+    assert "no target label is detected" in det.warning
+    # with a finite median the infinite class is scored (a target) and nothing is said
+    preds = _t([[1, 1, 2], [1, 1, 2], [2, 2, 1], [0, 3, 0], [3, 3, 0]])
+    trans = (preds != preds[:, :1]).any(1)
+    det = de.detect_target_labels(preds, torch.ones(5, 3, dtype=torch.bool), trans, _t([0, 1, 2, 3, 3]), 4)
+    assert det.targets == [0] and det.warning is None
+    # no transition at all: nothing to score, said so
+    det = de.detect_target_labels(preds, torch.ones(5, 3, dtype=torch.bool), trans & False, _t([0, 1, 2, 3, 3]), 4)
+    assert det.targets == [] and "no sample transitions" in det.warning
+
+
 # --------------------------------------------------------------------------- 4. sorting
 
 
@@ -449,8 +479,8 @@ def test_reference_original_round_trip():
 
 def test_apply_reference_exact():
     cfg = {"noise_offset": 0, "ssim_mode": "per_channel", "original_round_trip": False, "steps_T": 150}
-    assert de.apply_reference_exact({**cfg, "reference_exact": False}) == {**cfg, "reference_exact": False}
-    on = de.apply_reference_exact({**cfg, "reference_exact": True})
+    assert apply_reference_exact({**cfg, "reference_exact": False}) == {**cfg, "reference_exact": False}
+    on = apply_reference_exact({**cfg, "reference_exact": True})
     assert on == {
         "noise_offset": 1,
         "ssim_mode": "reference",

@@ -83,6 +83,35 @@ def test_identification_phase_sorts_and_chooses(tmp_path):
     assert list(out.tensors()) == [f.name for f in dataclasses.fields(out)][:-1]
 
 
+def test_identification_phase_says_why_no_target_is_detected_when_the_scores_are_nan(tmp_path):
+    # class 0's one (transitioning) sample has labels 5 and 6 only, class 1's 6 and 7: both KL
+    # metrics are infinite, so is their median, and every MAD score NaN
+    logs: list[str] = []
+    ctx = dataclasses.replace(_ctx(tmp_path), log=logs.append)
+    cands = _candidates([[5, 6, 6, 6, 6], [6, 7, 7, 7, 7], [2, 2, 2, 2, 2]])
+    out = bp.identification_phase(ctx, torch.tensor([0, 1, 2]), cands, PixelLabel())
+    assert out.detection["target_labels"] == [] and out.detection["median"] == "inf"
+    warned = [m for m in logs if m.startswith("warning: target detection: ")]
+    assert len(warned) == 1 and "infinite for classes [0, 1]" in warned[0]
+    assert not any(m.startswith("target labels") for m in logs)
+    assert out.detection["warning"] == warned[0].removeprefix("warning: target detection: ")
+
+
+def test_a_phase_draws_the_same_numbers_whatever_ran_before_it(tmp_path):
+    """A phase's global generators are seeded from (random_seed, phase): what ran earlier in
+    the process (a model built, another phase) does not change its draws."""
+    ctx = _ctx(tmp_path)
+    first = bp.cached_phase(ctx, "stage1", lambda: (torch.rand(3), np.random.rand(), nn.Linear(2, 2).weight))
+    torch.rand(100), np.random.rand(7), nn.Linear(5, 5)
+    again = bp.cached_phase(_ctx(tmp_path), "stage1", lambda: (torch.rand(3), np.random.rand(), nn.Linear(2, 2).weight))
+    assert torch.equal(first[0], again[0]) and first[1] == again[1] and torch.equal(first[2], again[2])
+    other = bp.cached_phase(ctx, "stage2", lambda: torch.rand(3))
+    assert not torch.equal(other, first[0])
+    reseeded = dataclasses.replace(ctx, cfg=dataclasses.replace(CFG, random_seed=CFG.random_seed + 1))
+    assert not torch.equal(bp.cached_phase(reseeded, "stage1", lambda: torch.rand(3)), first[0])
+    assert CFG.phase_seed("stage1") == CFG.phase_seed("stage1") != CFG.phase_seed("stage2")
+
+
 def _ident(decision: list[int], label: list[int], distances: list[list[float]]) -> bp.Identification:
     n, k = len(decision), len(distances[0])
     dec = torch.tensor(decision)

@@ -22,7 +22,9 @@ from utils.demo.pipeline import (
     victim_name,
 )
 from utils.demo.recipe import demo_recipe, load_recipe, poison_flags
+from utils.demo.stored import check_stored_settings
 from utils.fileio import UserError
+from utils.paths import purified_file
 from utils.poisons import POISONS
 
 
@@ -155,3 +157,172 @@ def test_unit_costs_are_timed_here_and_counted_from_the_recipe(tmp_path):
     assert surrogate_passes("TAP", poison_flags("TAP"), 5000) == (12 * 5000 + 1 * 5000 * 20, True)
     assert surrogate_passes("ADP", poison_flags("ADP"), 5000) is None
     assert surrogate_passes("LSP", "", 5000) == (0.0, False)
+
+
+# --------------------------------------------------------------------------- settings of earlier outputs
+
+
+def _made_by(steps: list[DemoCommand], work: Path, iterations: int = 3000) -> None:
+    """Each step's output and settings as its script writes them (train.py's settings from
+    its own parser)."""
+    import train
+
+    runtime = ("device", "overwrite", "work_dir", "data_root", "download", "bf16")
+    for s in steps:
+        flags = {w[2:]: v for w, v in zip(s.cmd, s.cmd[1:]) if w.startswith("--")}
+        if s.key == "diffusion":
+            out = work / "diff_ckpt" / "cifar10" / "test2000ps8000"
+            out.mkdir(parents=True)
+            training = {"batch_size": int(flags["batch_size"]), "max_timestep": int(flags["max_timestep"])}
+            training |= {"ema_rate": float(flags["ema_rate"]), "lr": 1e-4, "precision": "bf16"}
+            (out / "run.json").write_text(json.dumps({"diffusion": {}, "training": training, "command": ""}))
+            (out / f"ema_{flags['ema_rate']}_{int(flags['iterations']):06d}.pt").write_bytes(b"")
+        elif s.cmd[1] == "poison.py":
+            out = work / "poisoned_data" / "cifar10" / "EM.pkl"
+            out.parent.mkdir(parents=True)
+            out.write_bytes(b"")
+            n = int(flags["subset"])
+            summary = {"poison": "EM", "n_images": n, "subset": {"n": n, "seed": 0, "indices": []}}
+            summary |= {"surrogate_arch": flags["arch"], "surrogate_width": int(flags["width"])}
+            out.with_suffix(".json").write_text(json.dumps(summary))
+        elif s.cmd[1] == "purification.py":
+            out = purified_file(work, "test2000ps8000", int(flags["t"]), iterations, "EM")
+            out.parent.mkdir(parents=True)
+            out.write_bytes(b"")
+            out.with_suffix(".json").write_text(json.dumps({"t": int(flags["t"]), "respace": int(flags["respace"])}))
+        else:
+            args = train.parse_args(s.cmd[2:])
+            settings = {k: v for k, v in vars(args).items() if k not in runtime}
+            _result(work, s.key, 50.0)
+            result = work / "runs" / "train" / s.key / "result.json"
+            result.write_text(json.dumps({"settings": settings, "final_test_acc": 50.0}))
+
+
+def test_outputs_made_with_other_settings_are_refused_or_redone(tmp_path):
+    """A re-run with --subset 40 --width 16 --epochs 3 in a work dir made with 20 / 8 / 1 is
+    refused in one line naming the step, its output and each differing setting; with
+    --overwrite those steps and every step after them run again, each with --overwrite."""
+    before = _args(tmp_path, subset=20, width=8, epochs=1)
+    _made_by(build_commands(before, ["EM"], ["none", "eclipse"], py="py"), tmp_path)
+    same = build_commands(before, ["EM"], ["none", "eclipse"], py="py")
+    assert all(s.done for s in same) and check_stored_settings(same, overwrite=False) == []
+
+    after = _args(tmp_path, subset=40, width=16, epochs=3)
+    steps = build_commands(after, ["EM"], ["none", "eclipse"], py="py")
+    assert all(s.done for s in steps)  # every output exists: the old code skipped them all
+    with pytest.raises(UserError) as e:
+        check_stored_settings(steps, overwrite=False)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("step 'demo-clean': ")
+    assert str(tmp_path / "runs" / "train" / "demo-clean" / "result.json") in msg
+    assert "subset: 20 -> 40; width: 8 -> 16; epochs: 1 -> 3" in msg and "--work_dir" in msg and "--overwrite" in msg
+    assert all(s.done for s in steps)
+
+    redone = check_stored_settings(steps, overwrite=True)
+    by_key = {s.key: s for s in steps}
+    assert by_key["diffusion"].done and "--overwrite" not in by_key["diffusion"].cmd  # same settings: kept
+    rerun = ["demo-clean", "EM poison", "EM purification", "demo-EM-none", "demo-EM-eclipse"]
+    assert all(not by_key[k].done and by_key[k].cmd[-1] == "--overwrite" for k in rerun)
+    assert "  redone with --overwrite: EM poison (n_images: 20 -> 40)" in redone
+    assert "  redone with --overwrite: EM purification (a step before it is redone)" in redone
+
+
+def test_a_changed_diffusion_recipe_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    import demo
+
+    _made_by(build_commands(_args(tmp_path), ["EM"], ["none", "eclipse"], py="py"), tmp_path)
+    ran: list[list[str]] = []
+    monkeypatch.setattr(demo, "run", lambda cmd, log: ran.append(cmd) or 0.0)
+    monkeypatch.setattr(demo, "measure_unit_costs", lambda *a, **k: pytest.fail("timed before refusing"))
+    monkeypatch.setattr("sys.argv", ["demo.py", "--work_dir", str(tmp_path), "--diffusion_batch", "32"])
+    with pytest.raises(UserError, match=r"step 'diffusion': .*run\.json .*training\.batch_size: 64 -> 32"):
+        demo.main()
+    assert ran == []
+
+
+# --------------------------------------------------------------------------- interrupted
+
+
+_DRIVER = """
+import pathlib, sys
+from utils.demo import pipeline as p
+work, jobs, modes = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(",")
+p.STOP_GRACE_S = 1.0
+step = ("import os, pathlib, signal, sys, time\\n"
+        "if sys.argv[3] == 'stubborn': signal.signal(signal.SIGINT, signal.SIG_IGN)\\n"
+        "(pathlib.Path(sys.argv[1]) / (sys.argv[2] + '.pid')).write_text(str(os.getpid()))\\n"
+        "time.sleep(600)")
+steps = [p.DemoCommand(f"s{i}", f"s{i}", [sys.executable, "-c", step, str(work), f"s{i}", m], None, False)
+         for i, m in enumerate(modes)]
+with p.interrupt_on_sigterm():
+    try:
+        p.run_commands(steps, work, jobs=jobs, say=lambda _: None, poll_s=0.05)
+    except KeyboardInterrupt:
+        print("interrupted")
+        sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("jobs, modes", [(2, "polite,stubborn"), (1, "polite")])
+def test_sigterm_stops_the_running_steps_and_waits_for_them(tmp_path, jobs, modes):
+    """SIGTERM to the demo interrupts each running step's process group (SIGINT; one that
+    ignores it is killed after the grace time) and waits for them before it exits."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    driver = subprocess.Popen(
+        [sys.executable, "-c", _DRIVER, str(tmp_path), str(jobs), modes], cwd=repo, stdout=subprocess.PIPE, text=True
+    )
+    pid_files = [tmp_path / f"s{i}.pid" for i in range(len(modes.split(",")))]
+    pids: list[int] = []
+    try:
+        for _ in range(1200):  # until every step has started
+            if all(f.is_file() and f.read_text() for f in pid_files) or driver.poll() is not None:
+                break
+            time.sleep(0.05)
+        pids = [int(f.read_text()) for f in pid_files]
+        driver.send_signal(signal.SIGTERM)
+        out, _ = driver.communicate(timeout=120)
+        assert driver.returncode == 130 and "interrupted" in out
+        for pid in pids:  # stopped and reaped before the demo exited
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        driver.kill()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+# --------------------------------------------------------------------------- the smoke run
+
+
+def test_tiny_demo_runs_every_step_then_refuses_other_settings(tmp_path):
+    """``demo.py --tiny`` (here even smaller) runs the whole pipeline and says its numbers
+    mean nothing; the same work dir re-run with other settings is refused in one line
+    before any step runs."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    micro = ["--tiny", "--work_dir", str(tmp_path), "--subset", "20", "--diffusion_iterations", "2"]
+    micro += ["--respace", "2", "--test_subset", "100", "--epochs", "1", "--skip_clean"]
+    res = subprocess.run([sys.executable, "demo.py", *micro], cwd=repo, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.startswith("SMOKE RUN (--tiny)") and "numbers mean nothing" in res.stdout.splitlines()[0]
+    table = (tmp_path / "summary.md").read_text()
+    assert table.startswith("SMOKE RUN") and "| EM | — |" in table and "on 100 test images" in table
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "complete"
+    steps = json.loads((tmp_path / "step_seconds.json").read_text())
+    assert set(steps) == {"diffusion", "EM poison", "EM purification", "demo-EM-none", "demo-EM-eclipse"}
+
+    other = [*micro, "--subset", "40", "--width", "16", "--epochs", "3"]
+    res = subprocess.run([sys.executable, "demo.py", *other], cwd=repo, capture_output=True, text=True)
+    line = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 1 and line.startswith("demo: step 'EM poison': ") and "n_images: 20 -> 40" in line
+    assert "--work_dir" in line and "timing each kind of step" not in res.stdout
+    assert json.loads((tmp_path / "step_seconds.json").read_text()) == steps  # nothing ran

@@ -9,10 +9,13 @@ import hashlib
 import io
 import os
 import pickle
+import signal
+import socket
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -36,19 +39,40 @@ class _Server:
     def __init__(self) -> None:
         self.routes: dict[str, tuple[bytes, int | None]] = {}
         self.hits: Counter[str] = Counter()
+        self.ranges = False  # whether Range requests are answered (206) or ignored (200, the whole file)
+        self.range_headers: list[str | None] = []
+        self.stall_after: int | None = None  # send that many bytes, then wait for ``release``
+        self.release = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 server.hits[self.path] += 1
+                server.range_headers.append(self.headers.get("Range"))
                 if self.path not in server.routes:
                     self.send_error(404)
                     return
                 body, length = server.routes[self.path]
-                self.send_response(200)
+                start = _range_start(self.headers.get("Range")) if server.ranges else None
+                if start is not None and start >= len(body):
+                    self.send_error(416)
+                    return
+                self.send_response(200 if start is None else 206)
+                if start is not None:
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                    body = body[start:]
                 self.send_header("Content-Length", str(len(body) if length is None else length))
                 self.end_headers()
-                self.wfile.write(body)
+                try:
+                    if server.stall_after is None:
+                        self.wfile.write(body)
+                        return
+                    self.wfile.write(body[: server.stall_after])
+                    self.wfile.flush()
+                    server.release.wait()
+                    self.wfile.write(body[server.stall_after :])
+                except OSError:  # the client is gone
+                    pass
 
             def log_message(self, *args) -> None:
                 pass
@@ -63,6 +87,12 @@ class _Server:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def _range_start(header: str | None) -> int | None:
+    if not header or not header.startswith("bytes=") or not header.endswith("-"):
+        return None
+    return int(header[len("bytes=") : -1])
 
 
 @pytest.fixture
@@ -159,13 +189,60 @@ def test_corrupt_payload_is_one_line_error_and_leaves_nothing(server, isolated, 
     assert _leftovers(root) == []
 
 
-def test_truncated_transfer_leaves_nothing(server, isolated, monkeypatch):
+@pytest.mark.parametrize("ranges", [True, False])
+def test_truncated_transfer_is_kept_and_resumed(server, isolated, monkeypatch, ranges):
+    """A cut-off transfer keeps its bytes in a partial file named with the PID (nothing that
+    looks complete); the re-run resumes from them with a Range request, or, from a server
+    that ignores Range, starts over."""
     body = _tarball()
     _serve_cifar(server, monkeypatch, body[:1000], md5=_md5(body), length=len(body))
     root = isolated / "data"
-    with pytest.raises(dl.DownloadError, match="cut off"):
+    with pytest.raises(dl.DownloadError, match="cut off.*kept in .*a re-run resumes from them"):
         load_cifar10("train", root)
-    assert _leftovers(root) == []
+    (part,) = _leftovers(root)
+    assert part.startswith(f".cifar-10-python.tar.gz.{socket.gethostname()}.{os.getpid()}.") and part.endswith(".part")
+    assert (root / part).stat().st_size == 1000
+    server.routes["/cifar.tgz"] = (body, None)
+    server.ranges = ranges
+    assert len(load_cifar10("train", root)) == 5 * PER_BATCH
+    assert server.range_headers == [None, "bytes=1000-"]
+    assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py"]
+
+
+def test_a_killed_download_is_resumed_and_dead_processes_partials_removed(server, isolated):
+    """SIGKILL mid-transfer leaves the partial file of a dead PID: the next fetch resumes
+    from it (Range) and removes the other partial files of dead processes; a live
+    process's partial file is left alone."""
+    body = os.urandom(3 << 20)
+    server.routes["/blob"] = (body, None)
+    server.ranges = True
+    server.stall_after = 2 << 20
+    remote = dl.Remote("blob", server.url("/blob"), _md5(body), "TEST_BLOB", "get it by hand")
+    dest = isolated / "out" / "blob.bin"
+    code = "import sys; from utils import download as dl; dl.fetch(dl.Remote('blob', sys.argv[1], sys.argv[2], 'X', ''), sys.argv[3])"
+    child = subprocess.Popen([sys.executable, "-c", code, remote.url, remote.md5, str(dest)], cwd=REPO)
+    try:
+        for _ in range(1200):  # until the child has written its first chunk
+            parts = dl.partial_files(dest)
+            if parts and parts[0][0].stat().st_size >= dl.CHUNK or child.poll() is not None:
+                break
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        server.release.set()
+    ((killed, _, pid),) = dl.partial_files(dest)
+    assert pid == child.pid and 0 < killed.stat().st_size < len(body)
+    host = socket.gethostname()
+    other_dead = dest.parent / f".blob.bin.{host}.{child.pid}.zzzz.part"
+    other_dead.write_bytes(b"x" * 10)
+    live = dest.parent / f".blob.bin.{host}.1.live.part"  # PID 1 is alive
+    live.write_bytes(b"y" * 10)
+    offset = killed.stat().st_size
+    server.stall_after = None
+    assert dl.fetch(remote, dest) == dest and dest.read_bytes() == body
+    assert server.range_headers[-1] == f"bytes={offset}-"
+    assert _leftovers(dest.parent) == sorted(["blob.bin", live.name])
 
 
 @pytest.mark.parametrize(

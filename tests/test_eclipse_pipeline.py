@@ -359,7 +359,7 @@ def test_results_csv_of_the_earlier_layout_is_split(tmp_path):
     )
     (tmp_path / "results.csv").write_text(old)
     args = train.parse_args(["--poison", "URP", "--run_name", "r"])
-    train._append_results(tmp_path, args, 100 * 8280 / 10000, 50000)
+    train._append_results(tmp_path, tmp_path / "runs/train/r", args, 100 * 8280 / 10000, 50000)
     assert (tmp_path / "results.csv").read_bytes() == (
         b"True,resnet18,EM,test2000ps8000,100,0.4,0.05,82.80\r\nFalse,resnet18,URP,test2000ps8000,100,0.4,0.05,82.8\r\n"
     )

@@ -9,6 +9,8 @@ Everything that reads an older format lives here, so each reader says what it re
   booleans (before per-computation ``precisions``);
 - ``legacy_candidate_header``: a DataElixir candidate folder's ``meta.json`` without the
   settings added since (``dense_tail``, ``original_round_trip``), at the values it was built with;
+  one without the DDPM's fingerprint (``ddpm``) is read with a value no DDPM has, so resuming it
+  is refused (its chunks cannot be checked against the checkpoint);
 - ``legacy_training_config``: a classifier-training checkpoint's ``config`` without
   ``drop_last`` (those runs dropped the last batch) or with the ``normalize`` / ``extra``
   fields (they never changed training);
@@ -58,11 +60,17 @@ def legacy_flow_config(stored: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # candidate-header settings added after the first folders were written, at the values those used
-_CANDIDATE_HEADER_ADDED = {"dense_tail": False, "original_round_trip": False}
+_CANDIDATE_HEADER_ADDED = {
+    "dense_tail": False,
+    "original_round_trip": False,
+    # not a value: the DDPM these chunks came from is unknown, so the header never matches
+    "ddpm": "not recorded: this store predates the DDPM fingerprint, so its chunks cannot be verified",
+}
 
 
 def legacy_candidate_header(stored: Mapping[str, Any]) -> dict[str, Any]:
-    """A candidate folder's ``meta.json`` with the settings it predates at the values it used."""
+    """A candidate folder's ``meta.json`` with the settings it predates at the values it used
+    (and an unknown DDPM, which no run's header matches)."""
     return {**_CANDIDATE_HEADER_ADDED, **stored}
 
 

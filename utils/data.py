@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.download import download_cifar10, eclipse_manual, enabled
+from utils.download import download_cifar10, eclipse_manual, enabled, work_dir_flag
 from utils.fileio import UserError, atomic_write_bytes
 from utils.paths import REPO_ROOT, poisoned_file
 from utils.safe_pickle import safe_load
@@ -41,6 +41,9 @@ NUM_CLASSES = 10
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.247, 0.243, 0.261)
 IMAGE_BYTES = 32 * 32 * 3
+# the pixels an ECLIPSE .pkl may declare beyond its own size (entries sharing one image's
+# bytes): all of CIFAR-10's, so a small file cannot ask for gigabytes
+MAX_SHARED_PIXEL_BYTES = 60_000 * IMAGE_BYTES
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 _SOURCES_HELP = (
     "provide CIFAR-10 with --data_root, or $CIFAR10_ROOT, or at data/cifar10, as either "
@@ -153,21 +156,28 @@ def _decode_files(files: list[str]) -> np.ndarray:
     return out
 
 
-def _folder_files(root: Path, split: str) -> tuple[list[str], np.ndarray]:
+def _folder_files(root: Path, split: str) -> tuple[list[str], np.ndarray, str]:
+    """The split's image files in class order, their labels, and a key of the listing:
+    every file's name, size and modification time (a replaced image changes the key)."""
     base = root / split
     if not base.is_dir():
         raise UserError(f"CIFAR-10 {split} folder missing: {base}; {_SOURCES_HELP}")
     files, labels = [], []
+    listing = hashlib.sha1()
     for label, cls in enumerate(CIFAR10_CLASSES):
         d = base / cls
         if not d.is_dir():
             raise UserError(f"class folder missing: {d} (expected the 10 CIFAR-10 class folders)")
-        names = sorted(n for n in os.listdir(d) if n.lower().endswith(_IMAGE_EXTS))
-        if not names:
+        with os.scandir(d) as it:
+            entries = sorted((e for e in it if e.name.lower().endswith(_IMAGE_EXTS)), key=lambda e: e.name)
+        if not entries:
             raise UserError(f"no .png/.jpg images in {d}")
-        files += [str(d / n) for n in names]
-        labels += [label] * len(names)
-    return files, np.asarray(labels, dtype=np.int64)
+        for e in entries:
+            st = e.stat()
+            listing.update(f"{cls}/{e.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        files += [os.path.join(d, e.name) for e in entries]
+        labels += [label] * len(entries)
+    return files, np.asarray(labels, dtype=np.int64), listing.hexdigest()[:16]
 
 
 def _read_folders(files: list[str]) -> np.ndarray:
@@ -209,14 +219,10 @@ def load_cifar10(
 
     if layout == "batches":
         names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-        fp_paths = [folder / n for n in names if (folder / n).exists()]
-        files = None
+        files, listing = None, _fingerprint([folder / n for n in names if (folder / n).exists()])
     else:
-        files, labels = _folder_files(folder, split)
-        fp_paths = [Path(f).parent for f in (files[0], files[-1])]
-    key = hashlib.sha1(f"{folder.resolve()}|{split}|{_fingerprint(fp_paths)}|{len(files or [])}".encode()).hexdigest()[
-        :16
-    ]
+        files, labels, listing = _folder_files(folder, split)
+    key = hashlib.sha1(f"{folder.resolve()}|{split}|{listing}|{len(files or [])}".encode()).hexdigest()[:16]
     cdir = _cache_dir()
     xpath, ypath = cdir / f"cifar10-{split}-{key}-x.npy", cdir / f"cifar10-{split}-{key}-y.npy"
     if cache and xpath.is_file() and ypath.is_file():
@@ -267,6 +273,12 @@ def read_eclipse_pkl(path: str | Path) -> ImageSet:
         raise UserError(f"{path}: expected a list of (image bytes, label) pairs, got {type(obj).__name__}")
     if not obj:
         raise UserError(f"{path}: the dataset is empty")
+    size = path.stat().st_size
+    if len(obj) * IMAGE_BYTES > max(size, MAX_SHARED_PIXEL_BYTES):
+        raise UserError(
+            f"{path}: declares {len(obj)} images ({len(obj) * IMAGE_BYTES} bytes of pixels) in a file of "
+            f"{size} bytes; its entries share image data beyond any dataset (a damaged or crafted file)"
+        )
     labels = np.empty(len(obj), dtype=np.int64)
     chunks = []
     for i, entry in enumerate(obj):
@@ -354,7 +366,7 @@ def load_poisoned(
         return data, str(path)
     if poison != "clean":
         raise UserError(
-            f"poisoned dataset not found: {path}; craft it with `python poison.py --poison {poison}`, "
+            f"poisoned dataset not found: {path}; craft it with `python poison.py --poison {poison}{work_dir_flag(work)}`, "
             + eclipse_manual("poisoned")
         )
     data = load_cifar10("train", data_root, download=download)

@@ -1,9 +1,11 @@
 """Downloads of the published files the pipelines need: CIFAR-10 and Ho et al.'s DDPMs.
 
-Every download streams to a temporary file unique to this process (with progress: size,
-rate, ETA), checks the byte count and the MD5, and only then is renamed into place, so an
-interrupted or corrupt transfer never leaves a file that looks complete and two processes
-fetching the same file cannot corrupt each other. Only the standard library (urllib) is
+Every download streams to a partial file unique to this call and named with this process's
+PID (with progress: size, rate, ETA), checks the byte count and the MD5, and only then is
+renamed into place, so an interrupted or corrupt transfer never leaves a file that looks
+complete and two processes fetching the same file cannot corrupt each other. An interrupted
+transfer's partial file stays; the next download of that file resumes from it (HTTP Range)
+and removes the partial files of processes that are no longer running. Only the standard library (urllib) is
 used. URLs and checksums can be overridden per file by environment variables (a mirror,
 a ``file://`` copy, a test server).
 
@@ -17,21 +19,28 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import re
+import shlex
 import shutil
+import socket
 import tarfile
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from utils.fileio import UserError, _atomic_write
+from utils.fileio import UserError
 from utils.paths import REPO_ROOT
 from utils.progress import progress
+from utils.run_state import _pid_alive
 
 CHUNK = 1 << 20
 TIMEOUT_S = 60
+_PARTIALS_LOCK = threading.Lock()
+_PARTIALS_IN_USE: set[Path] = set()  # this process's partial files being written
 
 
 class DownloadError(UserError):
@@ -121,6 +130,14 @@ def eclipse_manual(kind: str) -> str:
     return f"or download ECLIPSE's published {kind} file(s) from {url} (Google Drive, in a browser) to {dest}"
 
 
+def work_dir_flag(work: str | Path | None) -> str:
+    """`` --work_dir <work>`` for the command a missing-file hint names, '' when ``work`` is
+    the repository (the scripts' default)."""
+    if work is None or Path(work).resolve() == REPO_ROOT.resolve():
+        return ""
+    return f" --work_dir {shlex.quote(str(work))}"
+
+
 def enabled(flag: bool | None, env: str) -> bool:
     """``flag`` when given, else ``$env`` (default on)."""
     if flag is not None:
@@ -144,48 +161,165 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
+def partial_files(dest: Path) -> list[tuple[Path, str, int]]:
+    """The partial downloads of ``dest`` beside it: ``(path, host, pid)`` of each
+    ``.<name>.<host>.<pid>.<random>.part``."""
+    prefix = f".{dest.name}."
+    found = []
+    if dest.parent.is_dir():
+        for p in dest.parent.iterdir():
+            if not (p.name.startswith(prefix) and p.name.endswith(".part")):
+                continue
+            host, pid, _ = (p.name[len(prefix) : -len(".part")].rsplit(".", 2) + ["", ""])[:3]
+            if pid.isdigit():
+                found.append((p, host, int(pid)))
+    return found
+
+
+def _claim_partial(dest: Path) -> Path:
+    """A partial file of ``dest`` for this call, named with this host and PID. The partial
+    files a dead process left (or an earlier call of this process) are stale: the largest is
+    taken over, so the download resumes from it, and the others are removed. Partial files
+    of live processes, or of other hosts, are left alone."""
+    host, me = socket.gethostname(), os.getpid()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _PARTIALS_LOCK:
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.{host}.{me}.", suffix=".part", dir=dest.parent)
+        os.close(fd)
+        mine = Path(name)
+        _PARTIALS_IN_USE.add(mine)
+        stale = [
+            p
+            for p, h, pid in partial_files(dest)
+            if p != mine and h == host and (not _pid_alive(pid) if pid != me else p not in _PARTIALS_IN_USE)
+        ]
+        for p in sorted(stale, key=_size, reverse=True):
+            try:
+                if mine.stat().st_size == 0 and _size(p) > 0:
+                    os.replace(p, mine)  # resumed from the largest
+                else:
+                    p.unlink()
+            except FileNotFoundError:  # another process took or removed it first
+                pass
+    return mine
+
+
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _content_range(r: Any, offset: int) -> int | None:
+    """The full size when ``r`` answers a request for bytes ``offset``- with exactly those
+    bytes (HTTP 206), else None (the server sent something else: start over)."""
+    if getattr(r, "status", None) != 206:
+        return None
+    m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", (r.headers.get("Content-Range") or "").strip())
+    if not m or int(m.group(1)) != offset:
+        return None
+    return int(m.group(2)) if m.group(2) != "*" else -1
+
+
+def _md5_prefix(f: BinaryIO) -> Any:
+    h = hashlib.md5()
+    f.seek(0)
+    while chunk := f.read(CHUNK):
+        h.update(chunk)
+    return h
+
+
+def _stream(remote: Remote, url: str, f: BinaryIO, manual: str, part: Path) -> tuple[int, int | None, Any]:
+    """Append ``url``'s bytes to ``f`` from its current size (an HTTP Range request; a server
+    that does not honour it sends the whole file, and ``f`` starts over). Returns the bytes
+    in ``f``, the full size when known, and their MD5."""
+    offset = f.seek(0, os.SEEK_END)
+    headers = {"User-Agent": "eclipse-dataelixir/1"}
+    reading = False
+    try:
+        try:
+            ranged = headers | ({"Range": f"bytes={offset}-"} if offset else {})
+            r = urllib.request.urlopen(urllib.request.Request(url, headers=ranged), timeout=TIMEOUT_S)
+        except urllib.error.HTTPError as e:
+            if not (offset and e.code == 416):  # 416: the partial file is longer than the file
+                raise
+            f.seek(0)
+            f.truncate()
+            offset = 0
+            r = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+        reading = True
+        with r:
+            full = _content_range(r, offset) if offset else None
+            if full is None:  # the whole file: start over
+                f.seek(0)
+                f.truncate()
+                offset = 0
+                length = r.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+            else:
+                total = None if full < 0 else full
+                print(f"resuming at {offset} bytes from {part}", flush=True)
+            h = _md5_prefix(f) if offset else hashlib.md5()
+            got = offset
+            bar = progress(total=total, initial=offset, desc=remote.what, unit="B", unit_scale=True, unit_divisor=1024)
+            try:
+                while chunk := r.read(CHUNK):
+                    f.write(chunk)
+                    h.update(chunk)
+                    got += len(chunk)
+                    bar.update(len(chunk))
+            finally:
+                bar.close()
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+        if reading:
+            raise DownloadError(
+                f"download of {url} was cut off ({_reason(e)}); the {f.tell()} bytes received are kept in {part} "
+                "and a re-run resumes from them"
+            ) from None
+        raise DownloadError(f"cannot download {url} ({_reason(e)}); {manual}") from None
+    return got, total, h
+
+
 def fetch(remote: Remote, dest: str | Path) -> Path:
-    """Download ``remote`` to ``dest``: streamed to a per-process temporary file beside it,
-    verified (length and MD5), then atomically renamed into place."""
+    """Download ``remote`` to ``dest``: streamed to a partial file beside it named with this
+    process's PID, verified (length and MD5), then atomically renamed into place.
+
+    An interrupted download (Ctrl-C, a cut connection, a killed process) keeps its partial
+    file; the next fetch of ``dest`` resumes from it with an HTTP Range request, and removes
+    the other partial files that dead processes left. A partial file that does not verify
+    is removed."""
     dest = Path(dest)
     url, md5 = remote.resolved_url, remote.resolved_md5
     manual = remote.manual.format(url=url, dest=dest.parent if remote is CIFAR10 else dest)
-
-    def stream(f: BinaryIO) -> None:
-        h = hashlib.md5()
+    part = _claim_partial(dest)
+    try:
         print(f"downloading {remote.what} from {url} to {dest}", flush=True)
-        try:
-            req = urllib.request.Request(url, headers={"User-Agent": "eclipse-dataelixir/1"})
-            with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:
-                length = r.headers.get("Content-Length")
-                total = int(length) if length and length.isdigit() else None
-                got = 0
-                bar = progress(total=total, desc=remote.what, unit="B", unit_scale=True, unit_divisor=1024)
-                try:
-                    while chunk := r.read(CHUNK):
-                        f.write(chunk)
-                        h.update(chunk)
-                        got += len(chunk)
-                        bar.update(len(chunk))
-                finally:
-                    bar.close()
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-            if isinstance(e, http.client.IncompleteRead):
-                raise DownloadError(
-                    f"download of {url} was cut off ({_reason(e)}); nothing was kept, re-run to try again"
-                ) from None
-            raise DownloadError(f"cannot download {url} ({_reason(e)}); {manual}") from None
-        if total is not None and got != total:
-            raise DownloadError(
-                f"download of {url} was cut off: {got} of {total} bytes; nothing was kept, re-run to try again"
-            )
-        if md5 and h.hexdigest() != md5:
-            raise DownloadError(
-                f"checksum mismatch for {url}: expected MD5 {md5}, got {h.hexdigest()}; nothing was kept"
-            )
-
-    # a temporary file unique to this process, removed on any failure, renamed into place
-    _atomic_write(dest, stream)
+        with open(part, "r+b") as f:
+            for attempt in range(2):
+                resumed = f.seek(0, os.SEEK_END) > 0
+                got, total, h = _stream(remote, url, f, manual, part)
+                if total is not None and got != total:
+                    raise DownloadError(
+                        f"download of {url} was cut off: {got} of {total} bytes; they are kept in {part} "
+                        "and a re-run resumes from them"
+                    )
+                if not md5 or h.hexdigest() == md5:
+                    break
+                f.seek(0)
+                f.truncate()
+                if not (resumed and attempt == 0):  # a resumed file that does not verify: once afresh
+                    raise DownloadError(
+                        f"checksum mismatch for {url}: expected MD5 {md5}, got {h.hexdigest()}; nothing was kept"
+                    )
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, dest)
+    finally:
+        with _PARTIALS_LOCK:
+            _PARTIALS_IN_USE.discard(part)
+        if _size(part) == 0:
+            part.unlink(missing_ok=True)
     return dest
 
 

@@ -1,7 +1,8 @@
 """Safe, atomic file I/O shared by every script.
 
 Every write goes to a temporary file in the destination folder and is renamed into
-place, so a crash never leaves a half-written result. Every checkpoint read uses
+place, so a crash never leaves a half-written result; the file is created with mode 0666
+less the umask, as any other program's. Every checkpoint read uses
 ``torch.load(..., weights_only=True)`` so that loading a file cannot run code from it.
 """
 
@@ -13,23 +14,68 @@ import io
 import json
 import logging
 import os
+import pickletools
 import re
+import secrets
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+try:
+    from torch._weights_only_unpickler import _get_allowed_globals
+except ImportError:  # pragma: no cover - a torch without that private helper
+    _get_allowed_globals = dict
 
 
 class UserError(Exception):
     """Bad input from the user: printed as one line by the CLI, never as a traceback."""
 
 
+_TEMP_TAG = 8  # hex characters of an atomic write's random temporary-name tag
+
+
+def atomic_temp_name(name: str, tag: str = "X" * _TEMP_TAG) -> str:
+    """The temporary name an atomic write of the file ``name`` uses (``tag``: its random
+    part; the default spells its longest form, for length checks)."""
+    return f".{name}.{tag}.tmp"
+
+
+def name_limits(folder: str | Path) -> tuple[int, int]:
+    """``(NAME_MAX, PATH_MAX)`` of the file system holding ``folder`` (or, when it does not
+    exist yet, its nearest existing parent), from ``os.pathconf``; 255 and 4096 where the
+    system does not say."""
+    where = Path(folder).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    limits = []
+    for key, fallback in (("PC_NAME_MAX", 255), ("PC_PATH_MAX", 4096)):
+        try:
+            value = os.pathconf(where, key)
+        except (AttributeError, OSError, ValueError):
+            value = -1
+        limits.append(value if value > 0 else fallback)
+    return limits[0], limits[1]
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new temporary file beside ``path``, created with mode 0666 so that the process's
+    umask (and a default ACL) applies to it as to any other program's file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(1000):
+        tmp = path.parent / atomic_temp_name(path.name, secrets.token_hex(_TEMP_TAG // 2))
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary name", str(path))
+
+
 def _atomic_write(path: Path, write_fn) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
@@ -99,21 +145,86 @@ def safe_torch_load(path: str | Path, what: str = "checkpoint", hint: str = "") 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to parse is the user's file
-        raise UserError(f"cannot load {what} {path}: {_load_failure(e)}") from None
+        raise UserError(f"cannot load {what} {path}: {_load_failure(e, path)}") from None
 
 
-def _load_failure(e: Exception) -> str:
-    """One line on why ``torch.load(weights_only=True)`` refused a file. PyTorch's own text
-    suggests ``weights_only=False`` (running the file's code): never pass that on."""
+_HEAD_BYTES = 1 << 20  # how much of an unloadable file is read to say what it is
+
+
+def _load_failure(e: Exception, path: Path) -> str:
+    """One line on why ``torch.load(weights_only=True)`` refused a file: "not a torch
+    checkpoint (what it is)", or for a pickle that needs globals the weights-only load does
+    not allow, that loading it would run code. PyTorch's own text suggests
+    ``weights_only=False`` (running the file's code): never pass that on."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
     text = str(e).strip()
-    if "Weights only load failed" in text:
-        m = re.search(r"GLOBAL ([\w.]+)", text)
-        what = f"the global {m.group(1)}" if m else "objects other than tensors"
-        return (
-            f"it refers to {what}, which a weights-only load refuses (loading it could run code); "
-            "use a file that holds only tensors (a state_dict)"
-        )
-    return text.splitlines()[0][:300] if text else type(e).__name__
+    inner = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
+    first = inner.group(1) if inner else text.splitlines()[0] if text else type(e).__name__
+    if "weights_only" in first:  # torch's advice to load with weights_only=False (running code)
+        first = "the weights-only loader refused it"
+    first = re.split(r"(?<=\w)\. ", first)[0][:160]
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD_BYTES)
+    except OSError:
+        head = b""
+    blocked = re.search(r"GLOBAL ([\w.]+)", text)
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip archive
+        if blocked:
+            return _refused_code(blocked.group(1))
+        return f"not a torch checkpoint (a damaged zip archive, or not torch.save's: {first})"
+    found = _pickle_globals(head)
+    if found is None:
+        return f"not a torch checkpoint ({_describe_bytes(head)})"
+    allowed = _get_allowed_globals()
+    refused = [g for g in found if g not in allowed]
+    if blocked or refused:
+        return _refused_code(blocked.group(1) if blocked else refused[0])
+    return f"not a torch checkpoint (a pickle torch cannot read: {first})"
+
+
+def _refused_code(name: str) -> str:
+    return (
+        f"refused: it needs the global {name}, which a weights-only load does not allow "
+        "(loading it could run code); use a file that holds only tensors (a state_dict)"
+    )
+
+
+def _pickle_globals(head: bytes) -> list[str] | None:
+    """The globals (``module.name``) the pickles at the start of ``head`` import, read
+    without loading them; ``None`` when ``head`` does not start with a pickle."""
+    found: list[str] = []
+    stream, strings = io.BytesIO(head), []
+    for n in range(8):  # torch's legacy format: a few pickles one after another
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+        except Exception:  # noqa: BLE001 - pickletools raises ValueError and friends on other bytes
+            cut_short = len(head) == _HEAD_BYTES and head[:1] == b"\x80"  # a pickle longer than what was read
+            if n == 0 and not cut_short:
+                return None
+            break
+        if stream.tell() >= len(head):
+            break
+    return found
+
+
+def _describe_bytes(head: bytes) -> str:
+    """What a file that is neither a zip archive nor a pickle looks like, from its first bytes."""
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"\x93NUMPY"):
+        return "a numpy .npy file"
+    sample = head[:4096].decode("utf-8", "replace")
+    if "\ufffd" not in sample[:-4] and all(c.isprintable() or c.isspace() for c in sample[:-4]):
+        return f"a text file: {sample.strip()[:40]!r}"
+    return f"unrecognised bytes {head[:8].hex(' ')}: damaged, or some other kind of file"
 
 
 def check_finite(state: dict, path: str | Path) -> None:
@@ -135,28 +246,48 @@ def read_state_json(path: str | Path, how: str) -> Any:
         raise UserError(f"{path} is damaged ({e.msg} at line {e.lineno}); {how}") from None
 
 
+# the diffusion networks' names in messages, and a key only a checkpoint of each holds
+MODEL_FAMILIES = {"UNetModel": "an improved-diffusion UNet", "DDPMModel": "a DDPM"}
+_FAMILY_KEYS = {"input_blocks.0.0.weight": "an improved-diffusion UNet", "temb.dense.0.weight": "a DDPM"}
+
+
 def load_state_dict_strict(model: torch.nn.Module, state: dict, path: str | Path) -> None:
-    """``load_state_dict(strict=True)`` with a short error naming the mismatching keys."""
+    """``load_state_dict(strict=True)`` with a one-line error naming the network the model is
+    (``MODEL_FAMILIES``), how many keys are missing or unexpected, an example of each, and
+    the network the file holds when it is one of the others; a value that is not a tensor is
+    named too."""
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):
         raise UserError(f"{path}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise UserError(
+                f"{path}: expected a state_dict (a dict of tensors), but {str(k)[:80]!r} holds a {type(v).__name__}"
+            )
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong:
+        family = MODEL_FAMILIES.get(type(model).__name__, f"a {type(model).__name__}")
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {str(unexpected[0])[:80]})")
         if wrong:
             k = wrong[0]
             parts.append(
                 f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})"
             )
-        raise UserError(f"{path} does not match the configured model: " + "; ".join(parts))
+        other = [name for key, name in _FAMILY_KEYS.items() if key in state and name != family]
+        holds = f"; it looks like {other[0]} checkpoint" if other else ""
+        raise UserError(
+            f"{path} does not match the configured model: expected {family} checkpoint, it has "
+            + ", ".join(parts)
+            + holds
+        )
     check_finite(state, path)
     model.load_state_dict(state, strict=True)
 

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import re
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +33,24 @@ BOOL_WORDS = {
     **dict.fromkeys(("0", "false", "no", "n", "off"), False),
 }
 NULL_WORDS = ("null", "none", "~", "")
+QUOTE_CHARS = 80  # a value quoted in an error message is cut to this many characters
+MAX_YAML_BYTES = 1 << 20  # a configuration file is a few kB
+MAX_YAML_VALUES = 100_000  # values in one YAML document, aliases expanded
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother, _QUOTE.maxlong = 3, QUOTE_CHARS, QUOTE_CHARS, QUOTE_CHARS
+_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 12
+
+
+def quote(value: Any) -> str:
+    """``repr(value)`` for an error message, cut to ``QUOTE_CHARS`` characters and "..."; the
+    cost is bounded however large (or alias-expanded) the value is."""
+    return cut(repr(value[: QUOTE_CHARS + 1]) if isinstance(value, str) else _QUOTE.repr(value))
+
+
+def cut(text: str) -> str:
+    """``text`` for an error message: at most ``QUOTE_CHARS`` characters, then "..."."""
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "..."
 
 
 @dataclass(frozen=True)
@@ -105,7 +124,7 @@ class BadValue(ValueError):
 
     def message(self, name: str) -> str:
         """``name must be ..., got ...``: the form trigger and poison messages share."""
-        return f"{name} must be {self.must}, got {self.value!r}"
+        return f"{name} must be {self.must}, got {quote(self.value)}"
 
 
 def parse_bool(value: Any) -> bool | None:
@@ -180,8 +199,8 @@ def from_text(key: Key, raw: str) -> Any:
             except ValueError:
                 pass
     try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
+        return yaml.load(raw, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+    except (yaml.YAMLError, _YAMLRefused, RecursionError):
         return raw
 
 
@@ -203,8 +222,8 @@ def argparse_type(key: Key) -> Callable[[str], Any]:
             return check(key, from_text(key, raw))
         except BadValue as e:
             if e.type_error:
-                raise argparse.ArgumentTypeError(f"expected {e.must}, got {raw!r}") from None
-            raise argparse.ArgumentTypeError(f"must be {e.must}, got {raw}") from None
+                raise argparse.ArgumentTypeError(f"expected {e.must}, got {quote(raw)}") from None
+            raise argparse.ArgumentTypeError(f"must be {e.must}, got {cut(raw)}") from None
 
     parse.__name__ = key.kind.__name__
     return parse
@@ -220,13 +239,17 @@ class ArgParser(argparse.ArgumentParser):
 
 
 def add_keys_to_argparser(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, keys: dict[str, Key], show_choices: bool = True
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    keys: dict[str, Key],
+    show_choices: bool = True,
+    show_defaults: bool = True,
 ) -> None:
     """One ``--name`` option per key: its default, help and a ``type=`` that checks it.
     ``show_choices=False``: the usage names the value (``--variant VARIANT``) instead of
-    listing the choices (they are still enforced)."""
+    listing the choices (they are still enforced). ``show_defaults=False``: the help does not
+    print the default (options whose default is another's, e.g. each poison's own)."""
     for name, key in keys.items():
-        help_ = key.help.replace("%", "%%") or None
+        help_ = _help_with_default(key) if show_defaults else key.help.replace("%", "%%") + "%(default).0s"
         if key.flag:
             parser.add_argument(f"--{name}", action="store_true", default=key.default, help=help_)
             continue
@@ -234,12 +257,24 @@ def add_keys_to_argparser(
         parser.add_argument(f"--{name}", type=argparse_type(key), default=key.default, choices=choices, help=help_)
 
 
+def _help_with_default(key: Key) -> str:
+    """The key's help with its default said once: ``(default: X)`` appended, unless the help
+    says its default itself (``(default: the repository)``, ``(default resnet18)``) or there
+    is nothing to say (a flag, which is off unless given; a ``None`` default, which the help
+    explains). Either way the help holds ``%(default)``, so argparse's
+    ArgumentDefaultsHelpFormatter adds no second one."""
+    text = key.help.replace("%", "%%")
+    if "(default" in text or key.flag or key.default is None:
+        return text + "%(default).0s"  # prints nothing
+    return f"{text} (default: %(default)s)".lstrip()
+
+
 # --------------------------------------------------------------------------- shared declarations
 
 # the ranges options share, declared once (an option with its own bounds declares a Range of its own)
 FINITE, POSITIVE, NONNEG, GT0, FRACTION = Range(), Range(1), Range(0), Range(0, low_open=True), Range(0, 1)
 SUBSET = Range(10)  # a class-balanced subset needs one image per class at least
-DEVICE = Key("auto")
+DEVICE = Key("auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
 DOWNLOAD = Key(None, "fetch CIFAR-10 when missing (default: on)", bool, nullable=True)
 PRECISION = Key(
     "auto",
@@ -272,9 +307,9 @@ def coerce(name: str, key: Key, value: Any, valid: dict[str, Key], source: str =
     except BadValue as e:
         if e.type_error:
             raise UserError(
-                f"{name}{where}: expected {e.must}, got {value!r}; valid keys: {', '.join(sorted(valid))}"
+                f"{name}{where}: expected {e.must}, got {quote(value)}; valid keys: {', '.join(sorted(valid))}"
             ) from None
-        raise UserError(f"{name}{where}: must be {e.must}, got {e.value!r}") from None
+        raise UserError(f"{name}{where}: must be {e.must}, got {quote(e.value)}") from None
 
 
 def resolve_path(path: str | Path, what: str = "file", must_exist: bool = True) -> Path:
@@ -298,9 +333,75 @@ def resolve_path(path: str | Path, what: str = "file", must_exist: bool = True) 
     return p
 
 
-def load_yaml_file(path: Path) -> dict[str, Any]:
+class _YAMLRefused(Exception):
+    """A YAML document ``_StrictLoader`` refuses (its message names what and where)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last
+    silently) and a document of more than ``MAX_YAML_VALUES`` values once its aliases are
+    expanded (a "billion laughs" bomb) or whose alias refers to the collection holding it."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _count_values(node, {}, set())
+        return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _YAMLRefused(f"key {quote(key)} is given twice (lines {seen[key]} and {line}); keep one")
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base class refuses it
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def _count_values(node: yaml.Node, memo: dict[int, int], open_: set[int]) -> int:
+    """The values under ``node`` with aliases expanded, each shared node counted once per use
+    but walked once; ``_YAMLRefused`` over ``MAX_YAML_VALUES`` or on an alias cycle."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in open_:
+        raise _YAMLRefused(f"line {node.start_mark.line + 1}: an alias refers to the collection holding it")
+    open_.add(id(node))
+    children = node.value if isinstance(node, yaml.SequenceNode) else ()
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    total = 1
+    for child in children:
+        total += _count_values(child, memo, open_)
+        if total > MAX_YAML_VALUES:
+            raise _YAMLRefused(
+                f"holds more than {MAX_YAML_VALUES} values once its aliases are expanded (an alias bomb?); "
+                "a configuration holds a few dozen"
+            )
+    open_.discard(id(node))
+    memo[id(node)] = total
+    return total
+
+
+def load_yaml_file(path: str | Path, what: str = "YAML configuration") -> dict[str, Any]:
+    """The mapping a YAML file holds, read safely (no code, no Python objects) and strictly: a
+    repeated key, a file over ``MAX_YAML_BYTES``, a document of more than ``MAX_YAML_VALUES``
+    values (aliases expanded) or one that is not a mapping is a one-line ``UserError``."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size > MAX_YAML_BYTES:
+        raise UserError(
+            f"{what} {path} is {path.stat().st_size} bytes, more than a configuration holds (at most {MAX_YAML_BYTES})"
+        )
     try:
-        data = yaml.safe_load(read_text_file(path, "YAML configuration"))
+        data = yaml.load(read_text_file(path, what), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+    except _YAMLRefused as e:
+        raise UserError(f"{path}: {e}") from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid YAML (nested too deeply)") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if data is None:
@@ -384,9 +485,9 @@ def _refuse_leftover(extras: list[str], keys: dict[str, Key]) -> None:
     """One line for the first argument argparse did not take: an unknown option or a stray value."""
     arg = extras[0]
     if not arg.startswith("--"):
-        raise UserError(f"unexpected argument {arg!r}; options look like --key value (see --help)")
+        raise UserError(f"unexpected argument {quote(arg)}; options look like --key value (see --help)")
     name = arg[2:].partition("=")[0]
-    raise UserError(f"unknown option --{name}; valid keys: {', '.join(sorted([*FIXED_OPTIONS, *keys]))}")
+    raise UserError(f"unknown option --{cut(name)}; valid keys: {', '.join(sorted([*FIXED_OPTIONS, *keys]))}")
 
 
 def _merge_overlays(
@@ -405,7 +506,7 @@ def _merge_overlays(
                 ignored.setdefault(str(op), []).append(k)
             else:
                 valid = sorted(set(keys) | set(known_elsewhere))
-                raise UserError(f"unknown key {k!r} in {op}; valid keys: {', '.join(valid)}")
+                raise UserError(f"unknown key {quote(k)} in {op}; valid keys: {', '.join(valid)}")
     return paths, ignored
 
 
@@ -434,7 +535,7 @@ def parse_config(
     from_yaml = load_yaml_file(yaml_path)
     for k, v in from_yaml.items():
         if k not in keys:
-            raise UserError(f"unknown key {k!r} in {yaml_path}; valid keys: {', '.join(sorted(keys))}")
+            raise UserError(f"unknown key {quote(k)} in {yaml_path}; valid keys: {', '.join(sorted(keys))}")
         cfg[k] = coerce(k, keys[k], v, keys, str(yaml_path))
     overlays, ignored = _merge_overlays(cfg, ns.overlay, keys, known_elsewhere)
     for k in keys:

@@ -14,6 +14,22 @@
   settings of the run that goes on.
 * ``checksum`` / ``tensor_fingerprint``: the hashes the stores record for their chunks
   and inputs.
+
+A finished run follows one rule: **the last file written marks completion, and everything
+it depends on is written before it** (each file atomically). A re-run trusts the marker
+alone: present, the run is finished (reported, or refused without ``--overwrite``);
+absent, the run is unfinished whatever else stands beside it, and resumes or redoes the
+rest, rewriting those files. What the run no longer needs (a checkpoint, batches, a
+crafting state) is removed only after the marker is written, and an ``--overwrite`` run
+removes the earlier marker before it writes anything the marker vouches for. The markers:
+
+* ``train.py``: ``runs/train/<run>/result.json``, after ``model.pt``, ``curves.png`` and
+  the run's rows of ``results.csv`` / ``results_extra.csv`` (keyed by run, so a re-run
+  replaces its rows); ``checkpoint.pt`` is removed after it.
+* ``poison.py``: ``<name>.pkl``, after ``<name>.json`` and ``<name>.png``; the crafting
+  state ``<name>.work/`` is removed after it.
+* ``purification.py``: ``<poison>-pure.pkl``, after ``<poison>-pure.json`` and ``.png``;
+  the batches ``.<poison>-pure.parts/`` are removed after it.
 """
 
 from __future__ import annotations
@@ -34,7 +50,15 @@ from typing import Any
 import torch
 import yaml
 
-from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_state_json, read_text_file
+from utils.fileio import (
+    UserError,
+    atomic_temp_name,
+    atomic_write_json,
+    atomic_write_text,
+    name_limits,
+    read_state_json,
+    read_text_file,
+)
 from utils.precision import keep_stored
 
 # --------------------------------------------------------------------------- names
@@ -42,11 +66,40 @@ from utils.precision import keep_stored
 _NAME = re.compile(r"^[A-Za-z0-9_.+\-]+$")
 
 
-def check_name(value: str, flag: str) -> str:
+def check_name(value: str, flag: str, made: tuple[str, ...] = ("{}/",), folder: str | Path | None = None) -> str:
     """``value`` if it is a plain name (letters, digits, ``-_.+``; not ``.`` or ``..``),
-    else a UserError naming ``flag``: names become file and folder names, never paths."""
+    else a UserError naming ``flag``: names become file and folder names, never paths.
+
+    The name must also fit the file system before any work starts: every name made from it
+    (each template of ``made``, ``{}`` standing for the name: a file, or with a trailing
+    ``/`` a folder; ``()`` for a name that is only read), with its lock file ``.<name>.lock``
+    and, for a file, the atomic write's temporary name, is at most NAME_MAX bytes, and
+    under ``folder`` (where the names are made; default: the current folder, the whole
+    path not checked) the path stays under PATH_MAX (``utils.fileio.name_limits``)."""
     if not isinstance(value, str) or not _NAME.match(value) or value in (".", ".."):
         raise UserError(f"{flag} must be a plain name (letters, digits, '-', '_', '.', '+'; no path), got {value!r}")
+    names = [value]
+    for template in made:
+        name = template.format(value).rstrip("/")
+        names += [name, lock_path(name).name] + ([] if template.endswith("/") else [atomic_temp_name(name)])
+    longest = max(names, key=lambda n: len(os.fsencode(n)))
+    size = len(os.fsencode(longest))
+    name_max, path_max = name_limits(Path.cwd() if folder is None else folder)
+    shown = value if len(value) <= 24 else f"{value[:12]}...{value[-8:]}"
+    if size > name_max:
+        room = len(value) - (size - name_max)
+        raise UserError(
+            f"{flag} {shown!r} is too long ({len(value)} characters): it makes the file name {len(longest)} "
+            f"characters long ({longest.replace(value, '<name>')}), over the file system's limit of {name_max} "
+            f"(NAME_MAX); use at most {max(room, 0)} characters"
+        )
+    if folder is not None:
+        full = len(os.fsencode(str(Path(folder).absolute() / longest)))
+        if full >= path_max:
+            raise UserError(
+                f"{flag} {shown!r} makes a path of {full} characters under {folder}, over the file system's limit "
+                f"of {path_max - 1} (PATH_MAX); use a shorter name or --work_dir"
+            )
     return value
 
 

@@ -72,8 +72,11 @@ def candidates_complete(out_dir: str | Path) -> bool:
     return candidate_chunks(out_dir, meta, mode="r").complete()
 
 
-def store_header(images: torch.Tensor, classifier: nn.Module, k: int, batch_size: int, **settings: Any) -> dict:
-    """``meta.json``: the store's shape, the construction settings and fingerprints of its inputs."""
+def store_header(
+    images: torch.Tensor, classifier: nn.Module, k: int, batch_size: int, *, ddpm: str, **settings: Any
+) -> dict:
+    """``meta.json``: the store's shape, the construction settings and fingerprints of its inputs
+    (``ddpm``: the diffusion model's, its checkpoint file's fingerprint in the attack scripts)."""
     n = len(images)
     return {
         "n": n,
@@ -82,8 +85,9 @@ def store_header(images: torch.Tensor, classifier: nn.Module, k: int, batch_size
         "chunks": (n + batch_size - 1) // batch_size,
         "batch_size": batch_size,
         **settings,
-        # the inputs: the images and the model labelling the candidates
+        # the inputs: the images, the diffusion model making the candidates and the model labelling them
         "images": tensor_fingerprint(images),
+        "ddpm": ddpm,
         "classifier": tensor_fingerprint(*classifier.state_dict().values()),
     }
 
@@ -142,5 +146,5 @@ def candidate_chunks(out_dir: Path, meta: dict, mode: str = "r+") -> ChunkStore:
         header_name=_candidate_files(out_dir)[2].name,
         upgrade=legacy_candidate_header,
         damaged_hint=_DAMAGED_HINT.format(out_dir=out_dir),
-        refuse_hint="delete that folder to rebuild",
+        refuse_hint="delete that folder to rebuild the candidates, or pass --overwrite to start the record afresh",
     )

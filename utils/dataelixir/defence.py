@@ -16,7 +16,7 @@ One small function per step of the paper, each working on whole arrays:
 6.-8. ``stage2_selection``, ``final_relabel``, ``tpr_fpr``.
 
 Steps 2-8 return small frozen dataclasses (``LabelTransition``, ``TargetDetection``, ...).
-``REFERENCE_EXACT`` lists the options that reproduce the reference code's quirks.
+``utils.dataelixir.keys.REFERENCE_EXACT`` lists the options that reproduce the reference code's quirks.
 
 The semantics follow the reference implementation (``utils/purify_utils.py`` of
 Manu21JC/DataElixir); where it is ill-defined (empty classes in the detection, sort
@@ -41,7 +41,7 @@ from utils.data import NUM_CLASSES
 from utils.dataelixir import candidate_store as cs
 from utils.diffusion.gaussian_diffusion import truncated_steps
 from utils.diffusion.purify import chunk_seed, from_model_range, noise_and_denoise, to_model_range
-from utils.fileio import UserError
+from utils.fileio import UserError, tensor_fingerprint
 from utils.progress import progress
 from utils.run_state import on_rank0
 from utils.trainer import predict
@@ -105,6 +105,7 @@ def construct_candidates(
     rank: int = 0,
     world: int = 1,
     log: Log = print,
+    ddpm_fingerprint: str | None = None,
 ) -> tuple[np.memmap, np.memmap]:
     """Build the candidate sets of uint8 ``images`` [N, 3, H, W] and label them.
 
@@ -117,6 +118,7 @@ def construct_candidates(
     ``dense_tail`` (with ``respace``) takes the last ``last_steps_m`` reverse steps unspaced,
     so the kept candidates are at the paper's noise levels (a CPU-scale option).
     ``original_round_trip`` stores candidate 0 as the reference does (see :func:`reference_original`).
+    The header keys the store by ``ddpm_fingerprint``, else by ``diffusion_model``'s weights.
     Returns the memory-mapped candidates and labels (read-only).
     """
     check_step_settings(steps_T, rounds_n, last_steps_m, respace, dense_tail)
@@ -128,7 +130,8 @@ def construct_candidates(
     labels_bf16 = bf16 if labels_bf16 is None else labels_bf16
     # the labels' precision is recorded where it differs from the rounds' (older headers had one)
     other = {} if labels_bf16 == bf16 else {"labels_bf16": labels_bf16}
-    meta = cs.store_header(images, classifier, k, batch_size, **steps, seed=seed, bf16=bf16, **other)
+    ddpm = ddpm_fingerprint or tensor_fingerprint(*diffusion_model.state_dict().values())
+    meta = cs.store_header(images, classifier, k, batch_size, ddpm=ddpm, **steps, seed=seed, bf16=bf16, **other)
     store = cs.candidate_chunks(out_dir, meta)
     # rank 0 alone creates or checks the store (header, file sizes) before any rank maps it
     on_rank0(lambda: store.prepare(meta, log=log), rank, world)
@@ -207,16 +210,6 @@ def build_chunk(
     return torch.cat(out, dim=1)
 
 
-# every option that reproduces a quirk of DataElixir's code, with its reference value
-REFERENCE_EXACT = {"noise_offset": 1, "ssim_mode": "reference", "original_round_trip": True}
-
-
-def apply_reference_exact(cfg: dict[str, Any]) -> dict[str, Any]:
-    """``reference_exact: true`` turns on every option of ``REFERENCE_EXACT`` (whatever they
-    were set to); otherwise ``cfg`` is returned unchanged."""
-    return {**cfg, **REFERENCE_EXACT} if cfg.get("reference_exact") else cfg
-
-
 # --------------------------------------------------------------------------- 2. label transition
 
 
@@ -289,6 +282,7 @@ class TargetDetection:
     targets: list[int]  # the detected target labels
     histograms: np.ndarray  # int [C, C]: kept labels of the transitioning samples per dataset label
     transitioning_per_class: list[int]
+    warning: str | None = None  # why no score is defined (no transition, an infinite median)
 
 
 def detect_target_labels(
@@ -312,7 +306,9 @@ def detect_target_labels(
     ``count / len`` with Python ints there, so it stops with ``ZeroDivisionError``. Here
     such a class gets metric NaN and score 0, and the median and MAD are taken over the
     other classes. Infinite metrics (class i never among its own kept labels) follow numpy's
-    arithmetic as in the reference (|inf - finite median| = inf -> a target).
+    arithmetic as in the reference, unsmoothed: |inf - finite median| = inf -> a target. An
+    infinite median makes every score NaN (``inf - inf``) and the reference detects nothing;
+    so does this, with ``warning`` saying why (as when no sample transitions at all).
     """
     if tail not in ("two_sided", "upper"):
         raise ValueError(f"tail must be two_sided or upper, got {tail!r}")
@@ -345,6 +341,21 @@ def detect_target_labels(
         targets=targets.tolist(),
         histograms=h,
         transitioning_per_class=torch.bincount(y[transition], minlength=num_classes).tolist(),
+        warning=_undefined_scores(metrics, float(median), float(mad)),
+    )
+
+
+def _undefined_scores(metrics: np.ndarray, median: float, mad: float) -> str | None:
+    """Why the MAD scores of ``metrics`` are undefined (None when they are defined)."""
+    if np.isnan(metrics).all():
+        return "no sample transitions, so no class has a KL metric to score: no target label detected"
+    if np.isfinite([median, mad]).all():
+        return None
+    inf, fin = (np.flatnonzero(f(metrics)).tolist() for f in (np.isinf, np.isfinite))
+    return (
+        f"the KL metric is infinite for classes {inf} (none of their transitioning samples keeps its own label) "
+        f"and finite for {fin}: their median is infinite, so every MAD score is NaN (as in the reference code) "
+        "and no target label is detected"
     )
 
 

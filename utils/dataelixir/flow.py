@@ -31,8 +31,14 @@ import torch
 
 from utils.data import ImageSet, class_balanced_subset, load_cifar10, locate_cifar10
 from utils.dataelixir.attack_data import ATTACKS
-from utils.dataelixir.defence import apply_reference_exact
-from utils.dataelixir.keys import FlowConfig, all_known_keys, attack_keys, flow_precisions, validate
+from utils.dataelixir.keys import (
+    FlowConfig,
+    all_known_keys,
+    apply_reference_exact,
+    attack_keys,
+    flow_precisions,
+    validate,
+)
 from utils.dataelixir.models import build_candidates, load_diffusion
 from utils.dataelixir.outputs import load_attack_data
 from utils.dataelixir.phases import FlowContext, run_flow

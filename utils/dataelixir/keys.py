@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -229,9 +230,24 @@ class FlowConfig:
         """What the trigger is built from: the keys every attack shares and the attack's own."""
         return {**{k: getattr(self, k) for k in COMMON_KEYS}, **self.trigger_settings}
 
+    def phase_seed(self, phase: str) -> int:
+        """The seed of a phase's random draws, from ``(random_seed, phase)`` alone."""
+        digest = hashlib.sha256(f"{self.random_seed}/{phase}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") % (2**63 - 1)
+
     def precision_of(self, computation: str) -> str:
         """The resolved precision of ``computation`` (fp32 where none was resolved)."""
         return (self.precisions or {}).get(computation, "fp32")
+
+
+# every option that reproduces a quirk of DataElixir's code, with its reference value
+REFERENCE_EXACT = {"noise_offset": 1, "ssim_mode": "reference", "original_round_trip": True}
+
+
+def apply_reference_exact(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``reference_exact: true`` turns on every option of ``REFERENCE_EXACT`` (whatever they
+    were set to); otherwise ``cfg`` is returned unchanged."""
+    return {**cfg, **REFERENCE_EXACT} if cfg.get("reference_exact") else cfg
 
 
 # the computations of the flow, and the older key that overrides each (None: none)

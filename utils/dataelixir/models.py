@@ -19,7 +19,7 @@ from utils.dataelixir.keys import FlowConfig
 from utils.diffusion.checkpoints import resolve_checkpoint
 from utils.diffusion.factory import Purifier, diffusion_train_command, load_purifier
 from utils.download import DDPM_CHECKPOINTS, ddpm_checkpoint
-from utils.fileio import UserError, check_finite, safe_torch_load
+from utils.fileio import UserError, check_finite, file_fingerprint, safe_torch_load
 from utils.options import resolve_path
 from utils.progress import progress
 from utils.trainer import Normalized, TrainConfig, predict
@@ -150,6 +150,7 @@ def build_candidates(
 ) -> tuple[np.memmap, np.memmap]:
     """DataElixir's candidates of ``images`` in ``rec_dir/candidates`` (this rank's share)."""
     diff_model, base, _spec = load_diffusion(cfg, work, device)
+    ckpt, _ = diffusion_ckpt(cfg, work)
     # every rank labels with the saved backdoored model, so the labels do not depend on
     # whether rank 0 trained it in this process (its weights then in another memory layout)
     classifier = load_model(cfg, rec_dir / "backdoored_model.pt", device)
@@ -167,4 +168,5 @@ def build_candidates(
         rank=rank,
         world=world,
         log=log,
+        ddpm_fingerprint=file_fingerprint(ckpt),
     )

@@ -8,6 +8,8 @@ output exists instead of running it again; otherwise it runs the phase, stores i
 and marks it. Three steps between the phases are not in ``phases.json``: the stage-1
 training set (gathered every run), the stage-2 selection (stored on its own, so a stage-2
 training interrupted after it keeps it) and the report (``metrics.json``, written every run).
+Each phase draws its random numbers from generators seeded from ``(random_seed, phase)`` alone,
+so its result does not depend on which earlier phases ran in this process or were loaded.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from utils.dataelixir.outputs import (
 from utils.dataelixir.record import PHASES, Record
 from utils.fileio import atomic_torch_save, atomic_write_json, safe_torch_load
 from utils.paths import resource_dir
+from utils.runtime import seed_everything
 from utils.trainer import train_classifier
 
 Log = Callable[[str], None]
@@ -216,12 +219,15 @@ def cached_phase(ctx: FlowContext, phase: str | None, compute: Callable[[], T], 
     """``compute()``, or its stored output. ``phase``: its ``phases.json`` entry (None: a
     step between phases). The output is loaded when it is stored and its phase (if any) is
     marked done; otherwise it is computed, saved (each file atomically) and then the phase
-    marked done. A phase without ``stored`` runs every time and keeps the time of its first run."""
+    marked done. A phase without ``stored`` runs every time and keeps the time of its first run.
+    ``compute`` starts with the global generators (Python, NumPy, torch on every device) seeded
+    by ``cfg.phase_seed(phase)``: a model's initialisation, say, does not depend on the earlier phases."""
     if stored is not None and (phase is None or ctx.rec.done(phase)) and stored.present():
         if phase:
             ctx.log(f"phase {phase}: done earlier")
         return stored.load()
     t0 = time.time()
+    seed_everything(ctx.cfg.phase_seed(phase or "between phases"))
     out = compute()
     if stored is not None:
         stored.save(out)
@@ -391,6 +397,7 @@ def detection_report(det: de.TargetDetection, cfg: FlowConfig) -> dict[str, Any]
             "transitioning_per_class": det.transitioning_per_class,
             "kept_label_histograms": det.histograms,
             "true_attack_target": cfg.attack_target if cfg.attack_label_trans == "all2one" else "all2all",
+            "warning": det.warning,
         }
     )
 
@@ -404,7 +411,8 @@ def identification_phase(
     p = torch.from_numpy(np.asarray(cands.preds).astype(np.int64))
     trans = de.label_transition(p, cfg.threshold_tau, NUM_CLASSES)
     det = de.detect_target_labels(p, trans.kept, trans.transition, labels, NUM_CLASSES, tail=cfg.detection_tail)
-    ctx.log(f"target labels {det.targets} (scores {np.round(det.scores, 3).tolist()})")
+    scored = f"target labels {det.targets} (scores {np.round(det.scores, 3).tolist()})"
+    ctx.log(f"warning: target detection: {det.warning}" if det.warning else scored)
     srt = de.sort_samples(trans, labels, det.targets)
     rows = torch.nonzero(srt.decision != de.KEPT).flatten().numpy()
     dist = de.candidate_distances(
@@ -575,6 +583,7 @@ def report(
             "detection": rates.as_dict(),
             "target_labels": ident.detection["target_labels"],
             "target_scores": ident.detection["scores"],
+            "target_warning": ident.detection.get("warning"),
             "decisions": decision_counts(ident.decision),
             "stage2_consensus": int(sel.consensus.sum()),
             "candidates_per_sample": cands.images.shape[1],

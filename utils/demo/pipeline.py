@@ -7,26 +7,32 @@ output does not exist yet, up to ``jobs`` at a time in dependency order; :func:`
 reads every finished victim back into a table of mean ± std over seeds.
 
 Their outputs are the scripts' own (each script resumes and refuses other settings), so a
-step counts as done exactly when its script's result file exists: an interrupted demo
-resumes where it stopped, and demo processes with disjoint ``--poisons`` may share a work
-dir. Wall times of finished steps accumulate in ``<work>/step_seconds.json``.
+step counts as done when its script's result file exists and was made with this demo's
+settings (``utils.demo.stored``: other settings are refused, or redone with ``--overwrite``):
+an interrupted demo resumes where it stopped, and demo processes with disjoint ``--poisons``
+may share a work dir. Wall times of finished steps accumulate in ``<work>/step_seconds.json``.
+Each step runs in its own process group; an interrupted demo (SIGINT, SIGTERM) interrupts
+its running steps and waits for them, so none is left holding its output's lock.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from utils.demo.recipe import poison_flags
 from utils.demo.step_costs import UnitCosts, is_rough, step_minutes, step_threads
+from utils.demo.stored import Stored
 from utils.diffusion.checkpoints import checkpoint_name, resolve_checkpoint
 from utils.fileio import atomic_write_json, read_state_json
 from utils.paths import REPO_ROOT, diff_ckpt_dir, poisoned_file, purified_file
@@ -42,6 +48,8 @@ VARIANTS = {
     "eclipse": ("ECLIPSE", ["--pure"]),
 }
 STATUS_EVERY_S = 300.0  # a status line while steps run in parallel (their output goes to logs)
+STOP_GRACE_S = 60.0  # an interrupted step's time to save its work and exit before it is killed
+CIFAR10_TRAIN_IMAGES = 50_000
 
 
 @dataclass
@@ -52,6 +60,7 @@ class DemoCommand:
     minutes: float | None  # expected wall time on this machine (None: not estimated)
     done: bool  # its output exists, so it is skipped
     after: tuple[str, ...] = field(default_factory=tuple)  # keys of the steps it needs
+    stored: Stored | None = None  # where its script stored the settings of its output
 
 
 def victim_name(poison: str, variant: str | None, seed: int) -> str:
@@ -62,6 +71,20 @@ def victim_name(poison: str, variant: str | None, seed: int) -> str:
 
 def victim_result(work: Path, name: str) -> Path:
     return work / "runs" / "train" / name / "result.json"
+
+
+def _flag_values(cmd: list[str], names: dict[str, str]) -> dict[str, Any]:
+    """``{stored key: value}`` of the ``--flag value`` pairs in ``cmd`` named in ``names``
+    (flag -> stored key); a flag without a value is True."""
+    out = {}
+    for i, word in enumerate(cmd):
+        if word.startswith("--") and word[2:] in names:
+            value = cmd[i + 1] if i + 1 < len(cmd) and not cmd[i + 1].startswith("--") else True
+            out[names[word[2:]]] = value
+    return out
+
+
+_VICTIM_KEYS = ("arch", "width", "epochs", "schedule", "weight_decay", "poison", "subset", "test_subset", "t", "iter")
 
 
 def build_commands(
@@ -75,22 +98,27 @@ def build_commands(
     ``skip_clean``); with ``costs`` (measured here, ``utils.demo.step_costs``) each step's
     expected minutes."""
 
-    def expected(kind: str, poison: str = "") -> float | None:
-        return (
-            None if costs is None else step_minutes(kind, args, costs, poison, poison_flags(poison) if poison else "")
-        )
+    def expected(kind: str, poison: str = "", flags: str = "") -> float | None:
+        return None if costs is None else step_minutes(kind, args, costs, poison, flags)
 
     work = Path(args.work_dir)
     it = args.diffusion_iterations
+    tiny = bool(getattr(args, "tiny", False))
+    test_subset = getattr(args, "test_subset", None)
     diff_ckpt = checkpoint_name("ema", it, args.diffusion_ema)
     victim_flags = ["--arch", args.arch, "--width", str(args.width), "--epochs", str(args.epochs)]
     victim_flags += ["--schedule", args.schedule, "--weight_decay", str(args.weight_decay), "--work_dir", str(work)]
+    victim_flags += ["--test_subset", str(test_subset)] if test_subset else []
 
     def victim(name: str, title: str, flags: list[str], seed: int, after: tuple[str, ...]) -> DemoCommand:
         seed_flags = ["--seed", str(seed)] if seed else []
         cmd = [py, "train.py", *flags, *victim_flags, *seed_flags, "--run_name", name]
         title += f", seed {seed}" if args.seeds > 1 else ""
-        return DemoCommand(name, title, cmd, expected("victim"), victim_result(work, name).is_file(), after)
+        result = victim_result(work, name)
+        values = {"seed": seed, "pure": "--pure" in flags, "defense": "none", "subset": None, "test_subset": None}
+        values |= _flag_values(cmd, {k: k for k in (*_VICTIM_KEYS, "defense")})
+        stored = Stored((result, result.with_name("settings.json")), values, ("settings", None))
+        return DemoCommand(name, title, cmd, expected("victim"), result.is_file(), after, stored)
 
     diffusion = DemoCommand(
         "diffusion",
@@ -100,6 +128,14 @@ def build_commands(
         + ["--ema_rate", str(args.diffusion_ema), "--save_interval", "500", "--work_dir", str(work)],
         expected("diffusion"),
         resolve_checkpoint(diff_ckpt_dir(work, SPARSE_SET) / diff_ckpt).is_file(),
+        stored=Stored(
+            (diff_ckpt_dir(work, SPARSE_SET) / "run.json",),
+            {
+                "training.batch_size": args.diffusion_batch,
+                "training.max_timestep": args.diffusion_max_timestep,
+                "training.ema_rate": args.diffusion_ema,
+            },
+        ),
     )
     steps = [diffusion]
     seeds = range(args.seeds)
@@ -107,21 +143,26 @@ def build_commands(
         clean = ["--poison", "clean", "--subset", str(args.subset)]
         steps += [victim(victim_name("", None, s), "victim on the clean subset", clean, s, ()) for s in seeds]
     for poison in poisons:
+        flags = poison_flags(poison, tiny)
         craft_cmd = [py, "poison.py", "--poison", poison, "--subset", str(args.subset), "--work_dir", str(work)]
-        craft_cmd += poison_flags(poison).split()
+        craft_cmd += flags.split()
         craft_after: tuple[str, ...] = ()
         if "sparse_diff_model" in POISONS[poison].defaults:  # the adaptive attack crafts through our UNet
             craft_cmd += ["--sparse_diff_model", diff_ckpt]
             craft_after = ("diffusion",)
-        rough = " (rough estimate)" if costs is not None and is_rough(poison, poison_flags(poison), args.subset) else ""
+        rough = " (rough estimate)" if costs is not None and is_rough(poison, flags, args.subset) else ""
+        crafted = {"n_images": min(args.subset, CIFAR10_TRAIN_IMAGES)}
+        crafted |= _flag_values(flags.split(), {"arch": "surrogate_arch", "width": "surrogate_width"})
         craft = DemoCommand(
             f"{poison} poison",
             f"craft {poison} on {args.subset} images{rough}",
             craft_cmd,
-            expected("poison", poison),
+            expected("poison", poison, flags),
             poisoned_file(work, poison).is_file(),
             craft_after,
+            Stored((poisoned_file(work, poison).with_suffix(".json"),), crafted),
         )
+        purified = purified_file(work, SPARSE_SET, args.t, it, poison)
         purify = DemoCommand(
             f"{poison} purification",
             f"purify {poison} (ECLIPSE stage 1)",
@@ -129,8 +170,9 @@ def build_commands(
             + ["--sparse_diff_model", diff_ckpt, "--t", str(args.t), "--respace", str(args.respace)]
             + ["--work_dir", str(work)],
             expected("purification"),
-            purified_file(work, SPARSE_SET, args.t, it, poison).is_file(),
+            purified.is_file(),
             ("diffusion", craft.key),
+            Stored((purified.with_suffix(".json"),), {"t": args.t, "respace": args.respace}),
         )
         steps += [craft, purify]
         for s in seeds:
@@ -145,7 +187,9 @@ def build_commands(
 
 
 def format_minutes(m: float | None) -> str:
-    return "time not estimated" if m is None else f"~{m:.0f} min" if m >= 10 else f"~{m:.1f} min"
+    if m is None:
+        return "time not estimated"
+    return f"~{m:.0f} min" if m >= 10 else f"~{m:.1f} min" if m >= 0.05 else "< 0.1 min"
 
 
 def plan_lines(steps: list[DemoCommand], jobs: int, costs: UnitCosts | None = None) -> list[str]:
@@ -177,12 +221,67 @@ def _record_seconds(work: Path, key: str, seconds: float) -> None:
     atomic_write_json(path, times)
 
 
+@contextmanager
+def interrupt_on_sigterm() -> Iterator[None]:
+    """Within it, SIGTERM interrupts the demo as Ctrl-C does (``KeyboardInterrupt``), so its
+    steps are stopped and waited for (:func:`stop_steps`) instead of left running."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def start_step(cmd: list[str], **kwargs: Any) -> subprocess.Popen:
+    """A step's process, in a process group of its own: the demo alone decides when to
+    interrupt it (a terminal's Ctrl-C reaches the demo, which passes it on)."""
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, process_group=0, **kwargs)
+
+
+def stop_steps(procs: Sequence[subprocess.Popen], grace_s: float | None = None) -> None:
+    """Interrupt each running step's process group (SIGINT: a script saves its work and
+    releases its lock) and wait for them; what is still running after ``grace_s`` (default
+    :data:`STOP_GRACE_S`), or after a second interrupt, is killed."""
+    grace_s = STOP_GRACE_S if grace_s is None else grace_s
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        _signal_group(p, signal.SIGINT)
+    deadline = time.time() + grace_s
+    try:
+        while any(p.poll() is None for p in live) and time.time() < deadline:
+            time.sleep(0.05)
+    except KeyboardInterrupt:  # interrupted again: no more waiting
+        pass
+    for p in live:
+        if p.poll() is None:
+            _signal_group(p, signal.SIGKILL)
+    for p in live:
+        p.wait()
+
+
+def _signal_group(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:  # it has just ended
+        pass
+
+
 def run_command(cmd: list[str]) -> float:
-    """Run one step in the foreground (its output on this terminal); its wall time."""
+    """Run one step in the foreground (its output on this terminal); its wall time. An
+    interrupted demo interrupts the step and waits for it."""
     t0 = time.time()
-    res = subprocess.run(cmd, cwd=REPO_ROOT)
-    if res.returncode != 0:
-        raise CommandFailed(f"exit {res.returncode}: {' '.join(shlex.quote(c) for c in cmd)}")
+    proc = start_step(cmd)
+    try:
+        returncode = proc.wait()
+    except BaseException:
+        stop_steps([proc])
+        raise
+    if returncode != 0:
+        raise CommandFailed(f"exit {returncode}: {' '.join(shlex.quote(c) for c in cmd)}")
     return time.time() - t0
 
 
@@ -201,8 +300,10 @@ def run_commands(
     With one job each step runs in the foreground through ``runner``; with several, each
     step writes ``<work>/logs/<key>.log`` and its start and end (and a status line every
     few minutes) are printed here. After a failure no new step starts; running ones
-    finish, then :class:`CommandFailed` names the failed command and its log. Returns the
-    wall time of each step run; they also accumulate in ``<work>/step_seconds.json``.
+    finish, then :class:`CommandFailed` names the failed command and its log. Interrupted
+    (Ctrl-C, SIGTERM after :func:`interrupt_on_sigterm`), it interrupts the running steps
+    and waits for them before the ``KeyboardInterrupt`` goes on. Returns the wall time of
+    each step run; they also accumulate in ``<work>/step_seconds.json``.
     ``on_step_done(done, total)`` is called after each step that succeeds (the demo
     rewrites its partial table there, so hours-long runs show their results as they come)."""
     known = {s.key for s in steps}
@@ -210,71 +311,99 @@ def run_commands(
         missing = [a for a in s.after if a not in known]
         if missing:
             raise ValueError(f"step {s.key!r} waits for unknown step(s) {missing}")
-    finished = {s.key for s in steps if s.done}
-    pending = [s for s in steps if not s.done]
-    running: dict[str, tuple[subprocess.Popen, float, DemoCommand, TextIO]] = {}
-    seconds: dict[str, float] = {}
-    failed: list[str] = []
-    env = dict(os.environ)
-    if jobs > 1 and "OMP_NUM_THREADS" not in env:  # oversubscribed threads slow every process down
-        env["OMP_NUM_THREADS"] = str(step_threads(jobs))
-    total, started, last_status = len(pending), 0, time.time()
+    run = _Run(steps, work, jobs, log, runner, say, on_step_done)
+    try:
+        run.loop(poll_s)
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM) or failed here: no step is left running
+        stop_steps([proc for proc, *_ in run.running.values()])
+        for *_, out in run.running.values():
+            out.close()
+        raise
+    if run.failed:
+        raise CommandFailed("; ".join(run.failed))
+    return run.seconds
 
-    def note(line: str) -> None:
-        say(line)
-        if log is not None:
-            log.write(line + "\n")
-            log.flush()
 
-    def finish(s: DemoCommand, took: float) -> None:
-        finished.add(s.key)
-        seconds[s.key] = took
-        _record_seconds(work, s.key, took)
-        if jobs > 1:
-            note(f"   done: {s.title} in {took / 60:.1f} min ({len(finished)} of {len(steps)} steps done)")
-        if on_step_done is not None:
-            on_step_done(len(finished), len(steps))
+class _Run:
+    """The state of :func:`run_commands`: what is pending, running, finished and failed."""
 
-    while pending or running:
-        for s in list(pending):
-            if failed or len(running) >= jobs:
+    def __init__(self, steps, work, jobs, log, runner, say, on_step_done) -> None:
+        self.steps, self.work, self.jobs, self.log = steps, work, jobs, log
+        self.runner, self.say, self.on_step_done = runner, say, on_step_done
+        self.finished = {s.key for s in steps if s.done}
+        self.pending = [s for s in steps if not s.done]
+        self.running: dict[str, tuple[subprocess.Popen, float, DemoCommand, TextIO]] = {}
+        self.seconds: dict[str, float] = {}
+        self.failed: list[str] = []
+        self.env = dict(os.environ)
+        if jobs > 1 and "OMP_NUM_THREADS" not in self.env:  # oversubscribed threads slow every process down
+            self.env["OMP_NUM_THREADS"] = str(step_threads(jobs))
+        self.total, self.started = len(self.pending), 0
+
+    def note(self, line: str) -> None:
+        self.say(line)
+        if self.log is not None:
+            self.log.write(line + "\n")
+            self.log.flush()
+
+    def finish(self, s: DemoCommand, took: float) -> None:
+        self.finished.add(s.key)
+        self.seconds[s.key] = took
+        _record_seconds(self.work, s.key, took)
+        if self.jobs > 1:
+            self.note(
+                f"   done: {s.title} in {took / 60:.1f} min ({len(self.finished)} of {len(self.steps)} steps done)"
+            )
+        if self.on_step_done is not None:
+            self.on_step_done(len(self.finished), len(self.steps))
+
+    def start_ready(self) -> None:
+        for s in list(self.pending):
+            if self.failed or len(self.running) >= self.jobs:
                 break
-            if not all(a in finished for a in s.after):
+            if not all(a in self.finished for a in s.after):
                 continue
-            pending.remove(s)
-            started += 1
-            note(f"\n== step {started} of {total}: {s.title} ({format_minutes(s.minutes)})")
-            note("$ " + " ".join(shlex.quote(c) for c in s.cmd))
-            if jobs == 1:
-                finish(s, runner(s.cmd))  # CommandFailed propagates: nothing else is running
+            self.pending.remove(s)
+            self.started += 1
+            self.note(f"\n== step {self.started} of {self.total}: {s.title} ({format_minutes(s.minutes)})")
+            self.note("$ " + " ".join(shlex.quote(c) for c in s.cmd))
+            if self.jobs == 1:
+                self.finish(s, self.runner(s.cmd))  # CommandFailed propagates: nothing else is running
                 continue
-            (work / "logs").mkdir(parents=True, exist_ok=True)
-            out = open(work / "logs" / f"{_file_key(s.key)}.log", "a")  # noqa: SIM115 - closed when it ends
-            proc = subprocess.Popen(s.cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-            running[s.key] = (proc, time.time(), s, out)
-        if not running:
-            if pending and not failed:
-                raise ValueError(f"steps {[s.key for s in pending]} wait for steps that never run")
-            break
-        time.sleep(poll_s)
-        for key, (proc, t0, s, out) in list(running.items()):
+            (self.work / "logs").mkdir(parents=True, exist_ok=True)
+            out = open(self.work / "logs" / f"{_file_key(s.key)}.log", "a")  # noqa: SIM115 - closed when it ends
+            proc = start_step(s.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+            self.running[s.key] = (proc, time.time(), s, out)
+
+    def collect(self) -> None:
+        for key, (proc, t0, s, out) in list(self.running.items()):
             if proc.poll() is None:
                 continue
-            del running[key]
+            del self.running[key]
             out.close()
             if proc.returncode == 0:
-                finish(s, time.time() - t0)
+                self.finish(s, time.time() - t0)
             else:
-                where = work / "logs" / f"{_file_key(key)}.log"
-                failed.append(f"exit {proc.returncode}: {' '.join(shlex.quote(c) for c in s.cmd)} (log: {where})")
-                note(f"   FAILED: {s.title} (log: {where}); no new step starts")
-        if running and time.time() - last_status >= STATUS_EVERY_S:
-            last_status = time.time()
-            now = ", ".join(f"{s.title} ({(time.time() - t0) / 60:.0f} min)" for _, t0, s, _ in running.values())
-            note(f"   running: {now}; {len(pending)} step(s) waiting")
-    if failed:
-        raise CommandFailed("; ".join(failed))
-    return seconds
+                where = self.work / "logs" / f"{_file_key(key)}.log"
+                self.failed.append(f"exit {proc.returncode}: {' '.join(shlex.quote(c) for c in s.cmd)} (log: {where})")
+                self.note(f"   FAILED: {s.title} (log: {where}); no new step starts")
+
+    def loop(self, poll_s: float) -> None:
+        last_status = time.time()
+        while self.pending or self.running:
+            self.start_ready()
+            if not self.running:
+                if self.pending and not self.failed:
+                    raise ValueError(f"steps {[s.key for s in self.pending]} wait for steps that never run")
+                break
+            time.sleep(poll_s)
+            self.collect()
+            if self.running and time.time() - last_status >= STATUS_EVERY_S:
+                last_status = time.time()
+                now = ", ".join(
+                    f"{s.title} ({(time.time() - t0) / 60:.0f} min)" for _, t0, s, _ in self.running.values()
+                )
+                self.note(f"   running: {now}; {len(self.pending)} step(s) waiting")
 
 
 def _file_key(key: str) -> str:

@@ -17,29 +17,63 @@ from utils.options import load_yaml_file
 from utils.paths import REPO_ROOT
 
 RECIPE_FILE = REPO_ROOT / "config" / "eclipse_cpu.yaml"
-_SECTIONS = {"demo": dict, "poison_flags": dict}
+_SECTIONS = ("demo", "poison_flags", "tiny")
+TINY_ONLY = ("test_subset",)  # keys the smoke run sets that the demo leaves to train.py
 
 
 @cache
 def load_recipe(path: Path = RECIPE_FILE) -> dict[str, dict[str, Any]]:
     """The recipe's sections, checked for shape (a damaged file is a one-line error)."""
     data = load_yaml_file(path)
-    for name in _SECTIONS:
-        if not isinstance(data.get(name), dict):
-            raise UserError(f"{path}: expected a mapping under '{name}', got {data.get(name)!r}")
+    data.setdefault("tiny", {"demo": {}, "poison_flags": {}})
     unknown = set(data) - set(_SECTIONS)
     if unknown:
         raise UserError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; expected {', '.join(_SECTIONS)}")
+    _check_sections(path, data, "")
+    tiny = data["tiny"]
+    if not isinstance(tiny, dict) or set(tiny) != {"demo", "poison_flags"}:
+        raise UserError(f"{path}: 'tiny' must hold exactly 'demo' and 'poison_flags', got {tiny!r}")
+    _check_sections(path, tiny, "tiny.")
+    extra = set(tiny["demo"]) - set(data["demo"]) - set(TINY_ONLY)
+    if extra:
+        raise UserError(f"{path}: tiny.demo: unknown key(s) {', '.join(sorted(extra))}; expected keys of 'demo'")
+    return data
+
+
+def _check_sections(path: Path, data: dict[str, Any], where: str) -> None:
+    for name in ("demo", "poison_flags"):
+        if not isinstance(data.get(name), dict):
+            raise UserError(f"{path}: expected a mapping under '{where}{name}', got {data.get(name)!r}")
     for key, flags in data["poison_flags"].items():
         if not isinstance(flags, str):
-            raise UserError(f"{path}: poison_flags.{key}: expected a string of poison.py flags, got {flags!r}")
-    return data
+            raise UserError(f"{path}: {where}poison_flags.{key}: expected a string of poison.py flags, got {flags!r}")
 
 
 def demo_recipe() -> dict[str, Any]:
     return dict(load_recipe()["demo"])
 
 
-def poison_flags(poison: str) -> str:
-    """Recommended ``poison.py`` flags for ``poison`` at ``--subset 5000`` ('' when it needs none)."""
-    return load_recipe()["poison_flags"].get(poison, "")
+def tiny_recipe() -> dict[str, Any]:
+    """The smoke run's keys (``demo.py --tiny``): they replace the demo's."""
+    return dict(load_recipe()["tiny"]["demo"])
+
+
+def recipe_help() -> dict[str, str]:
+    """Each demo key's comment in the recipe file (its help in ``demo.py --help``)."""
+    helps, section = {}, None
+    for line in RECIPE_FILE.read_text().splitlines():
+        if line and not line.startswith((" ", "#")):
+            section = line.split(":", 1)[0]
+        elif section == "demo" and ":" in line and not line.lstrip().startswith("#"):
+            key, _, rest = line.strip().partition(":")
+            helps[key] = rest.partition("#")[2].strip()
+    return helps
+
+
+def poison_flags(poison: str, tiny: bool = False) -> str:
+    """Recommended ``poison.py`` flags for ``poison`` at ``--subset 5000`` ('' when it needs none);
+    ``tiny``: the smoke run's, where it has its own."""
+    recipe = load_recipe()
+    if tiny and poison in recipe["tiny"]["poison_flags"]:
+        return recipe["tiny"]["poison_flags"][poison]
+    return recipe["poison_flags"].get(poison, "")

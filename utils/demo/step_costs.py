@@ -189,7 +189,8 @@ def step_minutes(kind: str, recipe: Any, costs: UnitCosts, poison: str = "", fla
     if kind == "victim":
         evals = len([e for e in range(1, recipe.epochs + 1) if e % 5 == 0 or e == recipe.epochs])
         train_s = recipe.epochs * recipe.subset * costs.victim_train_image
-        return (train_s + evals * TEST_IMAGES * costs.victim_eval_image) / 60
+        test_images = getattr(recipe, "test_subset", None) or TEST_IMAGES
+        return (train_s + evals * test_images * costs.victim_eval_image) / 60
     if kind == "poison":
         passes = surrogate_passes(poison, flags, recipe.subset)
         if passes is None:

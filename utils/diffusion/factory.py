@@ -13,6 +13,8 @@ Two config dialects, one per model family:
 
 from __future__ import annotations
 
+import copy
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,52 +22,71 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
-import yaml
 
 from models.ddpm import DDPMModel
-from models.unet import create_unet
+from models.unet import channel_mult_for, create_unet
 from utils.diffusion.checkpoints import parse_checkpoint_name, resolve_checkpoint
 from utils.diffusion.gaussian_diffusion import GaussianDiffusion, get_named_beta_schedule, space_timesteps
-from utils.fileio import UserError, load_state_dict_strict, read_text_file, safe_torch_load
+from utils.fileio import UserError, load_state_dict_strict, safe_torch_load
+from utils.options import POSITIVE, Key, Range, coerce, load_yaml_file
 from utils.paths import REPO_ROOT
 from utils.runtime import compiled
 
-# improved-diffusion's model_and_diffusion_defaults()
-IMPROVED_DEFAULTS: dict[str, Any] = dict(
-    image_size=64,
-    num_channels=128,
-    num_res_blocks=2,
-    num_heads=4,
-    num_heads_upsample=-1,
-    attention_resolutions="16,8",
-    dropout=0.0,
-    learn_sigma=False,
-    sigma_small=False,
-    class_cond=False,
-    diffusion_steps=1000,
-    noise_schedule="linear",
-    timestep_respacing="",
-    use_kl=False,
-    predict_xstart=False,
-    rescale_timesteps=True,
-    rescale_learned_sigmas=True,
-    use_checkpoint=False,
-    use_scale_shift_norm=True,
-)
+# the ranges only these configs use (the shared ones come from utils.options)
+DROPOUT = Range(0, 1, high_open=True)
+BETA = Range(0, 1, low_open=True, high_open=True)
+NORM_GROUPS = 32  # both UNets normalise with GroupNorm(32, channels)
+MAX_DDPM_LEVELS = 5  # a 32x32 input halves per level down to 2x2
 
-DDPM_MODEL_DEFAULTS: dict[str, Any] = dict(
-    resolution=32,
-    in_channels=3,
-    out_ch=3,
-    ch=128,
-    ch_mult=[1, 2, 2, 2],
-    num_res_blocks=2,
-    attn_resolutions=[16],
-    dropout=0.1,
-)
-DDPM_DIFFUSION_DEFAULTS: dict[str, Any] = dict(
-    beta_schedule="linear", beta_start=0.0001, beta_end=0.02, num_diffusion_timesteps=1000, model_var_type="fixedlarge"
-)
+# improved-diffusion's model_and_diffusion_defaults(), each key declared
+IMPROVED_KEYS: dict[str, Key] = {
+    "image_size": Key(64, "image size the channel multipliers are chosen for", choices=(32, 64)),
+    "num_channels": Key(128, f"base channels (a multiple of {NORM_GROUPS})", range=POSITIVE),
+    "num_res_blocks": Key(2, "residual blocks per level", range=POSITIVE),
+    "num_heads": Key(4, "attention heads (dividing the attention blocks' channels)", range=POSITIVE),
+    "num_heads_upsample": Key(-1, "attention heads of the upsampling path; -1: num_heads", range=Range(-1)),
+    "attention_resolutions": Key("16,8", "comma list of feature-map sizes with attention", str),
+    "dropout": Key(0.0, range=DROPOUT),
+    "learn_sigma": Key(False, "learn the variance (6 output channels)"),
+    "sigma_small": Key(False, "fixed small variance instead of fixed large (without learn_sigma)"),
+    "class_cond": Key(False, "class-conditional model (not supported)"),
+    "diffusion_steps": Key(1000, range=POSITIVE),
+    "noise_schedule": Key("linear", choices=("linear", "cosine")),
+    "timestep_respacing": Key("", "respacing of the sampling steps (improved-diffusion's spelling)", str, True),
+    "use_kl": Key(False, "train with the rescaled KL loss"),
+    "predict_xstart": Key(False, "predict x_0 instead of the noise (not supported)"),
+    "rescale_timesteps": Key(True, "the model sees t scaled to 0..1000"),
+    "rescale_learned_sigmas": Key(True, "hybrid loss: MSE plus the rescaled variational bound"),
+    "use_checkpoint": Key(False, "gradient checkpointing (ignored)"),
+    "use_scale_shift_norm": Key(True),
+}
+IMPROVED_DEFAULTS: dict[str, Any] = {k: key.default for k, key in IMPROVED_KEYS.items()}
+
+# pytorch_diffusion's Model arguments and DDPM's diffusion settings, each key declared
+DDPM_MODEL_KEYS: dict[str, Key] = {
+    "resolution": Key(32, "input resolution (CIFAR-10's)", choices=(32,)),
+    "in_channels": Key(3, "input channels (RGB)", choices=(3,)),
+    "out_ch": Key(3, "output channels (the predicted noise)", choices=(3,)),
+    "ch": Key(128, f"base channels (a multiple of {NORM_GROUPS})", range=POSITIVE),
+    "ch_mult": Key([1, 2, 2, 2], f"channel multiplier per level (1 to {MAX_DDPM_LEVELS} positive integers)", list),
+    "num_res_blocks": Key(2, "residual blocks per level", range=POSITIVE),
+    "attn_resolutions": Key([16], "feature-map sizes with attention", list),
+    "dropout": Key(0.1, range=DROPOUT),
+}
+DDPM_DIFFUSION_KEYS: dict[str, Key] = {
+    "beta_schedule": Key("linear", choices=("linear", "cosine")),
+    "beta_start": Key(0.0001, range=BETA),
+    "beta_end": Key(0.02, range=BETA),
+    "num_diffusion_timesteps": Key(1000, range=POSITIVE),
+    "model_var_type": Key("fixedlarge", choices=("fixedlarge", "fixedsmall")),
+    "timestep_respacing": Key("", "respacing of the sampling steps", str, True),
+}
+DDPM_MODEL_DEFAULTS: dict[str, Any] = {k: key.default for k, key in DDPM_MODEL_KEYS.items()}
+DDPM_DIFFUSION_DEFAULTS: dict[str, Any] = {
+    k: key.default for k, key in DDPM_DIFFUSION_KEYS.items() if k != "timestep_respacing"
+}
+# YAML 1.1 reads an exponent without a dot (1e-4) as text: such text is the number it spells
+_EXPONENT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
 _VAR_TYPES = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}
 
@@ -142,68 +163,161 @@ def create_diffusion(spec: DiffusionSpec | Mapping[str, Any], timestep_respacing
     )
 
 
-def _check_keys(section: dict, allowed: dict, where: str) -> None:
-    unknown = sorted(set(section) - set(allowed))
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def _checked(section: Any, keys: dict[str, Key], name: str, source: str) -> dict[str, Any]:
+    """The ``name`` section with every key checked by its declaration (``utils.options.check``):
+    unknown keys refused, missing ones at their defaults."""
+    if not isinstance(section, Mapping):
+        raise UserError(f"{source}: '{name}:' must be a mapping of key: value, got {type(section).__name__}")
+    unknown = sorted(str(k) for k in section if k not in keys)
     if unknown:
-        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(allowed))}")
+        raise UserError(f"{source} {name}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(keys))}")
+    out = {k: copy.deepcopy(key.default) for k, key in keys.items()}
+    for k, value in section.items():
+        key = keys[k]
+        if key.kind is float and isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+            value = float(value)
+        out[k] = coerce(f"{name}.{k}", key, value, keys, source)
+    return out
+
+
+def _heads_divide(m: dict[str, Any], mults: tuple[int, ...], sizes: list[int], res: list[int], source: str) -> None:
+    """Each attention block splits its channels into whole heads."""
+    attn_ch = [mult * m["num_channels"] for mult, size in zip(mults, sizes) if size in res]
+    up = m["num_heads"] if m["num_heads_upsample"] == -1 else m["num_heads_upsample"]
+    for name, heads, chans in (
+        ("num_heads", m["num_heads"], [*attn_ch, mults[-1] * m["num_channels"]]),
+        ("num_heads_upsample", up, attn_ch),
+    ):
+        bad = [c for c in chans if c % heads]
+        if bad:
+            raise UserError(
+                f"model.{name} in {source}: must divide the channels of every attention block, "
+                f"got {heads} heads for {bad[0]} channels"
+            )
+
+
+def _check_improved_model(m: dict[str, Any], source: str) -> None:
+    """What improved-diffusion's UNet needs of its keys together."""
+    if m["class_cond"]:
+        raise UserError(f"{source}: class_cond=True is not supported (ECLIPSE's model is unconditional)")
+    if m["predict_xstart"]:
+        raise UserError(f"{source}: predict_xstart=True is not supported (epsilon prediction only)")
+    if m["num_channels"] % NORM_GROUPS:
+        raise UserError(
+            f"model.num_channels in {source}: must be a multiple of {NORM_GROUPS} "
+            f"(GroupNorm's groups), got {m['num_channels']}"
+        )
+    if m["num_heads_upsample"] == 0:
+        raise UserError(f"model.num_heads_upsample in {source}: must be -1 (num_heads) or >= 1, got 0")
+    mults = channel_mult_for(m["image_size"])
+    sizes = [m["image_size"] >> level for level in range(len(mults))]  # the feature maps' sizes
+    text = m["attention_resolutions"]
+    try:
+        res = [int(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        res = None
+    if res is None or any(r not in sizes for r in res):
+        raise UserError(
+            f"model.attention_resolutions in {source}: must be a comma list of feature-map sizes "
+            f"among {','.join(map(str, sizes))}, got {text!r}"
+        )
+    _heads_divide(m, mults, sizes, res, source)
+
+
+def _improved_spec(model: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    m = _checked(model, IMPROVED_KEYS, "model", source)
+    _check_improved_model(m, source)
+    if m["use_kl"]:
+        loss = "rescaled_kl"
+    elif m["rescale_learned_sigmas"]:
+        loss = "rescaled_mse"
+    else:
+        loss = "mse"
+    if m["learn_sigma"]:
+        var = "learned_range"
+    else:
+        var = "fixed_small" if m["sigma_small"] else "fixed_large"
+    diffusion = dict(
+        beta_schedule=m["noise_schedule"],
+        num_steps=m["diffusion_steps"],
+        model_var_type=var,
+        loss_type=loss,
+        rescale_timesteps=m["rescale_timesteps"],
+        timestep_respacing=m["timestep_respacing"] or "",
+    )
+    return m, diffusion
+
+
+def _check_ddpm_model(m: dict[str, Any], source: str) -> None:
+    """What pytorch_diffusion's Model needs of its keys together."""
+    if m["ch"] % NORM_GROUPS:
+        raise UserError(
+            f"model.ch in {source}: must be a multiple of {NORM_GROUPS} (GroupNorm's groups), got {m['ch']}"
+        )
+    mult = m["ch_mult"]
+    if not 1 <= len(mult) <= MAX_DDPM_LEVELS or not all(_positive_int(x) for x in mult):
+        raise UserError(
+            f"model.ch_mult in {source}: must be a list of 1 to {MAX_DDPM_LEVELS} positive integers, got {mult!r}"
+        )
+    sizes = [m["resolution"] >> level for level in range(len(mult))]
+    if not all(_positive_int(r) and r in sizes for r in m["attn_resolutions"]):
+        raise UserError(
+            f"model.attn_resolutions in {source}: must be a list of feature-map sizes among {sizes}, "
+            f"got {m['attn_resolutions']!r}"
+        )
+
+
+def _ddpm_spec(cfg: dict, model: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    m = _checked(model, DDPM_MODEL_KEYS, "model", source)
+    _check_ddpm_model(m, source)
+    d = _checked(cfg.get("diffusion") or {}, DDPM_DIFFUSION_KEYS, "diffusion", source)
+    diffusion = dict(
+        beta_schedule=d["beta_schedule"],
+        beta_start=d["beta_start"],
+        beta_end=d["beta_end"],
+        num_steps=d["num_diffusion_timesteps"],
+        model_var_type=_VAR_TYPES[d["model_var_type"]],
+        loss_type="mse",
+        rescale_timesteps=False,
+        timestep_respacing=d["timestep_respacing"] or "",
+    )
+    return m, diffusion
 
 
 def spec_from_dict(cfg: dict, source: str = "<dict>") -> DiffusionSpec:
+    """The spec a config describes, every key checked by its declaration (``IMPROVED_KEYS``,
+    ``DDPM_MODEL_KEYS``, ``DDPM_DIFFUSION_KEYS``) and the keys checked together, so that a
+    spec builds its model and process; a bad key is a one-line ``UserError`` naming it."""
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise UserError(
             f"{source}: expected a 'model:' section (see config/eclipse/cifar10.yml or config/ddpm/cifar10.yml)"
         )
     model = dict(cfg["model"])
     arch = model.pop("architecture", "improved_unet")
-    if arch == "ddpm":
-        _check_keys(model, DDPM_MODEL_DEFAULTS, f"{source} model")
-        m = {**DDPM_MODEL_DEFAULTS, **model}
-        dsec = cfg.get("diffusion") or {}
-        _check_keys(dsec, {**DDPM_DIFFUSION_DEFAULTS, "timestep_respacing": ""}, f"{source} diffusion")
-        d = {**DDPM_DIFFUSION_DEFAULTS, **dsec}
-        if d["model_var_type"] not in _VAR_TYPES:
-            raise UserError(
-                f"{source}: diffusion.model_var_type must be fixedlarge or fixedsmall, got {d['model_var_type']!r}"
-            )
-        diffusion = dict(
-            beta_schedule=d["beta_schedule"],
-            beta_start=float(d["beta_start"]),
-            beta_end=float(d["beta_end"]),
-            num_steps=int(d["num_diffusion_timesteps"]),
-            model_var_type=_VAR_TYPES[d["model_var_type"]],
-            loss_type="mse",
-            rescale_timesteps=False,
-            timestep_respacing=str(d.get("timestep_respacing", "") or ""),
-        )
-    elif arch == "improved_unet":
-        _check_keys(model, IMPROVED_DEFAULTS, f"{source} model")
-        m = {**IMPROVED_DEFAULTS, **model}
-        if m["class_cond"]:
-            raise UserError(f"{source}: class_cond=True is not supported (ECLIPSE's model is unconditional)")
-        if m["predict_xstart"]:
-            raise UserError(f"{source}: predict_xstart=True is not supported (epsilon prediction only)")
-        if m["use_kl"]:
-            loss = "rescaled_kl"
-        elif m["rescale_learned_sigmas"]:
-            loss = "rescaled_mse"
-        else:
-            loss = "mse"
-        if m["learn_sigma"]:
-            var = "learned_range"
-        else:
-            var = "fixed_small" if m["sigma_small"] else "fixed_large"
-        diffusion = dict(
-            beta_schedule=m["noise_schedule"],
-            num_steps=int(m["diffusion_steps"]),
-            model_var_type=var,
-            loss_type=loss,
-            rescale_timesteps=bool(m["rescale_timesteps"]),
-            timestep_respacing=str(m["timestep_respacing"] or ""),
-        )
-    else:
+    if arch not in ("improved_unet", "ddpm"):
         raise UserError(f"{source}: model.architecture must be 'improved_unet' or 'ddpm', got {arch!r}")
-    if diffusion["beta_schedule"] not in ("linear", "cosine"):
-        raise UserError(f"{source}: noise schedule must be linear or cosine, got {diffusion['beta_schedule']!r}")
+    sections = ("data", "diffusion", "model") if arch == "ddpm" else ("data", "model")
+    unknown = sorted(str(k) for k in cfg if k not in sections)
+    if unknown:
+        where = " (improved-diffusion's keys all go under model:)" if arch == "improved_unet" else ""
+        raise UserError(
+            f"{source}: unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(sections)}{where}"
+        )
+    m, diffusion = _ddpm_spec(cfg, model, source) if arch == "ddpm" else _improved_spec(model, source)
+    spacing = diffusion["timestep_respacing"]
+    if spacing:
+        try:
+            space_timesteps(diffusion["num_steps"], spacing)
+        except ValueError as e:
+            section = "diffusion" if arch == "ddpm" else "model"
+            raise UserError(
+                f"{section}.timestep_respacing in {source}: must respace the {diffusion['num_steps']} steps "
+                f"(a comma list of step counts or ddimN), got {spacing!r} ({e})"
+            ) from None
     spec = DiffusionSpec(arch, m, diffusion, source, cfg)
     try:
         create_diffusion(spec, None)
@@ -224,11 +338,27 @@ def load_diffusion_spec(path: str | Path) -> DiffusionSpec:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"diffusion config not found: {path} (see config/eclipse/ and config/ddpm/)")
-    try:
-        cfg = yaml.safe_load(read_text_file(path, "diffusion config"))
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    return spec_from_dict(cfg, str(path))
+    return spec_from_dict(load_yaml_file(path, "diffusion config"), str(path))
+
+
+def check_weight_dtypes(model: nn.Module, state: Any, path: str | Path) -> None:
+    """Refuse a state dict whose entries for the model's floating-point tensors are not
+    floating-point tensors (an int64 file would load silently rounded), naming the first."""
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # as load_state_dict_strict reads it
+    if not isinstance(state, dict):
+        return  # load_state_dict_strict names what it is
+    for k, own in model.state_dict().items():
+        v = state.get(k)
+        if v is None or not own.is_floating_point():
+            continue
+        if not isinstance(v, torch.Tensor):
+            raise UserError(f"{path}: {k} is a {type(v).__name__}, not a tensor; expected a state_dict of tensors")
+        if not v.is_floating_point():
+            raise UserError(
+                f"{path}: tensor {k} has dtype {str(v.dtype).removeprefix('torch.')}; "
+                "a diffusion checkpoint holds floating-point weights"
+            )
 
 
 def load_diffusion_model(
@@ -238,6 +368,7 @@ def load_diffusion_model(
     ``compile``: its forward compiled in place (:func:`utils.runtime.compiled`)."""
     model = spec.build_model()
     state = safe_torch_load(ckpt, "diffusion checkpoint", hint)
+    check_weight_dtypes(model, state, ckpt)
     load_state_dict_strict(model, state, ckpt)
     return compiled(model.eval().requires_grad_(False).to(device), compile)
 
@@ -250,8 +381,6 @@ def diffusion_train_command(
     ``work``: the work folder the checkpoint belongs to; given, the config is named as it
     is found (relative to the repository, where that command runs) and ``--work_dir``
     added when the work folder is not the repository."""
-    import re
-
     if work is not None:
         config = resolve_config(config)
         try:

@@ -16,6 +16,7 @@ import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,7 @@ from utils.augment import random_flip
 from utils.diffusion.checkpoints import checkpoint_name, checkpoint_steps, find_checkpoint, parse_checkpoint_name
 from utils.diffusion.gaussian_diffusion import GaussianDiffusion
 from utils.diffusion.purify import to_model_range
-from utils.fileio import atomic_torch_save, atomic_write_bytes, safe_torch_load
+from utils.fileio import UserError, atomic_torch_save, atomic_write_bytes, load_state_dict_strict, safe_torch_load
 from utils.plots import save_curves
 from utils.progress import progress
 from utils.runtime import autocast, barrier
@@ -53,6 +54,79 @@ def latest_step(ckpt_dir: Path, ema_rate: float) -> int:
     return 0
 
 
+@dataclass
+class ResumeState:
+    """The newest complete checkpoint trio of a run, loaded and checked (:func:`load_resume_state`)."""
+
+    step: int
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    opt: dict[str, Any]  # {"optimizer": ..., "step": ..., "rng": one dict per process}
+    model_path: Path
+    opt_path: Path
+
+
+def _first_non_finite(obj: Any, name: str = "") -> tuple[str, str] | None:
+    """The first floating-point tensor in ``obj`` (nested dicts, lists) holding NaN or Inf:
+    its name and which; None when all are finite."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+            return name or "tensor", "NaN" if bool(torch.isnan(obj).any()) else "Inf"
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list | tuple) else ()
+    for k, v in items:
+        bad = _first_non_finite(v, f"{name}.{k}" if name else str(k))
+        if bad:
+            return bad
+    return None
+
+
+def _check_weights_file(state: Any, path: Path) -> None:
+    """A model or EMA checkpoint: a dict of floating-point tensors, all finite."""
+    if not isinstance(state, dict) or not state:
+        raise UserError(f"{path}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            what = str(v.dtype).removeprefix("torch.") if isinstance(v, torch.Tensor) else type(v).__name__
+            raise UserError(f"{path}: {k} is {what}; a diffusion checkpoint holds floating-point weights")
+
+
+def load_resume_state(ckpt_dir: Path, ema_rate: float, world: int) -> ResumeState | None:
+    """The trio a run resumes from (None when there is none), refused in one line when it
+    cannot be resumed: a tensor of the model, EMA or optimiser holding NaN/Inf (training had
+    diverged), weights that are not floating-point, or a state written by another number of
+    processes (each process's random streams are stored; they cannot be split differently)."""
+    step = latest_step(ckpt_dir, ema_rate)
+    if not step:
+        return None
+    paths = [find_checkpoint(ckpt_dir, "model", step), find_checkpoint(ckpt_dir, "ema", step, ema_rate)]
+    opt_path = find_checkpoint(ckpt_dir, "opt", step)
+    states = [safe_torch_load(p, what) for p, what in zip(paths, ("model checkpoint", "EMA checkpoint"))]
+    for state, path in zip(states, paths):
+        _check_weights_file(state, path)
+    if set(states[1]) != set(states[0]):
+        raise UserError(f"{paths[1]}: its tensors are not those of {paths[0].name}; the run's checkpoints are mixed")
+    opt = safe_torch_load(opt_path, "optimiser checkpoint")
+    if not isinstance(opt, dict) or not isinstance(opt.get("optimizer"), dict) or not isinstance(opt.get("rng"), list):
+        raise UserError(f"{opt_path}: expected the optimiser and random state train_diffusion.py writes")
+    for state, path in ((states[0], paths[0]), (states[1], paths[1]), (opt["optimizer"], opt_path)):
+        bad = _first_non_finite(state)
+        if bad:
+            raise UserError(
+                f"{path}: {bad[0]} holds {bad[1]} values (training had diverged when it was written); "
+                "the run cannot resume from it: start again with other settings and --overwrite, "
+                "or under another --sparse_set"
+            )
+    stored = len(opt["rng"])
+    if stored != world:
+        how = "run it without torchrun" if stored == 1 else f"run it with torchrun --nproc_per_node={stored}"
+        raise UserError(
+            f"{opt_path}: written by {stored} training process(es), resumed with {world}; each process's "
+            f"random streams are stored, so {how} to resume it, or train under another --sparse_set"
+        )
+    return ResumeState(step, states[0], states[1], opt, paths[0], opt_path)
+
+
 class UniformTimesteps:
     def __init__(self, num_steps: int, max_timestep: int | None = None):
         self.high = min(num_steps, max_timestep) if max_timestep else num_steps
@@ -71,10 +145,14 @@ def train_diffusion(
     rank: int = 0,
     world: int = 1,
     log=print,
+    resume: ResumeState | None = None,
 ) -> dict:
-    """Train on uint8 ``images`` [N, 3, H, W]; resumes from the newest checkpoint in ``ckpt_dir``."""
+    """Train on uint8 ``images`` [N, 3, H, W]; resumes from the newest checkpoint in ``ckpt_dir``
+    (``resume``: that checkpoint, already loaded by :func:`load_resume_state`). A loss or
+    weights going NaN/Inf stop the run with a ``UserError`` before anything is saved, so
+    the last good checkpoint stays the newest."""
     if cfg.batch_size % world:
-        raise ValueError(f"batch size {cfg.batch_size} must be divisible by the {world} processes")
+        raise UserError(f"batch size {cfg.batch_size} must be divisible by the {world} processes")
     per_rank = cfg.batch_size // world
     model.to(device).train()
     ema = [p.detach().clone() for p in model.parameters()]
@@ -83,7 +161,8 @@ def train_diffusion(
     t_g = torch.Generator().manual_seed(cfg.seed * 1000 + 500 + rank)
     noise_g = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 900 + rank)
 
-    step, resumed_ema, perm, pos = _resume(model, opt, ckpt_dir, cfg, rank, device, (data_g, t_g, noise_g), log)
+    resume = resume if resume is not None else load_resume_state(ckpt_dir, cfg.ema_rate, world)
+    step, resumed_ema, perm, pos = _resume(model, opt, resume, rank, device, (data_g, t_g, noise_g), log)
     if resumed_ema is not None:
         ema = resumed_ema
     if step >= cfg.iterations:
@@ -121,6 +200,7 @@ def train_diffusion(
             out = ddp_model(diffusion.q_sample(x0, t, noise), diffusion.model_timesteps(t))
         terms = diffusion.training_losses(None, x0, t, noise=noise, model_output=out.float())
         loss = terms["loss"].mean()
+        _stop_if_diverged(loss, step + 1, ckpt_dir, cfg.ema_rate, world, log)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -141,6 +221,7 @@ def train_diffusion(
                 _append_csv(csv_path, fields, rec)
                 log(" ".join(f"{k}={rec[k]:.5g}" for k in fields if k in rec))
         if step % cfg.save_interval == 0 or step == cfg.iterations:
+            _stop_if_diverged(_all_finite([*model.parameters(), *ema]), step, ckpt_dir, cfg.ema_rate, 1, log)
             _save(model, ema, opt, step, cfg, ckpt_dir, rank, world, (data_g, t_g, noise_g, perm, pos))
     bar.close()
     if rank == 0:
@@ -151,26 +232,22 @@ def train_diffusion(
 def _resume(
     model: nn.Module,
     opt: torch.optim.Optimizer,
-    ckpt_dir: Path,
-    cfg: DiffusionTrainConfig,
+    resume: ResumeState | None,
     rank: int,
     device: torch.device,
     gens: tuple[torch.Generator, torch.Generator, torch.Generator],
     log=print,
 ) -> tuple[int, list[torch.Tensor] | None, torch.Tensor | None, int | None]:
-    """Load the newest checkpoint in ``ckpt_dir`` into ``model``, ``opt`` and the generators
+    """Load the checked checkpoint ``resume`` into ``model``, ``opt`` and the generators
     (data, timesteps, noise); returns its step, the EMA weights and the data order and
     position within the epoch (None where there is none)."""
+    if resume is None:
+        return 0, None, None, None
     data_g, t_g, noise_g = gens
-    step = latest_step(ckpt_dir, cfg.ema_rate)
-    if not step:
-        return step, None, None, None
-    model.load_state_dict(safe_torch_load(find_checkpoint(ckpt_dir, "model", step), "model checkpoint"))
-    ema_state = safe_torch_load(find_checkpoint(ckpt_dir, "ema", step, cfg.ema_rate), "EMA checkpoint")
-    ema = [ema_state[name].to(device).clone() for name, _ in model.named_parameters()]
-    state = safe_torch_load(find_checkpoint(ckpt_dir, "opt", step), "optimiser checkpoint")
-    opt.load_state_dict(state["optimizer"])
-    rngs = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
+    load_state_dict_strict(model, resume.model, resume.model_path)
+    ema = [resume.ema[name].to(device).clone() for name, _ in model.named_parameters()]
+    opt.load_state_dict(resume.opt["optimizer"])
+    rngs = resume.opt["rng"][rank]  # load_resume_state: one per process of this run
     data_g.set_state(rngs["data"])
     t_g.set_state(rngs["t"])
     noise_g.set_state(rngs["noise"].to(noise_g.device) if device.type == "cuda" else rngs["noise"])
@@ -180,8 +257,36 @@ def _resume(
         torch.set_rng_state(rngs["torch"])
         if device.type == "cuda" and "cuda" in rngs:
             torch.cuda.set_rng_state(rngs["cuda"], device)
-    log(f"resuming diffusion training from step {step} in {ckpt_dir}")
-    return step, ema, perm, pos
+    log(f"resuming diffusion training from step {resume.step} in {resume.opt_path.parent}")
+    return resume.step, ema, perm, pos
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One boolean tensor: whether every element of ``tensors`` is finite (one device sync)."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+def _stop_if_diverged(value: torch.Tensor, step: int, ckpt_dir: Path, ema_rate: float, world: int, log=print) -> None:
+    """Stop the run (every process) when ``value`` (the loss, or ``_all_finite`` of the
+    weights) is not finite, before the step updates or saves anything."""
+    mine = (~torch.isfinite(value) if value.is_floating_point() else ~value).detach().reshape(1).float()
+    bad = mine.clone()
+    if world > 1:  # one process's NaN stops them all, none waits in a collective
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    if not bool(bad.item()):
+        return
+    if not value.is_floating_point():
+        what = "the weights hold NaN/Inf"
+    else:
+        what = f"the loss is {value.item()}" if bool(mine.item()) else "another process's loss is NaN/Inf"
+    last = latest_step(ckpt_dir, ema_rate)
+    kept = f"the last good checkpoint (step {last}) in {ckpt_dir} is kept" if last else "no checkpoint was written"
+    msg = (
+        f"diffusion training diverged at step {step}: {what}; stopped before saving, {kept}; "
+        "a re-run resumes from it and may diverge again (to start again with a lower --lr, add --overwrite)"
+    )
+    log(msg)
+    raise UserError(msg)
 
 
 def _record_terms(window: dict[str, list[float]], terms: dict, t: torch.Tensor, num_timesteps: int) -> None:

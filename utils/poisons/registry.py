@@ -1,8 +1,8 @@
 """The registry of clean-label availability poisons, ``POISONS``, and their options.
 
 Each poison module exposes ``craft(ctx: CraftContext) -> CraftResult``; ``POISONS[name]`` holds
-the poison's norm, its defaults (the papers' settings, see RESEARCH_NOTES §2 and the
-README), and a recommended CPU-scale setting. ``OPTIONS`` declares every poison-specific
+the poison's norm, its defaults (the papers' settings, see ``../shared/docs/RESEARCH_NOTES.md``
+§2 and the README), and a recommended CPU-scale setting. ``OPTIONS`` declares every poison-specific
 option once as a ``Key`` (type, range, choices, help); a poison's ``defaults`` are those
 Keys with its own default values, and it accepts exactly those options. A default may be
 a function of the other resolved options (e.g. TAP's step is 0.05·ε).

@@ -35,7 +35,7 @@ from utils.poisons.common import (
     state_settings_pair,
 )
 from utils.precision import precision_from_args
-from utils.run_state import RunFolder
+from utils.run_state import RunFolder, check_name
 from utils.runtime import resolve_device
 
 PAUSED_EXIT = 3  # exit code of a run paused by --stop_after (its state is saved)
@@ -90,6 +90,8 @@ def run_poison(job: PoisonJob, locks: ExitStack) -> int:
     args, spec = job.args, job.spec
     work = work_dir(args.work_dir)
     out = poisoned_file(work, job.name)
+    # the outputs' names (with their temporary and lock files) fit the file system, before any work
+    check_name(job.name, "--name", tuple("{}" + s for s in (".pkl", ".json", ".png", ".log", ".work/")), out.parent)
     module = importlib.import_module(spec.module)
     if hasattr(module, "preflight"):
         module.preflight(work, job.params)
@@ -192,8 +194,9 @@ def _write_outputs(
     device: torch.device,
     t_wall: float,
 ) -> None:
-    """The poisoned set (after checking its dtype, shape and budget), its preview and JSON
-    summary; then the crafting state is removed."""
+    """The preview and JSON summary, then the poisoned set (after checking its dtype, shape
+    and budget) last: the ``.pkl`` marks the run finished (``utils.run_state``), so a kill
+    before it leaves a run that the same command resumes. Then the crafting state is removed."""
     spec, params, args, train = job.spec, job.params, job.args, ctx.clean
     poisoned = result.images
     if poisoned.dtype != torch.uint8 or poisoned.shape != train.images.shape:
@@ -203,7 +206,7 @@ def _write_outputs(
     if not budget["holds"]:
         raise RuntimeError(f"{spec.name} broke its budget: {budget} with measured norms {norms}")
 
-    write_eclipse_pkl(out, ImageSet(poisoned, train.labels))
+    out.unlink(missing_ok=True)  # --overwrite: the earlier result never stands beside this run's summary
     preview(out.with_suffix(".png"), train, poisoned)
     seconds = ctx.elapsed()
     summary = {
@@ -235,6 +238,7 @@ def _write_outputs(
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     atomic_write_json(out.with_suffix(".json"), summary)
+    write_eclipse_pkl(out, ImageSet(poisoned, train.labels))
     ctx.cleanup()
     ctx.log.info(
         f"wrote {out} ({len(train)} images): max L∞ {norms['linf_max_255']:.0f}/255, mean L2 {norms['l2_mean']:.3f}, "
