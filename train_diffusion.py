@@ -10,6 +10,12 @@ training set):
 
     python train_diffusion.py --config config/ddpm/cifar10.yml --source train --num_clean 50000 --replicas 1
 
+The training recipe (optimizer, lr, weight decay, warm-up, gradient clipping, flips, EMA rate)
+is the config's ``training:`` section: improved-diffusion's AdamW 1e-4 for ECLIPSE's configs,
+Ho et al.'s Adam 2e-4 with 5000 warm-up steps, clipping at 1.0 and flips for
+``config/ddpm/*.yml``. Each option of the same name given on the command line replaces the
+config's value (and is stored with the run, like the others).
+
 Multi-process data parallel: ``torchrun --nproc_per_node=N train_diffusion.py ...``.
 Re-running the same command resumes from the newest checkpoint.
 """
@@ -24,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from utils.compat import legacy_precision
+from utils.compat import legacy_diffusion_training, legacy_precision
 from utils.data import load_cifar10
 from utils.diffusion.checkpoints import checkpoint_name
-from utils.diffusion.factory import create_diffusion, load_diffusion_spec
+from utils.diffusion.factory import TRAINING_KEYS, create_diffusion, load_diffusion_spec
 from utils.diffusion.training import DiffusionTrainConfig, load_resume_state, train_diffusion
 from utils.fileio import UserError, atomic_write_json, cli_main, setup_logging
 from utils.options import (
@@ -56,14 +62,32 @@ KEYS: dict[str, Key] = {
     "sparse_set": Key(None, "run name; default <source><B>ps<B*M>, e.g. test2000ps8000", nullable=True),
     "iterations": Key(250_000, "training iterations (a re-run with more continues the run)", range=POSITIVE),
     "batch_size": Key(128, "global batch (split across torchrun processes)", range=POSITIVE),
-    "lr": Key(1e-4, "AdamW learning rate", range=GT0),
-    "weight_decay": Key(0.0, "AdamW weight decay (improved-diffusion: none)", range=NONNEG),
+    # the recipe: each defaults to the config's training: section (improved-diffusion's without one)
+    "optimizer": Key(
+        None, "adamw | adam (default: the config's training.optimizer)", nullable=True, choices=("adamw", "adam")
+    ),
+    "lr": Key(None, "peak learning rate (default: the config's training.lr)", float, True, range=GT0),
+    "weight_decay": Key(None, "weight decay (default: the config's training.weight_decay)", float, True, range=NONNEG),
+    "warmup_steps": Key(
+        None, "linear lr warm-up steps, 0 = none (default: the config's training.warmup_steps)", int, True, range=NONNEG
+    ),
+    "grad_clip": Key(
+        None,
+        "gradient global-norm clip, 0 = none (default: the config's training.grad_clip)",
+        float,
+        True,
+        range=NONNEG,
+    ),
     "ema_rate": Key(
-        0.9999, "EMA decay of the saved ema_<rate>_<iter>.pt weights", range=Range(0, 1, low_open=True, high_open=True)
+        None,
+        "EMA decay of the saved ema_<rate>_<iter>.pt weights (default: the config's training.ema_rate)",
+        float,
+        True,
+        range=Range(0, 1, low_open=True, high_open=True),
     ),
     "save_interval": Key(10_000, "iterations between checkpoints (model, EMA, optimiser)", range=POSITIVE),
     "log_interval": Key(100, "iterations between progress.csv rows", range=POSITIVE),
-    "flip": Key(False, "random horizontal flip (the paper: off)"),
+    "flip": Key(None, "random horizontal flip (default: the config's training.flip)", bool, True),
     "max_timestep": Key(
         None,
         "CPU-scale deviation: sample training timesteps only below this (purification uses t < t*)",
@@ -93,6 +117,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def training_recipe(args: argparse.Namespace, config_training: dict) -> dict:
+    """The recipe a run trains with: each ``TRAINING_KEYS`` option given on the command line,
+    else the config's value."""
+    return {k: config_training[k] if getattr(args, k) is None else getattr(args, k) for k in TRAINING_KEYS}
+
+
 def sparse_set_indices(n_available: int, num_clean: int, seed: int) -> torch.Tensor:
     """B indices drawn uniformly at random without replacement, in ascending order."""
     if num_clean > n_available:
@@ -119,13 +149,10 @@ def main(argv=None) -> None:
         cfg = DiffusionTrainConfig(
             iterations=args.iterations,
             batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            ema_rate=args.ema_rate,
             save_interval=args.save_interval,
             log_interval=args.log_interval,
-            flip=args.flip,
             max_timestep=args.max_timestep,
+            **training_recipe(args, spec.training),
             precision=precision.name,
             seed=args.seed,
         )
@@ -178,7 +205,7 @@ def _run_folder(out: Path, settings: dict, overwrite: bool, rank: int, world: in
     def upgrade(old: dict) -> dict:
         old = {k: v for k, v in old.items() if k in settings}  # run.json also holds the command
         if isinstance(old.get("training"), dict):
-            old["training"] = legacy_precision(old["training"])
+            old["training"] = legacy_diffusion_training(legacy_precision(old["training"]))
         return old
 
     return RunFolder(

@@ -108,3 +108,14 @@ def small_test(cifar_test):
     from utils.data import class_balanced_subset
 
     return cifar_test.subset(class_balanced_subset(cifar_test.labels, 200, seed=0))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small tensors: on a machine whose two cores are
+    shared, a second thread makes tiny forwards many times slower (synchronisation, not work).
+    Modules take it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

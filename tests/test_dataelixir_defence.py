@@ -30,14 +30,7 @@ from utils.fileio import UserError
 L = torch.long
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: with a second intra-op thread on a busy CPU a forward
-    pass of the tiny DDPM took ~50x longer (synchronisation, not work)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _t(rows) -> torch.Tensor:

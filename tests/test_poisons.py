@@ -47,13 +47,7 @@ SAMPLE_WISE = ["EM", "TAP", "SEP", "EFP", "REM", "LSP", "AR"]
 NON_MODEL = ["URP", "LSP", "AR", "OPS", "CUDA"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # on a machine whose two cores are shared, one thread is several times faster
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -334,8 +328,9 @@ def test_tap_and_efp_default_to_the_references_shift():
 
 
 def test_em_classwise_crafts_on_a_stratified_fifth(crafted, data200):
-    """The reference's class-wise command (--use_subset) trains and steps on 20 % of the
-    images, class-stratified, and stops at error 0.1; the patterns then cover every image."""
+    """The reference's class-wise command (--use_subset) steps the patterns on 20 % of the
+    images, class-stratified, and stops at error 0.1 there (the surrogate trains on every
+    image: tests/test_poisons_reference.py); the patterns then cover every image."""
     params = resolve_params(get_poison("EM"), {"classwise": True})
     assert params["portion"] == 0.2 and params["stop_acc"] == 90.0 and params["pgd_steps"] == 1
     _, ctx, res = crafted["EM-classwise"]

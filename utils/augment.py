@@ -108,16 +108,28 @@ def random_rotate(
 
 
 def crop_rotate_flip(
-    padding: int = 5, degrees: float = 10.0, crop_p: float = 1.0, rotation_p: float = 1.0, mode: str = "nearest"
+    padding: int = 5,
+    degrees: float = 10.0,
+    crop_p: float = 1.0,
+    rotation_p: float = 1.0,
+    mode: str = "nearest",
+    rotation_image_p: float = 1.0,
 ) -> Augment:
     """BackdoorBench's WaNet / Input-aware training transform: RandomCrop(32, padding) ->
-    RandomRotation(degrees) -> RandomHorizontalFlip, each crop and rotation applied to an
-    image with probability ``crop_p`` / ``rotation_p``."""
+    RandomRotation(degrees) -> RandomHorizontalFlip. As WaNet's ``ProbTransform`` wrappers,
+    ``crop_p`` and ``rotation_p`` are drawn once per batch: the whole batch is cropped (each
+    image at its own offset) or none is; a rotated batch rotates each image with
+    probability ``rotation_image_p`` (kornia's RandomRotation default: 0.5) at its own angle.
+    A probability of 1 draws nothing, so Input-aware's per-image transform is the case 1, 1, 1."""
+
+    def happens(p: float, x: torch.Tensor, g: torch.Generator) -> bool:
+        return p >= 1 or bool(_uniform(1, g, x.device)[0] < p)
 
     def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        x = random_crop(x, g, padding, crop_p)
-        if degrees > 0:
-            x = random_rotate(x, g, degrees, rotation_p, mode)
+        if happens(crop_p, x, g):
+            x = random_crop(x, g, padding)
+        if degrees > 0 and happens(rotation_p, x, g):
+            x = random_rotate(x, g, degrees, rotation_image_p, mode)
         return random_flip(x, g)
 
     return augment

@@ -11,6 +11,9 @@ Everything that reads an older format lives here, so each reader says what it re
   settings added since (``dense_tail``, ``original_round_trip``), at the values it was built with;
   one without the DDPM's fingerprint (``ddpm``) is read with a value no DDPM has, so resuming it
   is refused (its chunks cannot be checked against the checkpoint);
+- ``legacy_diffusion_training``: a ``train_diffusion.py`` ``run.json`` whose ``training``
+  section predates the recipe keys (``optimizer``, ``warmup_steps``, ``grad_clip``): those
+  runs trained with improved-diffusion's AdamW, no warm-up and no clipping;
 - ``legacy_training_config``: a classifier-training checkpoint's ``config`` without
   ``drop_last`` (those runs dropped the last batch) or with the ``normalize`` / ``extra``
   fields (they never changed training);
@@ -97,3 +100,8 @@ def legacy_training_config(stored: Mapping[str, Any]) -> dict[str, Any]:
     for gone in ("normalize", "extra"):
         out.pop(gone, None)
     return out
+
+
+def legacy_diffusion_training(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A diffusion run's stored ``training`` settings with the recipe keys it predates."""
+    return {"optimizer": "adamw", "warmup_steps": 0, "grad_clip": 0.0, **stored}

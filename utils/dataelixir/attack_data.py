@@ -8,6 +8,10 @@ BackdoorBench v1's conventions as DataElixir's fork uses them:
   all2all draws from every class, clean-label
   attacks (SIG, LC) draw ``round(pratio * N)`` from the target class (capped at its
   size). The draw uses ``numpy.random.default_rng(random_seed)``, so it is reproducible.
+  WaNet and Input-aware take BackdoorBench v1's own per-batch selection instead
+  (``selection: per_batch``, see ``triggers.wanet``), and their cross samples count as
+  poisoned in ``poison_indicator`` (``cross_poisoned``), as in v1's saved ``bd_train``:
+  DataElixir's TPR divides by the poisoned and cross samples, its FPR by the rest.
 * labels: all2one relabels a poisoned sample to ``attack_target``; all2all to
   ``(y + 1) % 10``; clean-label attacks keep the true label.
 * test sets: ``test_bd`` holds the triggered test images (non-target classes for
@@ -30,7 +34,8 @@ import torch
 
 from utils.data import NUM_CLASSES, ImageSet
 from utils.dataelixir.triggers import TRIGGERS, coerce_params, get_trigger
-from utils.dataelixir.triggers.base import attack_targets
+from utils.dataelixir.triggers.base import Trigger, attack_targets
+from utils.dataelixir.triggers.wanet import CrossSampleTrigger
 from utils.fileio import UserError
 from utils.options import Key, Range
 
@@ -79,7 +84,9 @@ COMMON_DEFAULTS: dict[str, Any] = {k: key.default for k, key in COMMON_KEYS.item
 class BackdoorData:
     train: ImageSet  # poisoned training set, labels as the attacker set them
     original_labels: torch.Tensor  # int64 [N] true labels of the training set
-    poison_indicator: torch.Tensor  # bool [N], True where the image carries the trigger
+    # bool [N], True where the image carries the trigger (and, for WaNet and Input-aware
+    # with cross_poisoned, where it is a cross sample)
+    poison_indicator: torch.Tensor
     test_clean: ImageSet  # clean test set (BA)
     test_bd: ImageSet  # triggered test images labelled with the attack target(s) (ASR)
     test_ra: ImageSet  # the same triggered images with their true labels (RA)
@@ -124,6 +131,22 @@ def select_poison_indices(
     return np.sort(rng.choice(pool, size=n_want, replace=False))
 
 
+def _poison_indices(
+    trigger: Trigger, train: ImageSet, pratio: float, target: int, trans: str, seed: int, log: Callable[[str], None]
+) -> np.ndarray:
+    """The samples that get the trigger: the attack's own per-batch rule where it has one
+    (WaNet, Input-aware), else ``select_poison_indices``."""
+    chosen = trigger.batch_selection(len(train)) if isinstance(trigger, CrossSampleTrigger) else None
+    if chosen is None:
+        return select_poison_indices(train.labels, pratio, target, trans, trigger.clean_label, seed, log)
+    if len(chosen[0]) == 0:
+        raise UserError(
+            f"pratio {pratio} poisons no sample of {len(train)} training images "
+            f"(per batch of {trigger.params['selection_batch']}); raise pratio or use more data"
+        )
+    return chosen[0]
+
+
 def build_backdoor_data(
     attack: str,
     params: Mapping[str, Any],
@@ -153,7 +176,7 @@ def build_backdoor_data(
     timings["prepare_s"] = round(time.time() - t0, 3)
 
     t0 = time.time()
-    idx = select_poison_indices(train.labels, pratio, target, trans, cls.clean_label, seed, log)
+    idx = _poison_indices(trigger, train, pratio, target, trans, seed, log)
     idx_t = torch.from_numpy(idx).long()
     if cls.clean_label:
         new_labels = train.labels[idx_t].clone()
@@ -162,6 +185,9 @@ def build_backdoor_data(
     images, labels, extra = trigger.poison_train(train, idx_t, new_labels, log)
     poison_indicator = torch.zeros(len(train), dtype=torch.bool)
     poison_indicator[idx_t] = True
+    cross_marked = isinstance(trigger, CrossSampleTrigger) and trigger.params["cross_poisoned"]
+    if cross_marked:
+        poison_indicator[torch.as_tensor(extra["cross_indices"], dtype=torch.long)] = True
     timings["poison_train_s"] = round(time.time() - t0, 3)
 
     t0 = time.time()
@@ -183,6 +209,7 @@ def build_backdoor_data(
         **trigger.info(),
         "n_train": len(train),
         "n_poisoned": int(len(idx)),
+        "n_marked_poisoned": int(poison_indicator.sum()),
         "poisoned_per_class": per_class,
         "n_relabelled": int((labels != train.labels).sum()),
         "n_test_clean": len(test),

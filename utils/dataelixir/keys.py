@@ -65,8 +65,17 @@ TRAIN_KEYS: dict[str, Key] = {
     "random_rotation": Key(
         10.0, "crop_rotate_flip: largest rotation in degrees (BackdoorBench: 10)", range=Range(0, 180)
     ),
-    "crop_prob": Key(1.0, "crop_rotate_flip: probability that an image is cropped", range=FRACTION),
-    "rotation_prob": Key(1.0, "crop_rotate_flip: probability that an image is rotated", range=FRACTION),
+    "crop_prob": Key(
+        1.0, "crop_rotate_flip: probability that a batch is cropped, drawn per batch (WaNet: 0.8)", range=FRACTION
+    ),
+    "rotation_prob": Key(
+        1.0, "crop_rotate_flip: probability that a batch goes through the rotation (WaNet: 0.5)", range=FRACTION
+    ),
+    "rotation_image_prob": Key(
+        1.0,
+        "crop_rotate_flip: probability that an image of such a batch is rotated (kornia's RandomRotation, WaNet: 0.5)",
+        range=FRACTION,
+    ),
     "rotation_interp": Key(
         "nearest",
         "crop_rotate_flip: nearest (torchvision, Input-aware) or bilinear (kornia, WaNet)",
@@ -166,6 +175,7 @@ class FlowConfig:
     random_rotation: float
     crop_prob: float
     rotation_prob: float
+    rotation_image_prob: float
     rotation_interp: str
     frequency_save: int
     # COMMON_KEYS

@@ -41,7 +41,12 @@ def train_augment(cfg: FlowConfig) -> Callable:
         return standard_augment
     if cfg.train_augment == "crop_rotate_flip":
         return crop_rotate_flip(
-            cfg.random_crop, cfg.random_rotation, cfg.crop_prob, cfg.rotation_prob, cfg.rotation_interp
+            cfg.random_crop,
+            cfg.random_rotation,
+            cfg.crop_prob,
+            cfg.rotation_prob,
+            cfg.rotation_interp,
+            cfg.rotation_image_prob,
         )
     return no_augment
 

@@ -9,6 +9,9 @@ Two config dialects, one per model family:
   pytorch_diffusion's ``Model`` arguments and a ``diffusion:`` section
   (``beta_schedule``, ``beta_start``, ``beta_end``, ``num_diffusion_timesteps``,
   ``model_var_type``).
+
+Either may carry a ``training:`` section (``TRAINING_KEYS``), the recipe
+``train_diffusion.py`` trains the model with; without one it is improved-diffusion's.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from models.unet import channel_mult_for, create_unet
 from utils.diffusion.checkpoints import parse_checkpoint_name, resolve_checkpoint
 from utils.diffusion.gaussian_diffusion import GaussianDiffusion, get_named_beta_schedule, space_timesteps
 from utils.fileio import UserError, load_state_dict_strict, safe_torch_load
-from utils.options import POSITIVE, Key, Range, coerce, load_yaml_file
+from utils.options import GT0, NONNEG, POSITIVE, Key, Range, coerce, load_yaml_file
 from utils.paths import REPO_ROOT
 from utils.runtime import compiled
 
@@ -81,6 +84,18 @@ DDPM_DIFFUSION_KEYS: dict[str, Key] = {
     "model_var_type": Key("fixedlarge", choices=("fixedlarge", "fixedsmall")),
     "timestep_respacing": Key("", "respacing of the sampling steps", str, True),
 }
+# the diffusion training recipe; the defaults are improved-diffusion's (ECLIPSE's configs
+# have no training: section), config/ddpm/*.yml set Ho et al.'s (run_cifar.py / tpu_utils.py)
+TRAINING_KEYS: dict[str, Key] = {
+    "optimizer": Key("adamw", "adamw (improved-diffusion) or adam (Ho et al.)", choices=("adamw", "adam")),
+    "lr": Key(1e-4, "peak learning rate", range=GT0),
+    "weight_decay": Key(0.0, "weight decay (AdamW: decoupled; Adam: L2)", range=NONNEG),
+    "warmup_steps": Key(0, "linear warm-up, lr * min(step / warmup_steps, 1); 0: none", range=NONNEG),
+    "grad_clip": Key(0.0, "clip the gradients' global L2 norm to this; 0: no clipping", range=NONNEG),
+    "flip": Key(False, "random horizontal flip of the training images"),
+    "ema_rate": Key(0.9999, "EMA decay of the saved weights", range=Range(0, 1, low_open=True, high_open=True)),
+}
+TRAINING_DEFAULTS: dict[str, Any] = {k: key.default for k, key in TRAINING_KEYS.items()}
 DDPM_MODEL_DEFAULTS: dict[str, Any] = {k: key.default for k, key in DDPM_MODEL_KEYS.items()}
 DDPM_DIFFUSION_DEFAULTS: dict[str, Any] = {
     k: key.default for k, key in DDPM_DIFFUSION_KEYS.items() if k != "timestep_respacing"
@@ -100,6 +115,9 @@ class DiffusionSpec:
     diffusion: dict[str, Any]
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
+    # how train_diffusion.py trains it (TRAINING_KEYS); not part of summary(): the weights,
+    # not the recipe that made them, decide what a loaded model does
+    training: dict[str, Any] = field(default_factory=lambda: dict(TRAINING_DEFAULTS))
 
     def build_model(self, compile: bool = False) -> nn.Module:
         """The network; ``compile``: its forward compiled in place (:func:`utils.runtime.compiled`)."""
@@ -290,8 +308,9 @@ def _ddpm_spec(cfg: dict, model: dict[str, Any], source: str) -> tuple[dict[str,
 
 def spec_from_dict(cfg: dict, source: str = "<dict>") -> DiffusionSpec:
     """The spec a config describes, every key checked by its declaration (``IMPROVED_KEYS``,
-    ``DDPM_MODEL_KEYS``, ``DDPM_DIFFUSION_KEYS``) and the keys checked together, so that a
-    spec builds its model and process; a bad key is a one-line ``UserError`` naming it."""
+    ``DDPM_MODEL_KEYS``, ``DDPM_DIFFUSION_KEYS``, ``TRAINING_KEYS``) and the keys checked
+    together, so that a spec builds its model and process; a bad key is a one-line
+    ``UserError`` naming it."""
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise UserError(
             f"{source}: expected a 'model:' section (see config/eclipse/cifar10.yml or config/ddpm/cifar10.yml)"
@@ -300,7 +319,7 @@ def spec_from_dict(cfg: dict, source: str = "<dict>") -> DiffusionSpec:
     arch = model.pop("architecture", "improved_unet")
     if arch not in ("improved_unet", "ddpm"):
         raise UserError(f"{source}: model.architecture must be 'improved_unet' or 'ddpm', got {arch!r}")
-    sections = ("data", "diffusion", "model") if arch == "ddpm" else ("data", "model")
+    sections = ("data", "diffusion", "model", "training") if arch == "ddpm" else ("data", "model", "training")
     unknown = sorted(str(k) for k in cfg if k not in sections)
     if unknown:
         where = " (improved-diffusion's keys all go under model:)" if arch == "improved_unet" else ""
@@ -318,7 +337,8 @@ def spec_from_dict(cfg: dict, source: str = "<dict>") -> DiffusionSpec:
                 f"{section}.timestep_respacing in {source}: must respace the {diffusion['num_steps']} steps "
                 f"(a comma list of step counts or ddimN), got {spacing!r} ({e})"
             ) from None
-    spec = DiffusionSpec(arch, m, diffusion, source, cfg)
+    training = _checked(cfg.get("training") or {}, TRAINING_KEYS, "training", source)
+    spec = DiffusionSpec(arch, m, diffusion, source, cfg, training)
     try:
         create_diffusion(spec, None)
     except ValueError as e:

@@ -1,4 +1,6 @@
-"""Diffusion training loop (improved-diffusion's recipe): AdamW, uniform timesteps, EMA.
+"""Diffusion training loop: uniform timesteps, EMA, and the recipe of the config's
+``training:`` section (``utils.diffusion.factory.TRAINING_KEYS``): improved-diffusion's
+AdamW by default, Ho et al.'s Adam with warm-up, gradient clipping and flips for the DDPM.
 
 One loop trains both model families; the loss comes from ``GaussianDiffusion.
 training_losses`` (hybrid MSE + rescaled VB for learned sigmas, plain epsilon MSE for
@@ -35,12 +37,15 @@ from utils.runtime import autocast, barrier
 class DiffusionTrainConfig:
     iterations: int = 250_000
     batch_size: int = 128  # global batch, split across ranks
-    lr: float = 1e-4
+    lr: float = 1e-4  # the peak, reached after warmup_steps
     weight_decay: float = 0.0
     ema_rate: float = 0.9999
     save_interval: int = 10_000
     log_interval: int = 100
     flip: bool = False
+    optimizer: str = "adamw"  # adamw (improved-diffusion) | adam (Ho et al.)
+    warmup_steps: int = 0  # linear warm-up from 0 (Ho et al.: 5000)
+    grad_clip: float = 0.0  # global L2 norm the gradients are clipped to; 0: none (Ho et al.: 1.0)
     max_timestep: int | None = None  # CPU-scale option: train only on t < max_timestep
     precision: str = "fp32"  # resolved: fp32 | bf16 (utils/precision.py)
     seed: int = 0
@@ -127,6 +132,41 @@ def load_resume_state(ckpt_dir: Path, ema_rate: float, world: int) -> ResumeStat
     return ResumeState(step, states[0], states[1], opt, paths[0], opt_path)
 
 
+def make_optimizer(params, cfg: DiffusionTrainConfig) -> torch.optim.Optimizer:
+    """The recipe's optimiser at its peak lr (:func:`lr_at` sets each step's). Adam's
+    defaults (betas 0.9/0.999, eps 1e-8) are TensorFlow's, which Ho et al. trained with."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected adamw or adam")
+
+
+def lr_at(cfg: DiffusionTrainConfig, step: int) -> float:
+    """The lr of the update made after ``step`` completed updates: Ho et al.'s warm-up,
+    lr * min(step / warmup_steps, 1), so the first update has lr 0; constant without one."""
+    if cfg.warmup_steps <= 0:
+        return cfg.lr
+    return cfg.lr * min(step / cfg.warmup_steps, 1.0)
+
+
+def _update(
+    model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, cfg: DiffusionTrainConfig, step: int
+) -> float:
+    """One optimiser update at the recipe's lr for ``step``, the gradients clipped to
+    ``cfg.grad_clip`` first (after DDP's averaging: the clip applies to the global batch's
+    gradient, as on one device); returns the lr used."""
+    lr = lr_at(cfg, step)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return lr
+
+
 class UniformTimesteps:
     def __init__(self, num_steps: int, max_timestep: int | None = None):
         self.high = min(num_steps, max_timestep) if max_timestep else num_steps
@@ -156,7 +196,7 @@ def train_diffusion(
     per_rank = cfg.batch_size // world
     model.to(device).train()
     ema = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model.parameters(), cfg)
     data_g = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     t_g = torch.Generator().manual_seed(cfg.seed * 1000 + 500 + rank)
     noise_g = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 900 + rank)
@@ -201,9 +241,7 @@ def train_diffusion(
         terms = diffusion.training_losses(None, x0, t, noise=noise, model_output=out.float())
         loss = terms["loss"].mean()
         _stop_if_diverged(loss, step + 1, ckpt_dir, cfg.ema_rate, world, log)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        lr = _update(model, opt, loss, cfg, step)
         with torch.no_grad():
             for e, p in zip(ema, model.parameters()):
                 e.mul_(cfg.ema_rate).add_(p.detach(), alpha=1 - cfg.ema_rate)
@@ -213,7 +251,7 @@ def train_diffusion(
         if step % cfg.log_interval == 0 or step == cfg.iterations:
             rec = {k: sum(v) / len(v) for k, v in window.items()}
             rec.update(
-                step=step, images_per_s=cfg.log_interval * cfg.batch_size / max(time.time() - t_last, 1e-9), lr=cfg.lr
+                step=step, images_per_s=cfg.log_interval * cfg.batch_size / max(time.time() - t_last, 1e-9), lr=lr
             )
             t_last, window = time.time(), {}
             bar.set_postfix(loss=f"{rec['loss']:.4f}")

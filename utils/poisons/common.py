@@ -318,9 +318,11 @@ def crop_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return standard_augment(x, g)
 
 
-# CIFAR-10 training-set mean (adversarial_poisons' village/consts.py): the colour the
-# reference's shift pads with, since it shifts normalised images with zero padding
+# CIFAR-10 training-set mean (adversarial_poisons' village/consts.py): the colour TAP's
+# reference pads its shift with, since it shifts normalised images with zero padding
 CIFAR10_MEAN_RGB = (0.4914672374725342, 0.4822617471218109, 0.4467701315879822)
+# EntF's loader turns normalisation off (mean 0, std 1): its zero padding is black
+BLACK_RGB = (0.0, 0.0, 0.0)
 
 
 def shift_image(
@@ -347,12 +349,15 @@ def shift_image(
     return F.grid_sample(x - mean, grid, mode="bilinear", padding_mode="zeros", align_corners=True) + mean
 
 
-def shift_flip(x: torch.Tensor, g: torch.Generator, max_shift: float = 4.0) -> torch.Tensor:
+def shift_flip(
+    x: torch.Tensor, g: torch.Generator, max_shift: float = 4.0, fill: Sequence[float] = CIFAR10_MEAN_RGB
+) -> torch.Tensor:
     """The differentiable augmentation of TAP's reference (``RandomTransform``, also EntF's):
-    a uniform sub-pixel shift in [-4, 4] px per axis, bilinear, mean-colour padding, and a
-    horizontal flip with probability 1/2, drawn per image."""
+    a uniform sub-pixel shift in [-4, 4] px per axis, bilinear, padding with ``fill`` (TAP's
+    mean colour by default; EntF's is black), and a horizontal flip with probability 1/2,
+    drawn per image."""
     u = torch.rand(x.shape[0], 3, generator=g, device=g.device).to(x.device)
-    return shift_image(x, (u[:, :2] - 0.5) * 2 * max_shift, u[:, 2] > 0.5)
+    return shift_image(x, (u[:, :2] - 0.5) * 2 * max_shift, u[:, 2] > 0.5, fill)
 
 
 def soft_grayscale(x: torch.Tensor) -> torch.Tensor:

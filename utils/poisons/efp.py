@@ -5,14 +5,21 @@ A reference ResNet18 is adversarially trained on the clean data (ε 4/255, 10 PG
 and 90; 100 epochs). Class centroids are the mean penultimate (pooled) features of the
 clean training images in eval mode. Each image then takes 300 sign steps of 0.05·ε from a
 Gaussian start through the reference's differentiable augmentation (``shift_flip``, the
-same bilinear ±4 px shift + flip as TAP's; ``--augment crop_flip`` for the integer crop):
+same bilinear ±4 px shift + flip as TAP's, but padded with black: EntF's loader turns
+normalisation off, so its zero padding is 0 in [0, 1] where TAP's is the mean colour;
+``--augment crop_flip`` for the integer crop):
 
 * ``push`` (the default: the EntF README's command and its code's default) maximises the
   MSE between the image's feature and its own class centroid;
-* ``pull`` minimises the MSE to the nearest *other* class centroid (recomputed each step).
+* ``pull`` minimises the MSE to the nearest class centroid (recomputed each step) after the
+  own class's distance is set to 1, as ``forgemaster_pull.py`` does: the own centroid is
+  the target wherever every other one is farther than 1 (``--pull_own exclude`` never
+  picks it).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -20,7 +27,17 @@ import torch.nn as nn
 from utils.adversarial import forward
 from utils.augment import to_float
 from utils.data import NUM_CLASSES
-from utils.poisons.common import AUGMENTS, CraftContext, CraftResult, apply_linf, parse_milestones, surrogate_report
+from utils.poisons.common import (
+    AUGMENTS,
+    BLACK_RGB,
+    CraftContext,
+    CraftResult,
+    FloatAugment,
+    apply_linf,
+    parse_milestones,
+    shift_flip,
+    surrogate_report,
+)
 from utils.poisons.crafting import craft_pgd
 from utils.poisons.surrogate import SurrogateConfig, fit_surrogate
 
@@ -40,16 +57,27 @@ def class_centroids(model: nn.Module, ctx: CraftContext, batch: int = 500) -> to
     return sums / counts[:, None]
 
 
-def entf_loss(centroids: torch.Tensor, variant: str, bf16: bool):
+# the own class's distance before the pull picks the nearest centroid
+PULL_OWN_DISTANCE = {"one": 1.0, "exclude": float("inf")}
+
+
+def entf_loss(centroids: torch.Tensor, variant: str, bf16: bool, pull_own: str = "one"):
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         f = forward(model, x, bf16, features=True)
         dist = ((f[:, None, :] - centroids[None]) ** 2).mean(-1)  # per-sample MSE to each centroid
         if variant == "push":
             return -dist.gather(1, y[:, None]).squeeze(1)
-        others = dist.detach().scatter(1, y[:, None], float("inf"))
-        return dist.gather(1, others.argmin(1, keepdim=True)).squeeze(1)
+        masked = dist.detach().scatter(1, y[:, None], PULL_OWN_DISTANCE[pull_own])
+        return dist.gather(1, masked.argmin(1, keepdim=True)).squeeze(1)
 
     return loss
+
+
+def efp_augment(name: str) -> FloatAugment | None:
+    """The crafting augmentation; ``shift_flip`` pads with black, as EntF's unnormalised loader does."""
+    if name == "shift_flip":
+        return partial(shift_flip, fill=BLACK_RGB)
+    return AUGMENTS[name]()
 
 
 def craft(ctx: CraftContext) -> CraftResult:
@@ -71,17 +99,19 @@ def craft(ctx: CraftContext) -> CraftResult:
         ctx,
         f"EFP-{p['variant']}",
         [model],
-        entf_loss(centroids, p["variant"], ctx.bf16),
+        entf_loss(centroids, p["variant"], ctx.bf16, p["pull_own"]),
         eps=p["eps"],
         step=p["step_size"],
         steps=p["pgd_steps"],
         batch_size=p["batch_size"],
         init="randn",
-        augment=AUGMENTS[p["augment"]](),
+        augment=efp_augment(p["augment"]),
         restarts=p["restarts"],
     )
     images = apply_linf(ctx.clean.images, delta, p["eps"])
     info = {"surrogate": surrogate_report(ctx, model, images, train_info), "variant": p["variant"]}
+    if p["variant"] == "pull":
+        info["pull_own_distance"] = p["pull_own"]
     for which, imgs in (("clean", ctx.clean.images), ("poisoned", images)):
         with torch.no_grad():
             f = torch.cat(

@@ -5,10 +5,12 @@ as in the reference ``perturbation.py``: rounds of 10 SGD steps (batch 512, lr 0
 momentum 0.9, weight decay 5e-4, gradient clipping 5) on x + δ, then 20 sign steps of
 0.8/255 on every δ (starting from zero), until the surrogate classifies 99 % of x + δ
 correctly. Class-wise: one δ per class, one step per batch, crafted as the reference
-README's command does (``--use_subset``): the surrogate trains and the class patterns step
-on a random class-stratified 20 % of the images (``--universal_train_portion 0.2``;
-``--portion``), and the loop stops at 90 % accuracy on that subset: the README's
-``--universal_stop_error 0.1`` (some of its scripts use 0.01, i.e. ``--stop_acc 99``).
+README's command does (``--use_subset``): the surrogate trains on every image (the
+reference's full ``train_dataset`` loader, each image carrying its class's δ), while the
+class patterns step on a random class-stratified 20 % of the images
+(``--universal_train_portion 0.2``; ``--portion``) and the loop stops at 90 % accuracy on
+that subset: the README's ``--universal_stop_error 0.1`` (some of its scripts use 0.01,
+i.e. ``--stop_acc 99``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def craft(ctx: CraftContext) -> CraftResult:
     if cfg.classwise and p["portion"] < 1:
         # CIFAR-10's classes are equal in size, so class-balanced = the reference's stratified split
         data = ctx.clean.subset(class_balanced_subset(ctx.clean.labels, round(p["portion"] * ctx.n), ctx.seed))
+    # the surrogate trains on every image (run_min_min's default), δ steps on ``data``
     delta, loop = run_min_min(ctx, cfg, model, transform=None, data=data)
     images = apply_linf(ctx.clean.images, delta, cfg.eps)
     info = {
@@ -51,4 +54,5 @@ def craft(ctx: CraftContext) -> CraftResult:
     if cfg.classwise:
         info["class_patterns"] = "one δ per class"
         info["crafted_on_images"] = ctx.n if data is None else len(data)
+        info["surrogate_trained_on_images"] = ctx.n
     return CraftResult(images=images, info=info, surrogate=model)

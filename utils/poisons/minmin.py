@@ -55,6 +55,9 @@ class MinMinConfig:
     adv_step: float = 0.0
     adv_steps: int = 0
     eval_with_transform: bool = False  # measure the stop accuracy on T(x + δ)
+    # steps schedule: the final pass over shuffled batches of ``batch_size`` without the
+    # last partial one (REM's reference reuses its drop_last training loader), instead of every image
+    final_drop_last: bool = False
 
 
 def train_step(
@@ -90,12 +93,19 @@ class MinMin:
         model: nn.Module,
         transform: FloatAugment | None,
         data: ImageSet | None = None,
+        train_data: ImageSet | None = None,
     ):
         self.ctx, self.cfg, self.model, self.transform = ctx, cfg, model, transform
         self.device, self.bf16 = ctx.device, ctx.bf16
-        # the images the loop trains and steps on (class-wise EM: a subset, see em.py)
+        # the images δ steps on and the stop accuracy is measured on (class-wise EM: a
+        # subset, see em.py), and those the surrogate trains on: every image unless told,
+        # as the reference trains on its full loader even when the noise uses a subset
         data = ctx.clean if data is None else data
+        train = ctx.clean if train_data is None else train_data
         self.images, self.labels = data.images, data.labels
+        self.train_images, self.train_labels = train.images, train.labels
+        if cfg.schedule == "steps" and train is not data:
+            raise ValueError("the steps schedule steps δ on the batch it trains on: one set of images only")
         n = len(self.images)
         shape = (NUM_CLASSES, 3, 32, 32) if cfg.classwise else (n, 3, 32, 32)
         # /255 units in float16: half the memory and checkpoint size of float32 at
@@ -107,7 +117,7 @@ class MinMin:
         self.round = 0  # rounds done (rounds schedule) / steps done (steps schedule)
         self.phase = "train"  # rounds: train | noise | final; steps: step | final
         self.pos = 0  # position within the phase (batches)
-        self.perm = torch.randperm(n, generator=self.g_data)
+        self.perm = torch.randperm(len(self.train_images), generator=self.g_data)
         self.perm_pos = 0
         self.history: list[dict] = []
         self.last_loss = float("nan")
@@ -147,13 +157,15 @@ class MinMin:
         self.ctx.tick(self.state)
 
     # ------------------------------------------------------------------ pieces
-    def delta_of(self, idx: torch.Tensor) -> torch.Tensor:
-        """δ (float, /255 units, on device) of the images ``idx``."""
-        src = self.noise[self.labels[idx]] if self.cfg.classwise else self.noise[idx]
+    def delta_of(self, idx: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """δ (float, /255 units, on device) of the images ``idx`` of the noise set (or of the training set)."""
+        labels = self.train_labels if train else self.labels
+        src = self.noise[labels[idx]] if self.cfg.classwise else self.noise[idx]
         return src.to(self.device).float()
 
     def next_batch(self) -> torch.Tensor:
-        n = len(self.images)
+        """Indices into the training set: shuffled epochs, the last partial batch dropped."""
+        n = len(self.train_images)
         bs = min(self.cfg.batch_size, n)
         if self.perm_pos + bs > n:
             self.perm = torch.randperm(n, generator=self.g_data)
@@ -168,10 +180,11 @@ class MinMin:
 
     def train_on(self, idx: torch.Tensor) -> tuple[float, int]:
         cfg = self.cfg
-        x = self.poisoned_float(idx, self.delta_of(idx))
+        clean255 = self.train_images[idx].to(self.device).float()
+        x = (clean255 + self.delta_of(idx, train=True)).clamp(0, 255) / 255.0
         if self.transform is not None:
             x = self.transform(x, self.g_aug)
-        y = self.labels[idx].to(self.device)
+        y = self.train_labels[idx].to(self.device)
         if cfg.adv_steps:
             x = pgd_linf(self.model, x, y, cfg.adv_eps, cfg.adv_step, cfg.adv_steps, self.g_aug, self.bf16)
         freeze(self.model, False)
@@ -282,6 +295,14 @@ class MinMin:
         bs = self.cfg.noise_batch
         return [torch.arange(b0, min(b0 + bs, n)) for b0 in range(0, n, bs)]
 
+    def _final_batches(self) -> list[torch.Tensor]:
+        if not self.cfg.final_drop_last:
+            return self._noise_batches()
+        n, bs = len(self.images), min(self.cfg.batch_size, len(self.images))
+        # a generator of its own, so a resumed final pass draws the same batches
+        perm = torch.randperm(n, generator=self.ctx.generator(303))
+        return [perm[b0 : b0 + bs] for b0 in range(0, n - bs + 1, bs)]
+
     def _run_rounds(self) -> None:
         cfg, ctx = self.cfg, self.ctx
         batches = self._noise_batches()
@@ -295,7 +316,7 @@ class MinMin:
                     self.pos += 1
                     bar.update(1)
                     bar.set_postfix(
-                        loss=f"{loss:.3f}", acc=f"{100 * correct / min(cfg.batch_size, len(self.images)):.1f}"
+                        loss=f"{loss:.3f}", acc=f"{100 * correct / min(cfg.batch_size, len(self.train_images)):.1f}"
                     )
                     self.tick()
                 bar.close()
@@ -354,7 +375,7 @@ class MinMin:
             bar.close()
             self.phase, self.pos = "final", 0
             ctx.save_state(self.state())
-        batches = self._noise_batches()
+        batches = self._final_batches()
         bar = ctx.bar(len(batches), "final noise pass", initial=self.pos)
         while self.pos < len(batches):
             self.update_noise(batches[self.pos])
@@ -372,12 +393,17 @@ def run_min_min(
     model: nn.Module,
     transform: FloatAugment | None = None,
     data: ImageSet | None = None,
+    train_data: ImageSet | None = None,
 ) -> tuple[torch.Tensor, MinMin]:
-    """Run the loop on ``data`` (default: every image; class-wise only may use a subset);
-    returns the δ of every image of ``ctx.clean`` in /255 units (float) and the loop object."""
-    if data is not None and not cfg.classwise and len(data) != ctx.n:
-        raise ValueError("a sample-wise min-min needs every image: only class-wise noise can be crafted on a subset")
-    loop = MinMin(ctx, cfg, model, transform, data)
+    """Run the loop: δ steps on ``data`` (default: every image; class-wise only may use a
+    subset), the surrogate trains on ``train_data`` (default: every image); returns the δ
+    of every image of ``ctx.clean`` in /255 units (float) and the loop object."""
+    for part in (data, train_data):
+        if part is not None and not cfg.classwise and len(part) != ctx.n:
+            raise ValueError(
+                "a sample-wise min-min needs every image: only class-wise noise can be crafted on a subset"
+            )
+    loop = MinMin(ctx, cfg, model, transform, data, train_data)
     noise = loop.run()
     delta = noise[ctx.clean.labels] if cfg.classwise else noise
     return delta.float(), loop

@@ -89,9 +89,23 @@ OPTIONS: dict[str, Key] = {
     "augment": Key(
         None,
         "differentiable augmentation while crafting (TAP: and training its surrogate): shift_flip (the "
-        "references' bilinear ±4 px shift, mean-colour padding, flip), crop_flip (integer crop, black padding) or none",
+        "references' bilinear ±4 px shift + flip, padded as each reference pads: TAP the mean colour, EFP black), "
+        "crop_flip (integer crop, black padding) or none",
         str,
         choices=("shift_flip", "crop_flip", "none"),
+    ),
+    "pull_own": Key(
+        None,
+        "EFP --variant pull: the own class's distance before the nearest centroid is picked: one (EntF's "
+        "forgemaster_pull.py sets it to 1, so the own centroid wins where every other is farther) or exclude",
+        str,
+        choices=("one", "exclude"),
+    ),
+    "final_drop_last": Key(
+        None,
+        "REM: the final pass re-crafts shuffled batches of --train_batch and drops the last partial one, as "
+        "the reference's drop_last loader does (those images keep their last δ); false re-crafts every image",
+        bool,
     ),
     "sigma": Key(None, "URP: std of the class-wise Gaussian noise, /255 (then clipped to eps)", float, range=GT0),
     "patch": Key(None, "LSP: patch size (pixels); 32 must be a multiple", int, range=POSITIVE),
@@ -99,7 +113,11 @@ OPTIONS: dict[str, Key] = {
     "pixels": Key(None, "OPS: pixels set per class (L0 budget)", int, range=POSITIVE),
     "blur": Key(None, "CUDA: kernel entries ~ U(0, blur)", float, range=GT0),
     "quantize": Key(
-        None, "LSP/CUDA: float to uint8 by truncate (the references' astype(uint8)) or round", str, choices=_QUANTIZE
+        None,
+        "LSP/CUDA/SEP: float to uint8 by truncate (the references' astype(uint8); SEP: of its [0, 1] float "
+        "image ×255, kept within the budget) or round",
+        str,
+        choices=_QUANTIZE,
     ),
     "diff_config": Key(None, "ADP: diffusion YAML (a path, or a name in config/eclipse/)", str),
     "sparse_set": Key(None, "ADP: diff_ckpt/cifar10/<sparse_set>/", str),
@@ -190,6 +208,7 @@ POISONS: dict[str, PoisonSpec] = {
                 weight_decay=5e-4,
                 train_batch=128,
                 batch_size=512,
+                final_drop_last=False,
             ),
             paper="scripts/cifar10/gen_rem.sh of fshp971/robust-unlearnable-examples (rem8-4)",
         ),
@@ -212,6 +231,7 @@ POISONS: dict[str, PoisonSpec] = {
                 step_size=1.0,
                 target_shift=5,
                 batch_size=512,
+                quantize="round",
             ),
             paper="vanilla.py + ens.py of Sizhe-Chen/SEP (checkpoints kept when test accuracy improves in 120 "
             "epochs, 30 of them picked by ens.py's index rule, 30 steps of 1/255 to (y+5) mod 10; "
@@ -228,6 +248,7 @@ POISONS: dict[str, PoisonSpec] = {
             defaults=_takes(
                 eps=8.0,
                 variant="push",
+                pull_own="one",
                 epochs=100,
                 lr=0.1,
                 weight_decay=5e-4,

@@ -6,7 +6,9 @@ momentum 0.9, weight decay 5e-4). Each step re-crafts the batch's δ from U(-ρu
 sign steps of 1.6/255 minimising the loss at the worst-case point (inner PGD: ρa 4/255,
 10 steps of 0.8/255, random start) averaged over 5 crop+flip draws, then trains the
 surrogate on the adversarial version of crop+flip(x + δ). A last pass re-crafts every δ
-with the final surrogate.
+with the final surrogate. The reference's last pass iterates its training loader
+(shuffled, ``drop_last``), so the 50000 mod 128 = 80 images of its last partial batch keep
+the δ of their last training step; ``--final_drop_last true`` does the same.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def craft(ctx: CraftContext) -> CraftResult:
         adv_eps=p["adv_eps"],
         adv_step=p["adv_step"],
         adv_steps=p["adv_steps"],
+        final_drop_last=p["final_drop_last"],
     )
     model = ctx.build_surrogate()
     delta, loop = run_min_min(ctx, cfg, model, transform=crop_flip)

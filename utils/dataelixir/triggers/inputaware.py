@@ -24,11 +24,13 @@ every epoch, resumable in either phase):
    augment with BackdoorBench's RandomCrop(32, 5) + RandomRotation(10) + flip.
 
 Static dataset (deviation, because DataElixir purifies a fixed training set): after
-training, the ``pratio`` poisoned samples chosen by ``build_backdoor_data`` get their own
-generated trigger and the attack label; ``round(cross_ratio * n_poisoned)`` other samples
-get the trigger generated from a random other training image and keep their label; all
-rounded to uint8. The auxiliary classifier C is discarded — the victim is trained from
-scratch on the static set. Test images get their own trigger.
+training, the poisoned set is the one BackdoorBench v1 saves (see ``wanet``'s
+``CROSS_SAMPLE_KEYS``: per batch of 128, the first ``int(pratio * 128)`` samples get
+their own generated trigger and the attack label, the next ``int(that * cross_ratio)``
+the trigger generated from a random other training image and keep their label; cross
+samples count as poisoned; stored as it stores them, computed on normalised images and
+truncated by ``ToPILImage``). The auxiliary classifier C is discarded — the victim is
+trained from scratch on the static set. Test images get their own trigger.
 """
 
 from __future__ import annotations
@@ -45,8 +47,14 @@ from models import build_classifier
 from utils.augment import crop_rotate_flip, to_float
 from utils.data import CIFAR10_MEAN, CIFAR10_STD, NUM_CLASSES, ImageSet
 from utils.dataelixir.triggers.aux import Resumable, aux_keys
-from utils.dataelixir.triggers.base import Log, Trigger, attack_targets, aux_subset, cache_dir
-from utils.dataelixir.triggers.wanet import CROSS_RATIO, choose_cross
+from utils.dataelixir.triggers.base import Log, attack_targets, aux_subset, cache_dir
+from utils.dataelixir.triggers.wanet import (
+    CROSS_RATIO,
+    CROSS_SAMPLE_KEYS,
+    CrossSampleTrigger,
+    bb_normalise,
+    bb_to_uint8,
+)
 from utils.fileio import tensor_fingerprint
 from utils.options import GT0, Key, Range
 from utils.runtime import autocast, to_channels_last
@@ -118,7 +126,7 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
 _AUGMENT = crop_rotate_flip(5, 10.0)
 
 
-class TriggerInputAware(Trigger):
+class TriggerInputAware(CrossSampleTrigger):
     name = "inputaware"
     chunk = 512
     keys = {
@@ -158,6 +166,7 @@ class TriggerInputAware(Trigger):
             "cross-trigger samples per backdoored sample, in training batches and in the static set (1 = p_cross 0.1)",
             range=CROSS_RATIO,
         ),
+        **CROSS_SAMPLE_KEYS,
     }
 
     def validate(self) -> None:
@@ -172,7 +181,8 @@ class TriggerInputAware(Trigger):
             "kind": "input-aware generators",
             # the training recipe: tanh(10 tanh) mask, per-pair normalised diversity, crop 5 + rotation 10 + flip
             "recipe": 2,
-            **{k: p[k] for k in self.defaults if k != "cross_ratio"},
+            # the static-set keys do not change the generators
+            **{k: p[k] for k in self.defaults if k != "cross_ratio" and k not in CROSS_SAMPLE_KEYS},
             "cross_ratio": p["cross_ratio"],
             "pratio": self.pratio,
             "target": self.target,
@@ -308,12 +318,17 @@ class TriggerInputAware(Trigger):
     @torch.no_grad()
     def triggered(self, images: torch.Tensor, sources: torch.Tensor | None = None) -> torch.Tensor:
         """``x + (G(s) - x) * M(s)`` with ``s = sources`` (default: the images themselves),
-        computed in float32 and rounded to uint8."""
+        computed in float32; ``quantize: truncate`` computes it on normalised images and
+        pattern and converts as BackdoorBench v1 saves them, ``round`` in pixel space."""
         if self.gen is None:
             raise RuntimeError("inputaware: call prepare() before apply()")
         x = to_float(images.to(self.device)).contiguous(memory_format=torch.channels_last)
         s = x if sources is None else to_float(sources.to(self.device)).contiguous(memory_format=torch.channels_last)
-        out = x + (pattern_of(self.gen, s) - x) * mask_of(self.mgen, s)
+        pattern, mask = pattern_of(self.gen, s), mask_of(self.mgen, s)
+        if self.params["quantize"] == "truncate":
+            xn = bb_normalise(x)
+            return bb_to_uint8(xn + (bb_normalise(pattern) - xn) * mask)
+        out = x + (pattern - x) * mask
         return out.clamp(0, 1).mul(255).round().to(torch.uint8)
 
     def apply(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
@@ -323,7 +338,7 @@ class TriggerInputAware(Trigger):
         self, train: ImageSet, poison_idx: torch.Tensor, new_labels: torch.Tensor, log: Log = print
     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         images, labels, extra = super().poison_train(train, poison_idx, new_labels, log)
-        cross_idx = choose_cross(len(train), poison_idx, self.params["cross_ratio"], self.seed, log)
+        cross_idx = self.cross_indices(len(train), poison_idx, log)
         if len(cross_idx):
             # each cross sample borrows the trigger of a random other training image
             g = torch.Generator().manual_seed(self.seed + 2)

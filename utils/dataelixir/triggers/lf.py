@@ -7,8 +7,10 @@
    ``lf_num_images`` training images: for every image the current ``v`` does not fool,
    a targeted DeepFool step ``dr`` (overshoot 0.02, at most ``lf_max_iter_df``
    iterations) is computed and, if it converged, ``v <- norm(smooth(v + smooth(dr)))``
-   where ``smooth`` is the low-pass filter (separable Gaussian, sigma ``lf_sigma`` = 6
-   px, zero padding) and ``norm`` min-max scales ``v`` to [0, ``lf_range``] = [0, 0.2].
+   where ``smooth`` is BackdoorBench's low-pass filter ``gauss_smooth`` (separable
+   Gaussian, sigma ``lf_sigma`` = 6 px, 5 sigma = 30 taps at offsets +-0.5 ... +-14.5,
+   zero padding of 14 before and 15 after: every application moves the pattern half a
+   pixel up and left) and ``norm`` min-max scales ``v`` to [0, ``lf_range``] = [0, 0.2].
    A pass ends with the fooling rate on ``lf_num_images`` other training images; the
    search stops at ``lf_fool_stop`` (BackdoorBench: 1 - delta = 0.2), when the last five
    rates lie within 0.01, or after ``lf_max_passes`` passes. The pattern is cached
@@ -40,14 +42,22 @@ from utils.options import Key, Range
 from utils.progress import progress
 
 
-def gaussian_lowpass(v: torch.Tensor, sigma: float, radius: int = 15) -> torch.Tensor:
-    """Separable Gaussian blur of ``v`` [B,3,H,W] with zero padding (same size)."""
-    t = torch.arange(-radius, radius + 1, dtype=v.dtype, device=v.device)
+def gaussian_lowpass(v: torch.Tensor, sigma: float) -> torch.Tensor:
+    """BackdoorBench's ``gauss_smooth`` on ``v`` [B,C,H,W] (same size): along rows, then
+    columns, a Gaussian of ``n = round(5 sigma)`` taps at offsets ``i - (n - 1) / 2``,
+    zero padding ``n // 2`` after and, for even ``n``, one less before. For even ``n`` (30
+    at sigma 6) the taps fall between pixels and the output is centred half a pixel
+    before the input: an impulse at row 16 lands at 15.5."""
+    n = max(1, round(5 * sigma))
+    t = torch.arange(n, dtype=v.dtype, device=v.device) - (n - 1) / 2
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
+    after = n // 2
+    before = after - (1 - n % 2)
     c = v.shape[1]
-    v = F.conv2d(v, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), padding=(radius, 0), groups=c)
-    return F.conv2d(v, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), padding=(0, radius), groups=c)
+    v = F.pad(v, (before, after, before, after))
+    v = F.conv2d(v, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(v, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
 
 
 def minmax_range(v: torch.Tensor, rng: float) -> torch.Tensor:
@@ -110,7 +120,7 @@ class TriggerLF(Trigger):
         "lf_overshoot": Key(0.02, "DeepFool overshoot (BackdoorBench: 0.02)", range=Range(0, 1)),
         "lf_sigma": Key(
             6.0,
-            "standard deviation in pixels of the Gaussian low-pass filter (BackdoorBench: 6)",
+            "standard deviation in pixels of the Gaussian low-pass filter of round(5 sigma) taps (BackdoorBench: 6)",
             range=Range(0, 32, low_open=True),
         ),
         "lf_range": Key(
@@ -143,6 +153,7 @@ class TriggerLF(Trigger):
             "classifier": folder.name,
             "target": self.target,
             "seed": self.seed,
+            "lowpass": "gauss_smooth",  # BackdoorBench's filter: a pattern made with another is not reused
             **{k: p[k] for k in (*keys, "lf_fool_stop", "lf_batch")},
         }
         ckpt = Resumable(folder / f"uap-{settings_key(settings)}.pt", settings, log, "lf perturbation")

@@ -2,28 +2,37 @@
 encoder/decoder trained here.
 
 BackdoorBench ships SSBA as pre-computed poisoned images made with a StegaStamp encoder
-trained on CIFAR-10 outside the benchmark. We train the pair ourselves on the attacker's
-training set (cached under ``resource_dir/ssba/enc-<key>/``, checkpointed every epoch):
+trained on CIFAR-10 outside the benchmark (``resource/ssba/train.py``, run with
+``--use_residual 0``). We train the pair ourselves on the attacker's training set (cached
+under ``resource_dir/ssba/enc-<key>/``, checkpointed every epoch):
 
 * encoder: the secret (``ssba_bits`` bits) goes through a dense layer to a 3x16x16 map,
-  is upsampled to 32x32, concatenated with the image and fed to a small U-Net whose
-  output is a residual; the encoded image is ``clamp(x + residual, 0, 1)``;
+  is upsampled to 32x32, concatenated with the image and fed to a small U-Net. With
+  ``ssba_output: image`` (BackdoorBench's ``--use_residual 0``) the sigmoid of its output
+  IS the encoded image; with ``residual`` the output is a residual and the encoded image
+  is ``clamp(x + residual, 0, 1)``;
 * decoder: a strided CNN that recovers the bits from an encoded image;
-* loss: bit cross-entropy + ``ssba_l2_weight`` x MSE(residual); the image term is off for
-  the first 30 % of the steps and ramps in linearly until 70 % (StegaStamp's schedule,
-  in fractions of training); a 1x1 path from the secret map to the residual makes the
-  bits learnable within a CPU-scale budget; the decoder sees the
-  encoded image with +-0.5/255 noise so that uint8 rounding does not erase the code;
-  random secrets per sample during training; Adam.
+* loss: bit cross-entropy + w x MSE(encoded, image). ``ssba_l2_schedule: bit_acc``
+  (BackdoorBench's): w = 0 until a training batch's bit accuracy exceeds 0.9; counting
+  the steps s since then, w = ``ssba_l2_weight`` x clip((s - 1000) / 3000, 0, 1). The
+  1000 and 3000 steps belong to the reference's run of 20 epochs of 50,000 images in
+  batches of 64 (``REFERENCE_STEPS``, counted in whole batches as we count them); a
+  shorter run scales both by its steps / ``REFERENCE_STEPS`` (CPU scale, 5000 images,
+  10 epochs: 780 steps, so 50 and 150). ``fraction``: w is off for the first 30 % of
+  the steps and ramps in linearly until 70 %, whatever the bit accuracy.
+  A 1x1 path from the secret map to the output makes the bits learnable within a
+  CPU-scale budget; the decoder sees the encoded image with +-0.5/255 noise so that
+  uint8 rounding does not erase the code; random secrets per sample during training; Adam.
 
 The trigger embeds one FIXED bit string (drawn from ``random_seed``) in every poisoned
-image, rounded to uint8; each image gets a different, image-dependent residual. Dirty-label.
+image, rounded to uint8; each image gets a different, image-dependent change. Dirty-label.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +48,18 @@ from utils.fileio import tensor_fingerprint
 from utils.options import Key, Range
 from utils.progress import progress
 from utils.runtime import autocast, to_channels_last
+
+# BackdoorBench's StegaStamp run (resource/ssba/train.py): the image loss starts once a
+# batch's bit accuracy exceeds START_ACC, waits AWAIT_STEPS, then ramps in over RAMP_STEPS,
+# in a run of REFERENCE_STEPS (20 epochs of 50,000 CIFAR-10 images in batches of 64, counted
+# in whole batches; the reference's DataLoader also runs each epoch's last partial batch,
+# 15,640 steps in all)
+START_ACC = 0.9
+AWAIT_STEPS = 1000
+RAMP_STEPS = 3000
+REFERENCE_STEPS = 20 * (50_000 // 64)
+OUTPUTS = ("image", "residual")
+SCHEDULES = ("bit_acc", "fraction")
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -58,12 +79,13 @@ class StegaEncoder(nn.Module):
         self.u2 = _conv(4 * w + 2 * w, 2 * w)
         self.u1 = _conv(2 * w + w + 6, w)
         self.out = nn.Conv2d(w, 3, 1)
-        # a straight path from the secret map to the residual: the bits become decodable
+        # a straight path from the secret map to the output: the bits become decodable
         # within a few hundred steps, which a CPU-scale budget needs
         self.direct = nn.Conv2d(3, 3, 1)
 
     def forward(self, x: torch.Tensor, secret: torch.Tensor) -> torch.Tensor:
-        """Residual to add to ``x`` ([0,1] images) so that it carries ``secret`` (0/1 floats)."""
+        """The raw output for ``x`` ([0,1] images) carrying ``secret`` (0/1 floats):
+        ``encoded_image`` turns it into the encoded image."""
         s = self.secret(secret * 2 - 1).view(-1, 3, 16, 16)
         s = F.interpolate(s, scale_factor=2, mode="nearest")
         inp = torch.cat([x * 2 - 1, s], dim=1)
@@ -75,6 +97,56 @@ class StegaEncoder(nn.Module):
         u = self.u2(torch.cat([F.interpolate(u, scale_factor=2), h2], 1))
         u = self.u1(torch.cat([F.interpolate(u, scale_factor=2), h1, inp], 1))
         return self.out(u) + self.direct(s)
+
+
+def encoded_image(x: torch.Tensor, out: torch.Tensor, output: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoded image and its change from ``x``, from the encoder's raw output ``out``:
+    ``image`` (BackdoorBench's ``--use_residual 0``): ``sigmoid(out)`` is the image itself;
+    ``residual``: ``out`` is added to ``x`` and the sum clamped to [0, 1] (the image loss
+    then penalises the unclamped residual, as StegaStamp's residual mode does)."""
+    if output == "image":
+        coded = torch.sigmoid(out)
+        return coded, coded - x
+    return (x + out).clamp(0, 1), out
+
+
+@dataclass
+class ImageLossSchedule:
+    """Weight of the image loss at each training step.
+
+    ``bit_acc`` (BackdoorBench's): 0 until a batch's bit accuracy exceeds ``START_ACC``;
+    ``since`` steps after that, ``weight * clip((since - await) / ramp, 0, 1)``, where
+    await and ramp are ``AWAIT_STEPS`` and ``RAMP_STEPS`` times min(1, total_steps /
+    ``REFERENCE_STEPS``) rounded to whole steps: a shorter run keeps the reference's
+    proportions of its length. ``fraction``: 0 for the first 30 % of the steps, then a
+    linear ramp to ``weight`` at 70 %, whatever the bit accuracy."""
+
+    weight: float
+    mode: str
+    total_steps: int
+    since: int = -1  # steps since the bit accuracy first exceeded START_ACC; -1: not yet
+
+    @property
+    def await_ramp(self) -> tuple[int, int]:
+        scale = min(1.0, self.total_steps / REFERENCE_STEPS)
+        return round(AWAIT_STEPS * scale), max(1, round(RAMP_STEPS * scale))
+
+    def at(self, step: int) -> float:
+        """The weight of global step ``step`` (0-based), before it runs."""
+        if self.mode == "fraction":
+            frac = (step - 0.3 * self.total_steps) / (0.4 * self.total_steps)
+        else:
+            wait, ramp = self.await_ramp
+            frac = (self.since - wait) / ramp
+        return self.weight * min(1.0, max(0.0, frac))
+
+    def observe(self, bit_acc: float) -> None:
+        """After a step: its batch's bit accuracy (the step that first exceeds
+        ``START_ACC`` counts as 0 steps since)."""
+        if self.since >= 0:
+            self.since += 1
+        elif bit_acc > START_ACC:
+            self.since = 0
 
 
 class StegaDecoder(nn.Module):
@@ -120,8 +192,21 @@ class TriggerSSBA(Trigger):
         "ssba_bits": Key(100, "length of the embedded bit string (100 as in StegaStamp)", range=Range(8, 1024)),
         "ssba_l2_weight": Key(
             10.0,
-            "weight of the image-residual MSE against the bit loss (off for 30% of training, then ramped in)",
+            "weight of the image MSE against the bit loss once ramped in (BackdoorBench: 10)",
             range=Range(0),
+        ),
+        "ssba_output": Key(
+            "image",
+            "what the encoder outputs: image (BackdoorBench's --use_residual 0: its sigmoid is the encoded image)"
+            " or residual (added to the image and clamped)",
+            choices=OUTPUTS,
+        ),
+        "ssba_l2_schedule": Key(
+            "bit_acc",
+            "when the image loss comes in: bit_acc (BackdoorBench's: once bit accuracy > 0.9, wait 1000 steps,"
+            " ramp over 3000, both scaled by training steps / 15620 when shorter) or fraction (off for 30%"
+            " of training, ramped in until 70%)",
+            choices=SCHEDULES,
         ),
     }
 
@@ -138,7 +223,7 @@ class TriggerSSBA(Trigger):
         settings = {
             "kind": "StegaStamp encoder/decoder",
             **{k: p[k] for k in ("aux_width", "aux_epochs", "aux_subset", "aux_batch_size", "aux_lr")},
-            **{k: p[k] for k in ("ssba_bits", "ssba_l2_weight")},
+            **{k: p[k] for k in ("ssba_bits", "ssba_l2_weight", "ssba_output", "ssba_l2_schedule")},
             "seed": self.seed,
             "data": tensor_fingerprint(train.images, train.labels),
             "precision": self.precision,
@@ -170,17 +255,18 @@ class TriggerSSBA(Trigger):
         g = torch.Generator().manual_seed(self.seed)
         ckpt = Resumable(folder / "train_ckpt.pt", settings, log, "ssba training checkpoint")
         state = ckpt.load()
-        start, history, seconds = 0, [], 0.0
+        start, history, seconds, since = 0, [], 0.0, -1
         if state is not None:
             enc.load_state_dict(state["encoder"])
             dec.load_state_dict(state["decoder"])
             opt.load_state_dict(state["optimizer"])
             g.set_state(state["rng"])
-            start, history, seconds = state["epoch"], state["history"], state["seconds"]
+            start, history, seconds, since = state["epoch"], state["history"], state["seconds"], state["l2_since"]
             log(f"ssba: resuming encoder/decoder training after epoch {start}")
         bs = min(p["aux_batch_size"], len(data))
         steps = max(1, len(data) // bs)
         total = p["aux_epochs"] * steps
+        schedule = ImageLossSchedule(p["ssba_l2_weight"], p["ssba_l2_schedule"], total, since)
         for epoch in range(start, p["aux_epochs"]):
             t0 = time.time()
             bit_acc = l2 = 0.0
@@ -190,12 +276,9 @@ class TriggerSSBA(Trigger):
                 x = to_float(random_flip(data.images[idx], g)).to(device, memory_format=torch.channels_last)
                 bits = torch.randint(0, 2, (len(idx), p["ssba_bits"]), generator=g).float().to(device)
                 noise = ((torch.rand(x.shape, generator=g) - 0.5) / 255).to(device)
-                # StegaStamp's schedule: no image loss until the bits are learnable, then a ramp
-                frac = ((epoch * steps + step) - 0.3 * total) / (0.4 * total)
-                weight = p["ssba_l2_weight"] * min(1.0, max(0.0, frac))
+                weight = schedule.at(epoch * steps + step)
                 with autocast(device, self.bf16):
-                    res = enc(x, bits).float()
-                    coded = (x + res).clamp(0, 1)
+                    coded, res = encoded_image(x, enc(x, bits).float(), p["ssba_output"])
                     logits = dec(coded + noise).float()
                 bce = F.binary_cross_entropy_with_logits(logits, bits)
                 mse = res.pow(2).mean()
@@ -204,13 +287,21 @@ class TriggerSSBA(Trigger):
                 loss.backward()
                 opt.step()
                 acc = ((logits > 0).float() == bits).float().mean().item()
+                schedule.observe(acc)
                 bit_acc += acc
                 l2 += mse.item()
                 bar.set_postfix(bits=f"{acc:.3f}", rmse255=f"{255 * math.sqrt(mse.item()):.2f}")
             bar.close()
             seconds += time.time() - t0
             n = len(batches)
-            history.append({"epoch": epoch + 1, "bit_acc": bit_acc / n, "residual_rmse_255": 255 * math.sqrt(l2 / n)})
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "bit_acc": bit_acc / n,
+                    "residual_rmse_255": 255 * math.sqrt(l2 / n),
+                    "l2_weight": schedule.at((epoch + 1) * steps),
+                }
+            )
             log(
                 f"ssba enc/dec: epoch {epoch + 1} bit accuracy {bit_acc / n:.3f} residual rmse {255 * math.sqrt(l2 / n):.2f}/255"
             )
@@ -223,7 +314,13 @@ class TriggerSSBA(Trigger):
                     "epoch": epoch + 1,
                     "history": history,
                     "seconds": seconds,
+                    "l2_since": schedule.since,
                 }
+            )
+        if schedule.mode == "bit_acc" and schedule.since < 0:
+            log(
+                "ssba: warning: no training batch's bit accuracy exceeded 0.9, so the image loss never came in"
+                " (BackdoorBench's schedule); ssba_l2_schedule: fraction brings it in by step count"
             )
         enc.eval()
         dec.eval()
@@ -237,6 +334,7 @@ class TriggerSSBA(Trigger):
             "train_images": len(data),
             "train_seconds": round(seconds, 1),
             "final_bit_acc": history[-1]["bit_acc"] if history else None,
+            "steps_since_bit_acc_above_0_9": schedule.since,  # -1: never
             "fixed_secret_bit_acc_uint8": round(bit_acc_fixed, 4),
             "psnr_db": round(psnr(coded, probe), 2),
         }
@@ -246,8 +344,8 @@ class TriggerSSBA(Trigger):
         x = to_float(images.to(device)).contiguous(memory_format=torch.channels_last)
         secret = self.secret.to(device).expand(len(x), -1)
         # float32 so that the uint8 output does not depend on bf16 rounding
-        res = enc(x, secret).float()
-        return (x + res).clamp(0, 1).mul(255).round().to(torch.uint8)
+        coded, _ = encoded_image(x, enc(x, secret).float(), self.params["ssba_output"])
+        return coded.mul(255).round().to(torch.uint8)
 
     def apply(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
         if self.encoder is None:

@@ -5,15 +5,22 @@ The trigger is a smooth warping field: a random ``k x k x 2`` control grid (unif
 [-1, 1], divided by its mean absolute value) upsampled bicubically to 32x32, scaled by
 ``s / 32`` and added to the identity sampling grid (times ``grid_rescale``, clamped to
 [-1, 1]); images are resampled with ``grid_sample`` (bilinear, align_corners=True).
-Noise mode: ``cross_ratio * n_poisoned`` further (non-poisoned) training images are warped
-with the trigger grid plus per-pixel uniform noise of ``1/32`` and keep their labels, so
-the model has to learn the exact warp rather than "any warp".
+Noise mode: cross samples are warped with the trigger grid plus per-pixel uniform noise
+of ``1/32`` and keep their labels, so the model has to learn the exact warp rather than
+"any warp".
 
-Deviation from BackdoorBench: the reference re-draws poisoned and cross samples in every
-batch of its own training loop. DataElixir purifies a fixed training set, so here the
-poisoned (``pratio``) and cross samples are drawn once with ``random_seed`` and stored as
-uint8 (rounded), which is what the defence sees. The warp grid is drawn from
-``random_seed`` too (the attacker's secret); the cross noise from ``random_seed + 1``.
+The poisoned set is the one BackdoorBench v1 saves after training (``selection:
+per_batch``): the training set in order, in batches of ``selection_batch`` (its ``bs``,
+128); in each batch the first ``int(pratio * bs)`` images get the trigger and the target
+label and the next ``int(that * cross_ratio)`` become cross samples: 4688 poisoned and
+9376 cross samples of 50,000 at pratio 0.1. Its ``bd_train`` marks cross samples as
+poisoned too (``cross_poisoned``), which is what the defence's TPR/FPR count. Images are
+stored the way it stores them (``quantize: truncate``): computed on CIFAR-normalised
+tensors, denormalised with its inverse ``Normalize`` pair and truncated to uint8 by
+``ToPILImage``. Deviation: the reference trains its own model on poisons re-drawn in every
+batch; DataElixir purifies a fixed training set, so the victim trains on this static set.
+The warp grid is drawn from ``random_seed`` (the attacker's secret), the cross noise
+from ``random_seed + 1``.
 """
 
 from __future__ import annotations
@@ -22,11 +29,54 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.data import ImageSet
+from utils.augment import to_float
+from utils.data import CIFAR10_MEAN, CIFAR10_STD, ImageSet
 from utils.dataelixir.triggers.base import Log, Trigger
-from utils.options import Key, Range
+from utils.options import POSITIVE, Key, Range
 
 CROSS_RATIO = Range(0, 10)  # cross samples per poisoned sample (WaNet, Input-aware)
+
+# the keys WaNet and Input-aware share (each sets its own cross_ratio)
+CROSS_SAMPLE_KEYS: dict[str, Key] = {
+    "selection": Key(
+        "per_batch",
+        "which samples are poisoned: per_batch (BackdoorBench v1: the first int(pratio * selection_batch) "
+        "of each batch of the training set in order, then the cross samples) or random (round(pratio * N) "
+        "non-target samples and round(cross_ratio * that) cross samples, drawn with random_seed)",
+        choices=("per_batch", "random"),
+    ),
+    "selection_batch": Key(128, "per_batch: the batch size of that selection (BackdoorBench bs: 128)", range=POSITIVE),
+    "cross_poisoned": Key(
+        True,
+        "count cross samples as poisoned in the poison indicator, hence in TPR/FPR (BackdoorBench v1's bd_train: true)",
+    ),
+    "quantize": Key(
+        "truncate",
+        "uint8 conversion of triggered images: truncate (BackdoorBench v1: normalised tensors, denormalised, "
+        "ToPILImage's truncation) or round (unbiased, in pixel space)",
+        choices=("truncate", "round"),
+    ),
+}
+
+_MEAN = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+# BackdoorBench's denormaliser: Normalize(0, 1/std) then Normalize(-mean, 1), constants in float32
+_INV_STD = torch.tensor([1 / s for s in CIFAR10_STD]).view(1, 3, 1, 1)
+_NEG_MEAN = torch.tensor([-m for m in CIFAR10_MEAN]).view(1, 3, 1, 1)
+
+
+def bb_normalise(x: torch.Tensor) -> torch.Tensor:
+    """Float [0, 1] images as BackdoorBench's loader normalises them: ``(x - mean) / std``."""
+    return (x - _MEAN.to(x.device)) / _STD.to(x.device)
+
+
+def bb_to_uint8(xn: torch.Tensor) -> torch.Tensor:
+    """Normalised images to uint8 as BackdoorBench v1 saves them: its denormaliser, then
+    ``ToPILImage``'s ``mul(255).byte()``; the float round trip alone truncates about one
+    value in five of an untouched image one grey level down, as the reference does."""
+    d = xn / _INV_STD.to(xn.device) - _NEG_MEAN.to(xn.device)
+    # the clamp only catches float error at 0 and 255; conversion to uint8 truncates
+    return d.mul(255).clamp_(0, 255).to(torch.uint8)
 
 
 def wanet_grids(k: int, s: float, grid_rescale: float, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,15 +92,66 @@ def wanet_grids(k: int, s: float, grid_rescale: float, seed: int, size: int = 32
     return noise, grid
 
 
-def warp(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """uint8 images resampled on ``grid`` ([1 or B, H, W, 2]), rounded back to uint8."""
-    x = images.float()
+def warp(images: torch.Tensor, grid: torch.Tensor, quantize: str = "round") -> torch.Tensor:
+    """uint8 images resampled on ``grid`` ([1 or B, H, W, 2]): ``round`` in pixel space, or
+    ``truncate`` on normalised images as BackdoorBench v1 (``bb_to_uint8``)."""
     grid = grid.to(images.device).expand(len(images), -1, -1, -1)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    if quantize == "truncate":
+        xn = bb_normalise(to_float(images))
+        return bb_to_uint8(F.grid_sample(xn, grid, mode="bilinear", padding_mode="zeros", align_corners=True))
+    out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-class TriggerWaNet(Trigger):
+def batch_selection(n: int, pratio: float, cross_ratio: float, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(poisoned, cross) indices as BackdoorBench v1 picks them from its unshuffled loader:
+    per batch of ``bs`` images (the last one shorter) the first ``int(pratio * bs)``, then
+    ``int(that * cross_ratio)`` (capped at the batch); where ``pratio * bs < 1`` a batch
+    gets one poisoned sample with probability ``pratio * bs`` (its
+    ``generalize_to_lower_pratio``)."""
+    rng = np.random.default_rng(seed)
+    poison: list[np.ndarray] = []
+    cross: list[np.ndarray] = []
+    for start in range(0, n, batch):
+        bs = min(batch, n - start)
+        share = pratio * bs
+        n_bd = int(share) if share >= 1 else int(rng.uniform() < share)
+        n_cross = min(int(n_bd * cross_ratio), bs - n_bd)
+        poison.append(start + np.arange(n_bd))
+        cross.append(start + n_bd + np.arange(n_cross))
+    return np.concatenate(poison).astype(np.int64), np.concatenate(cross).astype(np.int64)
+
+
+def choose_cross(n: int, poison_idx: torch.Tensor, cross_ratio: float, seed: int, log: Log) -> torch.Tensor:
+    """Sorted indices of ``round(cross_ratio * n_poisoned)`` non-poisoned samples (capped)."""
+    want = int(round(cross_ratio * len(poison_idx)))
+    pool = np.setdiff1d(np.arange(n), poison_idx.numpy())
+    if want > len(pool):
+        log(f"note: {want} cross samples requested but only {len(pool)} non-poisoned samples exist; using all")
+        want = len(pool)
+    rng = np.random.default_rng(seed + 1)
+    return torch.from_numpy(np.sort(rng.choice(pool, size=want, replace=False))).long()
+
+
+class CrossSampleTrigger(Trigger):
+    """A trigger whose poisoned set also holds cross samples (WaNet, Input-aware): which
+    samples are poisoned and which are cross, and whether cross samples count as poisoned."""
+
+    def batch_selection(self, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(poisoned, cross) indices under ``selection: per_batch``; None under ``random``."""
+        p = self.params
+        if p["selection"] != "per_batch":
+            return None
+        return batch_selection(n, self.pratio, p["cross_ratio"], p["selection_batch"], self.seed)
+
+    def cross_indices(self, n: int, poison_idx: torch.Tensor, log: Log) -> torch.Tensor:
+        chosen = self.batch_selection(n)
+        if chosen is None:
+            return choose_cross(n, poison_idx, self.params["cross_ratio"], self.seed, log)
+        return torch.from_numpy(chosen[1]).long()
+
+
+class TriggerWaNet(CrossSampleTrigger):
     name = "wanet"
     keys = {
         "k": Key(
@@ -67,6 +168,7 @@ class TriggerWaNet(Trigger):
             "noise-mode samples per poisoned sample: warped with a perturbed grid, label kept (BackdoorBench: 2)",
             range=CROSS_RATIO,
         ),
+        **CROSS_SAMPLE_KEYS,
     }
 
     def validate(self) -> None:
@@ -74,7 +176,7 @@ class TriggerWaNet(Trigger):
         self.noise_grid, self.grid = wanet_grids(p["k"], p["s"], p["grid_rescale"], self.seed)
 
     def apply(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
-        return warp(images, self.grid)
+        return warp(images, self.grid, self.params["quantize"])
 
     def cross_grids(self, n: int, g: torch.Generator) -> torch.Tensor:
         size = self.grid.shape[1]
@@ -85,25 +187,14 @@ class TriggerWaNet(Trigger):
         self, train: ImageSet, poison_idx: torch.Tensor, new_labels: torch.Tensor, log: Log = print
     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         images, labels, extra = super().poison_train(train, poison_idx, new_labels, log)
-        cross_idx = choose_cross(len(train), poison_idx, self.params["cross_ratio"], self.seed, log)
+        cross_idx = self.cross_indices(len(train), poison_idx, log)
         if len(cross_idx):
             g = torch.Generator().manual_seed(self.seed + 1)
             for i in range(0, len(cross_idx), self.chunk):
                 idx = cross_idx[i : i + self.chunk]
                 grids = self.cross_grids(len(idx), g).to(self.device)
-                images[idx] = warp(train.images[idx].to(self.device), grids).cpu()
+                images[idx] = warp(train.images[idx].to(self.device), grids, self.params["quantize"]).cpu()
         return images, labels, {**extra, "n_cross": len(cross_idx), "cross_indices": cross_idx.tolist()}
-
-
-def choose_cross(n: int, poison_idx: torch.Tensor, cross_ratio: float, seed: int, log: Log) -> torch.Tensor:
-    """Sorted indices of ``round(cross_ratio * n_poisoned)`` non-poisoned samples (capped)."""
-    want = int(round(cross_ratio * len(poison_idx)))
-    pool = np.setdiff1d(np.arange(n), poison_idx.numpy())
-    if want > len(pool):
-        log(f"note: {want} cross samples requested but only {len(pool)} non-poisoned samples exist; using all")
-        want = len(pool)
-    rng = np.random.default_rng(seed + 1)
-    return torch.from_numpy(np.sort(rng.choice(pool, size=want, replace=False))).long()
 
 
 TRIGGER = TriggerWaNet
