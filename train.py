@@ -4,6 +4,7 @@
     python train.py --poison EM --arch resnet18 --pure     # ECLIPSE: purified set + corruption compensation
     python train.py --poison EM --defense grayscale        # ISS-G baseline (ISS-J: --defense jpeg)
     python train.py --poison EM --defense jpeg --iss_recipe iss   # ISS-J with ISS's own recipe
+    python train.py --poison EM --defense at               # adversarial training (PGD-AT, L∞ 8/255)
     python train.py --poison clean                         # clean CIFAR-10 training set
 
 Appends the reference's row to results.csv (its 8 columns, no header), the same row with
@@ -23,7 +24,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict
 
+import torch
+import torch.nn as nn
+
 from models import CLASSIFIERS, build_classifier
+from utils.adversarial import pgd_linf
 from utils.augment import compensation_augment, grayscale, jpeg, standard_augment
 from utils.compat import legacy_precision
 from utils.data import NUM_CLASSES, ImageSet, class_balanced_subset, load_cifar10, load_poisoned, read_eclipse_pkl
@@ -59,7 +64,7 @@ from utils.plots import history_series, save_curves
 from utils.precision import precision_from_args, prefer_channels_last
 from utils.run_state import RunFolder, check_name, lock_path
 from utils.runtime import resolve_device, seed_everything, set_deterministic
-from utils.trainer import TrainConfig, train_classifier
+from utils.trainer import Perturb, TrainConfig, train_classifier
 
 RESULTS_COLUMNS = ["pure", "arch", "poison", "sparse_set", "t", "p", "std", "acc"]
 EXTRA_COLUMNS = ["defense", "width", "epochs", "n_train", "seed", "run"]
@@ -85,7 +90,11 @@ KEYS: dict[str, Key] = {
     "sparse_set": Key("test2000ps8000", "sparse set (diffusion run name) of the purified set (with --pure)"),
     "pure": Key(False, "ECLIPSE: train on the purified set with corruption compensation", flag=True),
     # additions
-    "defense": Key("none", "ISS baselines (JPEG / grayscale)", choices=("none", "jpeg", "grayscale")),
+    "defense": Key(
+        "none",
+        "baseline defences: ISS (jpeg / grayscale), adversarial training (at: PGD-AT, Madry et al.)",
+        choices=("none", "jpeg", "grayscale", "at"),
+    ),
     "iss_recipe": Key(
         "eclipse",
         "victim recipe (not with --pure): eclipse = ECLIPSE's, which its ISS numbers used (80 epochs, constant lr, "
@@ -94,6 +103,10 @@ KEYS: dict[str, Key] = {
         choices=("eclipse", "iss"),
     ),
     "jpeg_quality": Key(10, "JPEG quality of --defense jpeg (ISS-J)", range=Range(1, 100)),
+    # ECLIPSE's paper names AT [Tao et al.] but publishes no budget: Madry et al.'s CIFAR-10 L∞ ball
+    "at_eps": Key(8.0, "--defense at: L∞ budget of the PGD, in /255 units", range=Range(0, 255, low_open=True)),
+    "at_steps": Key(10, "--defense at: PGD steps per batch (random start in the ball)", range=POSITIVE),
+    "at_step_size": Key(2.0, "--defense at: PGD step size, in /255 units", range=GT0),
     "width": Key(64, "first-stage channels (64 = paper; 16 = CPU-scale variant)", range=POSITIVE),
     "weight_decay": Key(0.0, "SGD weight decay (the reference uses none; --iss_recipe iss: 5e-4)", range=NONNEG),
     "schedule": Key(
@@ -128,6 +141,7 @@ KEYS: dict[str, Key] = {
     "run_name": Key(None, "folder name under runs/train/ (default: derived from the settings)", nullable=True),
     "overwrite": Key(False, "redo a finished run with the same name", flag=True),
 }
+AT_KEYS = ("at_eps", "at_steps", "at_step_size")  # stored only with --defense at
 # the victim recipes --iss_recipe chooses between; an option given on the command line replaces its
 # value. eclipse: the defaults above, ECLIPSE's one training recipe (its paper, Sec. 4.1: SGD 0.9,
 # lr 0.1, batch 128, 80 epochs; the reference train.py: no schedule, no weight decay, two forwards
@@ -144,7 +158,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.set_defaults(**dict.fromkeys(ISS_RECIPE, None))
     given = p.parse_args(argv)
     if a.pure and a.defense != "none":
-        raise UserError("--pure (ECLIPSE) and --defense (ISS) are alternative defences; pick one")
+        raise UserError("--pure (ECLIPSE) and --defense are alternative defences; pick one")
     if a.pure and a.iss_recipe != "eclipse":
         raise UserError("--iss_recipe iss is the ISS baselines' recipe; --pure (ECLIPSE) trains with ECLIPSE's")
     resolve_recipe(a, given)
@@ -197,7 +211,9 @@ def main(argv=None) -> None:
     channels_last = prefer_channels_last(device) if args.channels_last is None else args.channels_last
     runtime_only = ("device", "overwrite", "work_dir", "data_root", "download", "bf16")
     # iss_recipe is stored as what it resolved to (epochs, schedule, weight_decay, bn_updates)
-    settings = {k: v for k, v in vars(args).items() if k not in (*runtime_only, "iss_recipe")}
+    # the AT options only where they act, so the other defences' settings stay as they were
+    unused = () if args.defense == "at" else AT_KEYS
+    settings = {k: v for k, v in vars(args).items() if k not in (*runtime_only, "iss_recipe", *unused)}
     settings.update(precision=precision.name, channels_last=channels_last)
     # an interrupted run records its settings too, so a re-run never resumes another's checkpoint;
     # a resumed run keeps the precision and layout it was started with
@@ -263,9 +279,20 @@ def _run(args, work, run, settings: dict, device, train: ImageSet, source: str, 
         f"train {source} ({len(train)} images), test {len(test)} images, device {device}"
     )
     log.info(precision.line(used=cfg.precision))
+    if args.defense == "at":
+        log.info(f"PGD-AT: L∞ {args.at_eps}/255, {args.at_steps} steps of {args.at_step_size}/255, random start")
     t0 = time.time()
     history = train_classifier(
-        model, train, augment, cfg, device, {"test_acc": test}, run / "checkpoint.pt", log=log.info, desc=args.run_name
+        model,
+        train,
+        augment,
+        cfg,
+        device,
+        {"test_acc": test},
+        run / "checkpoint.pt",
+        log=log.info,
+        desc=args.run_name,
+        perturb=adversarial_perturb(model, args, cfg.bf16) if args.defense == "at" else None,
     )
     acc = history[-1]["test_acc"]
     seconds = time.time() - t0
@@ -292,6 +319,17 @@ def _run(args, work, run, settings: dict, device, train: ImageSet, source: str, 
     (run / "checkpoint.pt").unlink(missing_ok=True)
     log.info(f"Test Acc: {acc:.2f}  ({seconds:.0f} s) -> {result_path}")
     print(f"Finished Training: test accuracy {acc:.2f}%")
+
+
+def adversarial_perturb(model: nn.Module, args: argparse.Namespace, bf16: bool) -> Perturb:
+    """PGD-AT's inner maximisation: each augmented batch replaced by its L∞ PGD adversary
+    (random start drawn from the augmentation generator, so a resumed run replays it),
+    found with the model in eval mode as Tao et al.'s AT code does."""
+
+    def perturb(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return pgd_linf(model, x, y, args.at_eps, args.at_step_size, args.at_steps, g, bf16)
+
+    return perturb
 
 
 def _append_results(work, run, args, acc: float, n_train: int) -> None:
