@@ -334,20 +334,14 @@ class TriggerInputAware(CrossSampleTrigger):
     def apply(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
         return self.triggered(images)
 
-    def poison_train(
-        self, train: ImageSet, poison_idx: torch.Tensor, new_labels: torch.Tensor, log: Log = print
-    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        images, labels, extra = super().poison_train(train, poison_idx, new_labels, log)
-        cross_idx = self.cross_indices(len(train), poison_idx, log)
-        if len(cross_idx):
-            # each cross sample borrows the trigger of a random other training image
-            g = torch.Generator().manual_seed(self.seed + 2)
-            shift = torch.randint(1, len(train), (len(cross_idx),), generator=g)
-            src_idx = (cross_idx + shift) % len(train)
-            for i in range(0, len(cross_idx), self.chunk):
-                sl = slice(i, i + self.chunk)
-                images[cross_idx[sl]] = self.triggered(train.images[cross_idx[sl]], train.images[src_idx[sl]]).cpu()
-        return images, labels, {**extra, "n_cross": len(cross_idx), "cross_indices": cross_idx.tolist()}
+    def write_cross(self, images: torch.Tensor, train: ImageSet, cross_idx: torch.Tensor) -> None:
+        # each cross sample borrows the trigger of a random other training image
+        g = torch.Generator().manual_seed(self.seed + 2)
+        shift = torch.randint(1, len(train), (len(cross_idx),), generator=g)
+        src_idx = (cross_idx + shift) % len(train)
+        for i in range(0, len(cross_idx), self.chunk):
+            sl = slice(i, i + self.chunk)
+            images[cross_idx[sl]] = self.triggered(train.images[cross_idx[sl]], train.images[src_idx[sl]]).cpu()
 
 
 class _GeneratorTraining:

@@ -150,6 +150,19 @@ class CrossSampleTrigger(Trigger):
             return choose_cross(n, poison_idx, self.params["cross_ratio"], self.seed, log)
         return torch.from_numpy(chosen[1]).long()
 
+    def poison_train(
+        self, train: ImageSet, poison_idx: torch.Tensor, new_labels: torch.Tensor, log: Log = print
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        images, labels, extra = super().poison_train(train, poison_idx, new_labels, log)
+        cross_idx = self.cross_indices(len(train), poison_idx, log)
+        if len(cross_idx):
+            self.write_cross(images, train, cross_idx)
+        return images, labels, {**extra, "n_cross": len(cross_idx), "cross_indices": cross_idx.tolist()}
+
+    def write_cross(self, images: torch.Tensor, train: ImageSet, cross_idx: torch.Tensor) -> None:
+        """Write the cross samples ``cross_idx`` of ``train`` into ``images`` (labels kept)."""
+        raise NotImplementedError
+
 
 class TriggerWaNet(CrossSampleTrigger):
     name = "wanet"
@@ -183,18 +196,12 @@ class TriggerWaNet(CrossSampleTrigger):
         noise = torch.rand(n, size, size, 2, generator=g) * 2 - 1
         return (self.grid + noise / size).clamp(-1, 1)
 
-    def poison_train(
-        self, train: ImageSet, poison_idx: torch.Tensor, new_labels: torch.Tensor, log: Log = print
-    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        images, labels, extra = super().poison_train(train, poison_idx, new_labels, log)
-        cross_idx = self.cross_indices(len(train), poison_idx, log)
-        if len(cross_idx):
-            g = torch.Generator().manual_seed(self.seed + 1)
-            for i in range(0, len(cross_idx), self.chunk):
-                idx = cross_idx[i : i + self.chunk]
-                grids = self.cross_grids(len(idx), g).to(self.device)
-                images[idx] = warp(train.images[idx].to(self.device), grids, self.params["quantize"]).cpu()
-        return images, labels, {**extra, "n_cross": len(cross_idx), "cross_indices": cross_idx.tolist()}
+    def write_cross(self, images: torch.Tensor, train: ImageSet, cross_idx: torch.Tensor) -> None:
+        g = torch.Generator().manual_seed(self.seed + 1)
+        for i in range(0, len(cross_idx), self.chunk):
+            idx = cross_idx[i : i + self.chunk]
+            grids = self.cross_grids(len(idx), g).to(self.device)
+            images[idx] = warp(train.images[idx].to(self.device), grids, self.params["quantize"]).cpu()
 
 
 TRIGGER = TriggerWaNet
