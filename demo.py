@@ -29,6 +29,7 @@ from typing import TextIO
 from utils.data import cifar10_present, resolve_data_root
 from utils.demo.pipeline import (
     SPARSE_SET,
+    VARIANTS,
     CommandFailed,
     build_commands,
     interrupt_on_sigterm,
@@ -57,6 +58,16 @@ def parse_poisons(text: str) -> list[str]:
     return names
 
 
+def parse_defenses(text: str, baselines: bool = False) -> list[str]:
+    """The victim columns of ``--defenses`` (plus ISS-G and ISS-J with ``--baselines``), in the table's order."""
+    names = list(VARIANTS) if text == "all" else [d.strip() for d in text.split(",") if d.strip()]
+    bad = [d for d in names if d not in VARIANTS]
+    if bad or not names:
+        sys.exit(f"demo: unknown defence(s) {', '.join(bad) or repr(text)}; choose from {', '.join(VARIANTS)} or 'all'")
+    names += ["issg", "issj"] if baselines else []
+    return [v for v in VARIANTS if v in names]
+
+
 def run(cmd: list[str], log: TextIO) -> float:
     """One step in the foreground, its output on this terminal (the seam the tests replace)."""
     return run_command(cmd)
@@ -74,7 +85,12 @@ KEYS: dict[str, Key] = {
     "test_subset": Key(
         None, "test the victims on a class-balanced subset (default: all 10,000)", int, True, range=SUBSET
     ),
-    "baselines": Key(False, "also train the ISS baselines (grayscale, JPEG)", flag=True),
+    "baselines": Key(False, "also train the ISS baselines (grayscale, JPEG): adds issg,issj to --defenses", flag=True),
+    "defenses": Key(
+        "none,eclipse",
+        "comma-separated victim columns: none (no defence), issg, issj, at (PGD adversarial training, "
+        "the recipe's defense_flags), eclipse, or 'all'; ECLIPSE's purification runs only for eclipse",
+    ),
     "seeds": Key(1, "victims per cell, seeds 0..N-1 (table: mean ± std)", range=POSITIVE),
     "jobs": Key(1, "steps run at a time (each with cores/jobs threads)", range=POSITIVE),
     "skip_clean": Key(False, "do not train the clean-subset victims", flag=True),
@@ -106,7 +122,7 @@ def main() -> None:
     except OSError as e:
         raise UserError(f"cannot create the work folder {work} ({e.strerror or e}); use a writable one") from None
     args.work_dir = str(work)
-    variants = ["none", "issg", "issj", "eclipse"] if args.baselines else ["none", "eclipse"]
+    variants = parse_defenses(args.defenses, args.baselines)
     if args.tiny:
         print(SMOKE, flush=True)
     # outputs made with other settings are refused before anything else happens
@@ -140,9 +156,9 @@ def main() -> None:
     print("\nimage grids (clean / poisoned / purified samples):")
     for p in poisons:
         print(f"  {p} poisoned: {poisoned_file(work, p).with_suffix('.png')}")
-        print(
-            f"  {p} purified: {purified_file(work, SPARSE_SET, args.t, args.diffusion_iterations, p).with_suffix('.png')}"
-        )
+        if "eclipse" in variants:
+            purified = purified_file(work, SPARSE_SET, args.t, args.diffusion_iterations, p).with_suffix(".png")
+            print(f"  {p} purified: {purified}")
 
 
 def write_summary(args: argparse.Namespace, work: Path, status: str = "") -> str:

@@ -71,6 +71,38 @@ def test_steps_per_seed_and_their_dependencies(tmp_path):
     assert adp.after == ("diffusion",) and adp.cmd[-2:] == ["--sparse_diff_model", "ema_0.999_003000.pt"]
 
 
+def test_adversarial_training_column_takes_the_recipes_flags_and_skips_stage_one(tmp_path):
+    """--defenses none,at: the AT victims get the recipe's defense_flags, and no step waits for
+    ECLIPSE's purification or diffusion model, so neither is in the plan (ADP still needs the model)."""
+    import demo
+
+    variants = demo.parse_defenses("none,at")
+    assert variants == ["none", "at"] and demo.parse_defenses("eclipse", baselines=True) == ["issg", "issj", "eclipse"]
+    steps = {s.key: s for s in build_commands(_args(tmp_path), ["EM"], variants, py="py")}
+    assert set(steps) == {"demo-clean", "demo-clean-at", "EM poison", "demo-EM-none", "demo-EM-at"}
+    assert steps["demo-clean-at"].cmd[steps["demo-clean-at"].cmd.index("--at_steps") + 1] == "5"
+    at = steps["demo-EM-at"]
+    flags = at.cmd[at.cmd.index("--defense") : at.cmd.index("--defense") + 8]
+    assert flags == ["--defense", "at", *load_recipe()["defense_flags"]["at"].split()]
+    assert at.stored.values["at_steps"] == "5" and at.after == ("EM poison",)
+    adp = {s.key for s in build_commands(_args(tmp_path), ["ADP"], variants, py="py")}
+    assert "diffusion" in adp and "ADP purification" not in adp
+    with pytest.raises(SystemExit, match="unknown defence"):
+        demo.parse_defenses("none,pgd")
+
+
+def test_at_column_shows_only_where_measured(tmp_path):
+    for v, acc in [("none", 20), ("issj", 40), ("issg", 50), ("eclipse", 55)]:
+        _result(tmp_path, victim_name("EM", v, 0), acc)
+    assert "AT" not in table_markdown(summarise(tmp_path, ["EM"], 1), "t")
+    _result(tmp_path, victim_name("EM", "at", 0), 45.5)
+    _result(tmp_path, victim_name("", "at", 0), 50.25)
+    table = table_markdown(summarise(tmp_path, ["EM"], 1), "t")
+    assert "Clean subset with AT: 50.25" in table
+    assert "| ISS-J | AT | ECLIPSE |" in table and "| 45.50 | 55.00 |" in table and "ECLIPSE > AT" in table
+    plot_summary(summarise(tmp_path, ["EM"], 1), tmp_path / "s.png")
+
+
 def _py_step(key: str, code: str, after: tuple[str, ...] = ()) -> DemoCommand:
     return DemoCommand(key, key, [sys.executable, "-c", code], 0.1, False, after)
 

@@ -184,7 +184,7 @@ def test_the_docs_demo_commands_are_what_make_runs(tmp_path):
             assert args in targets.values(), f"{_rel(doc)}: {m.group(0)} plans what no make target runs"
             if m.group(2):
                 parsed = demo.parse_args([*args, "--work_dir", str(tmp_path)])
-                variants = ["none", "issg", "issj", "eclipse"] if parsed.baselines else ["none", "eclipse"]
+                variants = demo.parse_defenses(parsed.defenses, parsed.baselines)
                 steps = build_commands(parsed, demo.parse_poisons(parsed.poisons), variants)
                 assert len(steps) == int(m.group(2)), f"{_rel(doc)}: {m.group(0)}: the plan has {len(steps)} steps"
             seen += 1

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from utils.demo.recipe import poison_flags
+from utils.demo.recipe import defense_flags, poison_flags
 from utils.demo.step_costs import UnitCosts, is_rough, step_minutes, step_threads
 from utils.demo.stored import Stored
 from utils.diffusion.checkpoints import checkpoint_name, resolve_checkpoint
@@ -45,6 +45,7 @@ VARIANTS = {
     "none": ("no defence", []),
     "issg": ("ISS-G", ["--defense", "grayscale"]),
     "issj": ("ISS-J", ["--defense", "jpeg"]),
+    "at": ("AT", ["--defense", "at"]),  # PGD adversarial training; its CPU flags: the recipe's defense_flags
     "eclipse": ("ECLIPSE", ["--pure"]),
 }
 STATUS_EVERY_S = 300.0  # a status line while steps run in parallel (their output goes to logs)
@@ -64,8 +65,12 @@ class DemoCommand:
 
 
 def victim_name(poison: str, variant: str | None, seed: int) -> str:
-    """train.py run name of a demo victim; seed 0 keeps the single-seed demo's names."""
-    base = "demo-clean" if variant is None else f"demo-{poison}-{variant}"
+    """train.py run name of a demo victim; seed 0 keeps the single-seed demo's names
+    (``poison`` '' is the clean subset: ``demo-clean``, with an optional column ``demo-clean-at``)."""
+    if not poison:
+        base = "demo-clean" if variant in (None, "none") else f"demo-clean-{variant}"
+    else:
+        base = f"demo-{poison}-{variant}"
     return base if seed == 0 else f"{base}-s{seed}"
 
 
@@ -85,6 +90,7 @@ def _flag_values(cmd: list[str], names: dict[str, str]) -> dict[str, Any]:
 
 
 _VICTIM_KEYS = ("arch", "width", "epochs", "schedule", "weight_decay", "poison", "subset", "test_subset", "t", "iter")
+_VICTIM_KEYS += ("at_eps", "at_steps", "at_step_size")  # stored only by --defense at victims
 
 
 def build_commands(
@@ -118,7 +124,7 @@ def build_commands(
         values = {"seed": seed, "pure": "--pure" in flags, "defense": "none", "subset": None, "test_subset": None}
         values |= _flag_values(cmd, {k: k for k in (*_VICTIM_KEYS, "defense")})
         stored = Stored((result, result.with_name("settings.json")), values, ("settings", None))
-        return DemoCommand(name, title, cmd, expected("victim"), result.is_file(), after, stored)
+        return DemoCommand(name, title, cmd, expected("victim", flags=" ".join(flags)), result.is_file(), after, stored)
 
     diffusion = DemoCommand(
         "diffusion",
@@ -142,6 +148,10 @@ def build_commands(
     if not args.skip_clean:
         clean = ["--poison", "clean", "--subset", str(args.subset)]
         steps += [victim(victim_name("", None, s), "victim on the clean subset", clean, s, ()) for s in seeds]
+        for v in (v for v in variants if v in OPTIONAL_COLUMNS):  # what the defence costs on clean data
+            flags = [*clean, *VARIANTS[v][1], *defense_flags(v)]
+            title = f"victim on the clean subset, {VARIANTS[v][0]}"
+            steps += [victim(victim_name("", v, s), title, flags, s, ()) for s in seeds]
     for poison in poisons:
         flags = poison_flags(poison, tiny)
         craft_cmd = [py, "poison.py", "--poison", poison, "--subset", str(args.subset), "--work_dir", str(work)]
@@ -177,13 +187,21 @@ def build_commands(
         steps += [craft, purify]
         for s in seeds:
             for v in variants:
-                flags = ["--poison", poison, *VARIANTS[v][1]]
+                flags = ["--poison", poison, *VARIANTS[v][1], *defense_flags(v)]
                 flags += ["--t", str(args.t), "--iter", str(it)] if v == "eclipse" else []
                 after = (purify.key,) if v == "eclipse" else (craft.key,)
-                steps.append(
-                    victim(victim_name(poison, v, s), f"victim on {poison}, {VARIANTS[v][0]}", flags, s, after)
-                )
-    return steps
+                title = f"victim on {poison}, {VARIANTS[v][0]}"
+                steps.append(victim(victim_name(poison, v, s), title, flags, s, after))
+    return _needed(steps)
+
+
+def _needed(steps: list[DemoCommand]) -> list[DemoCommand]:
+    """``steps`` without the purifications and the diffusion model that no other step waits
+    for (a demo of the baselines alone, ``--defenses none,at``, skips ECLIPSE's stage 1)."""
+    wanted = {a for s in steps if not s.key.endswith(" purification") for a in s.after}
+    steps = [s for s in steps if not s.key.endswith(" purification") or s.key in wanted]
+    wanted = {a for s in steps for a in s.after}
+    return [s for s in steps if s.key != "diffusion" or s.key in wanted]
 
 
 def format_minutes(m: float | None) -> str:
@@ -451,6 +469,7 @@ def summarise(work: Path, poisons: Sequence[str], seeds: int) -> dict[str, Any]:
         return _stats([v for v in values if v is not None])
 
     clean = collect("", None)
+    clean_defended = {v: collect("", v) for v in OPTIONAL_COLUMNS}
     rows: dict[str, dict[str, Any]] = {}
     for p in poisons:
         cells = {v: collect(p, v) for v in VARIANTS}
@@ -461,18 +480,32 @@ def summarise(work: Path, poisons: Sequence[str], seeds: int) -> dict[str, Any]:
             )
             cells["beats_issj"] = compare(eclipse, cells["issj"])
             cells["beats_issg"] = compare(eclipse, cells["issg"])
+            cells["beats_at"] = compare(eclipse, cells["at"])
             rows[p] = cells
-    return {"clean": clean, "poisons": rows}
+    return {"clean": clean, "clean_defended": clean_defended, "poisons": rows}
+
+
+OPTIONAL_COLUMNS = ("at",)  # shown only where some victim of theirs finished
+
+
+def shown_variants(summary: dict[str, Any]) -> list[str]:
+    rows = summary["poisons"].values()
+    return [v for v in VARIANTS if v not in OPTIONAL_COLUMNS or any(r[v]["n"] for r in rows)]
 
 
 def table_markdown(summary: dict[str, Any], heading: str) -> str:
-    header = ["poison", "clean subset", *(VARIANTS[v][0] for v in VARIANTS), "ECLIPSE / clean"]
-    header += ["ECLIPSE > ISS-J", "ECLIPSE > ISS-G"]
+    shown = shown_variants(summary)
+    header = ["poison", "clean subset", *(VARIANTS[v][0] for v in shown), "ECLIPSE / clean"]
+    versus = ["issj", "issg"] + [v for v in OPTIONAL_COLUMNS if v in shown]
+    header += [f"ECLIPSE > {VARIANTS[v][0]}" for v in versus]
     lines = [heading, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for p, cells in summary["poisons"].items():
         rec = "—" if cells["recovery"] is None else f"{100 * cells['recovery']:.0f} %"
-        row = [p, _cell(summary["clean"]), *(_cell(cells[v]) for v in VARIANTS), rec]
-        lines.append("| " + " | ".join(row + [cells["beats_issj"], cells["beats_issg"]]) + " |")
+        row = [p, _cell(summary["clean"]), *(_cell(cells[v]) for v in shown), rec]
+        lines.append("| " + " | ".join(row + [cells[f"beats_{v}"] for v in versus]) + " |")
+    for v, st in summary.get("clean_defended", {}).items():
+        if st["n"]:
+            lines.append(f"\nClean subset with {VARIANTS[v][0]}: {_cell(st)} (no defence: {_cell(summary['clean'])}).")
     return "\n".join(lines)
 
 
@@ -482,10 +515,11 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
     if not poisons:
         return
     fig, ax = pyplot().subplots(figsize=(max(6.0, 1.2 * len(poisons) + 2), 3.6))
-    width = 0.8 / len(VARIANTS)
-    for i, v in enumerate(VARIANTS):
+    shown = shown_variants(summary)
+    width = 0.8 / len(shown)
+    for i, v in enumerate(shown):
         cells = [summary["poisons"][p][v] for p in poisons]
-        xs = [k + (i - (len(VARIANTS) - 1) / 2) * width for k in range(len(poisons))]
+        xs = [k + (i - (len(shown) - 1) / 2) * width for k in range(len(poisons))]
         ax.bar(
             xs, [c["mean"] or 0.0 for c in cells], width, yerr=[c["std"] or 0.0 for c in cells], label=VARIANTS[v][0]
         )

@@ -17,7 +17,7 @@ from utils.options import load_yaml_file
 from utils.paths import REPO_ROOT
 
 RECIPE_FILE = REPO_ROOT / "config" / "eclipse_cpu.yaml"
-_SECTIONS = ("demo", "poison_flags", "tiny")
+_SECTIONS = ("demo", "poison_flags", "defense_flags", "tiny")
 TINY_ONLY = ("test_subset",)  # keys the smoke run sets that the demo leaves to train.py
 
 
@@ -26,10 +26,12 @@ def load_recipe(path: Path = RECIPE_FILE) -> dict[str, dict[str, Any]]:
     """The recipe's sections, checked for shape (a damaged file is a one-line error)."""
     data = load_yaml_file(path)
     data.setdefault("tiny", {"demo": {}, "poison_flags": {}})
+    data.setdefault("defense_flags", {})
     unknown = set(data) - set(_SECTIONS)
     if unknown:
         raise UserError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; expected {', '.join(_SECTIONS)}")
     _check_sections(path, data, "")
+    _check_flags(path, data.get("defense_flags"), "defense_flags", "train.py")
     tiny = data["tiny"]
     if not isinstance(tiny, dict) or set(tiny) != {"demo", "poison_flags"}:
         raise UserError(f"{path}: 'tiny' must hold exactly 'demo' and 'poison_flags', got {tiny!r}")
@@ -44,9 +46,15 @@ def _check_sections(path: Path, data: dict[str, Any], where: str) -> None:
     for name in ("demo", "poison_flags"):
         if not isinstance(data.get(name), dict):
             raise UserError(f"{path}: expected a mapping under '{where}{name}', got {data.get(name)!r}")
-    for key, flags in data["poison_flags"].items():
+    _check_flags(path, data["poison_flags"], f"{where}poison_flags", "poison.py")
+
+
+def _check_flags(path: Path, section: Any, where: str, script: str) -> None:
+    if not isinstance(section, dict):
+        raise UserError(f"{path}: expected a mapping under '{where}', got {section!r}")
+    for key, flags in section.items():
         if not isinstance(flags, str):
-            raise UserError(f"{path}: {where}poison_flags.{key}: expected a string of poison.py flags, got {flags!r}")
+            raise UserError(f"{path}: {where}.{key}: expected a string of {script} flags, got {flags!r}")
 
 
 def demo_recipe() -> dict[str, Any]:
@@ -68,6 +76,11 @@ def recipe_help() -> dict[str, str]:
             key, _, rest = line.strip().partition(":")
             helps[key] = rest.partition("#")[2].strip()
     return helps
+
+
+def defense_flags(defense: str) -> list[str]:
+    """``train.py`` flags the recipe adds to the ``defense`` column's victims (``[]``: none)."""
+    return load_recipe()["defense_flags"].get(defense, "").split()
 
 
 def poison_flags(poison: str, tiny: bool = False) -> str:

@@ -188,7 +188,9 @@ def step_minutes(kind: str, recipe: Any, costs: UnitCosts, poison: str = "", fla
         return recipe.subset * min(recipe.respace, recipe.t) * costs.denoise_image_step / 60
     if kind == "victim":
         evals = len([e for e in range(1, recipe.epochs + 1) if e % 5 == 0 or e == recipe.epochs])
-        train_s = recipe.epochs * recipe.subset * costs.victim_train_image
+        # adversarial training (--defense at) adds its PGD steps, each a forward and backward pass
+        pgd_steps = int(_flags(flags).get("at_steps", 10)) if "--defense at" in flags else 0
+        train_s = recipe.epochs * recipe.subset * costs.victim_train_image * (1 + pgd_steps)
         test_images = getattr(recipe, "test_subset", None) or TEST_IMAGES
         return (train_s + evals * test_images * costs.victim_eval_image) / 60
     if kind == "poison":
