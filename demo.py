@@ -14,6 +14,9 @@ demo continues where it stopped; an output made with other settings is refused (
 --work_dir, or --overwrite to redo it). --jobs 2 runs two steps at a time (one thread each).
 Ctrl-C or SIGTERM interrupts the running steps and waits for them.
 
+--dataset runs the same pipeline on another registered dataset (its archive fetched when
+missing; under runs/demo-<dataset>/), with the CPU-scale UNet of its image size.
+
 --tiny (make smoke) is the smoke run: the same steps on a few hundred images in a few
 minutes (config/eclipse_cpu.yaml, `tiny`; under runs/demo-tiny/), to see that everything
 runs on this machine. Its numbers mean nothing.
@@ -26,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from utils.data import cifar10_present, resolve_data_root
+from utils.datasets import DATASETS, dataset_present, get_dataset, resolve_root
 from utils.demo.pipeline import (
     SPARSE_SET,
     VARIANTS,
@@ -77,6 +80,8 @@ SMOKE = "SMOKE RUN (--tiny): it only shows that every step runs here; its number
 
 KEYS: dict[str, Key] = {
     "poisons": Key("EM", "comma-separated poisons to craft and defend against, or 'all'"),
+    # an image folder has no fixed size or classes for the recipe: the named datasets only
+    "dataset": Key("cifar10", "dataset of every step", choices=tuple(d for d in DATASETS if d != "imagefolder")),
     "work_dir": Key(None, "folder of every output (default: runs/demo, with --tiny runs/demo-tiny)", nullable=True),
     "tiny": Key(False, "the smoke run: a few hundred images, a few minutes; its numbers mean nothing", flag=True),
     "overwrite": Key(
@@ -109,7 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.set_defaults(**tiny_recipe())
     args = ap.parse_args(argv)
     if args.work_dir is None:
-        args.work_dir = str(REPO_ROOT / "runs" / ("demo-tiny" if args.tiny else "demo"))
+        name = "demo" + ("" if args.dataset == "cifar10" else f"-{args.dataset}") + ("-tiny" if args.tiny else "")
+        args.work_dir = str(REPO_ROOT / "runs" / name)
     return args
 
 
@@ -132,10 +138,10 @@ def main() -> None:
     steps = build_commands(args, poisons, variants, costs=costs)
     redone = check_stored_settings(steps, args.overwrite)
     plan = plan_lines(steps, args.jobs, costs) + redone
-    if not cifar10_present():
-        plan.append(
-            f"  CIFAR-10 is not at {resolve_data_root()}: the first step downloads the official archive (163 MB)"
-        )
+    if not dataset_present(args.dataset):
+        what = "the official archive (163 MB)" if args.dataset == "cifar10" else "its official files"
+        title = get_dataset(args.dataset).title
+        plan.append(f"  {title} is not at {resolve_root(args.dataset)}: the first step downloads {what}")
     print("\n".join(plan + ["  an interrupted demo resumes where it stopped when run again"]), flush=True)
     if args.plan:
         return
@@ -155,9 +161,10 @@ def main() -> None:
     print("\n" + write_summary(args, work))
     print("\nimage grids (clean / poisoned / purified samples):")
     for p in poisons:
-        print(f"  {p} poisoned: {poisoned_file(work, p).with_suffix('.png')}")
+        print(f"  {p} poisoned: {poisoned_file(work, p, args.dataset).with_suffix('.png')}")
         if "eclipse" in variants:
-            purified = purified_file(work, SPARSE_SET, args.t, args.diffusion_iterations, p).with_suffix(".png")
+            it = args.diffusion_iterations
+            purified = purified_file(work, SPARSE_SET, args.t, it, p, args.dataset).with_suffix(".png")
             print(f"  {p} purified: {purified}")
 
 
@@ -167,7 +174,9 @@ def write_summary(args: argparse.Namespace, work: Path, status: str = "") -> str
     tested = f"on {args.test_subset} test images" if args.test_subset else "on the test set"
     heading = (
         (f"{SMOKE}\n\n" if args.tiny else "")
-        + f"CPU-scale ECLIPSE: {args.subset} training images, {args.arch} width {args.width}, {args.epochs} epochs, "
+        + f"CPU-scale ECLIPSE: {args.subset} training images"
+        + ("" if args.dataset == "cifar10" else f" of {get_dataset(args.dataset).title}")
+        + f", {args.arch} width {args.width}, {args.epochs} epochs, "
         f"{args.seeds} seed(s) per victim (mean ± std); diffusion UNet {args.diffusion_iterations} iterations, "
         f"t*={args.t} with {args.respace} reverse steps; test accuracy (%) {tested}"
         + (f" ({status})" if status else "")
@@ -176,10 +185,12 @@ def write_summary(args: argparse.Namespace, work: Path, status: str = "") -> str
     seconds_file = work / "step_seconds.json"
     step_seconds = read_state_json(seconds_file, "delete it") if seconds_file.is_file() else {}
     atomic_write_text(work / "summary.md", table + "\n")
+    # the dataset only where it is not CIFAR-10, so CIFAR-10 summaries stay as they were
+    recipe = {k: v for k, v in vars(args).items() if k != "dataset" or v != "cifar10"}
     plot_summary(summary, work / "summary.png")
     atomic_write_json(
         work / "summary.json",
-        {"recipe": vars(args), "status": status or "complete", "table": summary, "step_seconds": step_seconds},
+        {"recipe": recipe, "status": status or "complete", "table": summary, "step_seconds": step_seconds},
     )
     return table
 

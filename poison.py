@@ -1,10 +1,11 @@
-"""Craft a clean-label availability poison of the CIFAR-10 training set, in ECLIPSE's format.
+"""Craft a clean-label availability poison of a training set (CIFAR-10 by default), in ECLIPSE's format.
 
     python poison.py --poison EM                        # -> poisoned_data/cifar10/EM.pkl (+ .json .png .log)
     python poison.py --poison EM --classwise            # -> EM-classwise.pkl
     python poison.py --poison TAP --eps 4 --name TAP-4  # another budget under another name
     python poison.py --poison URP --subset 5000         # CPU scale: a class-balanced subset
     python poison.py --list                             # every poison with its defaults
+    python poison.py --poison URP --dataset cifar100    # -> poisoned_data/cifar100/URP.pkl
 
 Defaults are the papers' settings (README, "Poisons"). Model-based poisons checkpoint
 their state under poisoned_data/cifar10/<NAME>.work/ and a re-run of the same command
@@ -18,6 +19,7 @@ import sys
 from contextlib import ExitStack
 
 from models import CLASSIFIERS
+from utils.datasets import DATASET_KEY, dataset_spec
 from utils.fileio import UserError, cli_main
 from utils.options import (
     BF16,
@@ -60,7 +62,10 @@ KEYS: dict[str, Key] = {
         True,
         range=POSITIVE,
     ),
-    "data_root": Key(None, "CIFAR-10 root (else $CIFAR10_ROOT, else data/cifar10)", nullable=True),
+    "dataset": DATASET_KEY,
+    "data_root": Key(
+        None, "the dataset's root (else $<DATASET>_ROOT, e.g. $CIFAR10_ROOT, else data/<dataset>)", nullable=True
+    ),
     "download": DOWNLOAD,
     "work_dir": Key(None, "folder holding poisoned_data/ and resource/ (default: the repository)", nullable=True),
     "overwrite": Key(False, "replace existing outputs / discard an interrupted run", flag=True),
@@ -121,7 +126,8 @@ def main_impl(argv: list[str] | None, locks: ExitStack) -> int:
     if not args.poison:
         raise UserError(f"--poison is required; valid poisons: {', '.join(POISONS)}")
     spec = get_poison(args.poison)
-    params = resolve_params(spec, {k: getattr(args, k) for k in OPTIONS})
+    size = dataset_spec(args.dataset, args.data_root, args.download).image_size
+    params = resolve_params(spec, {k: getattr(args, k) for k in OPTIONS}, size)
     arch, width = surrogate_of(spec, args.arch, args.width)
     name = check_name(args.name or (f"{spec.name}-classwise" if params.get("classwise") else spec.name), "--name")
     command = "python poison.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -9,6 +9,11 @@ the ECLIPSE format, in the input's order:
              diff_ckpt/cifar10/test2000ps8000/ema_0.9999_250000.pt
       writes purified_data/cifar10/test2000ps8000/100/250000/EM-pure.pkl (+ .json, .png, .log)
 
+``--dataset`` another dataset: its folders (poisoned_data/<dataset>/, diff_ckpt/<dataset>/,
+purified_data/<dataset>/) and its config (config/eclipse/<dataset>.yml).
+
+``--diff_work_dir`` reads the checkpoint from another work folder's ``diff_ckpt/`` (a dataset
+exported elsewhere, purified with the demo's model: ``bench/cross_threat_table.py``).
 An interrupted run resumes batch by batch; ``torchrun --nproc_per_node=N purification.py``
 shards the batches across processes.
 """
@@ -24,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from utils.data import ImageSet, read_eclipse_pkl, write_eclipse_pkl
+from utils.data import ImageSet, write_eclipse_pkl
+from utils.datasets import DATASET_KEY, check_image_size, dataset_spec, diffusion_config_name, read_dataset_pkl
 from utils.diffusion.checkpoints import parse_checkpoint_name
 from utils.diffusion.factory import (
     diffusion_train_command,
@@ -53,13 +59,17 @@ from utils.runtime import cleanup_distributed, init_distributed, resolve_device
 
 KEYS: dict[str, Key] = {
     # the reference's flags and defaults
-    "config": Key("cifar10.yml", "diffusion YAML: a path, or a file name in config/eclipse/"),
+    "config": Key(
+        None, "diffusion YAML: a path, or a file name in config/eclipse/ (default: <dataset>.yml)", nullable=True
+    ),
     "seed": Key(1234, "seed of the noise (each batch seeded by seed and batch index)"),
     "t": Key(100, "t*: noise level (diffusion step) and number of reverse steps", range=POSITIVE),
-    "sparse_diff_model": Key("ema_0.9999_250000.pt", "checkpoint file in diff_ckpt/cifar10/<sparse_set>/"),
-    "sparse_set": Key("test2000ps8000", "diffusion run name: the checkpoint folder diff_ckpt/cifar10/<sparse_set>/"),
+    "sparse_diff_model": Key("ema_0.9999_250000.pt", "checkpoint file in diff_ckpt/<dataset>/<sparse_set>/"),
+    "sparse_set": Key("test2000ps8000", "diffusion run name: the checkpoint folder diff_ckpt/<dataset>/<sparse_set>/"),
     "batch_size": Key(256, "images purified per batch (a resumed run keeps its batch size)", range=POSITIVE),
-    "poison": Key("EM", "poisoned_data/cifar10/<POISON>.pkl"),
+    "poison": Key("EM", "poisoned_data/<dataset>/<POISON>.pkl"),
+    "dataset": DATASET_KEY,
+    "data_root": Key(None, "--dataset imagefolder: its root, for its classes and image size", nullable=True),
     # additions
     "respace": Key(
         None,
@@ -75,6 +85,12 @@ KEYS: dict[str, Key] = {
     "device": DEVICE,
     "work_dir": Key(
         None, "folder holding poisoned_data/, diff_ckpt/, purified_data/ (default: the repository)", nullable=True
+    ),
+    "diff_work_dir": Key(
+        None,
+        "folder whose diff_ckpt/ holds --sparse_diff_model (default: --work_dir): purify a dataset of one work "
+        "folder with another's model",
+        nullable=True,
     ),
     "overwrite": Key(False, "replace an existing purified file", flag=True),
 }
@@ -104,25 +120,31 @@ def checkpoint_iteration(name: str) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     work = work_dir(args.work_dir)
-    config = resolve_config(args.config)
+    data_spec = dataset_spec(args.dataset, args.data_root)
+    config = resolve_config(args.config or diffusion_config_name(data_spec, "eclipse"))
     spec = load_diffusion_spec(config)
+    check_image_size(spec.image_size, data_spec, config, "eclipse")
     iteration = checkpoint_iteration(args.sparse_diff_model)
-    src = poisoned_file(work, args.poison)
-    dst = purified_file(work, args.sparse_set, args.t, iteration, args.poison)
+    src = poisoned_file(work, args.poison, args.dataset)
+    dst = purified_file(work, args.sparse_set, args.t, iteration, args.poison, args.dataset)
+    other = args.dataset != "cifar10"  # ECLIPSE published CIFAR-10's files only
     # the outputs' names (with their temporary and lock files) fit the file system
     check_name(
         args.poison, "--poison", tuple(f"{{}}-pure{s}" for s in OUTPUT_SUFFIXES) + (".{}-pure.parts/",), dst.parent
     )
     if not src.is_file():
         raise UserError(
-            f"poisoned dataset not found: {src}; craft it with "
-            f"`python poison.py --poison {args.poison}{work_dir_flag(work)}`, " + eclipse_manual("poisoned")
+            f"poisoned dataset not found: {src}; craft it with `python poison.py --poison {args.poison}"
+            + (f" --dataset {args.dataset}" if other else "")
+            + f"{work_dir_flag(work)}`"
+            + ("" if other else ", " + eclipse_manual("poisoned"))
         )
     # either spelling of the name loads (ECLIPSE's published ema_0.9999_250000.pt is both)
-    cmd = diffusion_train_command(config, args.sparse_set, args.sparse_diff_model, work)
+    model_work = work_dir(args.diff_work_dir) if args.diff_work_dir else work
+    cmd = diffusion_train_command(config, args.sparse_set, args.sparse_diff_model, model_work, args.dataset)
     ckpt = purifier_checkpoint(
-        diff_ckpt_dir(work, args.sparse_set) / args.sparse_diff_model,
-        f"train it with `{cmd}`, " + eclipse_manual("checkpoint"),
+        diff_ckpt_dir(model_work, args.sparse_set, args.dataset) / args.sparse_diff_model,
+        f"train it with `{cmd}`" + ("" if other else ", " + eclipse_manual("checkpoint")),
     )
 
     device = resolve_device(args.device)
@@ -131,7 +153,7 @@ def main(argv=None) -> None:
     lock = ExitStack()
     try:
         # every input is checked (and read) before the log or any output is written
-        data = read_eclipse_pkl(src)
+        data = read_dataset_pkl(src, data_spec)
         model, base, _ = load_purifier(spec, ckpt, device, t=args.t, compile=args.compile)
         # the batches of an interrupted run; purify_dataset compares their settings
         parts = dst.parent / f".{dst.stem}.parts"

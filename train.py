@@ -5,7 +5,9 @@
     python train.py --poison EM --defense grayscale        # ISS-G baseline (ISS-J: --defense jpeg)
     python train.py --poison EM --defense jpeg --iss_recipe iss   # ISS-J with ISS's own recipe
     python train.py --poison EM --defense at               # adversarial training (PGD-AT, L∞ 8/255)
+    python train.py --poison EM --defense cutmix           # also cutout, mixup; op: Orthogonal Projection
     python train.py --poison clean                         # clean CIFAR-10 training set
+    python train.py --dataset cifar100 --poison clean      # another dataset: cifar100 svhn gtsrb tinyimagenet imagefolder
 
 Appends the reference's row to results.csv (its 8 columns, no header), the same row with
 our extra columns to results_extra.csv (with a header), and writes runs/train/<run>/result.json (configuration, per-epoch curves, final test accuracy),
@@ -29,9 +31,11 @@ import torch.nn as nn
 
 from models import CLASSIFIERS, build_classifier
 from utils.adversarial import pgd_linf
-from utils.augment import compensation_augment, grayscale, jpeg, standard_augment
+from utils.augment import compensation_augment, cutmix, cutout_augment, grayscale, jpeg, mixup, standard_augment
+from utils.baselines.projection import orthogonal_projection
 from utils.compat import legacy_precision
-from utils.data import NUM_CLASSES, ImageSet, class_balanced_subset, load_cifar10, load_poisoned, read_eclipse_pkl
+from utils.data import ImageSet, class_balanced_subset
+from utils.datasets import DATASET_KEY, dataset_spec, load_dataset, load_poisoned, read_dataset_pkl
 from utils.diffusion.checkpoints import DEFAULT_EMA_RATE, checkpoint_name, ema_checkpoints
 from utils.download import eclipse_manual, work_dir_flag
 from utils.fileio import (
@@ -80,7 +84,7 @@ KEYS: dict[str, Key] = {
     "lr": Key(0.1, "SGD learning rate (peak lr with --schedule onecycle)", range=GT0),
     "epochs": Key(80, "training epochs (--iss_recipe iss: 60)", range=POSITIVE),
     "arch": Key("resnet18", "victim architecture", choices=tuple(CLASSIFIERS)),
-    "poison": Key("EM", "poisoned_data/cifar10/<POISON>.pkl, or 'clean'"),
+    "poison": Key("EM", "poisoned_data/<dataset>/<POISON>.pkl, or 'clean'"),
     "batch_size": Key(128, "training batch size", range=POSITIVE),
     "t": Key(100, "t* of the purified set (with --pure)", range=POSITIVE),
     "iter": Key(250000, "diffusion iteration of the purified set (with --pure)", range=NONNEG),
@@ -92,8 +96,9 @@ KEYS: dict[str, Key] = {
     # additions
     "defense": Key(
         "none",
-        "baseline defences: ISS (jpeg / grayscale), adversarial training (at: PGD-AT, Madry et al.)",
-        choices=("none", "jpeg", "grayscale", "at"),
+        "baseline defences: ISS (jpeg / grayscale), adversarial training (at: PGD-AT, Madry et al.), the "
+        "augmentations cutout / mixup / cutmix, op: Orthogonal Projection (Sandoval-Segura et al.)",
+        choices=("none", "jpeg", "grayscale", "at", "cutout", "mixup", "cutmix", "op"),
     ),
     "iss_recipe": Key(
         "eclipse",
@@ -107,6 +112,15 @@ KEYS: dict[str, Key] = {
     "at_eps": Key(8.0, "--defense at: L∞ budget of the PGD, in /255 units", range=Range(0, 255, low_open=True)),
     "at_steps": Key(10, "--defense at: PGD steps per batch (random start in the ball)", range=POSITIVE),
     "at_step_size": Key(2.0, "--defense at: PGD step size, in /255 units", range=GT0),
+    # ECLIPSE names the baselines without their settings: each paper's own CIFAR-10 values
+    "cutout_length": Key(16, "--defense cutout: side of the square set to 0 (DeVries & Taylor)", range=POSITIVE),
+    "cutout_holes": Key(1, "--defense cutout: squares per image", range=POSITIVE),
+    "mixup_alpha": Key(1.0, "--defense mixup: λ ~ Beta(α, α) per batch (Zhang et al.)", range=NONNEG),
+    "cutmix_beta": Key(1.0, "--defense cutmix: λ ~ Beta(β, β) (Yun et al.)", range=GT0),
+    "cutmix_prob": Key(0.5, "--defense cutmix: share of the batches mixed (CutMix's CIFAR commands)", range=FRACTION),
+    "op_epochs": Key(20, "--defense op: epochs of the linear model (lr ×0.1 at 50 % and 75 % of them)", range=POSITIVE),
+    "op_lr": Key(0.1, "--defense op: SGD learning rate of the linear model (no momentum)", range=GT0),
+    "op_batch_size": Key(1024, "--defense op: batch size of the linear model", range=POSITIVE),
     "width": Key(64, "first-stage channels (64 = paper; 16 = CPU-scale variant)", range=POSITIVE),
     "weight_decay": Key(0.0, "SGD weight decay (the reference uses none; --iss_recipe iss: 5e-4)", range=NONNEG),
     "schedule": Key(
@@ -135,13 +149,24 @@ KEYS: dict[str, Key] = {
     "bf16": BF16,
     "channels_last": Key(None, "null: where it is faster on the device (README, Precision)", bool, nullable=True),
     "device": DEVICE,
-    "data_root": Key(None, "CIFAR-10 root (else $CIFAR10_ROOT, else data/cifar10)", nullable=True),
+    "dataset": DATASET_KEY,
+    "data_root": Key(
+        None, "the dataset's root (else $<DATASET>_ROOT, e.g. $CIFAR10_ROOT, else data/<dataset>)", nullable=True
+    ),
     "download": DOWNLOAD,
     "work_dir": Key(None, "folder holding poisoned_data/, purified_data/, runs/, results.csv", nullable=True),
     "run_name": Key(None, "folder name under runs/train/ (default: derived from the settings)", nullable=True),
     "overwrite": Key(False, "redo a finished run with the same name", flag=True),
 }
 AT_KEYS = ("at_eps", "at_steps", "at_step_size")  # stored only with --defense at
+# each defence's own options, stored only with it: the other runs' settings stay as they were
+DEFENSE_KEYS: dict[str, tuple[str, ...]] = {
+    "at": AT_KEYS,
+    "cutout": ("cutout_length", "cutout_holes"),
+    "mixup": ("mixup_alpha",),
+    "cutmix": ("cutmix_beta", "cutmix_prob"),
+    "op": ("op_epochs", "op_lr", "op_batch_size"),
+}
 # the victim recipes --iss_recipe chooses between; an option given on the command line replaces its
 # value. eclipse: the defaults above, ECLIPSE's one training recipe (its paper, Sec. 4.1: SGD 0.9,
 # lr 0.1, batch 128, 80 epochs; the reference train.py: no schedule, no weight decay, two forwards
@@ -167,6 +192,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.run_name = f"{a.poison}-{mode}-{a.arch}" + (f"-w{a.width}" if a.width != 64 else "") + f"-s{a.seed}"
         if a.subset:
             a.run_name += f"-n{a.subset}"
+        if a.dataset != "cifar10":
+            a.run_name = f"{a.dataset}-{a.run_name}"
     for flag in ("poison", "sparse_set", "run_name"):
         check_name(getattr(a, flag), f"--{flag}")
     return a
@@ -182,21 +209,24 @@ def resolve_recipe(args: argparse.Namespace, given: argparse.Namespace) -> None:
 
 def load_training_set(args, work) -> tuple[ImageSet, str]:
     if args.pure:
-        path = purified_file(work, args.sparse_set, args.t, args.iter, args.poison)
+        path = purified_file(work, args.sparse_set, args.t, args.iter, args.poison, args.dataset)
         if not path.is_file():
+            other = args.dataset != "cifar10"  # ECLIPSE published CIFAR-10's purified sets only
             raise UserError(
                 f"purified dataset not found: {path}; make it with `python purification.py --poison {args.poison} "
                 f"--t {args.t} --sparse_set {args.sparse_set} --sparse_diff_model {_ema_name(work, args)}"
-                f"{work_dir_flag(work)}`, " + eclipse_manual("purified")
+                + (f" --dataset {args.dataset}" if other else "")
+                + f"{work_dir_flag(work)}`"
+                + ("" if other else ", " + eclipse_manual("purified"))
             )
-        return read_eclipse_pkl(path), str(path)
-    return load_poisoned(work, args.poison, args.data_root, args.subset, args.subset_seed, args.download)
+        return read_dataset_pkl(path, dataset_spec(args.dataset, args.data_root, args.download)), str(path)
+    return load_poisoned(work, args.poison, args.data_root, args.subset, args.subset_seed, args.download, args.dataset)
 
 
 def _ema_name(work, args) -> str:
     """The EMA checkpoint of iteration ``--iter`` that exists in the sparse set's folder (any
     rate, either spelling), else the name train_diffusion.py writes at its default rate."""
-    found = ema_checkpoints(diff_ckpt_dir(work, args.sparse_set), args.iter)
+    found = ema_checkpoints(diff_ckpt_dir(work, args.sparse_set, args.dataset), args.iter)
     return found[0].name if found else checkpoint_name("ema", args.iter, DEFAULT_EMA_RATE)
 
 
@@ -211,8 +241,10 @@ def main(argv=None) -> None:
     channels_last = prefer_channels_last(device) if args.channels_last is None else args.channels_last
     runtime_only = ("device", "overwrite", "work_dir", "data_root", "download", "bf16")
     # iss_recipe is stored as what it resolved to (epochs, schedule, weight_decay, bn_updates)
-    # the AT options only where they act, so the other defences' settings stay as they were
-    unused = () if args.defense == "at" else AT_KEYS
+    # a defence's options only where they act, so the other defences' settings stay as they were
+    unused = [k for d, keys in DEFENSE_KEYS.items() if d != args.defense for k in keys]
+    # the dataset only where it is not CIFAR-10, so CIFAR-10 runs' settings stay as they were
+    unused += ["dataset"] if args.dataset == "cifar10" else []
     settings = {k: v for k, v in vars(args).items() if k not in (*runtime_only, "iss_recipe", *unused)}
     settings.update(precision=precision.name, channels_last=channels_last)
     # an interrupted run records its settings too, so a re-run never resumes another's checkpoint;
@@ -235,7 +267,7 @@ def main(argv=None) -> None:
         return
     # every input is checked (and read) before the run folder is made
     train, source = load_training_set(args, work)
-    test = load_cifar10("test", args.data_root, download=args.download)
+    test = load_dataset(args.dataset, "test", args.data_root, download=args.download)
     with folder:
         record = run / ROWS_RECORD  # kept: the run redone replaces its rows of the results files
         rows = record.read_bytes() if record.is_file() else None
@@ -247,6 +279,8 @@ def main(argv=None) -> None:
 
 def _run(args, work, run, settings: dict, device, train: ImageSet, source: str, test: ImageSet, precision) -> None:
     result_path = run / "result.json"
+    num_classes = dataset_spec(args.dataset, args.data_root).num_classes
+    op_info = None  # --defense op: the linear model's accuracy and the share clipped, for result.json
     log = setup_logging(run / "train.log", "train")
     seed_everything(args.seed)
     set_deterministic(args.deterministic)
@@ -255,10 +289,19 @@ def _run(args, work, run, settings: dict, device, train: ImageSet, source: str, 
         train = ImageSet(grayscale(train.images), train.labels)
     elif args.defense == "jpeg":
         train = ImageSet(jpeg(train.images, args.jpeg_quality), train.labels)
+    elif args.defense == "op":
+        fit = {"epochs": args.op_epochs, "lr": args.op_lr, "batch_size": args.op_batch_size, "seed": args.seed}
+        train, op_info = orthogonal_projection(train, num_classes, log=log.info, **fit)
+        log.info(f"OP: linear model {op_info['linear_train_acc']:.2f}% on the training set")
+        log.info(f"OP: {op_info['clipped_share']:.4%} of the projected values clipped to [0, 1]")
     augment = compensation_augment(args.p, args.std, args.quantize) if args.pure else standard_augment
+    if args.defense == "cutout":
+        augment = cutout_augment(args.cutout_length, args.cutout_holes)
+    mix = mixup(args.mixup_alpha) if args.defense == "mixup" else None
+    mix = cutmix(args.cutmix_beta, args.cutmix_prob) if args.defense == "cutmix" else mix
     if args.test_subset:
         test = test.subset(class_balanced_subset(test.labels, args.test_subset, 0))
-    model = build_classifier(args.arch, NUM_CLASSES, args.width)
+    model = build_classifier(args.arch, num_classes, args.width)
     cfg = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -293,6 +336,7 @@ def _run(args, work, run, settings: dict, device, train: ImageSet, source: str, 
         log=log.info,
         desc=args.run_name,
         perturb=adversarial_perturb(model, args, cfg.bf16) if args.defense == "at" else None,
+        mix=mix,
     )
     acc = history[-1]["test_acc"]
     seconds = time.time() - t0
@@ -312,6 +356,7 @@ def _run(args, work, run, settings: dict, device, train: ImageSet, source: str, 
             "train_config": asdict(cfg),
             "history": history,
             "final_test_acc": acc,
+            **({"op": op_info} if op_info else {}),
             "seconds": seconds,
             "command": " ".join(sys.argv),
         },

@@ -4,6 +4,7 @@ ECLIPSE: B = 2000 random clean *test* images, duplicated M = 4 times (plain dupl
 ECLIPSE Eq. 3), improved-diffusion UNet, 250K iterations:
 
     python train_diffusion.py --config config/eclipse/cifar10.yml           # -> diff_ckpt/cifar10/test2000ps8000/
+    python train_diffusion.py --dataset tinyimagenet     # config/eclipse/tinyimagenet.yml -> diff_ckpt/tinyimagenet/...
 
 DataElixir's DDPM (no checkpoint can be downloaded here, so it is trained on the clean
 training set):
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 from utils.compat import legacy_diffusion_training, legacy_precision
-from utils.data import load_cifar10
+from utils.datasets import DATASET_KEY, check_image_size, dataset_spec, diffusion_config_name, load_dataset
 from utils.diffusion.checkpoints import checkpoint_name
 from utils.diffusion.factory import TRAINING_KEYS, create_diffusion, load_diffusion_spec
 from utils.diffusion.training import DiffusionTrainConfig, load_resume_state, train_diffusion
@@ -55,7 +56,8 @@ from utils.run_state import RunFolder, check_name
 from utils.runtime import barrier, cleanup_distributed, init_distributed, resolve_device, seed_everything
 
 KEYS: dict[str, Key] = {
-    "config": Key("config/eclipse/cifar10.yml", "model + diffusion YAML"),
+    "config": Key(None, "model + diffusion YAML (default: config/eclipse/<dataset>.yml)", nullable=True),
+    "dataset": DATASET_KEY,
     "source": Key("test", "split the clean images come from", choices=("test", "train")),
     "num_clean": Key(2000, "B: clean images drawn at random (with --seed)", range=POSITIVE),
     "replicas": Key(4, "M: copies of each image in the training set", range=POSITIVE),
@@ -100,7 +102,9 @@ KEYS: dict[str, Key] = {
     "compile": Key(False, "torch.compile the UNet (see BENCHMARKS.md)"),
     "seed": Key(0, "seed of the sparse-set draw and of training"),
     "device": DEVICE,
-    "data_root": Key(None, "CIFAR-10 root (else $CIFAR10_ROOT, else data/cifar10)", nullable=True),
+    "data_root": Key(
+        None, "the dataset's root (else $<DATASET>_ROOT, e.g. $CIFAR10_ROOT, else data/<dataset>)", nullable=True
+    ),
     "download": DOWNLOAD,
     "work_dir": Key(None, "folder holding diff_ckpt/ (default: the repository)", nullable=True),
     "overwrite": Key(False, "discard an existing run with other settings", flag=True),
@@ -134,7 +138,10 @@ def sparse_set_indices(n_available: int, num_clean: int, seed: int) -> torch.Ten
 @cli_main
 def main(argv=None) -> None:
     args = parse_args(argv)
+    data_spec = dataset_spec(args.dataset, args.data_root, args.download)
+    args.config = args.config or f"config/eclipse/{diffusion_config_name(data_spec, 'eclipse')}"
     spec = load_diffusion_spec(args.config)
+    check_image_size(spec.image_size, data_spec, args.config, "eclipse")
     steps = create_diffusion(spec).num_timesteps
     if args.max_timestep is not None and args.max_timestep > steps:
         raise UserError(f"--max_timestep {args.max_timestep} exceeds the diffusion's {steps} steps ({args.config})")
@@ -145,7 +152,7 @@ def main(argv=None) -> None:
     try:
         if args.batch_size % world:
             raise UserError(f"--batch_size {args.batch_size} must be divisible by the {world} torchrun processes")
-        out = diff_ckpt_dir(work_dir(args.work_dir), args.sparse_set)
+        out = diff_ckpt_dir(work_dir(args.work_dir), args.sparse_set, args.dataset)
         cfg = DiffusionTrainConfig(
             iterations=args.iterations,
             batch_size=args.batch_size,
@@ -163,13 +170,14 @@ def main(argv=None) -> None:
                 "num_clean": args.num_clean,
                 "replicas": args.replicas,
                 "seed": args.seed,
+                **({"dataset": args.dataset} if args.dataset != "cifar10" else {}),  # CIFAR-10's as before
             },
             "training": {
                 k: v for k, v in asdict(cfg).items() if k not in ("iterations", "save_interval", "log_interval")
             },
         }
         # every input is checked before the run folder is made or an old run is discarded
-        clean = load_cifar10(args.source, args.data_root, download=args.download)
+        clean = load_dataset(args.dataset, args.source, args.data_root, download=args.download)
         folder = lock.enter_context(_run_folder(out, settings, args.overwrite, rank, world))
         folder.check()
         cfg.precision = settings["training"]["precision"]  # a resumed run keeps its stored precision

@@ -30,10 +30,10 @@ from typing import Any
 from common import machine
 
 from utils.dataelixir.attack_data import ATTACKS
+from utils.dataelixir.flow import attack_argv
 from utils.demo.pipeline import CommandFailed, DemoCommand, run_commands
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_state_json
 from utils.options import POSITIVE, Key, add_keys_to_argparser, load_yaml_file
-from utils.paths import REPO_ROOT
 from utils.plots import pyplot, save_figure
 
 KEYS = {
@@ -62,12 +62,6 @@ def record_name(attack: str, seed: int) -> str:
     return f"{attack}_s{seed}"
 
 
-def attack_overlays(attack: str, overlay: str) -> list[str]:
-    """The common overlay, then the attack's own CPU-scale one where it has one."""
-    own = Path("config") / attack / "cpu.yaml"
-    return [overlay, *([str(own)] if (REPO_ROOT / own).is_file() else [])]
-
-
 def build_commands(
     attacks: list[str], seeds: int, overlay: str, work: Path, py: str = sys.executable
 ) -> list[DemoCommand]:
@@ -75,10 +69,7 @@ def build_commands(
     for attack in attacks:
         for seed in range(seeds):
             name = record_name(attack, seed)
-            cmd = [py, f"attack/{attack}.py", "--yaml_path", f"config/{attack}/cifar10.yaml"]
-            for o in attack_overlays(attack, overlay):
-                cmd += ["--overlay", o]
-            cmd += ["--random_seed", str(seed), "--work_dir", str(work), "--save_folder_name", name]
+            cmd = [py, f"attack/{attack}.py", *attack_argv(attack, overlay, seed, work, name)]
             done = (work / "record" / name / "metrics.json").is_file()
             steps.append(DemoCommand(name, f"{attack} + DataElixir, seed {seed}", cmd, None, done))
     return steps

@@ -23,6 +23,8 @@ FIXTURES = SHARED / "fixtures"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 # the suite never touches the network: tests of the downloads switch them on against a local server
 os.environ.setdefault("CIFAR10_DOWNLOAD", "0")
+for _name in ("CIFAR100", "SVHN", "GTSRB", "TINYIMAGENET"):  # the other datasets' (tests/test_datasets.py)
+    os.environ.setdefault(f"{_name}_DOWNLOAD", "0")
 os.environ.setdefault("DDPM_DOWNLOAD", "0")
 if CIFAR_ROOT.exists():
     # the CLI tests (and the processes they start) find the data the way a user's run does

@@ -138,7 +138,7 @@ def test_max_timestep_beyond_the_process_is_refused(tmp_path):
         ({"epochs": 0}, "epochs in --epochs: must be >= 1, got 0"),
         ({"lr": -1}, "lr in --lr: must be > 0, got -1.0"),
         ({"subset": 0}, "subset in --subset: must be >= 10, got 0"),
-        ({"attack_target": 10}, "attack_target in --attack_target: must be in [0, 9], got 10"),
+        ({"attack_target": 10}, "attack_target must be a class of CIFAR-10, 0..9, got 10"),
         ({"patch_size": 3}, "badnet: patch_size must be an even number"),  # the trigger's own check
     ],
 )
@@ -165,7 +165,7 @@ def test_empty_yaml_is_said_in_the_log(attack_work, tmp_path, monkeypatch):
     def stop(*a, **k):
         raise UserError("stop here")
 
-    monkeypatch.setattr(flow, "load_cifar10", stop)
+    monkeypatch.setattr(flow, "load_dataset", stop)
     with pytest.raises(UserError, match="stop here"):
         flow.run_attack_then_defence("badnet", attack_argv(attack_work, yaml=empty))
     log = (attack_work / "record/run/run.log").read_text()

@@ -15,8 +15,12 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from scipy.special import betaincinv
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+Mix = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]
+"""(float batch, labels, generator) -> (mixed batch, labels a, labels b, λ): the batch is trained
+on with the loss λ·CE(a) + (1 − λ)·CE(b) (Mixup, CutMix; ``utils.trainer``)."""
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
@@ -172,3 +176,81 @@ def jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
         with Image.open(buf) as im:
             out[i] = np.asarray(im.convert("RGB"))
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def cutout(x: torch.Tensor, g: torch.Generator, length: int = 16, holes: int = 1) -> torch.Tensor:
+    """DeVries & Taylor's Cutout: per image and hole, a centre (row, column) uniform over the
+    image and the square ``[c - length // 2, c + length // 2)`` (cut at the borders) set to 0.
+    Their mask zeroes the network's input; the victims here take unnormalised [0, 1] images
+    (as ECLIPSE's), so 0 is black."""
+    B, _, H, W = x.shape
+    keep = torch.ones(B, H, W, dtype=torch.bool, device=x.device)
+    rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    for _ in range(holes):
+        cy = torch.randint(0, H, (B,), generator=g, device=g.device).to(x.device)
+        cx = torch.randint(0, W, (B,), generator=g, device=g.device).to(x.device)
+        in_rows = (rows >= (cy - length // 2).clamp(0, H)[:, None]) & (rows < (cy + length // 2).clamp(0, H)[:, None])
+        in_cols = (cols >= (cx - length // 2).clamp(0, W)[:, None]) & (cols < (cx + length // 2).clamp(0, W)[:, None])
+        keep &= ~(in_rows[:, :, None] & in_cols[:, None, :])
+    return x * keep[:, None].to(x.dtype)
+
+
+def cutout_augment(length: int = 16, holes: int = 1) -> Augment:
+    """Cutout's CIFAR-10 training transform: crop + flip, then Cutout."""
+
+    def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return cutout(standard_augment(x, g), g, length, holes)
+
+    return augment
+
+
+def beta_draw(a: float, g: torch.Generator) -> float:
+    """One Beta(a, a) draw from ``g``: the inverse CDF of a uniform from ``g`` (``torch``'s
+    Beta sampler takes no generator, and a resumed run must replay the draws)."""
+    u = float(torch.rand(1, generator=g, device=g.device)[0])
+    return float(betaincinv(a, a, u))
+
+
+def mixup(alpha: float = 1.0) -> Mix:
+    """Zhang et al.'s mixup (their CIFAR-10 code): λ ~ Beta(α, α) per batch (1 for α = 0), the
+    batch mixed with a random permutation of itself, λ·x + (1 − λ)·x[perm]."""
+
+    def mix(x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
+        lam = beta_draw(alpha, g) if alpha > 0 else 1.0
+        perm = torch.randperm(x.shape[0], generator=g, device=g.device).to(x.device)
+        return lam * x + (1 - lam) * x[perm], y, y[perm], lam
+
+    return mix
+
+
+def cutmix_box(size: int, lam: float, cx: int, cy: int) -> tuple[int, int, int, int]:
+    """CutMix's box for area share ``1 - lam`` centred at (cx, cy) of a square image: side
+    ``int(size·√(1 − λ))``, each edge at centre ± side // 2 cut to the image."""
+    cut = int(size * math.sqrt(1.0 - lam))
+    lo = lambda c: min(max(c - cut // 2, 0), size)  # noqa: E731 - the edges, as the reference's np.clip
+    hi = lambda c: min(max(c + cut // 2, 0), size)  # noqa: E731
+    return lo(cx), lo(cy), hi(cx), hi(cy)
+
+
+def cutmix(beta: float = 1.0, prob: float = 0.5) -> Mix:
+    """Yun et al.'s CutMix (their CIFAR code and commands: β = 1, cutmix_prob 0.5): with
+    probability ``prob`` per batch, λ ~ Beta(β, β), a box of area share 1 − λ at a uniform
+    centre pasted from a random permutation of the batch, and λ set to the box's exact
+    complement; other batches train as they are (λ = 1)."""
+
+    def mix(x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
+        r = float(torch.rand(1, generator=g, device=g.device)[0])
+        if not (beta > 0 and r < prob):
+            return x, y, y, 1.0
+        lam = beta_draw(beta, g)
+        perm = torch.randperm(x.shape[0], generator=g, device=g.device).to(x.device)
+        size = x.shape[2]
+        if x.shape[3] != size:
+            raise ValueError(f"CutMix here takes square images, got {tuple(x.shape[2:])}")
+        cx, cy = (int(v) for v in torch.randint(0, size, (2,), generator=g, device=g.device))
+        x1, y1, x2, y2 = cutmix_box(size, lam, cx, cy)
+        out = x.clone()
+        out[:, :, x1:x2, y1:y2] = x[perm, :, x1:x2, y1:y2]
+        return out, y, y[perm], 1 - (x2 - x1) * (y2 - y1) / (size * size)
+
+    return mix

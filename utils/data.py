@@ -1,9 +1,12 @@
 """CIFAR-10 in memory as uint8 tensors, from either on-disk layout, plus the ECLIPSE
-dataset format (a pickled list of ``(3072 HWC bytes, label)`` pairs).
+dataset format (a pickled list of ``(3072 HWC bytes, label)`` pairs; ``S*S*3`` bytes for
+another dataset's ``S x S`` images). The other datasets (``utils/datasets/``) are read with
+the image-tree reader and the cache here.
 
-Images are kept as ``uint8 [N, 3, 32, 32]`` tensors end to end; conversion to float
-happens per batch. The first read of a dataset decodes it once and caches the arrays
-as ``.npy`` files (loaded with ``allow_pickle=False``), so later runs start at once.
+Images are kept as ``uint8 [N, 3, S, S]`` tensors end to end (32 x 32 for CIFAR-10);
+conversion to float happens per batch. The first read of a dataset decodes it once and
+caches the arrays as ``.npy`` files (loaded with ``allow_pickle=False``), so later runs
+start at once.
 """
 
 from __future__ import annotations
@@ -12,16 +15,18 @@ import hashlib
 import io
 import os
 import pickle
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from utils.download import download_cifar10, eclipse_manual, enabled, work_dir_flag
+from utils.download import download_cifar10, enabled
 from utils.fileio import UserError, atomic_write_bytes
-from utils.paths import REPO_ROOT, poisoned_file
+from utils.paths import REPO_ROOT
 from utils.safe_pickle import safe_load
 
 CIFAR10_CLASSES = (
@@ -54,20 +59,25 @@ _SOURCES_HELP = (
 
 @dataclass
 class ImageSet:
-    """Images as ``uint8 [N, 3, 32, 32]`` and labels as ``int64 [N]``."""
+    """Images as ``uint8 [N, 3, S, S]`` (S = 32 for CIFAR-10) and labels as ``int64 [N]``."""
 
     images: torch.Tensor
     labels: torch.Tensor
 
     def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1:] != (3, 32, 32):
-            raise ValueError(f"images must be uint8 [N,3,32,32], got {self.images.dtype} {tuple(self.images.shape)}")
+        shape = tuple(self.images.shape)
+        if self.images.dtype != torch.uint8 or len(shape) != 4 or shape[1] != 3 or shape[2] != shape[3]:
+            raise ValueError(f"images must be uint8 [N,3,S,S], got {self.images.dtype} {shape}")
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError("labels must be [N] for N images")
         self.labels = self.labels.long()
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
 
     def subset(self, index: torch.Tensor | np.ndarray | list[int]) -> ImageSet:
         index = torch.as_tensor(index, dtype=torch.long)
@@ -87,7 +97,8 @@ def resolve_data_root(data_root: str | Path | None = None) -> Path:
     return REPO_ROOT / "data" / "cifar10"
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where decoded datasets are cached: ``$CIFAR10_CACHE`` (every dataset's), else ``data/cache``."""
     return Path(os.environ.get("CIFAR10_CACHE", REPO_ROOT / "data" / "cache"))
 
 
@@ -107,7 +118,8 @@ def cifar10_present(data_root: str | Path | None = None) -> bool:
     return root.is_dir() and bool(_detect_layout(root)[0])
 
 
-def _fingerprint(paths: list[Path]) -> str:
+def fingerprint(paths: list[Path]) -> str:
+    """A key of files' names, sizes and modification times (a replaced file changes it)."""
     h = hashlib.sha1()
     for p in paths:
         st = p.stat()
@@ -125,30 +137,44 @@ def _read_batches(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         path = folder / name
         if not path.is_file():
             raise UserError(f"CIFAR-10 batch file missing: {path}; {_SOURCES_HELP}")
-        d = safe_load(path, encoding="bytes")
-        if not isinstance(d, dict):
-            raise UserError(f"{path}: expected a dict with 'data' and 'labels', got {type(d).__name__}")
-        d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
-        data, labels = d.get("data"), d.get("labels")
-        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-            raise UserError(f"{path}: 'data' must be a uint8 array [N, 3072]")
-        labels = np.asarray(labels, dtype=np.int64)
-        if labels.shape != (data.shape[0],) or labels.min() < 0 or labels.max() >= NUM_CLASSES:
-            raise UserError(f"{path}: 'labels' must be N integers in 0..9")
-        xs.append(data.reshape(-1, 3, 32, 32))
-        ys.append(labels)
+        x, y = read_pickle_batch(path, "labels", NUM_CLASSES)
+        xs.append(x)
+        ys.append(y)
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def _decode_files(files: list[str]) -> np.ndarray:
+def read_pickle_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One pickled batch of the CIFAR datasets' Python version: ``data`` (uint8 [N, 3072]) and
+    ``label_key`` (N integers below ``num_classes``), as ``uint8 [N, 3, 32, 32]`` and int64 labels."""
+    d = safe_load(path, encoding="bytes")
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: expected a dict with 'data' and '{label_key}', got {type(d).__name__}")
+    d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+    data, labels = d.get("data"), d.get(label_key)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise UserError(f"{path}: 'data' must be a uint8 array [N, 3072]")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: '{label_key}' must be N integers in 0..{num_classes - 1}") from None
+    if labels.shape != (data.shape[0],) or labels.min() < 0 or labels.max() >= num_classes:
+        raise UserError(f"{path}: '{label_key}' must be N integers in 0..{num_classes - 1}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _decode_files(files: list[str], size: int = 32, resize: bool = False) -> np.ndarray:
+    """The images ``files`` as uint8 ``[N, size, size, 3]``; each must be ``size x size``, or with
+    ``resize`` is resized to it as torchvision's ``Resize`` does on a PIL image (bilinear)."""
     from PIL import Image
 
-    out = np.empty((len(files), 32, 32, 3), dtype=np.uint8)
+    out = np.empty((len(files), size, size, 3), dtype=np.uint8)
     for i, f in enumerate(files):
         try:
             with Image.open(f) as im:
-                if im.size != (32, 32):
-                    raise UserError(f"{f}: image is {im.size[0]}x{im.size[1]}, expected 32x32")
+                if resize:
+                    im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+                elif im.size != (size, size):
+                    raise UserError(f"{f}: image is {im.size[0]}x{im.size[1]}, expected {size}x{size}")
                 out[i] = np.asarray(im.convert("RGB"))
         except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a truncated or corrupt file
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -156,18 +182,21 @@ def _decode_files(files: list[str]) -> np.ndarray:
     return out
 
 
-def _folder_files(root: Path, split: str) -> tuple[list[str], np.ndarray, str]:
-    """The split's image files in class order, their labels, and a key of the listing:
-    every file's name, size and modification time (a replaced image changes the key)."""
+def folder_files(
+    root: Path, split: str, classes: Sequence[str] = CIFAR10_CLASSES, what: str = "CIFAR-10", hint: str = _SOURCES_HELP
+) -> tuple[list[str], np.ndarray, str]:
+    """The split's image files ``root/<split>/<class>/*.png|jpg`` in class order, their
+    labels, and a key of the listing: every file's name, size and modification time (a
+    replaced image changes the key)."""
     base = root / split
     if not base.is_dir():
-        raise UserError(f"CIFAR-10 {split} folder missing: {base}; {_SOURCES_HELP}")
+        raise UserError(f"{what} {split} folder missing: {base}; {hint}")
     files, labels = [], []
     listing = hashlib.sha1()
-    for label, cls in enumerate(CIFAR10_CLASSES):
+    for label, cls in enumerate(classes):
         d = base / cls
         if not d.is_dir():
-            raise UserError(f"class folder missing: {d} (expected the 10 CIFAR-10 class folders)")
+            raise UserError(f"class folder missing: {d} (expected the {len(classes)} {what} class folders)")
         with os.scandir(d) as it:
             entries = sorted((e for e in it if e.name.lower().endswith(_IMAGE_EXTS)), key=lambda e: e.name)
         if not entries:
@@ -180,14 +209,16 @@ def _folder_files(root: Path, split: str) -> tuple[list[str], np.ndarray, str]:
     return files, np.asarray(labels, dtype=np.int64), listing.hexdigest()[:16]
 
 
-def _read_folders(files: list[str]) -> np.ndarray:
+def read_images(files: list[str], size: int = 32, resize: bool = False) -> np.ndarray:
+    """Decode ``files`` (see ``_decode_files``) into uint8 ``[N, 3, size, size]``, in parallel when many."""
     workers = min(os.cpu_count() or 1, 8)
+    decode = partial(_decode_files, size=size, resize=resize)
     if workers <= 1 or len(files) < 2000:
-        hwc = _decode_files(files)
+        hwc = decode(files)
     else:
         chunks = [files[i : i + 1000] for i in range(0, len(files), 1000)]
         with ProcessPoolExecutor(workers) as ex:
-            hwc = np.concatenate(list(ex.map(_decode_files, chunks)))
+            hwc = np.concatenate(list(ex.map(decode, chunks)))
     return hwc.transpose(0, 3, 1, 2)
 
 
@@ -219,25 +250,33 @@ def load_cifar10(
 
     if layout == "batches":
         names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-        files, listing = None, _fingerprint([folder / n for n in names if (folder / n).exists()])
+        files, listing = None, fingerprint([folder / n for n in names if (folder / n).exists()])
     else:
-        files, labels, listing = _folder_files(folder, split)
+        files, labels, listing = folder_files(folder, split)
     key = hashlib.sha1(f"{folder.resolve()}|{split}|{listing}|{len(files or [])}".encode()).hexdigest()[:16]
-    cdir = _cache_dir()
-    xpath, ypath = cdir / f"cifar10-{split}-{key}-x.npy", cdir / f"cifar10-{split}-{key}-y.npy"
+
+    def read() -> tuple[np.ndarray, np.ndarray]:
+        return _read_batches(folder, split) if layout == "batches" else (read_images(files), labels)
+
+    return cached_read(f"cifar10-{split}-{key}", 32, read, cache)
+
+
+def cached_read(stem: str, size: int, read: Callable[[], tuple[np.ndarray, np.ndarray]], cache: bool) -> ImageSet:
+    """``read()``'s images and labels as an :class:`ImageSet`, through the cache's
+    ``<stem>-x.npy`` / ``<stem>-y.npy`` (``stem`` names the dataset, split and a key of its
+    files): loaded from there when present and sound, else read and written there."""
+    cdir = cache_dir()
+    xpath, ypath = cdir / f"{stem}-x.npy", cdir / f"{stem}-y.npy"
     if cache and xpath.is_file() and ypath.is_file():
         try:
             x = np.load(xpath, allow_pickle=False)
             y = np.load(ypath, allow_pickle=False)
-            if x.dtype == np.uint8 and x.shape[1:] == (3, 32, 32) and y.shape == (x.shape[0],):
+            if x.dtype == np.uint8 and x.shape[1:] == (3, size, size) and y.shape == (x.shape[0],):
                 return ImageSet(torch.from_numpy(x), torch.from_numpy(y))
         except (ValueError, OSError):
             pass  # a damaged cache is rebuilt below
 
-    if layout == "batches":
-        x, y = _read_batches(folder, split)
-    else:
-        x, y = _read_folders(files), labels
+    x, y = read()
     x = np.ascontiguousarray(x)
     if cache:
         for path, arr in ((xpath, x), (ypath, y)):
@@ -265,8 +304,9 @@ def class_balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tens
 # --------------------------------------------------------------------------- ECLIPSE format
 
 
-def read_eclipse_pkl(path: str | Path) -> ImageSet:
-    """Read a list of ``(3072 raw HWC uint8 bytes, int label)`` pairs, validated."""
+def read_eclipse_pkl(path: str | Path, num_classes: int = NUM_CLASSES, image_size: int = 32) -> ImageSet:
+    """Read a list of ``(3072 raw HWC uint8 bytes, int label)`` pairs, validated (another
+    dataset: ``image_size``² * 3 bytes and labels below its ``num_classes``)."""
     path = Path(path)
     obj = safe_load(path)
     if not isinstance(obj, list):
@@ -274,9 +314,11 @@ def read_eclipse_pkl(path: str | Path) -> ImageSet:
     if not obj:
         raise UserError(f"{path}: the dataset is empty")
     size = path.stat().st_size
-    if len(obj) * IMAGE_BYTES > max(size, MAX_SHARED_PIXEL_BYTES):
+    nbytes = image_size * image_size * 3
+    # the bound in images stays CIFAR-10's at any image size
+    if len(obj) * nbytes > max(size, MAX_SHARED_PIXEL_BYTES // IMAGE_BYTES * nbytes):
         raise UserError(
-            f"{path}: declares {len(obj)} images ({len(obj) * IMAGE_BYTES} bytes of pixels) in a file of "
+            f"{path}: declares {len(obj)} images ({len(obj) * nbytes} bytes of pixels) in a file of "
             f"{size} bytes; its entries share image data beyond any dataset (a damaged or crafted file)"
         )
     labels = np.empty(len(obj), dtype=np.int64)
@@ -288,17 +330,19 @@ def read_eclipse_pkl(path: str | Path) -> ImageSet:
         if isinstance(img, np.ndarray):
             img = _uint8_bytes(img, path, i)
         if not isinstance(img, (bytes, bytearray)):
-            raise UserError(f"{path}: entry {i}: image is {type(img).__name__}, expected {IMAGE_BYTES} raw bytes")
-        if len(img) != IMAGE_BYTES:
-            raise UserError(f"{path}: entry {i}: image has {len(img)} bytes, expected {IMAGE_BYTES} (32x32 RGB)")
+            raise UserError(f"{path}: entry {i}: image is {type(img).__name__}, expected {nbytes} raw bytes")
+        if len(img) != nbytes:
+            raise UserError(
+                f"{path}: entry {i}: image has {len(img)} bytes, expected {nbytes} ({image_size}x{image_size} RGB)"
+            )
         label = _plain_label(label)
         if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
             raise UserError(f"{path}: entry {i}: label {label!r} is not an integer")
-        if not 0 <= int(label) < NUM_CLASSES:
-            raise UserError(f"{path}: entry {i}: label {int(label)} outside 0..{NUM_CLASSES - 1}")
+        if not 0 <= int(label) < num_classes:
+            raise UserError(f"{path}: entry {i}: label {int(label)} outside 0..{num_classes - 1}")
         labels[i] = int(label)
         chunks.append(img)
-    hwc = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(len(obj), 32, 32, 3)
+    hwc = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(len(obj), image_size, image_size, 3)
     images = torch.from_numpy(np.ascontiguousarray(hwc.transpose(0, 3, 1, 2)))
     return ImageSet(images, torch.from_numpy(labels))
 
@@ -331,7 +375,7 @@ def _uint8_bytes(img: np.ndarray, path: Path, i: int) -> bytes:
 
 
 def eclipse_pkl_bytes(data: ImageSet) -> bytes:
-    hwc = np.ascontiguousarray(data.images.numpy().transpose(0, 2, 3, 1)).reshape(len(data), IMAGE_BYTES)
+    hwc = np.ascontiguousarray(data.images.numpy().transpose(0, 2, 3, 1)).reshape(len(data), 3 * data.image_size**2)
     pairs = [(row.tobytes(), int(y)) for row, y in zip(hwc, data.labels.tolist())]
     return pickle.dumps(pairs, protocol=4)
 
@@ -339,37 +383,3 @@ def eclipse_pkl_bytes(data: ImageSet) -> bytes:
 def write_eclipse_pkl(path: str | Path, data: ImageSet) -> None:
     """Write ``data`` in the ECLIPSE format, atomically."""
     atomic_write_bytes(path, eclipse_pkl_bytes(data))
-
-
-def load_poisoned(
-    work: Path,
-    poison: str,
-    data_root: str | Path | None = None,
-    subset: int | None = None,
-    subset_seed: int = 0,
-    download: bool | None = None,
-) -> tuple[ImageSet, str]:
-    """The training set named ``poison``: ``poisoned_data/cifar10/<poison>.pkl``, or for
-    ``clean`` (when no ``clean.pkl`` exists) the CIFAR-10 training set itself.
-
-    ``subset`` keeps a class-balanced subset (the CPU-scale recipe); poison.py's
-    ``--subset N`` draws the same images with the same seed.
-    """
-    path = poisoned_file(work, poison)
-    if path.is_file():
-        data = read_eclipse_pkl(path)
-        if subset is not None and subset < len(data):
-            raise UserError(
-                f"{path} holds {len(data)} images; --subset {subset} applies only to the clean set "
-                "(craft the poison with poison.py --subset instead)"
-            )
-        return data, str(path)
-    if poison != "clean":
-        raise UserError(
-            f"poisoned dataset not found: {path}; craft it with `python poison.py --poison {poison}{work_dir_flag(work)}`, "
-            + eclipse_manual("poisoned")
-        )
-    data = load_cifar10("train", data_root, download=download)
-    if subset is not None:
-        data = data.subset(class_balanced_subset(data.labels, subset, subset_seed))
-    return data, f"CIFAR-10 train ({len(data)} images)"

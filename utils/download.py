@@ -1,4 +1,5 @@
-"""Downloads of the published files the pipelines need: CIFAR-10 and Ho et al.'s DDPMs.
+"""Downloads of the published files the pipelines need: the datasets' official archives
+(CIFAR-10 here; the others' entries in ``utils/datasets/registry.py``) and Ho et al.'s DDPMs.
 
 Every download streams to a partial file unique to this call and named with this process's
 PID (with progress: size, rate, ETA), checks the byte count and the MD5, and only then is
@@ -7,7 +8,9 @@ complete and two processes fetching the same file cannot corrupt each other. An 
 transfer's partial file stays; the next download of that file resumes from it (HTTP Range)
 and removes the partial files of processes that are no longer running. Only the standard library (urllib) is
 used. URLs and checksums can be overridden per file by environment variables (a mirror,
-a ``file://`` copy, a test server).
+a ``file://`` copy, a test server); ``$DATASETS_MIRROR`` serves every dataset file at once
+from ``<mirror>/<file name>`` (the MD5s stay the official ones unless ``<ENV>_MD5`` is set).
+Archives are tar or zip files, extracted through :func:`safe_extract`.
 
 ECLIPSE's own checkpoint and its poisoned / purified sets are on Google Drive, which does
 not allow plain downloads: :func:`eclipse_manual` says where to get them and where to put
@@ -23,11 +26,14 @@ import re
 import shlex
 import shutil
 import socket
+import stat
 import tarfile
 import tempfile
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -38,6 +44,7 @@ from utils.progress import progress
 from utils.run_state import _pid_alive
 
 CHUNK = 1 << 20
+MIRROR_ENV = "DATASETS_MIRROR"  # a folder URL holding the datasets' files under their official names
 TIMEOUT_S = 60
 _PARTIALS_LOCK = threading.Lock()
 _PARTIALS_IN_USE: set[Path] = set()  # this process's partial files being written
@@ -56,10 +63,19 @@ class Remote:
     md5: str
     env: str  # ``<env>_URL`` / ``<env>_MD5`` override url / md5
     manual: str  # how to get the file by hand
+    mirrored: bool = False  # a dataset file: ``$DATASETS_MIRROR/<file name>`` when that is set
 
     @property
     def resolved_url(self) -> str:
+        mirror = os.environ.get(MIRROR_ENV, "").strip() if self.mirrored else ""
+        if mirror and not os.environ.get(f"{self.env}_URL"):
+            return f"{mirror.rstrip('/')}/{self.file_name}"
         return os.environ.get(f"{self.env}_URL") or self.url
+
+    @property
+    def file_name(self) -> str:
+        """The published file's name: the last part of its official URL's path."""
+        return PurePosixPath(urllib.parse.urlsplit(self.url).path).name
 
     @property
     def resolved_md5(self) -> str:
@@ -74,6 +90,7 @@ CIFAR10 = Remote(
     "CIFAR10",
     "download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz by hand and extract it into {dest} "
     "(it holds cifar-10-batches-py/), or point --data_root / $CIFAR10_ROOT at a copy",
+    mirrored=True,
 )
 
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
@@ -291,7 +308,7 @@ def fetch(remote: Remote, dest: str | Path) -> Path:
     is removed."""
     dest = Path(dest)
     url, md5 = remote.resolved_url, remote.resolved_md5
-    manual = remote.manual.format(url=url, dest=dest.parent if remote is CIFAR10 else dest)
+    manual = remote.manual.format(url=url, dest=dest.parent if remote.mirrored else dest)
     part = _claim_partial(dest)
     try:
         print(f"downloading {remote.what} from {url} to {dest}", flush=True)
@@ -326,16 +343,45 @@ def fetch(remote: Remote, dest: str | Path) -> Path:
 # --------------------------------------------------------------------------- archives
 
 
+def _check_name(name: str, target: Path, source: str) -> None:
+    parts = PurePosixPath(name).parts
+    if name.startswith(("/", "\\")) or ".." in parts or not (target / name).resolve().is_relative_to(target):
+        raise UserError(f"{source}: member {name!r} would land outside {target}; refusing to extract")
+
+
 def _check_member(m: tarfile.TarInfo, target: Path, source: str) -> None:
     if not (m.isfile() or m.isdir()):
         raise UserError(f"{source}: member {m.name!r} is a link or special file; refusing to extract")
-    parts = PurePosixPath(m.name).parts
-    if m.name.startswith(("/", "\\")) or ".." in parts or not (target / m.name).resolve().is_relative_to(target):
-        raise UserError(f"{source}: member {m.name!r} would land outside {target}; refusing to extract")
+    _check_name(m.name, target, source)
+
+
+def _check_zip_member(m: zipfile.ZipInfo, target: Path, source: str) -> None:
+    kind = stat.S_IFMT(m.external_attr >> 16)  # the Unix file type, where the archive records one
+    if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
+        raise UserError(f"{source}: member {m.filename!r} is a link or special file; refusing to extract")
+    _check_name(m.filename, target, source)
+
+
+def _extract_members(archive: BinaryIO, tmp: Path, source: str) -> None:
+    if zipfile.is_zipfile(archive):
+        archive.seek(0)
+        with zipfile.ZipFile(archive) as zf:
+            members = zf.infolist()
+            for m in members:
+                _check_zip_member(m, tmp, source)
+            zf.extractall(tmp, members=members)
+        return
+    archive.seek(0)
+    with tarfile.open(fileobj=archive, mode="r:*") as tf:
+        members = tf.getmembers()
+        for m in members:
+            _check_member(m, tmp, source)
+        kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tf.extractall(tmp, members=members, **kw)  # noqa: S202 - members checked above
 
 
 def safe_extract(archive: BinaryIO, target: str | Path, source: str) -> Path:
-    """Extract a tar archive into a fresh temporary folder inside ``target`` and return it.
+    """Extract a tar or zip archive into a fresh temporary folder inside ``target`` and return it.
 
     Only regular files and folders whose paths stay inside the folder are allowed; anything
     else is refused before a single byte is written."""
@@ -343,15 +389,13 @@ def safe_extract(archive: BinaryIO, target: str | Path, source: str) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target))
     try:
-        with tarfile.open(fileobj=archive, mode="r:*") as tf:
-            members = tf.getmembers()
-            for m in members:
-                _check_member(m, tmp, source)
-            kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tf.extractall(tmp, members=members, **kw)  # noqa: S202 - members checked above
+        _extract_members(archive, tmp, source)
     except tarfile.TarError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"{source}: not a readable tar archive ({e})") from None
+    except zipfile.BadZipFile as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{source}: not a readable zip archive ({e})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -361,15 +405,25 @@ def safe_extract(archive: BinaryIO, target: str | Path, source: str) -> Path:
 def download_cifar10(root: str | Path) -> Path:
     """Fetch, verify and extract the official CIFAR-10 archive into ``root``; returns
     ``root/cifar-10-batches-py``. A verified archive left by an earlier run is reused."""
+    return download_dataset_file(CIFAR10, root, CIFAR10_FOLDER)
+
+
+def download_dataset_file(remote: Remote, root: str | Path, produces: str, extract: bool = True) -> Path:
+    """Fetch and verify ``remote`` into ``root`` and, for an archive (``extract``), extract it
+    there; returns ``root/produces``: what the archive holds (a folder or file, possibly
+    nested), or the downloaded file itself. Nothing is fetched when it is already there; a
+    verified archive left by an earlier run is reused, and removed once extracted."""
     root = Path(root)
-    folder = root / CIFAR10_FOLDER
-    archive = root / CIFAR10_ARCHIVE
-    md5 = CIFAR10.resolved_md5
+    out = root / produces
+    if not extract:
+        return out if out.is_file() else fetch(remote, out)
+    archive = root / remote.file_name
+    md5 = remote.resolved_md5
     for attempt in range(2):
-        if folder.is_dir():
-            return folder  # another process finished first
+        if out.exists():
+            return out  # another process finished first
         if not archive.is_file():
-            fetch(CIFAR10, archive)
+            fetch(remote, archive)
         try:
             f = open(archive, "rb")
         except FileNotFoundError:  # another process extracted and removed it meanwhile
@@ -388,19 +442,20 @@ def download_cifar10(root: str | Path) -> Path:
             print(f"extracting {archive} into {root}", flush=True)
             tmp = safe_extract(f, root, str(archive))
         try:
-            if not (tmp / CIFAR10_FOLDER).is_dir():
-                raise UserError(f"{archive}: the archive holds no {CIFAR10_FOLDER}/ folder")
+            if not (tmp / produces).exists():
+                raise UserError(f"{archive}: the archive holds no {produces}")
+            out.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.rename(tmp / CIFAR10_FOLDER, folder)
+                os.rename(tmp / produces, out)
             except OSError:
-                if not folder.is_dir():
+                if not out.exists():
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        archive.unlink(missing_ok=True)  # the extracted batches are what is read
-        return folder
-    if folder.is_dir():
-        return folder
+        archive.unlink(missing_ok=True)  # the extracted files are what is read
+        return out
+    if out.exists():
+        return out
     raise DownloadError(f"{archive} disappeared twice while extracting; re-run to try again")
 
 

@@ -9,30 +9,32 @@ from __future__ import annotations
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATASET = "cifar10"
+DATASET = "cifar10"  # the default dataset; every folder below is per dataset (its registry name)
 
 
 def work_dir(arg: str | Path | None = None) -> Path:
     return Path(arg).expanduser() if arg else REPO_ROOT
 
 
-def poisoned_file(work: Path, poison: str) -> Path:
-    """``poisoned_data/cifar10/<POISON>.pkl`` (ECLIPSE format)."""
-    return work / "poisoned_data" / DATASET / f"{poison}.pkl"
+def poisoned_file(work: Path, poison: str, dataset: str = DATASET) -> Path:
+    """``poisoned_data/<dataset>/<POISON>.pkl`` (ECLIPSE format)."""
+    return work / "poisoned_data" / dataset / f"{poison}.pkl"
 
 
-def purified_dir(work: Path, sparse_set: str, t: int, iteration: int | str) -> Path:
-    return work / "purified_data" / DATASET / sparse_set / str(t) / str(iteration)
+def purified_dir(work: Path, sparse_set: str, t: int, iteration: int | str, dataset: str = DATASET) -> Path:
+    return work / "purified_data" / dataset / sparse_set / str(t) / str(iteration)
 
 
-def purified_file(work: Path, sparse_set: str, t: int, iteration: int | str, poison: str) -> Path:
-    """``purified_data/cifar10/<sparse_set>/<t>/<iter>/<POISON>-pure.pkl``."""
-    return purified_dir(work, sparse_set, t, iteration) / f"{poison}-pure.pkl"
+def purified_file(
+    work: Path, sparse_set: str, t: int, iteration: int | str, poison: str, dataset: str = DATASET
+) -> Path:
+    """``purified_data/<dataset>/<sparse_set>/<t>/<iter>/<POISON>-pure.pkl``."""
+    return purified_dir(work, sparse_set, t, iteration, dataset) / f"{poison}-pure.pkl"
 
 
-def diff_ckpt_dir(work: Path, sparse_set: str) -> Path:
-    """``diff_ckpt/cifar10/<sparse_set>/`` (ECLIPSE's sparse model; DataElixir's DDPM too)."""
-    return work / "diff_ckpt" / DATASET / sparse_set
+def diff_ckpt_dir(work: Path, sparse_set: str, dataset: str = DATASET) -> Path:
+    """``diff_ckpt/<dataset>/<sparse_set>/`` (ECLIPSE's sparse model; DataElixir's DDPM too)."""
+    return work / "diff_ckpt" / dataset / sparse_set
 
 
 def record_dir(work: Path, name: str) -> Path:

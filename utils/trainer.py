@@ -15,13 +15,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.augment import Augment, to_float
+from utils.augment import Augment, Mix, to_float
 from utils.compat import legacy_training_config
 from utils.data import CIFAR10_MEAN, CIFAR10_STD, ImageSet
 from utils.fileio import atomic_torch_save, safe_torch_load, tensor_fingerprint
@@ -146,8 +146,17 @@ LrSchedule = Callable[[int, int, int], float]
 """(epoch, step, steps per epoch) -> the learning rate of that step (epochs 0-based)."""
 Perturb = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 """(float batch, labels, augmentation generator) -> the batch the model trains on."""
-TrainStep = Callable[[torch.Tensor, torch.Tensor], tuple[float, int]]
-"""(float batch, labels) -> (loss, number correct) after one optimisation step."""
+TrainStep = Callable[[torch.Tensor, Any], tuple[float, float]]
+"""(float batch, labels) -> (loss, number correct) after one optimisation step; with a ``mix``
+the labels are :class:`MixedLabels` and the number correct is λ-weighted."""
+
+
+class MixedLabels(NamedTuple):
+    """A mixed batch's two label sets and the weight ``lam`` of the first (``utils.augment.Mix``)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    lam: float
 
 
 class CheckpointStore(Protocol):
@@ -211,6 +220,24 @@ def cross_entropy_step(
     return step
 
 
+def mixed_cross_entropy_step(
+    model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device
+) -> TrainStep:
+    """The step of a mixed batch: λ·CE(a) + (1 − λ)·CE(b), the loss of Zhang et al.'s mixup and
+    Yun et al.'s CutMix code; correct predictions counted λ·[a] + (1 − λ)·[b], as mixup's code does."""
+
+    def step(x: torch.Tensor, y: MixedLabels) -> tuple[float, float]:
+        with autocast(device, cfg.bf16):
+            logits = model(x)
+            out = logits.float()
+            loss = y.lam * F.cross_entropy(out, y.a) + (1 - y.lam) * F.cross_entropy(out, y.b)
+        optimizer_step(loss, model, opt, cfg.grad_clip)
+        pred = logits.argmax(1)
+        return loss.item(), y.lam * (pred == y.a).sum().item() + (1 - y.lam) * (pred == y.b).sum().item()
+
+    return step
+
+
 def train_classifier(
     model: nn.Module,
     train: ImageSet,
@@ -226,6 +253,7 @@ def train_classifier(
     generators: tuple[torch.Generator, torch.Generator] | None = None,
     lr_schedule: LrSchedule | None = None,
     perturb: Perturb | None = None,
+    mix: Mix | None = None,
     step: TrainStep | None = None,
     on_epoch_end: Callable[[dict], None] | None = None,
     progress_bar: bool = True,
@@ -241,7 +269,8 @@ def train_classifier(
     augmentation; default seeded from ``cfg.seed``, the second on ``device``) — a batch is
     augmented and made float on its augmentation generator's device, then moved;
     ``lr_schedule`` replaces ``lr_at(cfg, ...)``; ``perturb`` rewrites each float batch
-    before the forward (adversarial training); ``step`` replaces the cross-entropy step;
+    before the forward (adversarial training); ``mix`` then mixes it with itself and the step
+    trains on λ·CE(a) + (1 − λ)·CE(b) (Mixup, CutMix); ``step`` replaces the cross-entropy step;
     ``on_epoch_end`` sees each epoch's record (after testing, before it is logged and saved).
     """
     tests = tests or {}
@@ -256,26 +285,22 @@ def train_classifier(
         torch.Generator(device=device).manual_seed(cfg.seed + 1),
     )
     schedule = lr_schedule or partial(lr_at, cfg)
-    step = step or cross_entropy_step(model, opt, cfg, device)
+    if mix is not None and step is not None:
+        raise ValueError("train_classifier: a mix brings its own step; pass one of mix and step")
+    step = step or (mixed_cross_entropy_step if mix else cross_entropy_step)(model, opt, cfg, device)
     store = _checkpoint_store(checkpoint, cfg, train, desc, log)
-    history: list[dict] = []
-    start = 0
-    state = store.load() if store else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        g.set_state(state["rng"])
-        aug_g.set_state(state["aug_rng"].to(aug_g.device) if device.type == "cuda" else state["aug_rng"])
-        history = state["history"]
-        start = state["epoch"]
+    history, start = _resume(store, model, opt, g, aug_g, device)
 
-    def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The float batch the step trains on, and its labels."""
+    def batch(idx: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The float batch the step trains on, and its labels (:class:`MixedLabels` with a ``mix``)."""
         xb = augment(train.images[idx].to(aug_g.device), aug_g)
         x = to_float(xb).to(device, non_blocking=True)
-        y = train.labels[idx].to(device)
+        y: Any = train.labels[idx].to(device)
         if perturb is not None:
             x = perturb(x, y, aug_g)
+        if mix is not None:
+            x, a, b, lam = mix(x, y, aug_g)
+            y = MixedLabels(a, b, lam)
         return (x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x), y
 
     for epoch in range(start, cfg.epochs):
@@ -312,6 +337,26 @@ def train_classifier(
     return history
 
 
+def _resume(
+    store: CheckpointStore | None,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    g: torch.Generator,
+    aug_g: torch.Generator,
+    device: torch.device,
+) -> tuple[list[dict], int]:
+    """The history and the first epoch to run: a stored state loaded into the model, the
+    optimiser and both generators; ``[], 0`` without one."""
+    state = store.load() if store else None
+    if state is None:
+        return [], 0
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    g.set_state(state["rng"])
+    aug_g.set_state(state["aug_rng"].to(aug_g.device) if device.type == "cuda" else state["aug_rng"])
+    return state["history"], state["epoch"]
+
+
 def _run_epoch(
     epoch: int,
     perm: torch.Tensor,
@@ -320,7 +365,7 @@ def _run_epoch(
     bar: Any,
     opt: torch.optim.Optimizer,
     schedule: LrSchedule,
-    batch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    batch: Callable[[torch.Tensor], tuple[torch.Tensor, Any]],
     step: TrainStep,
 ) -> dict:
     """One pass over the ``steps`` batches of ``perm`` (``bar`` iterates their numbers); returns the epoch's record."""

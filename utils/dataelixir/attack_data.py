@@ -37,7 +37,7 @@ from utils.dataelixir.triggers import TRIGGERS, coerce_params, get_trigger
 from utils.dataelixir.triggers.base import Trigger, attack_targets
 from utils.dataelixir.triggers.wanet import CrossSampleTrigger
 from utils.fileio import UserError
-from utils.options import Key, Range
+from utils.options import NONNEG, Key, Range
 
 
 @dataclass
@@ -64,7 +64,7 @@ ATTACKS: dict[str, AttackSpec] = {
 
 # keys every attack shares (BackdoorBench v1 defaults, DataElixir's seed)
 COMMON_KEYS: dict[str, Key] = {
-    "attack_target": Key(0, "target class of an all2one attack (0-9)", range=Range(0, NUM_CLASSES - 1)),
+    "attack_target": Key(0, "target class of an all2one attack (0 to the dataset's classes - 1)", range=NONNEG),
     "attack_label_trans": Key(
         "all2one",
         "all2one (every poisoned sample -> attack_target) or all2all (y -> (y+1) % 10)",
@@ -156,18 +156,25 @@ def build_backdoor_data(
     resource_dir: Path,
     log: Callable[[str], None] = print,
     precision: str = "fp32",
+    num_classes: int = NUM_CLASSES,
 ) -> BackdoorData:
     """Poison ``train`` with ``attack`` and build the clean, backdoor and robust test sets.
 
     ``params`` holds the common keys (``COMMON_KEYS``) and the attack's own keys
     (``ATTACKS[attack].defaults``); other keys are ignored. Auxiliary models are trained
-    or loaded under ``resource_dir/<attack>/``, in ``precision``. Bad values raise ``UserError``."""
+    or loaded under ``resource_dir/<attack>/``, in ``precision``. ``num_classes``: the dataset's
+    (the images' size is ``train``'s). Bad values raise ``UserError``."""
     cls = get_trigger(attack)
     target, trans, pratio, seed = _common(attack, params)
+    if target >= num_classes:
+        raise UserError(f"{attack}: attack_target must be a class, 0..{num_classes - 1}, got {target}")
     if trans == "all2all" and not cls.supports_all2all:
         kind = "a clean-label attack (only target-class samples are poisoned)" if cls.clean_label else "all2one only"
         raise UserError(f"{attack} is {kind}; attack_label_trans must be all2one, not all2all")
-    trigger = cls(params, seed=seed, target=target, label_trans=trans, pratio=pratio)
+    size = train.image_size
+    trigger = cls(
+        params, seed=seed, target=target, label_trans=trans, pratio=pratio, num_classes=num_classes, image_size=size
+    )
     trigger.precision = precision
     timings: dict[str, float] = {}
 
@@ -181,7 +188,7 @@ def build_backdoor_data(
     if cls.clean_label:
         new_labels = train.labels[idx_t].clone()
     else:
-        new_labels = attack_targets(train.labels[idx_t], target, trans)
+        new_labels = attack_targets(train.labels[idx_t], target, trans, num_classes)
     images, labels, extra = trigger.poison_train(train, idx_t, new_labels, log)
     poison_indicator = torch.zeros(len(train), dtype=torch.bool)
     poison_indicator[idx_t] = True
@@ -194,11 +201,11 @@ def build_backdoor_data(
     keep = torch.ones(len(test), dtype=torch.bool) if trans == "all2all" else test.labels != target
     bd_src = test.subset(torch.nonzero(keep).flatten())
     bd_images = trigger.poison_test(bd_src.images, bd_src.labels, log)
-    test_bd = ImageSet(bd_images, attack_targets(bd_src.labels, target, trans))
+    test_bd = ImageSet(bd_images, attack_targets(bd_src.labels, target, trans, num_classes))
     test_ra = ImageSet(bd_images.clone(), bd_src.labels.clone())
     timings["poison_test_s"] = round(time.time() - t0, 3)
 
-    per_class = torch.bincount(train.labels[idx_t], minlength=NUM_CLASSES).tolist()
+    per_class = torch.bincount(train.labels[idx_t], minlength=num_classes).tolist()
     info: dict[str, Any] = {
         "attack": attack,
         "clean_label": cls.clean_label,

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from utils.data import ImageSet, class_balanced_subset, load_cifar10, locate_cifar10
+from utils.data import ImageSet, class_balanced_subset
 from utils.dataelixir.attack_data import ATTACKS
 from utils.dataelixir.keys import (
     FlowConfig,
@@ -43,8 +43,9 @@ from utils.dataelixir.models import build_candidates, load_diffusion
 from utils.dataelixir.outputs import load_attack_data
 from utils.dataelixir.phases import FlowContext, run_flow
 from utils.dataelixir.record import open_record, stored_config
+from utils.datasets import load_dataset, locate_dataset
 from utils.fileio import UserError, setup_logging
-from utils.options import parse_config, resolve_path
+from utils.options import RunArgs, parse_config, resolve_path
 from utils.paths import REPO_ROOT, record_dir, work_dir
 from utils.precision import keep_stored
 from utils.run_state import OutputLock
@@ -108,26 +109,47 @@ def _candidates_rank(
     return {}
 
 
-def _run_flow(attack: str, argv: list[str], locks: ExitStack, gate: _RankGate) -> dict[str, Any]:
+def attack_overlays(attack: str, overlay: str) -> list[str]:
+    """The common CPU-scale overlay, then the attack's own ``config/<attack>/cpu.yaml`` where it has one."""
+    own = Path("config") / attack / "cpu.yaml"
+    return [overlay, *([str(own)] if (REPO_ROOT / own).is_file() else [])]
+
+
+def attack_argv(attack: str, overlay: str, seed: int, work: Path, name: str) -> list[str]:
+    """The options of ``attack/<attack>.py`` at CPU scale (``overlay`` and the attack's own),
+    with ``random_seed`` ``seed``, its record ``<work>/record/<name>``."""
+    argv = ["--yaml_path", f"config/{attack}/cifar10.yaml"]
+    for o in attack_overlays(attack, overlay):
+        argv += ["--overlay", o]
+    return argv + ["--random_seed", str(seed), "--work_dir", str(work), "--save_folder_name", name]
+
+
+def resolve_flow_config(attack: str, argv: list[str]) -> tuple[FlowConfig, RunArgs]:
+    """The configuration ``attack/<attack>.py argv`` runs with (checked; precisions not yet
+    resolved) and its run options."""
     if attack not in ATTACKS:
         raise UserError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
-    keys = attack_keys(attack)
     settings, run = parse_config(
         f"attack/{attack}.py",
         argv,
-        keys,
+        attack_keys(attack),
         known_elsewhere=all_known_keys(),
         default_yaml=str(REPO_ROOT / "config" / attack / "cifar10.yaml"),
         default_name=attack,
     )
     validate(FlowConfig.from_dict(settings, attack))
-    cfg = FlowConfig.from_dict(apply_reference_exact(settings), attack)
+    return FlowConfig.from_dict(apply_reference_exact(settings), attack), run
+
+
+def _run_flow(attack: str, argv: list[str], locks: ExitStack, gate: _RankGate) -> dict[str, Any]:
+    cfg, run = resolve_flow_config(attack, argv)
+    keys = attack_keys(attack)
     work = work_dir(run.work_dir)
     # everything is checked before the record folder is made, so a refused command leaves nothing behind
     resolve_path(cfg.diffusion_config, "diffusion config")
     rec_dir = record_dir(work, run.save_folder_name)
     if not (rec_dir / "attack_data.pt").is_file():
-        locate_cifar10(_data_root(cfg))
+        locate_dataset(cfg.dataset, None, cfg.data_root())
     device = resolve_device(cfg.device)
     precisions = flow_precisions(cfg, device)
     chosen = {"precisions": {k: p.name for k, p in precisions.items()}}
@@ -184,19 +206,11 @@ def _run_flow(attack: str, argv: list[str], locks: ExitStack, gate: _RankGate) -
     return metrics
 
 
-def _data_root(cfg: FlowConfig) -> Path | None:
-    if not cfg.dataset_path:
-        return None
-    root = resolve_path(cfg.dataset_path, "dataset_path")
-    # BackdoorBench appends the dataset name to dataset_path
-    return root / "cifar10" if (root / "cifar10").is_dir() else root
-
-
 def _clean_data(cfg: FlowConfig, log: Callable[[str], None]) -> tuple[ImageSet, ImageSet, torch.Tensor]:
-    """The clean training and test sets (class-balanced subsets where asked) and the
-    training set's CIFAR-10 indices."""
-    train = load_cifar10("train", _data_root(cfg))
-    test = load_cifar10("test", _data_root(cfg))
+    """The clean training and test sets of the configured dataset (class-balanced subsets
+    where asked) and the training set's indices in the whole set."""
+    train = load_dataset(cfg.dataset, "train", cfg.data_root())
+    test = load_dataset(cfg.dataset, "test", cfg.data_root())
     train_idx = torch.arange(len(train))
     if cfg.subset:
         train_idx = class_balanced_subset(train.labels, cfg.subset, seed=0)

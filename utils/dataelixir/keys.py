@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -16,8 +17,9 @@ from models import CLASSIFIERS
 from utils.dataelixir import defence as de
 from utils.dataelixir.attack_data import ATTACKS, COMMON_KEYS
 from utils.dataelixir.triggers import get_trigger
+from utils.datasets import DATASET_KEY, DatasetSpec, dataset_spec
 from utils.fileio import UserError
-from utils.options import BF16, FRACTION, GT0, NONNEG, POSITIVE, PRECISION, SUBSET, Key, Range
+from utils.options import BF16, FRACTION, GT0, NONNEG, POSITIVE, PRECISION, SUBSET, Key, Range, resolve_path
 from utils.precision import Precision, resolve_precision
 
 # a class-balanced subset needs one image per class at least
@@ -35,8 +37,14 @@ TRAIN_KEYS: dict[str, Key] = {
         bool,
         nullable=True,
     ),
-    "dataset": Key("cifar10", "dataset (only cifar10)", choices=("cifar10",)),
-    "dataset_path": Key(None, "CIFAR-10 folder (default: $CIFAR10_ROOT, else data/cifar10)", type=str, nullable=True),
+    "dataset": DATASET_KEY,
+    "dataset_path": Key(
+        None,
+        "the dataset's folder, or BackdoorBench's folder holding it as <dataset>/ (default: $<DATASET>_ROOT, "
+        "e.g. $CIFAR10_ROOT, else data/<dataset>)",
+        type=str,
+        nullable=True,
+    ),
     "subset": Key(None, "class-balanced training subset size (CPU scale; null = all 50,000)", int, True, range=SUBSET),
     "test_subset": Key(None, "class-balanced test subset size (null = all 10,000)", int, True, range=SUBSET),
     "model": Key("preactresnet18", "classifier architecture (BackdoorBench: preactresnet18)"),
@@ -249,6 +257,20 @@ class FlowConfig:
         """The resolved precision of ``computation`` (fp32 where none was resolved)."""
         return (self.precisions or {}).get(computation, "fp32")
 
+    def data_root(self) -> Path | None:
+        """``dataset_path``, or its ``<dataset>/`` folder where there is one (BackdoorBench
+        appends the dataset's name to it); None: the dataset's default root. A folder that
+        does not exist yet is where the dataset is fetched to."""
+        if not self.dataset_path:
+            return None
+        root = resolve_path(self.dataset_path, "dataset_path", must_exist=False)
+        return root / self.dataset if (root / self.dataset).is_dir() else root
+
+    def data_spec(self) -> DatasetSpec:
+        """The dataset's registry entry with its class count and image size (an image
+        folder's read off the folder)."""
+        return dataset_spec(self.dataset, self.data_root())
+
 
 # every option that reproduces a quirk of DataElixir's code, with its reference value
 REFERENCE_EXACT = {"noise_offset": 1, "ssim_mode": "reference", "original_round_trip": True}
@@ -307,6 +329,11 @@ def validate(cfg: FlowConfig) -> None:
     de.check_step_settings(cfg.steps_T, cfg.rounds_n, cfg.last_steps_m, cfg.purify_respace, cfg.purify_dense_tail)
     if cfg.attack_label_trans == "all2all" and not ATTACKS[cfg.attack].supports_all2all:
         raise UserError(f"{cfg.attack} supports only attack_label_trans all2one")
+    data = cfg.data_spec()
+    if cfg.attack_target >= data.num_classes:
+        raise UserError(
+            f"attack_target must be a class of {data.title}, 0..{data.num_classes - 1}, got {cfg.attack_target}"
+        )
     # the trigger checks its own keys when built (cheap: its models are made later, in prepare)
     get_trigger(cfg.attack)(
         cfg.trigger_params(),
@@ -314,4 +341,6 @@ def validate(cfg: FlowConfig) -> None:
         target=cfg.attack_target,
         label_trans=cfg.attack_label_trans,
         pratio=cfg.pratio,
+        num_classes=data.num_classes,
+        image_size=data.image_size,
     )

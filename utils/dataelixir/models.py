@@ -13,9 +13,9 @@ import torch
 
 from models import build_classifier
 from utils.augment import crop_rotate_flip, no_augment, standard_augment
-from utils.data import NUM_CLASSES
 from utils.dataelixir import defence as de
 from utils.dataelixir.keys import FlowConfig
+from utils.datasets import check_image_size, get_dataset
 from utils.diffusion.checkpoints import resolve_checkpoint
 from utils.diffusion.factory import Purifier, diffusion_train_command, load_purifier
 from utils.download import DDPM_CHECKPOINTS, ddpm_checkpoint
@@ -28,11 +28,13 @@ from utils.trainer import Normalized, TrainConfig, predict
 
 
 def build_model(cfg: FlowConfig) -> torch.nn.Module:
-    """A fresh classifier of the configured architecture and width, normalising its input."""
-    net = build_classifier(cfg.model, NUM_CLASSES, cfg.model_width)
+    """A fresh classifier of the configured architecture and width for the dataset's classes,
+    normalising its input with the dataset's statistics."""
+    data = cfg.data_spec()
+    net = build_classifier(cfg.model, data.num_classes, cfg.model_width)
     if not hasattr(net, "features"):
         raise UserError(f"model {cfg.model} has no pooled-feature output, which DataElixir's image selection needs")
-    return Normalized(net)
+    return Normalized(net, data.mean, data.std)
 
 
 def train_augment(cfg: FlowConfig) -> Callable:
@@ -109,10 +111,11 @@ def diffusion_ckpt(cfg: FlowConfig, work: Path) -> tuple[Path, str]:
     if not ckpt.is_absolute():
         ckpt = work / ckpt
     ckpt = resolve_checkpoint(ckpt)  # either spelling of a train_diffusion.py name
-    hint = (
-        f"make one with `{diffusion_train_command(cfg.diffusion_config, ckpt.parent.name, ckpt.name)}`"
-        " (a DDPM trained on the clean CIFAR-10 training set), or point diffusion_ckpt at Ho's converted"
-        " model-790000.ckpt with diffusion_config config/ddpm/cifar10.yml"
+    command = diffusion_train_command(cfg.diffusion_config, ckpt.parent.name, ckpt.name, dataset=cfg.dataset)
+    hint = f"make one with `{command}` (a DDPM trained on the clean {get_dataset(cfg.dataset).title} training set)" + (
+        ", or point diffusion_ckpt at Ho's converted model-790000.ckpt with diffusion_config config/ddpm/cifar10.yml"
+        if cfg.dataset == "cifar10"  # Ho et al. published CIFAR-10's DDPM only
+        else ""
     )
     if not ckpt.is_file():
         raise UserError(f"diffusion checkpoint not found: {ckpt}; {hint}")
@@ -124,7 +127,9 @@ def load_diffusion(cfg: FlowConfig, work: Path, device: torch.device) -> Purifie
     config = resolve_path(cfg.diffusion_config, "diffusion config")
     ckpt, hint = diffusion_ckpt(cfg, work)
     t_error = "steps_T + noise_offset = {t} exceeds the {steps} diffusion steps"
-    return load_purifier(config, ckpt, device, missing=hint, t=cfg.steps_T + cfg.noise_offset, t_error=t_error)
+    purifier = load_purifier(config, ckpt, device, missing=hint, t=cfg.steps_T + cfg.noise_offset, t_error=t_error)
+    check_image_size(purifier.spec.image_size, cfg.data_spec(), config, "ddpm")
+    return purifier
 
 
 def purification_rounds(cfg: FlowConfig) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
-from utils.data import NUM_CLASSES, ImageSet
+from utils.data import ImageSet
 from utils.dataelixir import candidate_store as cs
 from utils.dataelixir import defence as de
 from utils.dataelixir.attack_data import BackdoorData, build_backdoor_data
@@ -146,8 +146,7 @@ class Relabelled:
 
 
 def run_flow(ctx: FlowContext, stop_after: str | None = None) -> dict[str, Any] | None:
-    """Attack, then DataElixir; returns ``metrics.json``'s content, or None when it stops
-    after the phase ``stop_after``."""
+    """Attack, then DataElixir: ``metrics.json``'s content, or None when stopped after phase ``stop_after``."""
     cfg = ctx.cfg
     # 0. the attack: a poisoned training set and a model trained on it
     attack = cached_phase(ctx, "attack", lambda: attack_phase(ctx), attack_record(ctx))
@@ -253,6 +252,7 @@ def attack_phase(ctx: FlowContext) -> AttackResult:
         resource_dir(ctx.work),
         ctx.log,
         precision=cfg.precision_of("trigger"),
+        num_classes=cfg.data_spec().num_classes,
     )
     return AttackResult(bd, train_idx)
 
@@ -407,10 +407,10 @@ def identification_phase(
 ) -> Identification:
     """Label transition, target-label detection, sorting, and the image of each relabelled
     sample (chosen by its distances to the original under the backdoored model)."""
-    cfg = ctx.cfg
+    cfg, classes = ctx.cfg, ctx.cfg.data_spec().num_classes  # the detection runs over the dataset's classes
     p = torch.from_numpy(np.asarray(cands.preds).astype(np.int64))
-    trans = de.label_transition(p, cfg.threshold_tau, NUM_CLASSES)
-    det = de.detect_target_labels(p, trans.kept, trans.transition, labels, NUM_CLASSES, tail=cfg.detection_tail)
+    trans = de.label_transition(p, cfg.threshold_tau, classes)
+    det = de.detect_target_labels(p, trans.kept, trans.transition, labels, classes, tail=cfg.detection_tail)
     scored = f"target labels {det.targets} (scores {np.round(det.scores, 3).tolist()})"
     ctx.log(f"warning: target detection: {det.warning}" if det.warning else scored)
     srt = de.sort_samples(trans, labels, det.targets)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from utils.datasets import get_dataset
 from utils.demo.recipe import defense_flags, poison_flags
 from utils.demo.step_costs import UnitCosts, is_rough, step_minutes, step_threads
 from utils.demo.stored import Stored
@@ -93,6 +94,18 @@ _VICTIM_KEYS = ("arch", "width", "epochs", "schedule", "weight_decay", "poison",
 _VICTIM_KEYS += ("at_eps", "at_steps", "at_step_size")  # stored only by --defense at victims
 
 
+def _dataset_of(args: Any) -> tuple[str, list[str], str]:
+    """The demo's dataset, the flag every step gets for it (none for CIFAR-10, whose commands
+    stay as they were) and the CPU-scale UNet config of its image size."""
+    dataset = getattr(args, "dataset", "cifar10")
+    flags = [] if dataset == "cifar10" else ["--dataset", dataset]
+    return (
+        dataset,
+        flags,
+        "config/eclipse/cpu.yml" if get_dataset(dataset).image_size == 32 else "config/eclipse/cpu_64.yml",
+    )
+
+
 def build_commands(
     args: Any,
     poisons: Sequence[str],
@@ -109,12 +122,12 @@ def build_commands(
 
     work = Path(args.work_dir)
     it = args.diffusion_iterations
-    tiny = bool(getattr(args, "tiny", False))
+    dataset, on_dataset, unet_config = _dataset_of(args)
     test_subset = getattr(args, "test_subset", None)
     diff_ckpt = checkpoint_name("ema", it, args.diffusion_ema)
     victim_flags = ["--arch", args.arch, "--width", str(args.width), "--epochs", str(args.epochs)]
     victim_flags += ["--schedule", args.schedule, "--weight_decay", str(args.weight_decay), "--work_dir", str(work)]
-    victim_flags += ["--test_subset", str(test_subset)] if test_subset else []
+    victim_flags += (["--test_subset", str(test_subset)] if test_subset else []) + on_dataset
 
     def victim(name: str, title: str, flags: list[str], seed: int, after: tuple[str, ...]) -> DemoCommand:
         seed_flags = ["--seed", str(seed)] if seed else []
@@ -129,13 +142,13 @@ def build_commands(
     diffusion = DemoCommand(
         "diffusion",
         f"sparse diffusion model ({it} iterations)",
-        [py, "train_diffusion.py", "--config", "config/eclipse/cpu.yml", "--iterations", str(it)]
+        [py, "train_diffusion.py", "--config", unet_config, "--iterations", str(it)]
         + ["--batch_size", str(args.diffusion_batch), "--max_timestep", str(args.diffusion_max_timestep)]
-        + ["--ema_rate", str(args.diffusion_ema), "--save_interval", "500", "--work_dir", str(work)],
+        + ["--ema_rate", str(args.diffusion_ema), "--save_interval", "500", "--work_dir", str(work), *on_dataset],
         expected("diffusion"),
-        resolve_checkpoint(diff_ckpt_dir(work, SPARSE_SET) / diff_ckpt).is_file(),
+        resolve_checkpoint(diff_ckpt_dir(work, SPARSE_SET, dataset) / diff_ckpt).is_file(),
         stored=Stored(
-            (diff_ckpt_dir(work, SPARSE_SET) / "run.json",),
+            (diff_ckpt_dir(work, SPARSE_SET, dataset) / "run.json",),
             {
                 "training.batch_size": args.diffusion_batch,
                 "training.max_timestep": args.diffusion_max_timestep,
@@ -153,32 +166,32 @@ def build_commands(
             title = f"victim on the clean subset, {VARIANTS[v][0]}"
             steps += [victim(victim_name("", v, s), title, flags, s, ()) for s in seeds]
     for poison in poisons:
-        flags = poison_flags(poison, tiny)
+        flags = poison_flags(poison, bool(getattr(args, "tiny", False)))
         craft_cmd = [py, "poison.py", "--poison", poison, "--subset", str(args.subset), "--work_dir", str(work)]
-        craft_cmd += flags.split()
+        craft_cmd += flags.split() + on_dataset
         craft_after: tuple[str, ...] = ()
         if "sparse_diff_model" in POISONS[poison].defaults:  # the adaptive attack crafts through our UNet
             craft_cmd += ["--sparse_diff_model", diff_ckpt]
             craft_after = ("diffusion",)
         rough = " (rough estimate)" if costs is not None and is_rough(poison, flags, args.subset) else ""
-        crafted = {"n_images": min(args.subset, CIFAR10_TRAIN_IMAGES)}
+        crafted = {"n_images": min(args.subset, CIFAR10_TRAIN_IMAGES) if dataset == "cifar10" else args.subset}
         crafted |= _flag_values(flags.split(), {"arch": "surrogate_arch", "width": "surrogate_width"})
         craft = DemoCommand(
             f"{poison} poison",
             f"craft {poison} on {args.subset} images{rough}",
             craft_cmd,
             expected("poison", poison, flags),
-            poisoned_file(work, poison).is_file(),
+            poisoned_file(work, poison, dataset).is_file(),
             craft_after,
-            Stored((poisoned_file(work, poison).with_suffix(".json"),), crafted),
+            Stored((poisoned_file(work, poison, dataset).with_suffix(".json"),), crafted),
         )
-        purified = purified_file(work, SPARSE_SET, args.t, it, poison)
+        purified = purified_file(work, SPARSE_SET, args.t, it, poison, dataset)
         purify = DemoCommand(
             f"{poison} purification",
             f"purify {poison} (ECLIPSE stage 1)",
-            [py, "purification.py", "--poison", poison, "--config", "config/eclipse/cpu.yml"]
+            [py, "purification.py", "--poison", poison, "--config", unet_config]
             + ["--sparse_diff_model", diff_ckpt, "--t", str(args.t), "--respace", str(args.respace)]
-            + ["--work_dir", str(work)],
+            + ["--work_dir", str(work), *on_dataset],
             expected("purification"),
             purified.is_file(),
             ("diffusion", craft.key),

@@ -39,7 +39,7 @@ from utils.runtime import compiled
 DROPOUT = Range(0, 1, high_open=True)
 BETA = Range(0, 1, low_open=True, high_open=True)
 NORM_GROUPS = 32  # both UNets normalise with GroupNorm(32, channels)
-MAX_DDPM_LEVELS = 5  # a 32x32 input halves per level down to 2x2
+MAX_DDPM_LEVELS = 5  # a 32x32 input halves per level down to 2x2 (one more level at 64x64)
 
 # improved-diffusion's model_and_diffusion_defaults(), each key declared
 IMPROVED_KEYS: dict[str, Key] = {
@@ -67,7 +67,7 @@ IMPROVED_DEFAULTS: dict[str, Any] = {k: key.default for k, key in IMPROVED_KEYS.
 
 # pytorch_diffusion's Model arguments and DDPM's diffusion settings, each key declared
 DDPM_MODEL_KEYS: dict[str, Key] = {
-    "resolution": Key(32, "input resolution (CIFAR-10's)", choices=(32,)),
+    "resolution": Key(32, "input resolution (CIFAR-10's 32; Tiny-ImageNet's 64)", choices=(32, 64)),
     "in_channels": Key(3, "input channels (RGB)", choices=(3,)),
     "out_ch": Key(3, "output channels (the predicted noise)", choices=(3,)),
     "ch": Key(128, f"base channels (a multiple of {NORM_GROUPS})", range=POSITIVE),
@@ -277,10 +277,9 @@ def _check_ddpm_model(m: dict[str, Any], source: str) -> None:
             f"model.ch in {source}: must be a multiple of {NORM_GROUPS} (GroupNorm's groups), got {m['ch']}"
         )
     mult = m["ch_mult"]
-    if not 1 <= len(mult) <= MAX_DDPM_LEVELS or not all(_positive_int(x) for x in mult):
-        raise UserError(
-            f"model.ch_mult in {source}: must be a list of 1 to {MAX_DDPM_LEVELS} positive integers, got {mult!r}"
-        )
+    levels = MAX_DDPM_LEVELS + (m["resolution"] // 32).bit_length() - 1
+    if not 1 <= len(mult) <= levels or not all(_positive_int(x) for x in mult):
+        raise UserError(f"model.ch_mult in {source}: must be a list of 1 to {levels} positive integers, got {mult!r}")
     sizes = [m["resolution"] >> level for level in range(len(mult))]
     if not all(_positive_int(r) and r in sizes for r in m["attn_resolutions"]):
         raise UserError(
@@ -394,9 +393,9 @@ def load_diffusion_model(
 
 
 def diffusion_train_command(
-    config: str | Path, sparse_set: str, checkpoint_name: str, work: str | Path | None = None
+    config: str | Path, sparse_set: str, checkpoint_name: str, work: str | Path | None = None, dataset: str = "cifar10"
 ) -> str:
-    """The ``train_diffusion.py`` command that produces ``diff_ckpt/cifar10/<sparse_set>/<checkpoint_name>``.
+    """The ``train_diffusion.py`` command that produces ``diff_ckpt/<dataset>/<sparse_set>/<checkpoint_name>``.
 
     ``work``: the work folder the checkpoint belongs to; given, the config is named as it
     is found (relative to the repository, where that command runs) and ``--work_dir``
@@ -407,7 +406,9 @@ def diffusion_train_command(
             config = config.resolve().relative_to(REPO_ROOT.resolve())
         except ValueError:
             pass
-    parts = [f"python train_diffusion.py --config {config}"]
+    parts = [f"python train_diffusion.py --config {config}"] + (
+        [f"--dataset {dataset}"] if dataset != "cifar10" else []
+    )
     m = re.fullmatch(r"(test|train)(\d+)ps(\d+)", sparse_set)
     if m and int(m.group(3)) % int(m.group(2)) == 0:
         source, n, total = m.group(1), int(m.group(2)), int(m.group(3))

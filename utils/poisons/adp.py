@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from models.unet_classifier import unet_classifier_from
-from utils.data import NUM_CLASSES
 from utils.diffusion.checkpoints import resolve_checkpoint
 from utils.diffusion.factory import (
     diffusion_train_command,
@@ -32,22 +31,22 @@ from utils.diffusion.factory import (
     resolve_config,
 )
 from utils.fileio import UserError
-from utils.paths import diff_ckpt_dir
+from utils.paths import DATASET, diff_ckpt_dir
 from utils.poisons.common import CraftContext, CraftResult, apply_linf, compensation_float, surrogate_report
 from utils.poisons.minmin import MinMinConfig, run_min_min
 
 
-def checkpoint_path(work: Path, params: dict[str, Any]) -> Path:
-    """The sparse diffusion model's checkpoint (either spelling of its name)."""
-    return resolve_checkpoint(diff_ckpt_dir(work, params["sparse_set"]) / params["sparse_diff_model"])
+def checkpoint_path(work: Path, params: dict[str, Any], dataset: str = DATASET) -> Path:
+    """The sparse diffusion model's checkpoint of ``dataset`` (either spelling of its name)."""
+    return resolve_checkpoint(diff_ckpt_dir(work, params["sparse_set"], dataset) / params["sparse_diff_model"])
 
 
-def preflight(work: Path, params: dict[str, Any]) -> None:
+def preflight(work: Path, params: dict[str, Any], dataset: str = DATASET) -> None:
     """Fail before any work when the config or the diffusion checkpoint is missing."""
     config = resolve_config(params["diff_config"])
-    cmd = diffusion_train_command(config, params["sparse_set"], params["sparse_diff_model"], work)
+    cmd = diffusion_train_command(config, params["sparse_set"], params["sparse_diff_model"], work, dataset)
     purifier_checkpoint(
-        checkpoint_path(work, params),
+        checkpoint_path(work, params, dataset),
         f"ADP crafts through ECLIPSE's sparse diffusion model, train it first with `{cmd}`",
     )
 
@@ -58,11 +57,11 @@ def craft(ctx: CraftContext) -> CraftResult:
     spec = load_diffusion_spec(config)
     if spec.architecture != "improved_unet":
         raise UserError(f"{config}: ADP needs ECLIPSE's improved-diffusion UNet, not {spec.architecture!r}")
-    ckpt = checkpoint_path(ctx.work, p)
+    ckpt = checkpoint_path(ctx.work, p, (ctx.settings or {}).get("dataset", DATASET))
     unet, diffusion, _ = load_purifier(spec, ckpt, ctx.device, missing="train it with train_diffusion.py")
     t_model = p["unet_t"] * (1000.0 / diffusion.num_timesteps if spec.diffusion["rescale_timesteps"] else 1.0)
     torch.manual_seed(ctx.seed * 7919)  # the new classifier head, seeded as every surrogate (build_surrogate)
-    model = unet_classifier_from(unet, NUM_CLASSES, t_model).to(ctx.device)
+    model = unet_classifier_from(unet, ctx.num_classes, t_model).to(ctx.device)
     cfg = MinMinConfig(
         eps=p["eps"],
         step_size=p["step_size"],

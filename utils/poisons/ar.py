@@ -17,6 +17,10 @@ it returns ~0 on its own process (the AR recursion) and large values on the othe
 is what makes AR perturbations linearly-filter separable ("perfect model": predict the
 class whose filter responds least).
 
+Other datasets: one process per class, searched as above at 32×32 (with the reference's
+CIFAR-100 response of 3 beyond ten classes); at 64×64 a sample starts as 68×68 noise and its
+64×64 crop is scaled to the same per-pixel RMS (L2 = 2).
+
 Only about one candidate in 80 stays under the norm bound, so the scan drops a candidate
 as soon as its partial crop norm (which only grows row by row) passes the bound: the
 result is the same as scanning it to the end, at a fraction of the cost.
@@ -29,10 +33,12 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from utils.fileio import UserError
 from utils.poisons.common import CraftContext, CraftResult, apply_l2, l2_radius_255
 
-START, CROP = 36, 4
+START, CROP = 36, 4  # at 32x32: a 36x36 start, cropped from row and column 4 on
 NORM_BOUND = 50.0  # raw L2 norm of the 32×32×3 crop (reference: --gen_norm_upper_bound 50)
+MIN_RESPONSE_MANY = 3.0  # the reference's --required_nm_response for CIFAR-100 (more than ten classes)
 MIN_RESPONSE = 10.0  # reference: --required_nm_response 10 (CIFAR-10; 3 for CIFAR-100)
 TRIALS = 3  # samples per candidate that must stay under the bound (--num_gen_trials)
 MAX_CANDIDATES = 1_000_000  # reference: --num_samples
@@ -46,9 +52,9 @@ def random_windows(count: int, g: torch.Generator) -> torch.Tensor:
 
 
 def generate(
-    windows: torch.Tensor, g: torch.Generator, bound: float | None = None, chunk: int = 8192
+    windows: torch.Tensor, g: torch.Generator, bound: float | None = None, chunk: int = 8192, size: int = 32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sample per window ([M, 3, 3, 3]): (cropped 32×32 samples, their raw L2 norms).
+    """One sample per window ([M, 3, 3, 3]): (cropped ``size``×``size`` samples, their raw L2 norms).
 
     The scan is sequential, but batched over samples and channels; per row, the part of
     each update that reads the two finished rows above is computed for the whole row at
@@ -56,13 +62,14 @@ def generate(
     ``bound``, a sample whose crop norm passes it (or turns NaN) is dropped mid-scan and
     reported with norm inf and a NaN crop; the random draws do not depend on ``bound``."""
     outs, norms = [], []
-    width = START - 2
+    start = size + START - 32
+    width = start - 2
     for b0 in range(0, len(windows), chunk):
         w = windows[b0 : b0 + chunk].float()
-        x = torch.randn(len(w), 3, START, START, generator=g)
+        x = torch.randn(len(w), 3, start, start, generator=g)
         alive = torch.arange(len(w))
         partial = torch.zeros(len(w))  # squared crop norm of the rows done so far
-        for i in range(START - 2):
+        for i in range(start - 2):
             above = sum(w[:, :, r, c, None] * x[:, :, i + r, c : c + width] for r in range(2) for c in range(3))
             row = x[:, :, i + 2, :].clone()
             w0, w1 = w[:, :, 2, 0], w[:, :, 2, 1]
@@ -74,14 +81,14 @@ def generate(
                 keep = partial <= bound**2  # NaN compares False: dropped too
                 if not keep.all():
                     alive, w, x, partial = alive[keep], w[keep], x[keep], partial[keep]
-        crop = torch.full((len(windows[b0 : b0 + chunk]), 3, 32, 32), float("nan"))
+        crop = torch.full((len(windows[b0 : b0 + chunk]), 3, size, size), float("nan"))
         crop[alive] = x[:, :, CROP:, CROP:]
         norm = torch.full((len(crop),), float("inf"))
         norm[alive] = crop[alive].flatten(1).norm(dim=1)
         outs.append(crop)
         norms.append(norm)
     if not outs:
-        return torch.empty(0, 3, 32, 32), torch.empty(0)
+        return torch.empty(0, 3, size, size), torch.empty(0)
     return torch.cat(outs), torch.cat(norms)
 
 
@@ -144,17 +151,21 @@ def lowest_nonmatching_response(windows: torch.Tensor, g: torch.Generator, sampl
 
 
 @functools.lru_cache(maxsize=8)
-def _processes_of_seed(seed: int) -> torch.Tensor:
+def _processes_of_seed(seed: int, classes: int = 10) -> torch.Tensor:
     # the search is a pure function of its seed and takes ~10 s on a CPU core: a process
     # crafting several times from one seed (the tests) searches once
-    return find_processes(torch.Generator().manual_seed(seed))
+    response = MIN_RESPONSE if classes <= 10 else MIN_RESPONSE_MANY
+    return find_processes(torch.Generator().manual_seed(seed), classes, min_response=response)
 
 
 def craft(ctx: CraftContext) -> CraftResult:
     p = ctx.params
-    windows = _processes_of_seed(ctx.generator(1).initial_seed()).clone()
-    samples, _ = generate(windows[ctx.clean.labels], ctx.generator(3))
-    radius = l2_radius_255(p["eps"])
+    windows = _processes_of_seed(ctx.generator(1).initial_seed(), ctx.num_classes).clone()
+    size = ctx.clean.image_size
+    samples, _ = generate(windows[ctx.clean.labels], ctx.generator(3), size=size)
+    if not torch.isfinite(samples).all():  # the processes were found bounded over 32x32 crops only
+        raise UserError(f"AR: a class's process diverges over {size}x{size} images; craft with another --seed")
+    radius = l2_radius_255(p["eps"], size)
     delta = samples * (radius / samples.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, 1, 1, 1)
     images = apply_l2(ctx.clean.images, delta, radius)
     lowest = lowest_nonmatching_response(windows, ctx.generator(2))

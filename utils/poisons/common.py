@@ -4,7 +4,7 @@ differentiable augmentations and evaluation helpers. Surrogate training lives in
 ``utils.poisons.surrogate``, batched PGD crafting in ``utils.poisons.crafting`` and the L∞
 PGD in ``utils.adversarial``; their names are importable from here too.
 
-Units: images are uint8 ``[N, 3, 32, 32]``; perturbations being optimised are float
+Units: images are uint8 ``[N, 3, S, S]`` (S = 32 on CIFAR-10); perturbations being optimised are float
 tensors in **/255 units** (``8.0`` means 8/255 on the [0, 1] scale), so that an L∞ budget
 ``eps`` is the same number the papers quote and quantisation to uint8 is a rounding.
 """
@@ -72,7 +72,7 @@ class PoisonSpec:
 class CraftResult:
     """What a poison's ``craft`` returns: the poisoned images and what to record about them."""
 
-    images: torch.Tensor  # uint8 [N, 3, 32, 32]
+    images: torch.Tensor  # uint8 [N, 3, S, S], as the clean set
     info: dict[str, Any] = field(default_factory=dict)
     surrogate: nn.Module | None = None  # for tests and the JSON's surrogate accuracy
     extra_models: list[nn.Module] = field(default_factory=list)
@@ -108,8 +108,10 @@ class CraftContext:
         work: Path | None = None,
         settings: dict[str, Any] | None = None,
         test: ImageSet | None = None,
+        num_classes: int = NUM_CLASSES,
     ):
         self.clean = clean
+        self.num_classes = num_classes  # the dataset's, for the surrogates' heads and class-wise patterns
         self.test = test
         self.params = dict(params)
         self.seed = seed
@@ -188,7 +190,7 @@ class CraftContext:
     def build_surrogate(self, arch: str | None = None, width: int | None = None, seed_stream: int = 0) -> nn.Module:
         """A fresh classifier (seeded), on the device, channels_last where that is safe."""
         torch.manual_seed(self.seed * 7919 + seed_stream)
-        model = build_classifier(arch or self.arch, NUM_CLASSES, width or self.width)
+        model = build_classifier(arch or self.arch, self.num_classes, width or self.width)
         return to_channels_last(model, self.device)
 
     def bar(self, total: int | None, desc: str, initial: int = 0) -> Any:
@@ -218,12 +220,13 @@ def linf_levels(eps: float) -> int:
     return int(math.floor(eps + 1e-9))
 
 
-def l2_radius_255(eps: float) -> float:
-    """The L2 radius (in /255 units) of an ``eps``-RMS budget: ``eps * sqrt(3072)``.
+def l2_radius_255(eps: float, image_size: int = 32) -> float:
+    """The L2 radius (in /255 units) of an ``eps``-RMS budget: ``eps * sqrt(3072)`` at 32x32.
 
     L2 poisons take ``--eps`` as the per-pixel RMS in /255 units, the convention of the
-    LSP code (``--eps 6`` = an L2 ball through the corners of the 6/255 L∞ ball)."""
-    return eps * math.sqrt(IMAGE_DIM)
+    LSP code (``--eps 6`` = an L2 ball through the corners of the 6/255 L∞ ball); at
+    another image size the same RMS, so the radius grows with the side (x2 at 64x64)."""
+    return eps * math.sqrt(IMAGE_DIM * (image_size / 32) ** 2)
 
 
 def apply_linf(clean: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
@@ -296,13 +299,13 @@ def measure_norms(clean: torch.Tensor, poisoned: torch.Tensor) -> dict[str, floa
     }
 
 
-def check_budget(spec: PoisonSpec, params: dict, norms: dict[str, float]) -> dict[str, Any]:
+def check_budget(spec: PoisonSpec, params: dict, norms: dict[str, float], image_size: int = 32) -> dict[str, Any]:
     """The budget and whether the written bytes respect it (they must; a violation is a bug)."""
     if spec.norm == "linf":
         limit = linf_levels(params["eps"])
         return {"norm": "linf", "eps_255": params["eps"], "limit_255": limit, "holds": norms["linf_max_255"] <= limit}
     if spec.norm == "l2":
-        radius = l2_radius_255(params["eps"]) / 255.0
+        radius = l2_radius_255(params["eps"], image_size) / 255.0
         return {"norm": "l2", "eps_rms_255": params["eps"], "radius": radius, "holds": norms["l2_max"] <= radius + 1e-6}
     if spec.norm == "l0":
         limit = params["pixels"]
@@ -440,7 +443,7 @@ def target_hit_rates(
     ctx: CraftContext, models: Sequence[nn.Module], poisoned: torch.Tensor, shift: int
 ) -> dict[str, float]:
     """How often the (ensemble of) surrogate(s) predicts the target label, clean vs poisoned."""
-    target = (ctx.clean.labels + shift) % NUM_CLASSES
+    target = (ctx.clean.labels + shift) % ctx.num_classes
 
     def rate(images: torch.Tensor) -> float:
         prob = sum(eval_logits(m, images, ctx.device, ctx.bf16).softmax(1) for m in models)

@@ -42,7 +42,7 @@ def craft_pgd(
     returns the perturbation in /255 units."""
     n, device = ctx.n, ctx.device
     labels = ctx.clean.labels if targets is None else targets
-    current = torch.zeros(n, 3, 32, 32, dtype=torch.float16)
+    current = torch.zeros(ctx.clean.images.shape, dtype=torch.float16)
     best: torch.Tensor | None = None
     best_total, total = float("inf"), 0.0
     g = ctx.generator(201, device)
@@ -116,10 +116,10 @@ def craft_pgd(
     return (current if best is None else best).float()
 
 
-def targeted_ce(shift: int, bf16: bool) -> PerSampleLoss:
-    """Cross-entropy toward the label map ``(y + shift) mod 10`` (TAP: 1, SEP: 5)."""
+def targeted_ce(shift: int, bf16: bool, num_classes: int = NUM_CLASSES) -> PerSampleLoss:
+    """Cross-entropy toward the label map ``(y + shift) mod num_classes`` (TAP: 1, SEP: 5)."""
 
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(forward(model, x, bf16), (y + shift) % NUM_CLASSES, reduction="none")
+        return F.cross_entropy(forward(model, x, bf16), (y + shift) % num_classes, reduction="none")
 
     return loss

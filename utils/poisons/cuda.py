@@ -17,12 +17,12 @@ from utils.data import NUM_CLASSES
 from utils.poisons.common import CraftContext, CraftResult
 
 
-def class_kernels(blur: float, g: torch.Generator) -> torch.Tensor:
-    """[10, 3, 1, 3, 3] depthwise kernels, one per class, identical across channels."""
-    k = torch.rand(NUM_CLASSES, 3, 3, generator=g) * blur
-    pos = torch.randint(0, 9, (NUM_CLASSES,), generator=g)
-    k.view(10, 9)[torch.arange(10), pos] = 1.0
-    return k[:, None, None].expand(NUM_CLASSES, 3, 1, 3, 3).contiguous()
+def class_kernels(blur: float, g: torch.Generator, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """[classes, 3, 1, 3, 3] depthwise kernels, one per class, identical across channels."""
+    k = torch.rand(num_classes, 3, 3, generator=g) * blur
+    pos = torch.randint(0, 9, (num_classes,), generator=g)
+    k.view(num_classes, 9)[torch.arange(num_classes), pos] = 1.0
+    return k[:, None, None].expand(num_classes, 3, 1, 3, 3).contiguous()
 
 
 def convolve(
@@ -41,6 +41,6 @@ def convolve(
 
 
 def craft(ctx: CraftContext) -> CraftResult:
-    kernels = class_kernels(ctx.params["blur"], ctx.generator(1))
+    kernels = class_kernels(ctx.params["blur"], ctx.generator(1), ctx.num_classes)
     images = convolve(ctx.clean.images, ctx.clean.labels, kernels, quantize=ctx.params["quantize"])
     return CraftResult(images=images, info={"kernels": kernels[:, 0, 0].tolist()})

@@ -26,7 +26,6 @@ import torch.nn as nn
 
 from utils.adversarial import forward
 from utils.augment import to_float
-from utils.data import NUM_CLASSES
 from utils.poisons.common import (
     AUGMENTS,
     BLACK_RGB,
@@ -52,8 +51,8 @@ def class_centroids(model: nn.Module, ctx: CraftContext, batch: int = 500) -> to
         feats.append(forward(model, x, ctx.bf16, features=True))
     feats = torch.cat(feats)
     labels = ctx.clean.labels.to(feats.device)
-    sums = torch.zeros(NUM_CLASSES, feats.shape[1], device=feats.device).index_add_(0, labels, feats)
-    counts = torch.bincount(labels, minlength=NUM_CLASSES).clamp_min(1).float()
+    sums = torch.zeros(ctx.num_classes, feats.shape[1], device=feats.device).index_add_(0, labels, feats)
+    counts = torch.bincount(labels, minlength=ctx.num_classes).clamp_min(1).float()
     return sums / counts[:, None]
 
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.adversarial import forward, freeze, pgd_linf
-from utils.data import NUM_CLASSES, ImageSet
+from utils.data import ImageSet
 from utils.poisons.common import CraftContext, FloatAugment, accuracy_and_loss
 from utils.trainer import optimizer_step
 
@@ -106,8 +106,7 @@ class MinMin:
         self.train_images, self.train_labels = train.images, train.labels
         if cfg.schedule == "steps" and train is not data:
             raise ValueError("the steps schedule steps δ on the batch it trains on: one set of images only")
-        n = len(self.images)
-        shape = (NUM_CLASSES, 3, 32, 32) if cfg.classwise else (n, 3, 32, 32)
+        shape = (ctx.num_classes, *self.images.shape[1:]) if cfg.classwise else tuple(self.images.shape)
         # /255 units in float16: half the memory and checkpoint size of float32 at
         # full scale, with a resolution (≈0.004/255 at 8/255) far below one pixel level
         self.noise = torch.zeros(shape, dtype=torch.float16)
@@ -230,13 +229,14 @@ class MinMin:
             y_cpu = self.labels[idx]
             stepped = self.craft_batch(idx, self.delta_of(idx)).cpu()
             # clipping at [0, 255] is per image; the class pattern averages the stepped copies
-            sums = torch.zeros(NUM_CLASSES, 3, 32, 32).index_add_(0, y_cpu, stepped)
-            counts = torch.bincount(y_cpu, minlength=NUM_CLASSES).float()
+            sums = torch.zeros(self.noise.shape).index_add_(0, y_cpu, stepped)
+            counts = torch.bincount(y_cpu, minlength=len(self.noise)).float()
             has = counts > 0
             self.noise[has] = (sums[has] / counts[has].view(-1, 1, 1, 1)).clamp(-cfg.eps, cfg.eps).half()
         else:
             if cfg.random_start:
-                start = torch.rand((len(idx), 3, 32, 32), generator=self.g_aug, device=self.g_aug.device) * 2 - 1
+                shape = (len(idx), *self.images.shape[1:])
+                start = torch.rand(shape, generator=self.g_aug, device=self.g_aug.device) * 2 - 1
                 start = start.to(self.device) * cfg.eps
             else:
                 start = self.delta_of(idx)

@@ -11,32 +11,35 @@ from __future__ import annotations
 
 import torch
 
+from utils.data import NUM_CLASSES
 from utils.poisons.common import CraftContext, CraftResult
 
 COLOURS = torch.tensor([[(v >> 2) & 1, (v >> 1) & 1, v & 1] for v in range(8)], dtype=torch.float64)  # [8, 3]
 
 
 def position_scores(class_images: torch.Tensor) -> torch.Tensor:
-    """[1024, 8] scores of (position, colour) for one class's uint8 images."""
-    x = class_images.double().div(255.0).flatten(2)  # [N, 3, 1024]
+    """[S*S, 8] scores of (position, colour) for one class's uint8 images (S x S)."""
+    x = class_images.double().div(255.0).flatten(2)  # [N, 3, S*S]
     m1 = x.mean(0)  # E[x] per channel and position
     m2 = (x * x).mean(0)
     # |c - x| is x for c = 0 and 1 - x for c = 1
-    e1 = torch.stack([m1, 1 - m1])  # [2, 3, 1024]: E|c - x|
+    e1 = torch.stack([m1, 1 - m1])  # [2, 3, S*S]: E|c - x|
     e2 = torch.stack([m2, 1 - 2 * m1 + m2])  # E|c - x|²
     bits = COLOURS.long()  # [8, 3]
     ch = torch.arange(3)
-    mean = e1[bits, ch].mean(1)  # [8, 1024] averaged over the channels
+    mean = e1[bits, ch].mean(1)  # [8, S*S] averaged over the channels
     second = e2[bits, ch].mean(1)
     std = (second - mean**2).clamp_min(0).sqrt()
-    return (mean / std.clamp_min(1e-12)).T  # [1024, 8]
+    return (mean / std.clamp_min(1e-12)).T  # [S*S, 8]
 
 
-def search(images: torch.Tensor, labels: torch.Tensor, pixels: int) -> list[list[tuple[int, int]]]:
+def search(
+    images: torch.Tensor, labels: torch.Tensor, pixels: int, num_classes: int = NUM_CLASSES
+) -> list[list[tuple[int, int]]]:
     """Per class, the chosen (position, colour index) pairs, greedily in class order."""
     taken: set[tuple[int, int]] = set()
     choice = []
-    for c in range(10):
+    for c in range(num_classes):
         sel = images[labels == c]
         picks = []
         if len(sel):
@@ -54,21 +57,23 @@ def search(images: torch.Tensor, labels: torch.Tensor, pixels: int) -> list[list
 
 def apply(images: torch.Tensor, labels: torch.Tensor, choice: list[list[tuple[int, int]]]) -> torch.Tensor:
     out = images.clone()
+    side = images.shape[-1]
     for c, picks in enumerate(choice):
         idx = torch.nonzero(labels == c).flatten()
         for pos, colour in picks:
             value = (COLOURS[colour] * 255).to(torch.uint8)
-            out[idx, :, pos // 32, pos % 32] = value
+            out[idx, :, pos // side, pos % side] = value
     return out
 
 
 def craft(ctx: CraftContext) -> CraftResult:
-    choice = search(ctx.clean.images, ctx.clean.labels, ctx.params["pixels"])
+    choice = search(ctx.clean.images, ctx.clean.labels, ctx.params["pixels"], ctx.num_classes)
     images = apply(ctx.clean.images, ctx.clean.labels, choice)
+    side = ctx.clean.image_size
     info = {
         "pixels_per_class": [
             [
-                {"row": pos // 32, "col": pos % 32, "rgb": [int(v) * 255 for v in COLOURS[c].tolist()]}
+                {"row": pos // side, "col": pos % side, "rgb": [int(v) * 255 for v in COLOURS[c].tolist()]}
                 for pos, c in picks
             ]
             for picks in choice

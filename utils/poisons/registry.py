@@ -108,7 +108,12 @@ OPTIONS: dict[str, Key] = {
         bool,
     ),
     "sigma": Key(None, "URP: std of the class-wise Gaussian noise, /255 (then clipped to eps)", float, range=GT0),
-    "patch": Key(None, "LSP: patch size (pixels); 32 must be a multiple", int, range=POSITIVE),
+    "patch": Key(
+        None,
+        "LSP: patch size (pixels); the image side must be a multiple (default: 8 at 32x32, 16 at 64x64)",
+        int,
+        range=POSITIVE,
+    ),
     "class_sep": Key(None, "LSP: make_classification class_sep", float, range=NONNEG),
     "pixels": Key(None, "OPS: pixels set per class (L0 budget)", int, range=POSITIVE),
     "blur": Key(None, "CUDA: kernel entries ~ U(0, blur)", float, range=GT0),
@@ -354,11 +359,12 @@ def get_poison(name: str) -> PoisonSpec:
     raise UserError(f"unknown poison {name!r}; valid poisons: {', '.join(POISONS)}")
 
 
-def resolve_params(spec: PoisonSpec, given: dict[str, Any]) -> dict[str, Any]:
+def resolve_params(spec: PoisonSpec, given: dict[str, Any], image_size: int = 32) -> dict[str, Any]:
     """The poison's defaults overridden by the options the user gave, validated.
 
     ``given`` maps option names to values (``None`` = not given). Options the poison does
-    not take are refused, so that a typo'd or misplaced flag never goes unnoticed."""
+    not take are refused, so that a typo'd or misplaced flag never goes unnoticed.
+    ``image_size``: the dataset's; LSP's patch scales with it (the same 4×4 grid)."""
     given = {k: v for k, v in given.items() if v is not None and not (k == "classwise" and v is False)}
     foreign = sorted(k for k in given if k not in spec.defaults)
     if foreign:
@@ -369,6 +375,8 @@ def resolve_params(spec: PoisonSpec, given: dict[str, Any]) -> dict[str, Any]:
             budget = " (it is not norm-bounded)"
         raise UserError(f"{flags} does not apply to {spec.name}{budget}; {spec.name} takes {takes}")
     base = {k: key.default for k, key in spec.defaults.items()}
+    if "patch" in base and image_size != 32:
+        base["patch"] = base["patch"] * image_size // 32
     if spec.name == "EM" and given.get("classwise"):
         base.update(_EM_CLASSWISE)
     params: dict[str, Any] = {}
@@ -380,11 +388,11 @@ def resolve_params(spec: PoisonSpec, given: dict[str, Any]) -> dict[str, Any]:
     for k, v in base.items():  # derived defaults see the final values of the others
         if k not in params:
             params[k] = v(params)
-    _validate(spec, params)
+    _validate(spec, params, image_size)
     return params
 
 
-def _validate(spec: PoisonSpec, p: dict[str, Any]) -> None:
+def _validate(spec: PoisonSpec, p: dict[str, Any], image_size: int = 32) -> None:
     if "eps" in p:
         eps = p["eps"]
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and 0 < eps <= 255):
@@ -406,8 +414,8 @@ def _validate(spec: PoisonSpec, p: dict[str, Any]) -> None:
             raise UserError(f"--milestones must be comma-separated epochs, got {p['milestones']!r}") from None
         if any(m < 1 for m in ms) or ms != sorted(ms):
             raise UserError(f"--milestones must be increasing positive epochs, got {p['milestones']!r}")
-    if "patch" in p and 32 % p["patch"]:
-        raise UserError(f"--patch must divide 32, got {p['patch']}")
+    if "patch" in p and image_size % p["patch"]:
+        raise UserError(f"--patch must divide the image side {image_size}, got {p['patch']}")
     if "portion" in p and p["portion"] < 1 and not p.get("classwise"):
         raise UserError("--portion applies to EM --classwise only: sample-wise noise needs every image")
     if spec.name == "SEP" and p["checkpoints"] > p["epochs"]:

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from utils.data import CIFAR10_CLASSES, ImageSet, class_balanced_subset, load_cifar10, write_eclipse_pkl
+from utils.data import ImageSet, class_balanced_subset, write_eclipse_pkl
+from utils.datasets import dataset_spec, load_dataset
 from utils.fileio import atomic_write_json, refuse_overwrite, safe_torch_load, setup_logging
 from utils.paths import poisoned_file, resource_dir, work_dir
 from utils.plots import save_image_grid, signed_difference
@@ -71,7 +72,7 @@ def describe_device(device: torch.device) -> str:
 def preview(path: Path, clean: ImageSet, poisoned: torch.Tensor, per_class: int = 2) -> None:
     """clean / poisoned / amplified perturbation for ``per_class`` images of each class."""
     idx = []
-    for c in range(10):
+    for c in range(min(int(clean.labels.max()) + 1, 10)):  # the first ten classes of a larger dataset
         idx += torch.nonzero(clean.labels == c).flatten()[:per_class].tolist()
     idx = torch.tensor(idx, dtype=torch.long)
     a, b = poisoned[idx], clean.images[idx]
@@ -89,19 +90,20 @@ def run_poison(job: PoisonJob, locks: ExitStack) -> int:
     ``--stop_after`` paused it)."""
     args, spec = job.args, job.spec
     work = work_dir(args.work_dir)
-    out = poisoned_file(work, job.name)
+    out = poisoned_file(work, job.name, args.dataset)
     # the outputs' names (with their temporary and lock files) fit the file system, before any work
     check_name(job.name, "--name", tuple("{}" + s for s in (".pkl", ".json", ".png", ".log", ".work/")), out.parent)
     module = importlib.import_module(spec.module)
     if hasattr(module, "preflight"):
-        module.preflight(work, job.params)
+        module.preflight(work, job.params, args.dataset)
     refuse_overwrite(out, args.overwrite)  # before any work: an existing result stays untouched
     device = resolve_device(args.device)
     precision = precision_from_args(args, device, "surrogate")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     # the data is read (and so checked) before anything is written or discarded
-    train = load_cifar10("train", args.data_root, download=args.download)
+    train = load_dataset(args.dataset, "train", args.data_root, download=args.download)
+    classes = dataset_spec(args.dataset, args.data_root).class_names()
     settings = {
         "poison": spec.name,
         "params": job.params,
@@ -112,6 +114,8 @@ def run_poison(job: PoisonJob, locks: ExitStack) -> int:
         "width": job.width,
         "bf16": precision.bf16,  # the surrogates' precision, spelled as states have always stored it
         "data_root": str(args.data_root),
+        # the dataset only where it is not CIFAR-10, so CIFAR-10 states resume as before
+        **({"dataset": args.dataset} if args.dataset != "cifar10" else {}),
     }
     # an interrupted run's state resumes only with the same settings, in the precision it was
     # started with; with other settings it is refused, or discarded under --overwrite
@@ -134,7 +138,9 @@ def run_poison(job: PoisonJob, locks: ExitStack) -> int:
     if args.subset is not None and args.subset < len(train):
         subset_idx = class_balanced_subset(train.labels, args.subset, args.subset_seed)
         train = train.subset(subset_idx)
-    test = load_cifar10("test", args.data_root) if spec.needs_test else None  # SEP keeps checkpoints by test accuracy
+    test = (
+        load_dataset(args.dataset, "test", args.data_root) if spec.needs_test else None
+    )  # SEP keeps checkpoints by test accuracy
     log.info(
         f"[Poison:{spec.name}] [Name:{job.name}] {len(train)} images, params {job.params}, seed {args.seed}, "
         + (f"surrogate {job.arch} w{job.width}, " if job.arch else "")
@@ -159,6 +165,7 @@ def run_poison(job: PoisonJob, locks: ExitStack) -> int:
         progress=not args.no_progress,
         work=work,
         test=test,
+        num_classes=len(classes),
     )
     t_wall = time.time()
     try:
@@ -166,7 +173,7 @@ def run_poison(job: PoisonJob, locks: ExitStack) -> int:
     except CraftingPaused as e:
         log.info(f"{e}; state saved in {ctx.state_dir}, re-run the same command (without --stop_after) to resume")
         return PAUSED_EXIT
-    _write_outputs(job, out, ctx, result, subset_idx, device, t_wall)
+    _write_outputs(job, out, ctx, result, subset_idx, device, t_wall, classes)
     return 0
 
 
@@ -193,6 +200,7 @@ def _write_outputs(
     subset_idx: torch.Tensor | None,
     device: torch.device,
     t_wall: float,
+    classes: list[str],
 ) -> None:
     """The preview and JSON summary, then the poisoned set (after checking its dtype, shape
     and budget) last: the ``.pkl`` marks the run finished (``utils.run_state``), so a kill
@@ -202,7 +210,7 @@ def _write_outputs(
     if poisoned.dtype != torch.uint8 or poisoned.shape != train.images.shape:
         raise RuntimeError(f"{spec.name} returned {poisoned.dtype} {tuple(poisoned.shape)} images")
     norms = measure_norms(train.images, poisoned)
-    budget = check_budget(spec, params, norms)
+    budget = check_budget(spec, params, norms, train.image_size)
     if not budget["holds"]:
         raise RuntimeError(f"{spec.name} broke its budget: {budget} with measured norms {norms}")
 
@@ -221,7 +229,8 @@ def _write_outputs(
         "surrogate_width": job.width,
         "precision": "bf16" if ctx.bf16 else "fp32",
         "n_images": len(train),
-        "classes": list(CIFAR10_CLASSES),
+        **({"dataset": args.dataset} if args.dataset != "cifar10" else {}),
+        "classes": classes,
         "subset": None
         if subset_idx is None
         else {"n": len(subset_idx), "seed": args.subset_seed, "indices": subset_idx.tolist()},

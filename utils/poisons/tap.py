@@ -44,7 +44,7 @@ def craft(ctx: CraftContext) -> CraftResult:
         ctx,
         "TAP-pgd",
         [model],
-        targeted_ce(p["target_shift"], ctx.bf16),
+        targeted_ce(p["target_shift"], ctx.bf16, ctx.num_classes),
         eps=p["eps"],
         step=p["step_size"],
         steps=p["pgd_steps"],

@@ -19,14 +19,16 @@ from utils.data import NUM_CLASSES
 from utils.poisons.common import CraftContext, CraftResult, apply_linf, linf_levels
 
 
-def class_patterns(eps: float, sigma: float, g: torch.Generator) -> torch.Tensor:
-    """[10, 3, 32, 32] integer-valued patterns (/255 units) in [-floor(eps), floor(eps)]."""
+def class_patterns(
+    eps: float, sigma: float, g: torch.Generator, num_classes: int = NUM_CLASSES, size: int = 32
+) -> torch.Tensor:
+    """[classes, 3, size, size] integer-valued patterns (/255 units) in [-floor(eps), floor(eps)]."""
     k = linf_levels(eps)
-    return (torch.randn(NUM_CLASSES, 3, 32, 32, generator=g) * sigma).clamp(-eps, eps).round().clamp(-k, k)
+    return (torch.randn(num_classes, 3, size, size, generator=g) * sigma).clamp(-eps, eps).round().clamp(-k, k)
 
 
 def craft(ctx: CraftContext) -> CraftResult:
     p = ctx.params
-    patterns = class_patterns(p["eps"], p["sigma"], ctx.generator(1))
+    patterns = class_patterns(p["eps"], p["sigma"], ctx.generator(1), ctx.num_classes, ctx.clean.image_size)
     images = apply_linf(ctx.clean.images, patterns[ctx.clean.labels], p["eps"])
     return CraftResult(images=images, info={"patterns": "one per class"})

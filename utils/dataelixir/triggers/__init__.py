@@ -1,6 +1,6 @@
 """Backdoor triggers: one module per attack (``TRIGGER``), their base class and the registry.
 
-Every trigger works on batched ``uint8 [N, 3, 32, 32]`` tensors and returns the same
+Every trigger works on batched ``uint8 [N, 3, S, S]`` tensors and returns the same
 dtype and shape; see ``base.Trigger``.
 """
 

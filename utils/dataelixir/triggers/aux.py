@@ -82,6 +82,7 @@ def train_aux_classifier(
     log: Log = print,
     lr_schedule: str = "cosine",
     precision: str = "fp32",
+    num_classes: int = NUM_CLASSES,
 ) -> tuple[nn.Module, dict[str, Any], Path]:
     """A clean classifier (BackdoorBench recipe: SGD 0.9, wd 5e-4, cosine), cached in
     ``resource_dir/<attack>/clf-<key>/model.pt`` (returned with its info and folder); its
@@ -100,7 +101,7 @@ def train_aux_classifier(
         "data": tensor_fingerprint(train.images, train.labels),
     }
     folder = cache_dir(resource_dir, attack, settings, "clf-")
-    model = Normalized(build_classifier(p["aux_arch"], NUM_CLASSES, p["aux_width"]))
+    model = Normalized(build_classifier(p["aux_arch"], num_classes, p["aux_width"]))
     final = Resumable(folder / "model.pt", settings, log, f"{attack} auxiliary classifier")
     state = final.load()
     if state is not None:

@@ -1,7 +1,8 @@
 """The base class every backdoor trigger derives from, and the helpers they share.
 
-Every trigger works on batched ``uint8 [N, 3, 32, 32]`` tensors and returns the same
-dtype and shape. ``prepare`` trains or loads whatever auxiliary model the trigger needs
+Every trigger works on batched ``uint8 [N, 3, S, S]`` tensors (S = ``image_size``, 32 on
+CIFAR-10) and returns the same dtype and shape; its geometry follows S as BackdoorBench's
+per-dataset settings do. ``prepare`` trains or loads whatever auxiliary model the trigger needs
 (a no-op for static triggers); ``apply`` is deterministic: the same input and settings
 give the same bytes. ``poison_train`` builds the poisoned training images; attacks
 whose training recipe mixes in "cross" (noise-mode) samples override it.
@@ -55,8 +56,12 @@ class Trigger:
         target: int = 0,
         label_trans: str = "all2one",
         pratio: float = 0.1,
+        num_classes: int = NUM_CLASSES,
+        image_size: int = 32,
     ):
         self.params = coerce_params(self.name, self.keys, params)
+        self.num_classes = int(num_classes)
+        self.image_size = int(image_size)
         self.seed = int(seed)
         self.pratio = float(pratio)
         self.target = int(target)
@@ -80,7 +85,7 @@ class Trigger:
         self.device = device
 
     def apply(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
-        """Triggered copies of ``images`` (uint8 [B,3,32,32] on any device).
+        """Triggered copies of ``images`` (uint8 [B,3,S,S] on any device).
 
         ``train=True`` asks for the training-time poison where it differs from the
         test-time trigger (label-consistent adds its adversarial perturbation then)."""
@@ -164,8 +169,8 @@ def aux_subset(train: ImageSet, n: int, seed: int) -> ImageSet:
     return train.subset(class_balanced_subset(train.labels, n, seed))
 
 
-def attack_targets(labels: torch.Tensor, target: int, label_trans: str) -> torch.Tensor:
+def attack_targets(labels: torch.Tensor, target: int, label_trans: str, num_classes: int = NUM_CLASSES) -> torch.Tensor:
     """The label an attacker assigns to a triggered sample of true class ``labels``."""
     if label_trans == "all2all":
-        return (labels + 1) % NUM_CLASSES
+        return (labels + 1) % num_classes
     return torch.full_like(labels, target)

@@ -46,7 +46,7 @@ def blended_trigger(seed: int = 0, size: int = 32, waves: int = 6) -> torch.Tens
     return torch.from_numpy(np.round(img).astype(np.uint8))
 
 
-def load_trigger_image(path: str | Path) -> torch.Tensor:
+def load_trigger_image(path: str | Path, size: int = 32) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path).expanduser()
@@ -54,7 +54,7 @@ def load_trigger_image(path: str | Path) -> torch.Tensor:
         raise UserError(f"blended: attack_trigger_img_path {path} does not exist")
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB").resize((32, 32), Image.BILINEAR)
+            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as e:
         raise UserError(f"blended: cannot read trigger image {path}: {e}") from None
@@ -74,14 +74,16 @@ class TriggerBlended(Trigger):
             0.2, "blend weight of the trigger in triggered test images (BackdoorBench: 0.2)", range=_ALPHA
         ),
         "attack_trigger_img_path": Key(
-            "", "trigger image file (resized to 32x32); empty = the generated pattern (BackdoorBench: Hello Kitty)"
+            "",
+            "trigger image file (resized to the image size); empty = the generated pattern (BackdoorBench: Hello Kitty)",
         ),
         "trigger_seed": Key(0, "seed of the generated trigger pattern (used when attack_trigger_img_path is empty)"),
     }
 
     def validate(self) -> None:
         path = self.params["attack_trigger_img_path"]
-        self.pattern = load_trigger_image(path) if path else blended_trigger(self.params["trigger_seed"])
+        size = self.image_size
+        self.pattern = load_trigger_image(path, size) if path else blended_trigger(self.params["trigger_seed"], size)
 
     def apply(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
         a = self.params["attack_train_blended_alpha" if train else "attack_test_blended_alpha"]

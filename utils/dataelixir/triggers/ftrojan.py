@@ -82,7 +82,10 @@ class TriggerFTrojan(Trigger):
     keys = {
         "yuv_flag": Key(True, "perturb the DCT of the YCrCb image (True, BackdoorBench's YUV) or of the RGB image"),
         "window_size": Key(
-            32, "DCT block size dividing 32 (BackdoorBench: 32, one block per image)", choices=(1, 2, 4, 8, 16, 32)
+            32,
+            "DCT block size dividing the image side (BackdoorBench: 32: one block per CIFAR image, four on a 64x64 "
+            "image, each block shifted alike)",
+            choices=(1, 2, 4, 8, 16, 32, 64),
         ),
         "pos_list": Key(
             [[15, 15], [31, 31]],
@@ -94,6 +97,8 @@ class TriggerFTrojan(Trigger):
 
     def validate(self) -> None:
         w = self.params["window_size"]
+        side = self.image_size
+        require(side % w == 0, f"ftrojan: window_size must divide the image side {side}, got {w}")
         pos = self.params["pos_list"]
         ok = bool(pos) and all(
             isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and 0 <= v < w for v in p) for p in pos
@@ -111,7 +116,7 @@ class TriggerFTrojan(Trigger):
             for r, col in pos:
                 mask[0, c, r, col] += m
         # the pixel-domain pattern that the coefficient shift of every block adds
-        self.pattern = blockwise_dct(mask.repeat(1, 1, 32 // w, 32 // w), w, inverse=True)
+        self.pattern = blockwise_dct(mask.repeat(1, 1, side // w, side // w), w, inverse=True)
 
     def perturbed_float(self, images: torch.Tensor) -> torch.Tensor:
         """The perturbed image in the DCT's colour space, before truncation (float64)."""

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from models import build_classifier
 from utils.augment import crop_rotate_flip, to_float
-from utils.data import CIFAR10_MEAN, CIFAR10_STD, NUM_CLASSES, ImageSet
+from utils.data import CIFAR10_MEAN, CIFAR10_STD, ImageSet
 from utils.dataelixir.triggers.aux import Resumable, aux_keys
 from utils.dataelixir.triggers.base import Log, attack_targets, aux_subset, cache_dir
 from utils.dataelixir.triggers.wanet import (
@@ -212,7 +212,7 @@ class TriggerInputAware(CrossSampleTrigger):
 
     def _train(self, gen, mgen, data: ImageSet, device, folder: Path, settings: dict, log: Log) -> dict:
         p = self.params
-        clf = Normalized(build_classifier(p["aux_arch"], NUM_CLASSES, p["aux_width"])).to(device)
+        clf = Normalized(build_classifier(p["aux_arch"], self.num_classes, p["aux_width"])).to(device)
         # channels_last: several times faster for these narrow convolutions on CPU
         for net in (clf, gen, mgen):
             to_channels_last(net, device)

@@ -33,7 +33,7 @@ import torch.nn as nn
 from models import build_classifier
 from utils.adversarial import pgd_linf
 from utils.augment import standard_augment, to_float
-from utils.data import NUM_CLASSES, ImageSet
+from utils.data import ImageSet
 from utils.dataelixir.triggers.aux import Resumable, aux_keys
 from utils.dataelixir.triggers.base import Log, Trigger, aux_subset, cache_dir, settings_key
 from utils.fileio import tensor_fingerprint
@@ -101,7 +101,7 @@ class TriggerLC(Trigger):
 
     def validate(self) -> None:
         p = self.params
-        self.mask = lc_trigger_mask(p["lc_trigger"])
+        self.mask = lc_trigger_mask(p["lc_trigger"], self.image_size)  # 3x3 corner patterns at any size
         self.model: nn.Module | None = None
         self.folder: Path | None = None
 
@@ -118,7 +118,7 @@ class TriggerLC(Trigger):
             "precision": self.precision,
         }
         self.folder = cache_dir(resource_dir, "lc", settings, "at-")
-        model = Normalized(build_classifier(p["aux_arch"], NUM_CLASSES, p["aux_width"]))
+        model = Normalized(build_classifier(p["aux_arch"], self.num_classes, p["aux_width"]))
         # BackdoorBench's default layout (not channels_last), which the PGD reads from here
         model.input_layout = torch.contiguous_format
         final = Resumable(self.folder / "model.pt", settings, log, "lc adversarially trained model")

@@ -143,7 +143,7 @@ class TriggerLF(Trigger):
         self.device = device
         p = self.params
         model, clf_info, folder = train_aux_classifier(
-            "lf", p, train, device, resource_dir, self.seed, log, precision=self.precision
+            "lf", p, train, device, resource_dir, self.seed, log, precision=self.precision, num_classes=self.num_classes
         )
         model.float().eval()
         for q in model.parameters():
@@ -181,7 +181,8 @@ class TriggerLF(Trigger):
         held = to_float(train.images[pick[n:] if len(pick) > n else pick]).to(device)
         g = torch.Generator().manual_seed(self.seed + 9)
         if state is None:
-            state = {"v": torch.zeros(1, 3, 32, 32), "passes": 0, "fooling": [], "done": False, "seconds": 0.0}
+            side = self.image_size
+            state = {"v": torch.zeros(1, 3, side, side), "passes": 0, "fooling": [], "done": False, "seconds": 0.0}
         else:
             g.set_state(state["rng"])
             log(f"lf: resuming the perturbation search after pass {state['passes']}")

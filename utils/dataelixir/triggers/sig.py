@@ -38,7 +38,7 @@ class TriggerSIG(Trigger):
 
     def validate(self) -> None:
         d, f = self.params["sig_delta"], self.params["sig_f"]
-        self.pattern = sig_pattern(d, f)
+        self.pattern = sig_pattern(d, f, self.image_size)  # f periods across any width, as BackdoorBench
 
     def apply(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
         # BackdoorBench adds the float32 pattern to uint32 pixels in float64, so where the

@@ -87,7 +87,7 @@ class StegaEncoder(nn.Module):
         """The raw output for ``x`` ([0,1] images) carrying ``secret`` (0/1 floats):
         ``encoded_image`` turns it into the encoded image."""
         s = self.secret(secret * 2 - 1).view(-1, 3, 16, 16)
-        s = F.interpolate(s, scale_factor=2, mode="nearest")
+        s = F.interpolate(s, size=x.shape[-2:], mode="nearest")  # 32x32: x2, as before; 64x64: x4
         inp = torch.cat([x * 2 - 1, s], dim=1)
         h1 = self.c1(inp)
         h2 = self.c2(h1)
@@ -166,7 +166,9 @@ class StegaDecoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x * 2 - 1))
+        h = self.body(x * 2 - 1)
+        # 4x4 at 32x32 input; a larger image's feature map is pooled to the head's 4x4
+        return self.head(h if h.shape[-1] == 4 else F.adaptive_avg_pool2d(h, 4))
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

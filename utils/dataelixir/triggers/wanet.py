@@ -186,7 +186,8 @@ class TriggerWaNet(CrossSampleTrigger):
 
     def validate(self) -> None:
         p = self.params
-        self.noise_grid, self.grid = wanet_grids(p["k"], p["s"], p["grid_rescale"], self.seed)
+        # the k x k control grid upsampled to the image side, as BackdoorBench's input_height
+        self.noise_grid, self.grid = wanet_grids(p["k"], p["s"], p["grid_rescale"], self.seed, self.image_size)
 
     def apply(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
         return warp(images, self.grid, self.params["quantize"])
