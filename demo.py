@@ -93,8 +93,9 @@ KEYS: dict[str, Key] = {
     "baselines": Key(False, "also train the ISS baselines (grayscale, JPEG): adds issg,issj to --defenses", flag=True),
     "defenses": Key(
         "none,eclipse",
-        "comma-separated victim columns: none (no defence), issg, issj, at (PGD adversarial training, "
-        "the recipe's defense_flags), eclipse, or 'all'; ECLIPSE's purification runs only for eclipse",
+        "comma-separated victim columns: none (no defence), issg, issj, at (PGD adversarial training), cutout, "
+        "mixup, cutmix, op (Orthogonal Projection), eclipse, or 'all' (train.py --defense; flags: the recipe's "
+        "defense_flags); ECLIPSE's purification runs only for eclipse",
     ),
     "seeds": Key(1, "victims per cell, seeds 0..N-1 (table: mean ± std)", range=POSITIVE),
     "jobs": Key(1, "steps run at a time (each with cores/jobs threads)", range=POSITIVE),

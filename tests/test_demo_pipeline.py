@@ -87,6 +87,14 @@ def test_adversarial_training_column_takes_the_recipes_flags_and_skips_stage_one
     assert at.stored.values["at_steps"] == "5" and at.after == ("EM poison",)
     adp = {s.key for s in build_commands(_args(tmp_path), ["ADP"], variants, py="py")}
     assert "diffusion" in adp and "ADP purification" not in adp
+    op = {s.key: s for s in build_commands(_args(tmp_path), ["LSP"], demo.parse_defenses("op,cutmix"), py="py")}
+    assert op["demo-LSP-op"].cmd[op["demo-LSP-op"].cmd.index("--defense") :][:4] == [
+        "--defense",
+        "op",
+        "--op_batch_size",
+        "100",
+    ]
+    assert {"demo-clean-op", "demo-clean-cutmix"} <= set(op)
     with pytest.raises(SystemExit, match="unknown defence"):
         demo.parse_defenses("none,pgd")
 

@@ -47,6 +47,10 @@ VARIANTS = {
     "issg": ("ISS-G", ["--defense", "grayscale"]),
     "issj": ("ISS-J", ["--defense", "jpeg"]),
     "at": ("AT", ["--defense", "at"]),  # PGD adversarial training; its CPU flags: the recipe's defense_flags
+    "cutout": ("Cutout", ["--defense", "cutout"]),
+    "mixup": ("Mixup", ["--defense", "mixup"]),
+    "cutmix": ("CutMix", ["--defense", "cutmix"]),
+    "op": ("OP", ["--defense", "op"]),  # Orthogonal Projection
     "eclipse": ("ECLIPSE", ["--pure"]),
 }
 STATUS_EVERY_S = 300.0  # a status line while steps run in parallel (their output goes to logs)
@@ -493,12 +497,12 @@ def summarise(work: Path, poisons: Sequence[str], seeds: int) -> dict[str, Any]:
             )
             cells["beats_issj"] = compare(eclipse, cells["issj"])
             cells["beats_issg"] = compare(eclipse, cells["issg"])
-            cells["beats_at"] = compare(eclipse, cells["at"])
+            cells |= {f"beats_{v}": compare(eclipse, cells[v]) for v in OPTIONAL_COLUMNS}
             rows[p] = cells
     return {"clean": clean, "clean_defended": clean_defended, "poisons": rows}
 
 
-OPTIONAL_COLUMNS = ("at",)  # shown only where some victim of theirs finished
+OPTIONAL_COLUMNS = ("at", "cutout", "mixup", "cutmix", "op")  # shown only where some victim of theirs finished
 
 
 def shown_variants(summary: dict[str, Any]) -> list[str]:
