@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils.data import NUM_CLASSES, ImageSet
+from utils.data import CIFAR10_MEAN, CIFAR10_STD, NUM_CLASSES, ImageSet
 from utils.dataelixir.triggers import TRIGGERS, coerce_params, get_trigger
 from utils.dataelixir.triggers.base import Trigger, attack_targets
 from utils.dataelixir.triggers.wanet import CrossSampleTrigger
@@ -157,13 +157,17 @@ def build_backdoor_data(
     log: Callable[[str], None] = print,
     precision: str = "fp32",
     num_classes: int = NUM_CLASSES,
+    mean: tuple[float, float, float] = CIFAR10_MEAN,
+    std: tuple[float, float, float] = CIFAR10_STD,
 ) -> BackdoorData:
     """Poison ``train`` with ``attack`` and build the clean, backdoor and robust test sets.
 
     ``params`` holds the common keys (``COMMON_KEYS``) and the attack's own keys
     (``ATTACKS[attack].defaults``); other keys are ignored. Auxiliary models are trained
-    or loaded under ``resource_dir/<attack>/``, in ``precision``. ``num_classes``: the dataset's
-    (the images' size is ``train``'s). Bad values raise ``UserError``."""
+    or loaded under ``resource_dir/<attack>/``, in ``precision``. ``num_classes``, ``mean``,
+    ``std``: the dataset's (the images' size is ``train``'s); the auxiliary classifiers and
+    WaNet's and Input-aware's normalised tensors use ``mean``/``std``. Bad values raise
+    ``UserError``."""
     cls = get_trigger(attack)
     target, trans, pratio, seed = _common(attack, params)
     if target >= num_classes:
@@ -172,9 +176,8 @@ def build_backdoor_data(
         kind = "a clean-label attack (only target-class samples are poisoned)" if cls.clean_label else "all2one only"
         raise UserError(f"{attack} is {kind}; attack_label_trans must be all2one, not all2all")
     size = train.image_size
-    trigger = cls(
-        params, seed=seed, target=target, label_trans=trans, pratio=pratio, num_classes=num_classes, image_size=size
-    )
+    geometry = {"num_classes": num_classes, "image_size": size, "mean": mean, "std": std}
+    trigger = cls(params, seed=seed, target=target, label_trans=trans, pratio=pratio, **geometry)
     trigger.precision = precision
     timings: dict[str, float] = {}
 

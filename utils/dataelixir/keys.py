@@ -343,4 +343,6 @@ def validate(cfg: FlowConfig) -> None:
         pratio=cfg.pratio,
         num_classes=data.num_classes,
         image_size=data.image_size,
+        mean=data.mean,
+        std=data.std,
     )

@@ -1,15 +1,12 @@
-"""The attack scripts' flow, phase by phase (:func:`run_flow`): the attack data, the backdoored
-model, DataElixir's candidates, label transitions, target-label detection, image selection and
-relabelling, the two retrainings and the outputs.
+"""The attack scripts' flow, phase by phase (:func:`run_flow`), from the attack data to the outputs (``PHASES``).
 
-Every phase of ``PHASES`` stores its output under ``record/<save_folder_name>/`` and is marked
-done in ``phases.json`` as soon as it finishes. :func:`cached_phase` loads a phase whose stored
-output exists instead of running it again; otherwise it runs the phase, stores its output
-and marks it. Three steps between the phases are not in ``phases.json``: the stage-1
-training set (gathered every run), the stage-2 selection (stored on its own, so a stage-2
-training interrupted after it keeps it) and the report (``metrics.json``, written every run).
-Each phase draws its random numbers from generators seeded from ``(random_seed, phase)`` alone,
-so its result does not depend on which earlier phases ran in this process or were loaded.
+Every phase of ``PHASES`` stores its output under ``record/<save_folder_name>/`` and is marked done in
+``phases.json`` as soon as it finishes. :func:`cached_phase` loads a phase whose stored output exists instead of
+running it again; otherwise it runs the phase, stores its output and marks it. Three steps between the phases are
+not in ``phases.json``: the stage-1 training set (gathered every run), the stage-2 selection (stored on its own, so
+a stage-2 training interrupted after it keeps it) and the report (``metrics.json``, written every run). Each phase
+draws its random numbers from generators seeded from ``(random_seed, phase)`` alone, so its result does not depend
+on which earlier phases ran in this process or were loaded.
 """
 
 from __future__ import annotations
@@ -243,6 +240,7 @@ def attack_phase(ctx: FlowContext) -> AttackResult:
     """Poison the clean training set and make the triggered test sets."""
     cfg = ctx.cfg
     train, test, train_idx = ctx.load_data()
+    data = cfg.data_spec()
     bd = build_backdoor_data(
         cfg.attack,
         cfg.trigger_params(),
@@ -252,7 +250,9 @@ def attack_phase(ctx: FlowContext) -> AttackResult:
         resource_dir(ctx.work),
         ctx.log,
         precision=cfg.precision_of("trigger"),
-        num_classes=cfg.data_spec().num_classes,
+        num_classes=data.num_classes,
+        mean=data.mean,
+        std=data.std,
     )
     return AttackResult(bd, train_idx)
 

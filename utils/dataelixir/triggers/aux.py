@@ -19,8 +19,8 @@ import torch.nn as nn
 
 from models import CLASSIFIERS, build_classifier
 from utils.augment import standard_augment
-from utils.data import NUM_CLASSES, ImageSet
-from utils.dataelixir.triggers.base import Log, aux_subset, cache_dir
+from utils.data import CIFAR10_MEAN, CIFAR10_STD, NUM_CLASSES, ImageSet
+from utils.dataelixir.triggers.base import Log, aux_subset, cache_dir, normalisation_settings
 from utils.fileio import atomic_torch_save, safe_torch_load, tensor_fingerprint
 from utils.options import Key, Range
 from utils.run_state import same_settings_or_refuse
@@ -83,8 +83,11 @@ def train_aux_classifier(
     lr_schedule: str = "cosine",
     precision: str = "fp32",
     num_classes: int = NUM_CLASSES,
+    mean: tuple[float, float, float] = CIFAR10_MEAN,
+    std: tuple[float, float, float] = CIFAR10_STD,
 ) -> tuple[nn.Module, dict[str, Any], Path]:
-    """A clean classifier (BackdoorBench recipe: SGD 0.9, wd 5e-4, cosine), cached in
+    """A clean classifier (BackdoorBench recipe: SGD 0.9, wd 5e-4, cosine) whose inputs are
+    normalised with the dataset's ``mean``/``std``, cached in
     ``resource_dir/<attack>/clf-<key>/model.pt`` (returned with its info and folder); its
     per-epoch checkpoint makes an interrupted run resume."""
     settings = {
@@ -99,9 +102,11 @@ def train_aux_classifier(
         "seed": seed,
         "precision": precision,
         "data": tensor_fingerprint(train.images, train.labels),
+        # nothing for CIFAR-10's statistics: the keys written before stay valid
+        **normalisation_settings(mean, std),
     }
     folder = cache_dir(resource_dir, attack, settings, "clf-")
-    model = Normalized(build_classifier(p["aux_arch"], num_classes, p["aux_width"]))
+    model = Normalized(build_classifier(p["aux_arch"], num_classes, p["aux_width"]), mean, std)
     final = Resumable(folder / "model.pt", settings, log, f"{attack} auxiliary classifier")
     state = final.load()
     if state is not None:

@@ -2,27 +2,30 @@
 
 Every trigger works on batched ``uint8 [N, 3, S, S]`` tensors (S = ``image_size``, 32 on
 CIFAR-10) and returns the same dtype and shape; its geometry follows S as BackdoorBench's
-per-dataset settings do. ``prepare`` trains or loads whatever auxiliary model the trigger needs
-(a no-op for static triggers); ``apply`` is deterministic: the same input and settings
-give the same bytes. ``poison_train`` builds the poisoned training images; attacks
-whose training recipe mixes in "cross" (noise-mode) samples override it.
+per-dataset settings do, and its auxiliary classifiers and normalised tensors use the
+dataset's ``mean``/``std`` (CIFAR-10's by default). ``prepare`` trains or loads whatever
+auxiliary model the trigger needs (a no-op for static triggers); ``apply`` is deterministic:
+the same input and settings give the same bytes. ``poison_train`` builds the poisoned
+training images; attacks whose training recipe mixes in "cross" (noise-mode) samples
+override it.
 
 Auxiliary models are cached under ``resource_dir/<attack>/<key>/`` where ``key`` hashes
-every setting that changes the model (including a fingerprint of the training images),
-so a cache written with other settings is never silently reused.
+every setting that changes the model (including a fingerprint of the training images and,
+where it is not CIFAR-10's, the normalisation), so a cache written with other settings is
+never silently reused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from utils.data import NUM_CLASSES, ImageSet, class_balanced_subset
+from utils.data import CIFAR10_MEAN, CIFAR10_STD, NUM_CLASSES, ImageSet, class_balanced_subset
 from utils.fileio import UserError, atomic_write_json
 from utils.options import BadValue, Key, parse_text
 from utils.progress import progress
@@ -58,10 +61,16 @@ class Trigger:
         pratio: float = 0.1,
         num_classes: int = NUM_CLASSES,
         image_size: int = 32,
+        mean: tuple[float, float, float] = CIFAR10_MEAN,
+        std: tuple[float, float, float] = CIFAR10_STD,
     ):
         self.params = coerce_params(self.name, self.keys, params)
         self.num_classes = int(num_classes)
         self.image_size = int(image_size)
+        # the dataset's normalisation (``DatasetSpec.mean/std``): the auxiliary classifiers'
+        # inputs, and the normalised tensors WaNet and Input-aware compute on
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
         self.seed = int(seed)
         self.pratio = float(pratio)
         self.target = int(target)
@@ -121,6 +130,10 @@ class Trigger:
     def info(self) -> dict[str, Any]:
         return {"params": dict(self.params), **({"aux": self.aux_info} if self.aux_info else {})}
 
+    def normalisation_settings(self) -> dict[str, Any]:
+        """What an auxiliary model's cache key adds for the normalisation: see ``normalisation_settings``."""
+        return normalisation_settings(self.mean, self.std)
+
 
 # ---------------------------------------------------------------------- parameters
 
@@ -146,6 +159,18 @@ def require(cond: bool, message: str) -> None:
 
 
 # ---------------------------------------------------------------------- aux-model cache
+
+
+def normalisation_settings(mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
+    """The entries an auxiliary model's settings (its cache key) get for the input
+    normalisation it was trained with: none for CIFAR-10's (the keys written before other
+    datasets were normalised with their own statistics stay valid), ``mean`` and ``std``
+    otherwise (so a model trained with CIFAR-10's statistics on another dataset, by an
+    earlier version, or on the same images under other statistics, is not reused)."""
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if mean == tuple(CIFAR10_MEAN) and std == tuple(CIFAR10_STD):
+        return {}
+    return {"normalisation": {"mean": list(mean), "std": list(std)}}
 
 
 def settings_key(settings: dict[str, Any]) -> str:

@@ -10,8 +10,8 @@ every epoch, resumable in either phase):
    is trained alone on ``lambda_norm * mean(relu(m - mask_density)) + lambda_div * div``
    (density 0.032, lambda_norm 100, lambda_div 1; Adam lr 0.01, betas 0.5/0.9), where
    ``div`` is the mean over pairs (x1_i, x2_i) of ``|x1_i - x2_i| / |m1_i - m2_i|`` (RMS
-   distances per pair, images CIFAR-normalised as BackdoorBench's loaders give them;
-   BackdoorBench applies lambda_div twice here, the same at its default 1);
+   distances per pair, images normalised with the dataset's mean/std as BackdoorBench's
+   loaders give them; BackdoorBench applies lambda_div twice here, the same at its default 1);
 2. joint phase (``aux_epochs``): M is frozen; a classifier C (PreActResNet18; SGD 0.01,
    momentum 0.9, wd 5e-4) and the pattern generator G (same encoder-decoder, output
    ``(tanh + 1)/2``; Adam lr 0.01, betas 0.5/0.9) are trained together. In every batch a
@@ -30,11 +30,13 @@ their own generated trigger and the attack label, the next ``int(that * cross_ra
 the trigger generated from a random other training image and keep their label; cross
 samples count as poisoned; stored as it stores them, computed on normalised images and
 truncated by ``ToPILImage``). The auxiliary classifier C is discarded — the victim is
-trained from scratch on the static set. Test images get their own trigger.
+trained from scratch on the static set. Test images get their own trigger. C's inputs, the
+diversity distances and the stored images use the dataset's mean/std (CIFAR-10's on CIFAR-10).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,14 +114,12 @@ def diversity_loss(x1: torch.Tensor, x2: torch.Tensor, out1: torch.Tensor, out2:
     return (_dist(x1, x2) / (_dist(out1, out2) + 1e-7)).mean()
 
 
-_MEAN = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-_STD = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-
-
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    """CIFAR-10 mean/std normalisation: BackdoorBench measures the diversity distances on
-    normalised images (and normalised patterns)."""
-    return (x - _MEAN.to(x.device)) / _STD.to(x.device)
+def normalise(
+    x: torch.Tensor, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD
+) -> torch.Tensor:
+    """The dataset's mean/std normalisation (default CIFAR-10's; ``bb_normalise``):
+    BackdoorBench measures the diversity distances on normalised images (and patterns)."""
+    return bb_normalise(x, mean, std)
 
 
 # BackdoorBench's Input-aware training transform (crop padding 5, rotation 10, flip)
@@ -173,6 +173,10 @@ class TriggerInputAware(CrossSampleTrigger):
         self.gen: nn.Module | None = None
         self.mgen: nn.Module | None = None
 
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - mean) / std`` with the dataset's statistics."""
+        return normalise(x, self.mean, self.std)
+
     # ------------------------------------------------------------------ training
     def prepare(self, train: ImageSet, device: torch.device, resource_dir: Path, log: Log = print) -> None:
         self.device = device
@@ -190,6 +194,7 @@ class TriggerInputAware(CrossSampleTrigger):
             "seed": self.seed,
             "data": tensor_fingerprint(train.images, train.labels),
             "precision": self.precision,
+            **self.normalisation_settings(),  # nothing for CIFAR-10's statistics
         }
         folder = cache_dir(resource_dir, "inputaware", settings, "gen-")
         gen, mgen = EncoderDecoder(3, p["gen_width"]), EncoderDecoder(1, p["gen_width"])
@@ -212,7 +217,8 @@ class TriggerInputAware(CrossSampleTrigger):
 
     def _train(self, gen, mgen, data: ImageSet, device, folder: Path, settings: dict, log: Log) -> dict:
         p = self.params
-        clf = Normalized(build_classifier(p["aux_arch"], self.num_classes, p["aux_width"])).to(device)
+        clf = Normalized(build_classifier(p["aux_arch"], self.num_classes, p["aux_width"]), self.mean, self.std)
+        clf = clf.to(device)
         # channels_last: several times faster for these narrow convolutions on CPU
         for net in (clf, gen, mgen):
             to_channels_last(net, device)
@@ -253,13 +259,14 @@ class TriggerInputAware(CrossSampleTrigger):
     def _mask_step(self, mgen: nn.Module, opt_m: torch.optim.Optimizer, g: torch.Generator, run: _GeneratorTraining):
         """Phase 1: the mask generator alone, on its density penalty and diversity loss."""
         p = self.params
+        nrm = self._normalise
 
         def step(x1: torch.Tensor, _y: torch.Tensor) -> tuple[float, int]:
             x2 = x1[torch.randperm(len(x1), generator=g).to(x1.device)]
             with autocast(x1.device, self.bf16):
                 m1, m2 = mask_of(mgen, x1).float(), mask_of(mgen, x2).float()
             norm = F.relu(m1 - p["mask_density"]).mean()
-            div = diversity_loss(normalise(x1), normalise(x2), m1, m2)
+            div = diversity_loss(nrm(x1), nrm(x2), m1, m2)
             loss = p["lambda_norm"] * norm + p["lambda_div"] * div
             optimizer_step(loss, mgen, opt_m, None)
             run.stats[:3] += (loss.item(), m1.mean().item(), 1)
@@ -275,6 +282,7 @@ class TriggerInputAware(CrossSampleTrigger):
         n_bd = min(n_bd, bs)
         n_cross = min(n_cross, bs - n_bd)
         n_pair = min(n_bd, bs - n_bd)  # diversity pairs (BackdoorBench: num_bd)
+        nrm = self._normalise
 
         def step(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
             x2 = x[torch.randperm(len(x), generator=g).to(x.device)]
@@ -292,9 +300,7 @@ class TriggerInputAware(CrossSampleTrigger):
                 labels = torch.cat([attack_targets(y[:n_bd], self.target, self.label_trans), y[n_bd:]])
                 logits = clf(inputs).float()
             ce = F.cross_entropy(logits, labels)
-            div = diversity_loss(
-                normalise(x[:n_pair]), normalise(src[:n_pair]), normalise(pat[:n_pair]), normalise(pat2[:n_pair])
-            )
+            div = diversity_loss(nrm(x[:n_pair]), nrm(src[:n_pair]), nrm(pat[:n_pair]), nrm(pat2[:n_pair]))
             loss = ce + p["lambda_div"] * div
             opt_c.zero_grad(set_to_none=True)
             opt_g.zero_grad(set_to_none=True)
@@ -326,8 +332,8 @@ class TriggerInputAware(CrossSampleTrigger):
         s = x if sources is None else to_float(sources.to(self.device)).contiguous(memory_format=torch.channels_last)
         pattern, mask = pattern_of(self.gen, s), mask_of(self.mgen, s)
         if self.params["quantize"] == "truncate":
-            xn = bb_normalise(x)
-            return bb_to_uint8(xn + (bb_normalise(pattern) - xn) * mask)
+            xn = self._normalise(x)
+            return bb_to_uint8(xn + (self._normalise(pattern) - xn) * mask, self.mean, self.std)
         out = x + (pattern - x) * mask
         return out.clamp(0, 1).mul(255).round().to(torch.uint8)
 

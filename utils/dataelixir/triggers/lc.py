@@ -116,9 +116,10 @@ class TriggerLC(Trigger):
             "seed": self.seed,
             "data": tensor_fingerprint(train.images, train.labels),
             "precision": self.precision,
+            **self.normalisation_settings(),  # nothing for CIFAR-10's statistics
         }
         self.folder = cache_dir(resource_dir, "lc", settings, "at-")
-        model = Normalized(build_classifier(p["aux_arch"], self.num_classes, p["aux_width"]))
+        model = Normalized(build_classifier(p["aux_arch"], self.num_classes, p["aux_width"]), self.mean, self.std)
         # BackdoorBench's default layout (not channels_last), which the PGD reads from here
         model.input_layout = torch.contiguous_format
         final = Resumable(self.folder / "model.pt", settings, log, "lc adversarially trained model")

@@ -143,7 +143,17 @@ class TriggerLF(Trigger):
         self.device = device
         p = self.params
         model, clf_info, folder = train_aux_classifier(
-            "lf", p, train, device, resource_dir, self.seed, log, precision=self.precision, num_classes=self.num_classes
+            "lf",
+            p,
+            train,
+            device,
+            resource_dir,
+            self.seed,
+            log,
+            precision=self.precision,
+            num_classes=self.num_classes,
+            mean=self.mean,
+            std=self.std,
         )
         model.float().eval()
         for q in model.parameters():

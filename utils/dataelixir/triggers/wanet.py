@@ -15,15 +15,18 @@ per_batch``): the training set in order, in batches of ``selection_batch`` (its 
 label and the next ``int(that * cross_ratio)`` become cross samples: 4688 poisoned and
 9376 cross samples of 50,000 at pratio 0.1. Its ``bd_train`` marks cross samples as
 poisoned too (``cross_poisoned``), which is what the defence's TPR/FPR count. Images are
-stored the way it stores them (``quantize: truncate``): computed on CIFAR-normalised
-tensors, denormalised with its inverse ``Normalize`` pair and truncated to uint8 by
-``ToPILImage``. Deviation: the reference trains its own model on poisons re-drawn in every
-batch; DataElixir purifies a fixed training set, so the victim trains on this static set.
-The warp grid is drawn from ``random_seed`` (the attacker's secret), the cross noise
-from ``random_seed + 1``.
+stored the way it stores them (``quantize: truncate``): computed on tensors normalised with
+the dataset's mean/std (CIFAR-10's on CIFAR-10, as its loader), denormalised with its
+inverse ``Normalize`` pair and truncated to uint8 by ``ToPILImage``. Deviation: the
+reference trains its own model on poisons re-drawn in every batch; DataElixir purifies a
+fixed training set, so the victim trains on this static set. The warp grid is drawn from
+``random_seed`` (the attacker's secret), the cross noise from ``random_seed + 1``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cache
 
 import numpy as np
 import torch
@@ -58,23 +61,41 @@ CROSS_SAMPLE_KEYS: dict[str, Key] = {
     ),
 }
 
-_MEAN = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-_STD = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-# BackdoorBench's denormaliser: Normalize(0, 1/std) then Normalize(-mean, 1), constants in float32
-_INV_STD = torch.tensor([1 / s for s in CIFAR10_STD]).view(1, 3, 1, 1)
-_NEG_MEAN = torch.tensor([-m for m in CIFAR10_MEAN]).view(1, 3, 1, 1)
+
+@cache
+def _bb_constants(
+    mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, std, 1/std, -mean) as float32 [1,3,1,1]: BackdoorBench's loader
+    ``Normalize(mean, std)`` and its denormaliser ``Normalize(0, 1/std)`` then
+    ``Normalize(-mean, 1)``, built from the dataset's tuples as the CIFAR-10 constants always
+    were (read only: shared by every call)."""
+    return (
+        torch.tensor(mean).view(1, 3, 1, 1),
+        torch.tensor(std).view(1, 3, 1, 1),
+        torch.tensor([1 / s for s in std]).view(1, 3, 1, 1),
+        torch.tensor([-m for m in mean]).view(1, 3, 1, 1),
+    )
 
 
-def bb_normalise(x: torch.Tensor) -> torch.Tensor:
-    """Float [0, 1] images as BackdoorBench's loader normalises them: ``(x - mean) / std``."""
-    return (x - _MEAN.to(x.device)) / _STD.to(x.device)
+def bb_normalise(
+    x: torch.Tensor, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD
+) -> torch.Tensor:
+    """Float [0, 1] images as BackdoorBench's loader normalises them: ``(x - mean) / std``
+    with the dataset's statistics (default CIFAR-10's)."""
+    m, s, _, _ = _bb_constants(tuple(mean), tuple(std))
+    return (x - m.to(x.device)) / s.to(x.device)
 
 
-def bb_to_uint8(xn: torch.Tensor) -> torch.Tensor:
-    """Normalised images to uint8 as BackdoorBench v1 saves them: its denormaliser, then
-    ``ToPILImage``'s ``mul(255).byte()``; the float round trip alone truncates about one
-    value in five of an untouched image one grey level down, as the reference does."""
-    d = xn / _INV_STD.to(xn.device) - _NEG_MEAN.to(xn.device)
+def bb_to_uint8(
+    xn: torch.Tensor, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD
+) -> torch.Tensor:
+    """Images normalised with ``mean``/``std`` to uint8 as BackdoorBench v1 saves them: its
+    denormaliser, then ``ToPILImage``'s ``mul(255).byte()``; the float round trip alone
+    truncates about one value in five of an untouched CIFAR-10 image one grey level down,
+    as the reference does."""
+    _, _, inv_std, neg_mean = _bb_constants(tuple(mean), tuple(std))
+    d = xn / inv_std.to(xn.device) - neg_mean.to(xn.device)
     # the clamp only catches float error at 0 and 255; conversion to uint8 truncates
     return d.mul(255).clamp_(0, 255).to(torch.uint8)
 
@@ -92,13 +113,21 @@ def wanet_grids(k: int, s: float, grid_rescale: float, seed: int, size: int = 32
     return noise, grid
 
 
-def warp(images: torch.Tensor, grid: torch.Tensor, quantize: str = "round") -> torch.Tensor:
+def warp(
+    images: torch.Tensor,
+    grid: torch.Tensor,
+    quantize: str = "round",
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+) -> torch.Tensor:
     """uint8 images resampled on ``grid`` ([1 or B, H, W, 2]): ``round`` in pixel space, or
-    ``truncate`` on normalised images as BackdoorBench v1 (``bb_to_uint8``)."""
+    ``truncate`` on images normalised with ``mean``/``std`` as BackdoorBench v1 (``bb_to_uint8``)."""
     grid = grid.to(images.device).expand(len(images), -1, -1, -1)
     if quantize == "truncate":
-        xn = bb_normalise(to_float(images))
-        return bb_to_uint8(F.grid_sample(xn, grid, mode="bilinear", padding_mode="zeros", align_corners=True))
+        xn = bb_normalise(to_float(images), mean, std)
+        return bb_to_uint8(
+            F.grid_sample(xn, grid, mode="bilinear", padding_mode="zeros", align_corners=True), mean, std
+        )
     out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
@@ -190,7 +219,7 @@ class TriggerWaNet(CrossSampleTrigger):
         self.noise_grid, self.grid = wanet_grids(p["k"], p["s"], p["grid_rescale"], self.seed, self.image_size)
 
     def apply(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
-        return warp(images, self.grid, self.params["quantize"])
+        return warp(images, self.grid, self.params["quantize"], self.mean, self.std)
 
     def cross_grids(self, n: int, g: torch.Generator) -> torch.Tensor:
         size = self.grid.shape[1]
@@ -202,7 +231,9 @@ class TriggerWaNet(CrossSampleTrigger):
         for i in range(0, len(cross_idx), self.chunk):
             idx = cross_idx[i : i + self.chunk]
             grids = self.cross_grids(len(idx), g).to(self.device)
-            images[idx] = warp(train.images[idx].to(self.device), grids, self.params["quantize"]).cpu()
+            images[idx] = warp(
+                train.images[idx].to(self.device), grids, self.params["quantize"], self.mean, self.std
+            ).cpu()
 
 
 TRIGGER = TriggerWaNet
