@@ -29,7 +29,12 @@ of reverse steps in ``--respace`` ("all" = t*), to see whether the CPU-scale sho
         --ckpts ema_0.999_001000.pt,ema_0.999_003000.pt --respace 20,all --images 500
 
 Writes ``survival.json``, ``survival.csv`` and ``survival.png`` (the surviving share per
-poison and setting) in ``--out``; results there are replaced only with ``--overwrite``.
+poison and setting) in ``--out``, and with two or more checkpoints ``survival_curve.png``
+(the share against training iterations). With ``--ckpts`` each (poison, checkpoint, steps)
+cell is saved in ``--out``/cells/ as it finishes, so an interrupted run resumes and a run
+with more checkpoints or poisons computes only the new cells; cells written with other
+settings (t*, images, seed, precision, config, or another checkpoint or poisoned file under
+the same name) are refused. Other results there are replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -52,7 +57,15 @@ from utils.demo.recipe import demo_recipe
 from utils.diffusion.checkpoints import parse_checkpoint_name
 from utils.diffusion.factory import load_purifier, purifier_checkpoint, resolve_config
 from utils.diffusion.purify import purify_dataset
-from utils.fileio import UserError, atomic_write_json, atomic_write_text, cli_main, read_state_json, refuse_overwrite
+from utils.fileio import (
+    UserError,
+    atomic_write_json,
+    atomic_write_text,
+    cli_main,
+    file_fingerprint,
+    read_state_json,
+    refuse_overwrite,
+)
 from utils.options import BF16, POSITIVE, PRECISION, SUBSET, Key, add_keys_to_argparser
 from utils.paths import diff_ckpt_dir, poisoned_file, purified_file
 from utils.plots import pyplot, save_figure
@@ -129,10 +142,11 @@ def _parse_list(text: str, what: str) -> list[str]:
     return items
 
 
-def _settings(args: argparse.Namespace, work: Path) -> list[tuple[str, int | None, Path | None]]:
-    """(label, reverse steps, checkpoint) per purification setting; checkpoint None = the demo's purified set."""
+def _settings(args: argparse.Namespace, work: Path) -> list[tuple[str, int | None, Path | None, int | None]]:
+    """(label, reverse steps, checkpoint, its training iterations) per purification setting;
+    checkpoint None = the demo's purified set."""
     if not args.ckpts:
-        return [(f"purified set ({args.diffusion_iterations} iterations)", None, None)]
+        return [(f"purified set ({args.diffusion_iterations} iterations)", None, None, args.diffusion_iterations)]
     settings = []
     for name in _parse_list(args.ckpts, "--ckpts"):
         ckpt = purifier_checkpoint(diff_ckpt_dir(work, SPARSE_SET) / name)
@@ -142,8 +156,41 @@ def _settings(args: argparse.Namespace, work: Path) -> list[tuple[str, int | Non
             if r != "all" and not (r.isdigit() and int(r) >= 1):
                 raise UserError(f"--respace: {r!r} is not a positive step count or 'all'")
             steps = args.t if r == "all" else min(int(r), args.t)  # as purification.py: at most t*
-            settings.append((f"{its}, {steps} steps", steps, ckpt))
+            settings.append((f"{its}, {steps} steps", steps, ckpt, parsed.step if parsed else None))
     return settings
+
+
+def _cell_settings(args: argparse.Namespace, ckpt: Path, poisoned: Path) -> dict:
+    """What a cell's numbers depend on besides its poison and step count."""
+    return {
+        "t": args.t,
+        "images": args.images,
+        "seed": args.seed,
+        "precision": precision_from_args(args, torch.device("cpu"), "purification").name,
+        "config": args.config,
+        "checkpoint": ckpt.name,
+        "checkpoint_sha1": file_fingerprint(ckpt),
+        "poisoned_sha1": file_fingerprint(poisoned),
+    }
+
+
+def _cached_cell(path: Path, settings: dict, overwrite: bool) -> dict | None:
+    """The row a finished cell holds, None when there is none (or --overwrite); refuses a cell
+    written with other settings, whose numbers must not be mixed into this run's table."""
+    if overwrite or not path.is_file():
+        return None
+    cell = read_state_json(path, "delete it or pass --overwrite")
+    old = cell.get("settings") if isinstance(cell, dict) else None
+    if not isinstance(old, dict) or not isinstance(cell.get("row"), dict):
+        raise UserError(f"{path}: not a cell of this script (delete it or pass --overwrite)")
+    diff = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
+    if diff:
+        k = diff[0]
+        raise UserError(
+            f"{path} was measured with {k}={old.get(k)!r}, this run has {settings.get(k)!r}: "
+            "use another --out, or --overwrite to measure it again"
+        )
+    return cell["row"]
 
 
 @cache
@@ -217,16 +264,29 @@ def measure(args: argparse.Namespace) -> dict:
         if args.ckpts and args.images < len(poisoned):
             keep = class_balanced_subset(poisoned.labels, args.images, seed=0)
             poisoned, clean = poisoned.subset(keep), clean.subset(keep)
-        for label, steps, ckpt in settings:
+        for label, steps, ckpt, iterations in settings:
+            head = {"poison": p, "setting": label, "iterations": iterations, "steps": steps}
+            cached, note = None, ""
             if ckpt is None:
                 purified = read_eclipse_pkl(pure(p))
                 if not torch.equal(purified.labels, clean.labels):
                     raise UserError(f"{pure(p)}: its labels differ from the poisoned set's (another subset?)")
             else:
-                purified = ImageSet(_purify(args, ckpt, steps, poisoned.images), poisoned.labels)
-            rows.append({"poison": p, "setting": label, **survival(clean.images, poisoned.images, purified.images)})
-            r = rows[-1]
-            print(f"{p} [{label}]: surviving share {r['surviving_share']:.3f}, cosine {r['cosine']:.3f}", flush=True)
+                cell_path = Path(args.out) / "cells" / f"{p}__{ckpt.stem}__{steps}.json"
+                cell_settings = _cell_settings(args, ckpt, poisoned_file(work, p))
+                cached = _cached_cell(cell_path, cell_settings, args.overwrite)
+                if cached is None:
+                    purified = ImageSet(_purify(args, ckpt, steps, poisoned.images), poisoned.labels)
+                else:
+                    note = " (measured before, from cells/)"
+            row = cached or {**head, **survival(clean.images, poisoned.images, purified.images)}
+            if ckpt is not None and cached is None:
+                atomic_write_json(cell_path, {"settings": cell_settings, "row": row, "machine": machine()})
+            rows.append(row)
+            print(
+                f"{p} [{label}]: surviving share {row['surviving_share']:.3f}, cosine {row['cosine']:.3f}{note}",
+                flush=True,
+            )
     return {
         "work_dir": str(work.resolve()),
         "t": args.t,
@@ -250,6 +310,8 @@ COLUMNS = (
     "other_change_l2",
     "perturbed_images",
     "images",
+    "iterations",
+    "steps",
 )
 
 
@@ -260,7 +322,8 @@ def write_outputs(result: dict, out: Path) -> None:
     w = csv.writer(buf)
     w.writerow(COLUMNS)
     for r in result["rows"]:
-        w.writerow([f"{r[k]:.4f}" if isinstance(r[k], float) else r[k] for k in COLUMNS])
+        cells = [r.get(k) for k in COLUMNS]
+        w.writerow([f"{v:.4f}" if isinstance(v, float) else "" if v is None else v for v in cells])
     atomic_write_text(out / "survival.csv", buf.getvalue())
     rows = result["rows"]
     poisons = list(dict.fromkeys(r["poison"] for r in rows))
@@ -278,6 +341,32 @@ def write_outputs(result: dict, out: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, out / "survival.png", dpi=120)
+    if len({r.get("iterations") for r in rows if r.get("iterations") is not None}) >= 2:
+        _plot_curve(rows, result["t"], out / "survival_curve.png")
+
+
+def _plot_curve(rows: list[dict], t: int, path: Path) -> None:
+    """The surviving share against the diffusion model's training iterations, a line per poison (and step count)."""
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.6))
+    lines = dict.fromkeys((r["poison"], r["steps"]) for r in rows if r.get("iterations") is not None)
+    several_steps = len({s for _, s in lines}) > 1
+    for poison, steps in lines:
+        pts = sorted(
+            (r["iterations"], r["surviving_share"]) for r in rows if (r["poison"], r["steps"]) == (poison, steps)
+        )
+        label = f"{poison}, {steps} steps" if several_steps else poison
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    iterations = sorted({r["iterations"] for r in rows if r.get("iterations") is not None})
+    ax.set_xticks(iterations, [f"{i:,}" for i in iterations])
+    ax.minorticks_off()
+    ax.set_xlabel("diffusion training iterations")
+    ax.set_ylabel("perturbation surviving purification")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"ECLIPSE stage 1 at t*={t}: the denoiser curve", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
 
 
 @cli_main
@@ -286,7 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     add_keys_to_argparser(ap, KEYS)
     args = ap.parse_args(argv)
     out = Path(args.out)
-    refuse_overwrite(out / "survival.json", args.overwrite)
+    if not args.ckpts:  # with --ckpts the cells guard the settings and the table is rebuilt from them
+        refuse_overwrite(out / "survival.json", args.overwrite)
     write_outputs(measure(args), out)
     print(f"wrote {out / 'survival.csv'} and survival.png")
 

@@ -121,6 +121,34 @@ def test_purify_mode_matches_purification_py(tmp_path, cifar_train):
     assert json.loads((tmp_path / "c" / "survival.json").read_text())["rows"][0]["images"] == 10
 
 
+def test_ckpts_cells_resume_refuse_other_settings_and_draw_the_curve(tmp_path, cifar_train, capsys):
+    """Each (poison, checkpoint, steps) cell is kept as it finishes: a re-run computes nothing,
+    a run with other settings into the same --out is refused, and two checkpoints give the curve."""
+    _work_dir(tmp_path, cifar_train, n=20)
+    _random_checkpoint(tmp_path, "ema_0.9999_5.pt")
+    _random_checkpoint(tmp_path, "ema_0.9999_10.pt")
+    out = tmp_path / "curve"
+    argv = ["--work_dir", str(tmp_path), "--poisons", "EM", "--t", "3", "--images", "10", "--out", str(out)]
+    ps.main([*argv, "--ckpts", "ema_0.9999_5.pt"])
+    first = json.loads((out / "survival.json").read_text())["rows"]
+    assert [(r["iterations"], r["steps"]) for r in first] == [(5, 3)]
+    assert not (out / "survival_curve.png").exists()
+    capsys.readouterr()
+    ps.main([*argv, "--ckpts", "ema_0.9999_5.pt,ema_0.9999_10.pt"])  # only the new checkpoint is purified
+    assert capsys.readouterr().out.count("measured before") == 1
+    rows = json.loads((out / "survival.json").read_text())["rows"]
+    assert rows[0] == first[0] and [r["iterations"] for r in rows] == [5, 10]
+    assert (out / "survival_curve.png").stat().st_size > 0
+    assert (out / "survival.csv").read_text().splitlines()[2].endswith(",10,10,3")
+    with pytest.raises(SystemExit) as e:
+        ps.main([*argv, "--ckpts", "ema_0.9999_5.pt", "--seed", "7"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "EM__ema_0.9999_5__3.json was measured with seed=1234, this run has 7" in err
+    assert len(err.strip().splitlines()) == 1
+    ps.main([*argv, "--ckpts", "ema_0.9999_5.pt", "--seed", "7", "--overwrite"])
+    assert json.loads((out / "survival.json").read_text())["rows"][0] != first[0]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
