@@ -40,7 +40,11 @@ KEYS = {
     "attacks": Key("all", "comma-separated attacks, or 'all'"),
     "seeds": Key(1, "runs per attack, random_seed 0..N-1", range=POSITIVE),
     "jobs": Key(2, "attack runs at a time (one thread each)", range=POSITIVE),
-    "overlay": Key("config/dataelixir_cpu.yaml", "the CPU-scale overlay every run gets"),
+    "overlay": Key(
+        "config/dataelixir_cpu.yaml",
+        "the CPU-scale overlay every run gets (comma-separated: several, applied in order, e.g. "
+        "config/dataelixir_cpu.yaml,config/dataelixir_cpu_20k.yaml)",
+    ),
     "work_dir": Key("runs/dataelixir", "where the records and the table go"),
     "table_only": Key(False, "run nothing; table the finished records", flag=True),
 }

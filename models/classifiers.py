@@ -7,6 +7,7 @@ import torch.nn as nn
 from models.densenet import densenet121
 from models.preact_resnet import preactresnet18
 from models.resnet import resnet18, resnet50
+from models.resnet9 import resnet9
 from models.vgg import vgg16, vgg19
 
 CLASSIFIERS = {
@@ -16,6 +17,7 @@ CLASSIFIERS = {
     "vgg19": vgg19,
     "densenet121": densenet121,
     "preactresnet18": preactresnet18,
+    "resnet9": resnet9,
 }
 
 

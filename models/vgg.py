@@ -1,4 +1,7 @@
-"""CIFAR VGG16/19 with batch norm (one linear layer on the 512-d pooled features)."""
+"""CIFAR VGG16/19 with batch norm (one linear layer on the 512-d pooled features).
+
+At 32x32 the five max-pools leave a 1x1 map; larger images (Tiny-ImageNet's 64x64) are
+averaged over what is left, so the head keeps its 512 inputs at any size."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ class VGG(nn.Module):
                 c_out = v * width // 64
                 layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
                 c_in = c_out
-        self.features_net = nn.Sequential(*layers)
+        self.features_net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1))  # the identity at 32x32
         self.classifier = nn.Linear(c_in, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,25 @@ SHARED = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared"))
 CIFAR_ROOT = Path(os.environ.get("CIFAR10_ROOT", SHARED / "datasets" / "cifar10"))
 FIXTURES = SHARED / "fixtures"
 
+# the attack scripts' smallest real run (200 images, width 4, one epoch): what the tests of
+# the attack CLI and of the baselines that read its record share
+TINY_ATTACK = {
+    "subset": 200,
+    "test_subset": 100,
+    "model_width": 4,
+    "epochs": 1,
+    "batch_size": 50,
+    "pratio": 0.2,
+    "device": "cpu",
+}
+
+
+def attack_argv(work: Path, name: str, cfg: dict, yaml: str = "config/badnet/cifar10.yaml") -> list[str]:
+    """An attack script's command line writing record/<name>/ under ``work`` with ``cfg``'s keys."""
+    argv = ["--yaml_path", yaml, "--save_folder_name", name, "--work_dir", str(work)]
+    return argv + [x for k, v in cfg.items() for x in (f"--{k}", str(v))]
+
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 # the suite never touches the network: tests of the downloads switch them on against a local server
 os.environ.setdefault("CIFAR10_DOWNLOAD", "0")

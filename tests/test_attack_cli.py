@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY_ATTACK, attack_argv
 
 from utils.dataelixir.flow import run_attack_then_defence
 from utils.diffusion.factory import load_diffusion_spec
@@ -22,11 +23,7 @@ CKPT = "diff_ckpt/cifar10/tiny/ema_0.999_1.pt"
 # a tiny run: 200 training images, 1 epoch of a width-4 PreActResNet18, a random CPU-scale
 # DDPM, 2 rounds of noise to step 20 and 4 respaced reverse steps keeping the last 2
 TINY = {
-    "subset": 200,
-    "test_subset": 100,
-    "model_width": 4,
-    "epochs": 1,
-    "batch_size": 50,
+    **TINY_ATTACK,
     "diffusion_config": "config/ddpm/cpu.yml",
     "diffusion_ckpt": CKPT,
     "steps_T": 20,
@@ -35,17 +32,11 @@ TINY = {
     "last_steps_m": 2,
     "threshold_tau": 1,
     "purify_batch_size": 100,
-    "pratio": 0.2,
-    "device": "cpu",
 }
 
 
 def _argv(work, name="run", **over):
-    cfg = {**TINY, **over}
-    out = ["--yaml_path", "config/badnet/cifar10.yaml", "--save_folder_name", name, "--work_dir", str(work)]
-    for k, v in cfg.items():
-        out += [f"--{k}", str(v)]
-    return out
+    return attack_argv(work, name, {**TINY, **over})
 
 
 @pytest.fixture(scope="module")
@@ -331,6 +322,8 @@ def test_dataelixir_table_runs_what_is_missing_and_tables_every_record(badnet_ru
         "--save_folder_name", "sig_s1",
     ]  # fmt: skip
     assert "config/ssba/cpu.yaml" in steps["ssba_s0"].cmd and "config/badnet/cpu.yaml" not in steps["badnet_s0"].cmd
+    (two,) = dt.build_commands(["badnet"], 1, "a.yaml, b.yaml", work, py="py")  # several overlays, in order
+    assert two.cmd[4:8] == ["--overlay", "a.yaml", "--overlay", "b.yaml"]
     with pytest.raises(SystemExit, match="--attacks: unknown attack.*'nope'.*choose from badnet"):
         dt.main(["--attacks", "nope", "--work_dir", str(tmp_path)])
 

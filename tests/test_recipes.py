@@ -222,3 +222,23 @@ def test_a_run_json_from_before_the_recipe_keys_reads_as_improved_diffusions_rec
     assert legacy_diffusion_training(old) == {**old, "optimizer": "adamw", "warmup_steps": 0, "grad_clip": 0.0}
     # keys a newer run.json holds are kept as stored
     assert legacy_diffusion_training({**old, "optimizer": "adam"})["optimizer"] == "adam"
+
+
+@pytest.mark.parametrize(
+    "overlays", ["config/dataelixir_cpu.yaml", "config/dataelixir_cpu.yaml,config/dataelixir_cpu_20k.yaml"]
+)
+def test_dataelixir_cpu_overlays_configure_every_attack(overlays, tmp_path):
+    """Both CPU-scale overlay stacks give every attack a valid configuration whose classifier
+    has the pooled features DataElixir's selection needs; the 20k overlay changes only the
+    classifier's data, augmentation and epochs."""
+    from utils.dataelixir.attack_data import ATTACKS
+    from utils.dataelixir.flow import attack_argv, resolve_flow_config
+    from utils.dataelixir.models import build_model
+
+    for attack in ATTACKS:
+        cfg, _ = resolve_flow_config(attack, attack_argv(attack, overlays, 0, tmp_path, attack))
+        strong = "20k" in overlays
+        assert (cfg.model, cfg.subset, cfg.model_width) == ("preactresnet18", 20000 if strong else 5000, 16)
+        assert cfg.train_augment == ("crop_flip" if strong else "none") and cfg.epochs == (30 if strong else 20)
+        assert cfg.steps_T == 150 and cfg.rounds_n == 2 and cfg.test_subset == 1000
+        assert build_model(cfg).net.features(torch.rand(1, 3, 32, 32)).shape[1] == 8 * 16

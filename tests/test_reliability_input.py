@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_ATTACK as TINY_BASE
 
 from utils.data import read_eclipse_pkl, write_eclipse_pkl
 from utils.diffusion.factory import load_diffusion_spec
@@ -25,11 +26,7 @@ DDPM_CFG = "config/ddpm/cpu.yml"
 DDPM_CKPT = "diff_ckpt/cifar10/tiny/ema_0.999_1.pt"
 # a tiny attack configuration; every refusal below happens before any of it runs
 TINY_ATTACK = {
-    "subset": 200,
-    "test_subset": 100,
-    "model_width": 4,
-    "epochs": 1,
-    "batch_size": 50,
+    **TINY_BASE,
     "diffusion_config": DDPM_CFG,
     "diffusion_ckpt": DDPM_CKPT,
     "steps_T": 20,
@@ -37,7 +34,6 @@ TINY_ATTACK = {
     "rounds_n": 2,
     "last_steps_m": 2,
     "purify_batch_size": 100,
-    "device": "cpu",
 }
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_ATTACK, attack_argv
 
 from utils.baselines.sanitise import (
     activation_clustering,
@@ -92,22 +93,10 @@ def test_activation_clustering_flags_the_small_separated_cluster_only():
         activation_clustering(feats, labels, 10, analysis="silhouette")
 
 
-TINY = {
-    "subset": 200,
-    "test_subset": 100,
-    "model_width": 4,
-    "epochs": 1,
-    "batch_size": 50,
-    "pratio": 0.2,
-    "device": "cpu",
-}
-
-
 @pytest.fixture(scope="module")
 def record(tmp_path_factory, cifar_root) -> Path:
     work = tmp_path_factory.mktemp("sanitise")
-    argv = ["--yaml_path", "config/badnet/cifar10.yaml", "--save_folder_name", "tiny", "--work_dir", str(work)]
-    argv += [x for k, v in TINY.items() for x in (f"--{k}", str(v))]
+    argv = attack_argv(work, "tiny", TINY_ATTACK)
     argv += ["--diffusion_ckpt", "diff_ckpt/none.pt", "--stop_after", "backdoor_training"]
     assert run_attack_then_defence("badnet", argv) == {}
     return work / "record" / "tiny"
@@ -140,7 +129,9 @@ def test_script_on_a_tiny_record(record: Path, script, tmp_path, method: str, ca
         if k in ("BA", "ASR", "RA")
     }
     assert (
-        len(res["history"]) == TINY["epochs"] and (out / "model.pt").is_file() and not (out / "retrain.ckpt").exists()
+        len(res["history"]) == TINY_ATTACK["epochs"]
+        and (out / "model.pt").is_file()
+        and not (out / "retrain.ckpt").exists()
     )
     rows = list(csv.reader((out / "sanitise.csv").open()))
     assert rows[0] == script.CSV_COLUMNS and len(rows) == 2 and rows[1][1] == method
@@ -160,3 +151,28 @@ def test_script_refuses_a_folder_without_a_record(script, tmp_path, capsys):
     with pytest.raises(SystemExit):
         script.main(["--record", str(tmp_path), "--method", "ac"])
     assert "config.yaml not found: run the attack with --stop_after backdoor_training" in capsys.readouterr().err
+
+
+def test_backdoored_curves_tables_a_real_record_and_refuses_bad_ones(record: Path, tmp_path, capsys):
+    """bench/backdoored_curves.py on the tiny record: its last epoch's BA/ASR/RA, its time, the
+    configuration it ran with; a record without a finished backdoor_training is one line."""
+    sys.path.insert(0, str(REPO / "bench"))
+    curves = importlib.import_module("backdoored_curves")
+    out = tmp_path / "curves"
+    curves.main(["--records", str(record), "--out", str(out), "--target", "0"])
+    history = json.loads((record / "backdoored_history.json").read_text())
+    (res,) = json.loads((out / "backdoored_curves.json").read_text())["records"]
+    row = res["row"]
+    assert {k: row[k] for k in ("BA", "ASR", "RA")} == {k: history[-1][k] for k in ("BA", "ASR", "RA")}
+    assert row["minutes"] == pytest.approx(sum(h["seconds"] for h in history) / 60)
+    assert (row["model"], row["subset"], row["model_width"], row["target_epoch"]) == ("preactresnet18", 200, 4, 1)
+    assert (out / "backdoored_curves.png").stat().st_size > 0
+    assert list(csv.reader((out / "backdoored_curves.csv").open()))[0] == list(curves.COLUMNS)
+    for argv, message in (
+        (["--records", str(tmp_path)], "backdoored_history.json is missing"),
+        (["--records", str(record), "--out", str(out)], "already exists"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            curves.main(argv if "--out" in argv else [*argv, "--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1

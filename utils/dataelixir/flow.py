@@ -110,9 +110,11 @@ def _candidates_rank(
 
 
 def attack_overlays(attack: str, overlay: str) -> list[str]:
-    """The common CPU-scale overlay, then the attack's own ``config/<attack>/cpu.yaml`` where it has one."""
+    """The common CPU-scale overlay(s) (comma-separated, applied in order), then the attack's
+    own ``config/<attack>/cpu.yaml`` where it has one."""
     own = Path("config") / attack / "cpu.yaml"
-    return [overlay, *([str(own)] if (REPO_ROOT / own).is_file() else [])]
+    common = [o.strip() for o in overlay.split(",") if o.strip()]
+    return [*common, *([str(own)] if (REPO_ROOT / own).is_file() else [])]
 
 
 def attack_argv(attack: str, overlay: str, seed: int, work: Path, name: str) -> list[str]:
