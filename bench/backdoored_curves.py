@@ -17,11 +17,9 @@ line per record) in ``--out``; results there are replaced only with ``--overwrit
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 from pathlib import Path
 
-from common import machine
+from common import csv_text, machine
 
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, cli_main, read_state_json, refuse_overwrite
 from utils.options import Key, Range, add_keys_to_argparser, load_yaml_file
@@ -63,13 +61,7 @@ def summarise(folder: Path, target: float) -> dict:
 def write_outputs(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "backdoored_curves.json", result)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(COLUMNS)
-    for r in result["records"]:
-        cells = [r["row"].get(k) for k in COLUMNS]
-        w.writerow([f"{v:.2f}" if isinstance(v, float) else "" if v is None else v for v in cells])
-    atomic_write_text(out / "backdoored_curves.csv", buf.getvalue())
+    atomic_write_text(out / "backdoored_curves.csv", csv_text(COLUMNS, [r["row"] for r in result["records"]], 2))
     fig, ax = pyplot().subplots(figsize=(5.8, 3.6))
     for r in result["records"]:
         row = r["row"]

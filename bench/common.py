@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import platform
@@ -52,3 +54,13 @@ def timed(fn, repeats: int, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def csv_text(columns: tuple[str, ...] | list[str], rows: list[dict], digits: int) -> str:
+    """A CSV table of ``rows`` (dicts) in ``columns``: floats to ``digits`` decimals, None as empty."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(columns)
+    for r in rows:
+        w.writerow([f"{v:.{digits}f}" if isinstance(v, float) else "" if v is None else v for v in map(r.get, columns)])
+    return buf.getvalue()

@@ -40,8 +40,6 @@ the same name) are refused. Other results there are replaced only with ``--overw
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import sys
 import tempfile
 from functools import cache
@@ -49,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine
+from common import csv_text, machine
 
 from utils.data import ImageSet, class_balanced_subset, load_cifar10, read_eclipse_pkl
 from utils.demo.pipeline import SPARSE_SET
@@ -318,13 +316,7 @@ COLUMNS = (
 def write_outputs(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "survival.json", result)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(COLUMNS)
-    for r in result["rows"]:
-        cells = [r.get(k) for k in COLUMNS]
-        w.writerow([f"{v:.4f}" if isinstance(v, float) else "" if v is None else v for v in cells])
-    atomic_write_text(out / "survival.csv", buf.getvalue())
+    atomic_write_text(out / "survival.csv", csv_text(COLUMNS, result["rows"], 4))
     rows = result["rows"]
     poisons = list(dict.fromkeys(r["poison"] for r in rows))
     settings = list(dict.fromkeys(r["setting"] for r in rows))
