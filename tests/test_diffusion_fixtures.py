@@ -9,24 +9,14 @@ import pytest
 import torch
 
 from models.ddpm import DDPMModel
-from models.unet import create_unet
-from utils.diffusion.factory import load_diffusion_spec, spec_from_dict
+from utils.diffusion.factory import DiffusionSpec, load_diffusion_spec, spec_from_dict
 from utils.diffusion.gaussian_diffusion import GaussianDiffusion, get_named_beta_schedule, space_timesteps
 from utils.fileio import UserError, load_state_dict_strict
 
 
 def _unet(cfg: dict):
-    return create_unet(
-        image_size=cfg["image_size"],
-        num_channels=cfg["num_channels"],
-        num_res_blocks=cfg["num_res_blocks"],
-        learn_sigma=cfg["learn_sigma"],
-        attention_resolutions=cfg["attention_resolutions"],
-        num_heads=cfg["num_heads"],
-        num_heads_upsample=cfg["num_heads_upsample"],
-        dropout=cfg["dropout"],
-        use_scale_shift_norm=cfg["use_scale_shift_norm"],
-    )
+    """The reference's UNet config (its create_model arguments) through our factory."""
+    return DiffusionSpec(architecture="improved_unet", model=cfg, diffusion={}).build_model()
 
 
 def _ddpm(cfg: dict):

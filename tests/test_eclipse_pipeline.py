@@ -41,6 +41,12 @@ def _setup_work(tmp_path, data, sparse_set="tiny", iteration=5):
     return ckpt
 
 
+def _urp_argv(t: int) -> list[str]:
+    """purification.py on URP with the tiny config and the 5-iteration checkpoint of _setup_work."""
+    argv = ["--poison", "URP", "--config", TINY_CFG, "--sparse_set", "tiny", "--sparse_diff_model", "ema_0.9999_5.pt"]
+    return argv + ["--t", str(t), "--batch_size", "8"]
+
+
 def _err(capsys):
     return capsys.readouterr().err.strip().splitlines()[-1]
 
@@ -88,22 +94,7 @@ def test_purify_dataset_resumes_and_shards(tmp_path, small_train, device):
 def test_purification_cli(tmp_path, small_train, capsys):
     data = small_train.subset(torch.arange(0, 400, 20))  # 20 images, labels in order of the input
     _setup_work(tmp_path, data)
-    argv = [
-        "--poison",
-        "URP",
-        "--config",
-        TINY_CFG,
-        "--sparse_set",
-        "tiny",
-        "--sparse_diff_model",
-        "ema_0.9999_5.pt",
-        "--t",
-        "4",
-        "--batch_size",
-        "8",
-        "--work_dir",
-        str(tmp_path),
-    ]
+    argv = _urp_argv(t=4) + ["--work_dir", str(tmp_path)]
     purification.main(argv)
     out = tmp_path / "purified_data" / "cifar10" / "tiny" / "4" / "5"
     pure = read_eclipse_pkl(out / "URP-pure.pkl")
@@ -125,22 +116,7 @@ def test_purification_cli(tmp_path, small_train, capsys):
 
 def test_killed_purification_resumes(tmp_path, small_train, monkeypatch, capsys):
     data = small_train.subset(torch.arange(24))
-    argv = [
-        "--poison",
-        "URP",
-        "--config",
-        TINY_CFG,
-        "--sparse_set",
-        "tiny",
-        "--sparse_diff_model",
-        "ema_0.9999_5.pt",
-        "--t",
-        "3",
-        "--batch_size",
-        "8",
-        "--bf16",
-        "false",
-    ]
+    argv = _urp_argv(t=3) + ["--bf16", "false"]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     _setup_work(ref_dir, data)
     _setup_work(run_dir, data)
