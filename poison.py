@@ -126,8 +126,8 @@ def main_impl(argv: list[str] | None, locks: ExitStack) -> int:
     if not args.poison:
         raise UserError(f"--poison is required; valid poisons: {', '.join(POISONS)}")
     spec = get_poison(args.poison)
-    size = dataset_spec(args.dataset, args.data_root, args.download).image_size
-    params = resolve_params(spec, {k: getattr(args, k) for k in OPTIONS}, size)
+    data = dataset_spec(args.dataset, args.data_root, args.download)
+    params = resolve_params(spec, {k: getattr(args, k) for k in OPTIONS}, data=data)
     arch, width = surrogate_of(spec, args.arch, args.width)
     name = check_name(args.name or (f"{spec.name}-classwise" if params.get("classwise") else spec.name), "--name")
     command = "python poison.py " + " ".join(sys.argv[1:] if argv is None else argv)

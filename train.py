@@ -35,7 +35,7 @@ from utils.augment import compensation_augment, cutmix, cutout_augment, grayscal
 from utils.baselines.projection import orthogonal_projection
 from utils.compat import legacy_precision
 from utils.data import ImageSet, class_balanced_subset
-from utils.datasets import DATASET_KEY, dataset_spec, load_dataset, load_poisoned, read_dataset_pkl
+from utils.datasets import DATASET_KEY, data_source, dataset_spec, load_dataset, load_poisoned, read_dataset_pkl
 from utils.diffusion.checkpoints import DEFAULT_EMA_RATE, checkpoint_name, ema_checkpoints
 from utils.download import eclipse_manual, work_dir_flag
 from utils.fileio import (
@@ -110,15 +110,23 @@ KEYS: dict[str, Key] = {
     "jpeg_quality": Key(10, "JPEG quality of --defense jpeg (ISS-J)", range=Range(1, 100)),
     # ECLIPSE's paper names AT [Tao et al.] but publishes no budget: Madry et al.'s CIFAR-10 L∞ ball
     "at_eps": Key(8.0, "--defense at: L∞ budget of the PGD, in /255 units", range=Range(0, 255, low_open=True)),
-    "at_steps": Key(10, "--defense at: PGD steps per batch (random start in the ball)", range=POSITIVE),
+    "at_steps": Key(
+        10,
+        "--defense at: PGD steps per batch (random start in the ball; Madry's PGD except that the attack sees "
+        "the model in eval mode, as Tao et al.)",
+        range=POSITIVE,
+    ),
     "at_step_size": Key(2.0, "--defense at: PGD step size, in /255 units", range=GT0),
     # ECLIPSE names the baselines without their settings: each paper's own CIFAR-10 values
-    "cutout_length": Key(16, "--defense cutout: side of the square set to 0 (DeVries & Taylor)", range=POSITIVE),
+    "cutout_length": Key(
+        16, "--defense cutout: side of the square set to the dataset's mean colour (DeVries & Taylor)", range=POSITIVE
+    ),
     "cutout_holes": Key(1, "--defense cutout: squares per image", range=POSITIVE),
     "mixup_alpha": Key(1.0, "--defense mixup: λ ~ Beta(α, α) per batch (Zhang et al.)", range=NONNEG),
     "cutmix_beta": Key(1.0, "--defense cutmix: λ ~ Beta(β, β) (Yun et al.)", range=GT0),
     "cutmix_prob": Key(0.5, "--defense cutmix: share of the batches mixed (CutMix's CIFAR commands)", range=FRACTION),
-    "op_epochs": Key(20, "--defense op: epochs of the linear model (lr ×0.1 at 50 % and 75 % of them)", range=POSITIVE),
+    # at 1 or 2 epochs the two lr drops fall on the same epoch
+    "op_epochs": Key(20, "--defense op: epochs of the linear model (lr ×0.1 at 50 % and 75 % of them)", range=Range(3)),
     "op_lr": Key(0.1, "--defense op: SGD learning rate of the linear model (no momentum)", range=GT0),
     "op_batch_size": Key(1024, "--defense op: batch size of the linear model", range=POSITIVE),
     "width": Key(64, "first-stage channels (64 = paper; 16 = CPU-scale variant)", range=POSITIVE),
@@ -247,6 +255,10 @@ def main(argv=None) -> None:
     unused += ["dataset"] if args.dataset == "cifar10" else []
     settings = {k: v for k, v in vars(args).items() if k not in (*runtime_only, "iss_recipe", *unused)}
     settings.update(precision=precision.name, channels_last=channels_last)
+    if args.defense == "cutout":  # earlier versions filled the square with black: not the same run
+        settings["cutout_fill"] = "mean"
+    # an image folder's resolved root and listing: another folder with the same flags is another run
+    settings.update(data_source(args.dataset, args.data_root, args.download))
     # an interrupted run records its settings too, so a re-run never resumes another's checkpoint;
     # a resumed run keeps the precision and layout it was started with
     hint = "pass --run_name NAME or --overwrite"
@@ -279,7 +291,8 @@ def main(argv=None) -> None:
 
 def _run(args, work, run, settings: dict, device, train: ImageSet, source: str, test: ImageSet, precision) -> None:
     result_path = run / "result.json"
-    num_classes = dataset_spec(args.dataset, args.data_root).num_classes
+    data = dataset_spec(args.dataset, args.data_root)
+    num_classes = data.num_classes
     op_info = None  # --defense op: the linear model's accuracy and the share clipped, for result.json
     log = setup_logging(run / "train.log", "train")
     seed_everything(args.seed)
@@ -296,7 +309,7 @@ def _run(args, work, run, settings: dict, device, train: ImageSet, source: str, 
         log.info(f"OP: {op_info['clipped_share']:.4%} of the projected values clipped to [0, 1]")
     augment = compensation_augment(args.p, args.std, args.quantize) if args.pure else standard_augment
     if args.defense == "cutout":
-        augment = cutout_augment(args.cutout_length, args.cutout_holes)
+        augment = cutout_augment(args.cutout_length, args.cutout_holes, fill=data.mean)
     mix = mixup(args.mixup_alpha) if args.defense == "mixup" else None
     mix = cutmix(args.cutmix_beta, args.cutmix_prob) if args.defense == "cutmix" else mix
     if args.test_subset:

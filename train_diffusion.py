@@ -32,7 +32,14 @@ from pathlib import Path
 import torch
 
 from utils.compat import legacy_diffusion_training, legacy_precision
-from utils.datasets import DATASET_KEY, check_image_size, dataset_spec, diffusion_config_name, load_dataset
+from utils.datasets import (
+    DATASET_KEY,
+    check_image_size,
+    data_source,
+    dataset_spec,
+    diffusion_config_name,
+    load_dataset,
+)
 from utils.diffusion.checkpoints import checkpoint_name
 from utils.diffusion.factory import TRAINING_KEYS, create_diffusion, load_diffusion_spec
 from utils.diffusion.training import DiffusionTrainConfig, load_resume_state, train_diffusion
@@ -171,6 +178,7 @@ def main(argv=None) -> None:
                 "replicas": args.replicas,
                 "seed": args.seed,
                 **({"dataset": args.dataset} if args.dataset != "cifar10" else {}),  # CIFAR-10's as before
+                **data_source(args.dataset, args.data_root, args.download),  # an image folder's root and listing
             },
             "training": {
                 k: v for k, v in asdict(cfg).items() if k not in ("iterations", "save_interval", "log_interval")

@@ -23,7 +23,6 @@ steps that are no script of their own (the plan's commands use it).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from common import machine
@@ -33,8 +32,8 @@ from utils.crossthreat.steps import elixir_purify, evaluate_victim, export_attac
 from utils.crossthreat.table import TABLE, run_table, write_table
 from utils.demo.pipeline import CommandFailed, interrupt_on_sigterm
 from utils.demo.recipe import demo_recipe
-from utils.fileio import UserError
-from utils.options import POSITIVE, Key, add_keys_to_argparser
+from utils.fileio import UserError, cli_main
+from utils.options import POSITIVE, ArgParser, Key, add_keys_to_argparser
 
 KEYS = {
     "attacks": Key("all", "(A) comma-separated backdoor attacks, 'all' or 'none'"),
@@ -86,28 +85,25 @@ def run_step(args: argparse.Namespace) -> None:
         print(f"{args.target}: BA {m['BA']:.2f}  ASR {m['ASR']:.2f}  RA {m['RA']:.2f}")
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgParser(description=__doc__.splitlines()[0])
     add_keys_to_argparser(ap, KEYS)
-    args = ap.parse_args(argv)
-    try:
-        if args.step is not None:
-            return run_step(args)
-        ct = cross_threat(args)
-        if args.plan:
-            return run_table(ct, args.jobs, args.overwrite, plan_only=True)
-        if not args.table_only:
-            ct.work.mkdir(parents=True, exist_ok=True)
+    args = ap.parse_args(argv)  # a bad flag or value: one line (ArgParser, cli_main)
+    if args.step is not None:
+        return run_step(args)
+    ct = cross_threat(args)
+    if args.plan:
+        return run_table(ct, args.jobs, args.overwrite, plan_only=True)
+    if not args.table_only:
+        ct.work.mkdir(parents=True, exist_ok=True)
+        try:
             with open(ct.work / f"{TABLE}.log", "a") as log, interrupt_on_sigterm():
                 run_table(ct, args.jobs, args.overwrite, machine=machine(), log=log)
-        print(write_table(ct, machine=machine()))
-    except CommandFailed as e:
-        write_table(ct, "a step failed", machine())
-        sys.exit(f"cross_threat_table: step failed ({e})\nfix the cause and re-run; finished steps are kept")
-    except UserError as e:
-        sys.exit(f"cross_threat_table: {e}")
-    except KeyboardInterrupt:
-        sys.exit("cross_threat_table: interrupted; finished steps are kept and a re-run resumes")
+        except CommandFailed as e:  # the table keeps what finished; the failure is one line
+            write_table(ct, "a step failed", machine())
+            raise UserError(f"step failed ({e}); fix the cause and re-run: finished steps are kept") from None
+    print(write_table(ct, machine=machine()))
     print(f"wrote {ct.work / TABLE}.md (.csv, .json, .png)")
 
 

@@ -47,11 +47,11 @@ KEYS = {
     "ac_dims": Key(10, "ac: PCA dimensions before 2-means (Chen et al., BackdoorBench: 10)", range=POSITIVE),
     "ac_analysis": Key(
         "relative_size",
-        "ac: relative_size = a cluster with at most --ac_size_threshold of its class (Chen et al., ART); "
+        "ac: relative_size = a cluster with less than --ac_size_threshold of its class (Chen et al., ART); "
         "smaller = the smaller cluster of every class (BackdoorBench's config)",
         choices=AC_ANALYSES,
     ),
-    "ac_size_threshold": Key(0.35, "ac: relative size at or below which a cluster is poisoned", range=FRACTION),
+    "ac_size_threshold": Key(0.35, "ac: relative size below which a cluster is poisoned", range=FRACTION),
     "seed": Key(0, "ac: seed of the k-means++ starts"),
     "epochs": Key(None, "retraining epochs (default: the record's)", int, nullable=True, range=POSITIVE),
     "device": DEVICE,

@@ -18,21 +18,25 @@ import torch.nn.functional as F
 import train
 from utils.augment import beta_draw, cutmix, cutout, cutout_augment, mixup
 from utils.baselines.projection import fit_linear_model, orthonormal_basis, project_images
-from utils.data import ImageSet
+from utils.data import CIFAR10_MEAN, CIFAR10_STD, ImageSet
 from utils.trainer import TrainConfig, train_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cutout_reference(img: np.ndarray, centres: list[tuple[int, int]], length: int) -> np.ndarray:
-    """DeVries & Taylor's Cutout of one HWC image at the given (row, column) centres."""
+    """DeVries & Taylor's Cutout of one HWC uint8 image at the given (row, column) centres, as
+    their code applies it: the mask multiplies the normalised image (``Normalize`` with
+    CIFAR-10's mean and std comes first); returned in [0, 1], denormalised."""
     h, w = img.shape[:2]
-    mask = np.ones((h, w), np.float32)
+    mask = np.ones((h, w), np.float64)
     for y, x in centres:
         y1, y2 = np.clip(y - length // 2, 0, h), np.clip(y + length // 2, 0, h)
         x1, x2 = np.clip(x - length // 2, 0, w), np.clip(x + length // 2, 0, w)
         mask[y1:y2, x1:x2] = 0.0
-    return (img * mask[..., None]).astype(img.dtype)
+    mean, std = np.array(CIFAR10_MEAN), np.array(CIFAR10_STD)
+    normalised = (img / 255.0 - mean) / std
+    return normalised * mask[..., None] * std + mean
 
 
 @pytest.mark.parametrize(("length", "holes"), [(16, 1), (8, 2)])
@@ -42,13 +46,27 @@ def test_cutout_is_devries_mask_on_real_images(small_train, length: int, holes: 
     g = torch.Generator().manual_seed(3)  # the same draws: per hole, the rows' centres then the columns'
     draws = [(torch.randint(0, 32, (64,), generator=g), torch.randint(0, 32, (64,), generator=g)) for _ in range(holes)]
     assert out.dtype == torch.uint8 and out.shape == x.shape
+    fill = torch.tensor([round(m * 255) for m in CIFAR10_MEAN], dtype=torch.uint8)  # the mean colour, in uint8
     for i in range(len(x)):
         centres = [(int(cy[i]), int(cx[i])) for cy, cx in draws]
         ref = _cutout_reference(x[i].permute(1, 2, 0).numpy(), centres, length)
-        assert np.array_equal(out[i].permute(1, 2, 0).numpy(), ref)
+        # the paper's square is the mean colour; uint8 rounds it to the nearest level
+        np.testing.assert_allclose(out[i].permute(1, 2, 0).numpy() / 255.0, ref, rtol=0, atol=0.5 / 255 + 1e-9)
+        cut = (out[i] != x[i]).any(0)
+        assert (out[i][:, cut] == fill[:, None]).all() and torch.equal(out[i][:, ~cut], x[i][:, ~cut])
     # a square cut at the border is smaller, never larger; at most holes · length² pixels per image
-    zeroed = ((out == 0) & (x != 0)).all(1).flatten(1).sum(1)
-    assert zeroed.max() <= holes * length * length and zeroed.float().mean() > 0.3 * length * length
+    filled = ((out == fill[None, :, None, None]) & (x != out)).any(1).flatten(1).sum(1)
+    assert filled.max() <= holes * length * length and filled.float().mean() > 0.3 * length * length
+
+
+def test_cutout_fill_is_the_given_mean_in_float_and_uint8():
+    x = torch.zeros(2, 3, 8, 8)
+    out = cutout(x, torch.Generator().manual_seed(0), 16, 1, fill=(0.1, 0.2, 0.3))  # 16 > 8: the whole image
+    assert torch.equal(out, torch.tensor([0.1, 0.2, 0.3])[None, :, None, None].expand_as(x))
+    full = cutout(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.Generator().manual_seed(0), 8, 1, (0.5, 0.0, 1.0))
+    assert full[0, :, 0, 0].tolist() == [128, 0, 255]
+    with pytest.raises(ValueError, match="fill has 3 channels, the images 1"):
+        cutout(torch.zeros(1, 1, 4, 4), torch.Generator().manual_seed(0), 8)
 
 
 def test_cutout_augment_is_seeded():
@@ -166,7 +184,7 @@ def test_orthogonal_projection_matches_its_formula_and_removes_a_classwise_short
     poisoned = (small_train.images.int() + patterns[small_train.labels]).clamp(0, 255).to(torch.uint8)
     data = ImageSet(poisoned, small_train.labels)
     fit = fit_linear_model(data, 10, epochs=20, lr=0.05, batch_size=10, seed=0, log=lambda m: None)
-    assert fit.weights.shape == (10, 3072) and fit.train_acc > 90
+    assert fit.weights.shape == (10, 3072) and fit.last_epoch_running_acc > 90
     basis = orthonormal_basis(fit.weights)
     torch.testing.assert_close(basis @ basis.T, torch.eye(10, dtype=torch.float64), rtol=0, atol=1e-10)
     projected, clipped = project_images(poisoned, basis, chunk=150)
@@ -179,7 +197,9 @@ def test_orthogonal_projection_matches_its_formula_and_removes_a_classwise_short
     assert 0 <= clipped < 0.2 and clipped == pytest.approx(float(((flat < 0) | (flat > 1)).mean()))
     shortcut = patterns.flatten(1).double() / 255
     left = shortcut - (shortcut @ basis.T) @ basis
-    assert float(left.norm() / shortcut.norm()) < 0.9  # the patterns' share along the weights is gone
+    assert float((left @ basis.T).abs().max()) < 1e-10  # the patterns' share along the weights is gone
+    # and that share is large: 0.70 of the patterns' norm is left (measured, 1 and 2 threads)
+    assert float(left.norm() / shortcut.norm()) < 0.8
     # and what is left of the patterns in the images is much less than before
     residue = (projected.double() - small_train.images.double()).flatten(1) / 255
     before = (poisoned.double() - small_train.images.double()).flatten(1) / 255
@@ -195,8 +215,9 @@ COMMON = ["--poison", "clean", "--subset", "100", "--arch", "resnet18", "--width
     ("defense", "flags"),
     [
         ("cutout", ["--cutout_length", "8"]),
+        ("mixup", ["--mixup_alpha", "0.5"]),
         ("cutmix", ["--cutmix_prob", "1"]),
-        ("op", ["--op_epochs", "2", "--op_batch_size", "50"]),
+        ("op", ["--op_epochs", "3", "--op_batch_size", "50"]),
     ],
 )
 def test_train_defence_end_to_end(tmp_path, defense: str, flags: list[str]):

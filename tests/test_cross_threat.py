@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sys
 import time
 from dataclasses import replace
@@ -19,16 +20,17 @@ import yaml
 import purification
 import train
 from utils.crossthreat import plan as xp
-from utils.crossthreat.steps import backdoor_metrics, elixir_purify
-from utils.crossthreat.table import run_table, write_table
+from utils.crossthreat.steps import backdoor_metrics, elixir_purify, evaluate_victim
+from utils.crossthreat.table import backdoor_rows, poison_rows, run_table, table_markdown, write_table
 from utils.data import class_balanced_subset, read_eclipse_pkl, write_eclipse_pkl
 from utils.dataelixir.defence import construct_candidates
 from utils.dataelixir.flow import run_attack_then_defence
 from utils.dataelixir.keys import FlowConfig
 from utils.dataelixir.models import load_model
 from utils.dataelixir.outputs import last_metrics, load_attack_data
+from utils.demo.stored import check_stored_settings
 from utils.diffusion.factory import load_diffusion_spec
-from utils.fileio import UserError
+from utils.fileio import UserError, file_fingerprint
 from utils.paths import poisoned_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +75,13 @@ RECIPE = {
 }
 
 
+def _demo_settings(**change) -> dict:
+    """What train.py stores for the demo's ECLIPSE victim made with :data:`RECIPE`."""
+    r = {**RECIPE, **change}
+    keys = ("arch", "width", "epochs", "schedule", "weight_decay", "test_subset", "t")
+    return {**{k: r[k] for k in keys}, "iter": r["diffusion_iterations"], "pure": True, "seed": 0}
+
+
 def _random_model(config: str, seed: int) -> dict:
     torch.manual_seed(seed)
     model = load_diffusion_spec(REPO / config).build_model()
@@ -96,7 +105,7 @@ def inputs(tmp_path_factory, small_train):
     write_eclipse_pkl(poisoned_file(eclipse, "EM"), poison)
     demo_victim = eclipse / "runs/train/demo-EM-eclipse/result.json"
     demo_victim.parent.mkdir(parents=True)
-    demo_victim.write_text(json.dumps({"final_test_acc": 50.0}))
+    demo_victim.write_text(json.dumps({"settings": _demo_settings(), "final_test_acc": 50.0}))
     overlay = root / "tiny.yaml"
     overlay.write_text("".join(f"{k}: {v}\n" for k, v in OVERLAY.items()))
     return root, eclipse, elixir, str(overlay)
@@ -167,16 +176,38 @@ def test_plan_builds_each_step_as_its_command(inputs, tmp_path):
             r"diffusion checkpoint not found: .*--dataelixir_work",
         ),
         (dict(attacks="none", step="export"), r"--step must be one of export, elixir, evaluate, with --target"),
+        (dict(seeds="0"), r"--seeds must be"),  # a bad value: ArgParser's one line
+        (dict(jobs="two"), r"--jobs"),
+        (dict(attacks="badnet", poisons="none", overlay="svhn.yaml"), r"svhn\.yaml: dataset 'svhn': .*CIFAR-10 only"),
+        (dict(attacks="none", poisons="EM", overlay="svhn.yaml"), r"svhn\.yaml: dataset 'svhn': .*CIFAR-10 only"),
     ],
 )
-def test_bad_inputs_are_one_line_errors(inputs, tmp_path, change, message):
+def test_bad_inputs_are_one_line_errors(inputs, tmp_path, capsys, change, message):
     root, eclipse, elixir, overlay = inputs
+    (root / "svhn.yaml").write_text(Path(overlay).read_text() + "dataset: svhn\n")
     opts = {"eclipse_work": eclipse, "dataelixir_work": elixir, "overlay": overlay, "work_dir": tmp_path, "plan": True}
-    opts |= {k: (root / v if k.endswith("work") else v) for k, v in change.items()}
+    opts |= {k: (root / v if k.endswith("work") or k == "overlay" else v) for k, v in change.items()}
     argv = [a for k, v in opts.items() for a in ([f"--{k}"] if v is True else [f"--{k}", str(v)])]
-    with pytest.raises(SystemExit, match=message) as e:
+    with pytest.raises(SystemExit) as e:
         bench.main(argv)
-    assert "\n" not in str(e.value)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
+
+
+def test_steps_refuse_another_dataset(inputs, tmp_path):
+    """--step elixir with a non-CIFAR-10 overlay, and --step evaluate on a victim of another
+    dataset, are one-line refusals too (the plan is not the only way in)."""
+    root, eclipse, elixir, overlay = inputs
+    svhn = root / "svhn-steps.yaml"
+    svhn.write_text(Path(overlay).read_text() + "dataset: svhn\n")
+    with pytest.raises(UserError, match=r"dataset 'svhn': the cross-threat table is CIFAR-10 only"):
+        elixir_purify(tmp_path, "EM", eclipse, elixir, str(svhn), device="cpu", log=lambda m: None)
+    run = tmp_path / "runs/train/v"
+    run.mkdir(parents=True)
+    (run / "result.json").write_text(json.dumps({"settings": {"dataset": "svhn"}, "final_test_acc": 1.0}))
+    (run / "model.pt").write_bytes(b"")
+    with pytest.raises(UserError, match=r"result\.json: dataset 'svhn'"):
+        evaluate_victim(tmp_path, "v", "badnet", "cpu")
 
 
 def test_one_cell_of_each_half_end_to_end_then_resumes(inputs, tmp_path):
@@ -223,6 +254,57 @@ def test_one_cell_of_each_half_end_to_end_then_resumes(inputs, tmp_path):
     with pytest.raises(UserError, match=r"step 'badnet purification': .* made with other settings \(respace: 2 -> 3\)"):
         run_table(replace(ct, recipe={**RECIPE, "respace": 3}), runner=nothing_runs, say=lambda line: None)
     assert write_table(ct).count("\n| ") == 4  # each half: its header and its row
+
+
+def test_a_stored_elixir_set_is_compared_even_without_the_ddpm(inputs, tmp_path):
+    """A purified set made with other rounds is refused though the DDPM (whose fingerprint
+    the set also stores) is not here to fingerprint; with the same rounds it counts as done."""
+    root, eclipse, elixir, overlay = inputs
+    ct = replace(_ct(inputs, tmp_path, attacks=()), dataelixir_work=root / "no-ddpm-here")
+    cfg = xp.elixir_config(overlay)
+    out = xp.elixir_file(tmp_path, cfg, "EM")
+    out.parent.mkdir(parents=True)
+    out.write_bytes(b"")
+    stored = {**xp.elixir_settings(cfg, elixir / DDPM, poisoned_file(eclipse, "EM")), "rounds_n": 3}
+    out.with_suffix(".json").write_text(json.dumps({"settings": stored}))
+    with pytest.raises(UserError, match=r"step 'EM dataelixir': .* other settings \(rounds_n: 3 -> 2\)"):
+        check_stored_settings(xp.build_steps(ct), overwrite=False)
+    out.with_suffix(".json").write_text(json.dumps({"settings": {**stored, "rounds_n": 2}}))
+    steps = {s.key: s for s in xp.build_steps(ct)}
+    assert steps["EM dataelixir"].done and check_stored_settings(list(steps.values()), overwrite=False) == []
+
+
+def test_table_shows_only_current_evaluations_and_same_recipe_demo_victims(inputs, tmp_path):
+    """(A) never shows an evaluation of a model since replaced (the plan's fingerprint check);
+    (B) leaves out the demo's victims made with another recipe, naming them in one line."""
+    root, eclipse, elixir, overlay = inputs
+    ct = _ct(inputs, tmp_path)
+    run = tmp_path / "runs/train/xt-badnet-none-s0"
+    run.mkdir(parents=True)
+    (run / "model.pt").write_bytes(b"old model")
+    evaluation = {"model": file_fingerprint(run / "model.pt"), "BA": 80.0, "ASR": 95.0, "RA": 4.0}
+    xp.eval_file(tmp_path, run.name).parent.mkdir(parents=True)
+    xp.eval_file(tmp_path, run.name).write_text(json.dumps(evaluation))
+    assert backdoor_rows(tmp_path, ["badnet"], 1)[0]["cells"]["none"]["ASR"]["values"] == [95.0]
+    (run / "model.pt").write_bytes(b"the victim redone")  # its evaluation is stale now
+    assert backdoor_rows(tmp_path, ["badnet"], 1) == []
+
+    demo = tmp_path / "demo"
+    for name, settings in (("demo-EM-none", _demo_settings()), ("demo-EM-eclipse", _demo_settings(epochs=3))):
+        (demo / "runs/train" / name).mkdir(parents=True)
+        (demo / "runs/train" / name / "result.json").write_text(
+            json.dumps({"settings": settings, "final_test_acc": 30.0})
+        )
+    mine = tmp_path / "runs/train/xt-EM-elixir-s0/result.json"
+    mine.parent.mkdir(parents=True)
+    mine.write_text(json.dumps({"final_test_acc": 40.0}))
+    (row,) = poison_rows(tmp_path, demo, ["EM"], 1, ct.recipe)
+    assert row["cells"]["none"]["values"] == [30.0] and row["cells"]["eclipse"]["n"] == 0
+    assert row["demo_left_out"] == ["demo-EM-eclipse (epochs: 3 -> 1)"]
+    md = table_markdown([], [row])
+    assert md.endswith(
+        "\ndemo victims left out, made with another recipe than this table's: demo-EM-eclipse (epochs: 3 -> 1)"
+    )
 
 
 def test_elixir_image_is_the_last_candidate_of_the_attack_flows_store(inputs, tmp_path, small_train):

@@ -138,6 +138,21 @@ def test_class_balanced_subset_is_deterministic(cifar_train):
     assert bool((a[1:] > a[:-1]).all())
 
 
+@pytest.mark.parametrize("n", [7, 30, 45, 61, 69])
+def test_class_balanced_subset_fills_small_classes_share(n):
+    # uneven classes (as SVHN's and GTSRB's): class 1 has 3 images, class 3 has 8
+    labels = torch.tensor([0] * 20 + [1] * 3 + [2] * 30 + [3] * 8 + [4] * 9)
+    a = class_balanced_subset(labels, n, seed=3)
+    assert len(a) == n and len(set(a.tolist())) == n
+    assert torch.equal(a, class_balanced_subset(labels, n, seed=3))
+    counts = torch.bincount(labels[a], minlength=5).tolist()
+    sizes = torch.bincount(labels).tolist()
+    # as balanced as the sizes allow: a class below the largest count gave all it has
+    assert all(c == s or c >= max(counts) - 1 for c, s in zip(counts, sizes))
+    if n == 30:
+        assert counts == [7, 3, 7, 7, 6]  # class 1's shortfall of 3 goes to the others, first classes first
+
+
 def test_eclipse_pkl_roundtrip(tmp_path, small_train):
     path = tmp_path / "EM.pkl"
     write_eclipse_pkl(path, small_train)
@@ -241,3 +256,18 @@ def test_imageset_validates():
         ImageSet(torch.zeros(2, 3, 32, 32), torch.zeros(2))
     with pytest.raises(ValueError):
         ImageSet(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(3))
+
+
+def test_decompression_bomb_is_a_one_line_error_naming_the_file(tmp_path, monkeypatch):
+    from utils.data import read_images
+    from utils.datasets.readers import imagefolder_layout
+
+    path = tmp_path / "train" / "a" / "0.png"
+    path.parent.mkdir(parents=True)
+    (tmp_path / "train" / "b").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses images over twice this
+    for read in (lambda: read_images([str(path)]), lambda: imagefolder_layout(tmp_path)):
+        with pytest.raises(UserError, match="0.png: refused as a decompression bomb") as e:
+            read()
+        assert "\n" not in str(e.value)

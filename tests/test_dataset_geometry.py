@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,6 +83,31 @@ def test_lsp_keeps_48_features_at_64x64_with_twice_the_radius():
         resolve_params(get_poison("LSP"), {"patch": 24}, image_size=64)
 
 
+def test_lsp_refuses_more_classes_than_its_features_can_centre():
+    # a 32x32 patch at 32x32 leaves 1x1x3 = 3 features: 8 distinct cluster centres
+    for name in ("cifar10", "cifar100"):
+        with pytest.raises(UserError, match=r"--patch 32 leaves 3 features .*too few for \d+ classes") as e:
+            resolve_params(get_poison("LSP"), {"patch": 32}, data=get_dataset(name))
+        assert "\n" not in str(e.value)
+    assert resolve_params(get_poison("LSP"), {"patch": 16}, data=get_dataset("cifar100"))["patch"] == 16
+    # as many classes as centres: drawn distinct, not searched for forever
+    centres, _ = lsp.cluster_params(3, 10.0, np.random.default_rng(0), num_classes=8)
+    assert len({c.tobytes() for c in centres}) == 8
+
+
+def test_adp_defaults_to_the_datasets_config_and_checks_its_image_size(tmp_path):
+    from utils.poisons import adp
+
+    spec = get_poison("ADP")
+    assert resolve_params(spec, {})["diff_config"] == "cifar10.yml"
+    assert resolve_params(spec, {}, data=get_dataset("cifar10"))["diff_config"] == "cifar10.yml"
+    assert resolve_params(spec, {}, data=get_dataset("svhn"))["diff_config"] == "svhn.yml"
+    assert resolve_params(spec, {"diff_config": "cpu.yml"}, data=get_dataset("svhn"))["diff_config"] == "cpu.yml"
+    params = resolve_params(spec, {"diff_config": "cpu_64.yml"}, data=get_dataset("cifar10"))
+    with pytest.raises(UserError, match="the model takes 64x64 images, CIFAR-10 has 32x32 ones; use config/eclipse/"):
+        adp.preflight(tmp_path, params, get_dataset("cifar10"))
+
+
 def test_ops_searches_every_class_and_every_position_at_64x64():
     data = _images(300, 64, 100)
     choice = ops.search(data.images, data.labels, 1, num_classes=100)
@@ -93,9 +119,13 @@ def test_ops_searches_every_class_and_every_position_at_64x64():
 
 def test_ar_samples_at_64x64():
     g = torch.Generator().manual_seed(0)
-    windows = ar.random_windows(3, g)
+    # non-negative windows: each value a convex combination of earlier ones, so a sample
+    # stays finite over any size (random signed windows, which the search filters, may not)
+    windows = ar.random_windows(3, g).abs()
+    windows = windows / windows.sum(dim=(2, 3), keepdim=True)
     samples, norms = ar.generate(windows, g, size=64)
     assert samples.shape == (3, 3, 64, 64) and norms.shape == (3,)
+    assert torch.isfinite(samples).all() and torch.isfinite(norms).all() and (norms > 0).all()
 
 
 # --------------------------------------------------------------------------- triggers at 64x64

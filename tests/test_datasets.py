@@ -51,8 +51,8 @@ def served(mirror, monkeypatch):
 
 
 @pytest.mark.parametrize("name", OFFICIAL)
-def test_official_archive_downloaded_verified_read_and_cached(served, name):
-    root = served["roots"] / name
+def test_official_archive_downloaded_verified_read_and_cached(served, tmp_path, name):
+    root = tmp_path / name  # a root of its own: the shared roots may be filled by tests run before
     requests = served["server"].requests
     assert not dataset_present(name, root)
     before = len(requests)
@@ -95,6 +95,20 @@ def test_gtsrb_images_are_resized_as_backdoorbench(served):
         expected = np.asarray(im.convert("RGB").resize((32, 32), Image.BILINEAR))
     data = load_dataset("gtsrb", "train", root)
     assert np.array_equal(data.images[0].permute(1, 2, 0).numpy(), expected)
+
+
+def test_tinyimagenet_wnids_blank_lines_are_skipped(served, tmp_path):
+    from utils.datasets import readers
+
+    src = served["roots"] / "tinyimagenet"
+    locate_dataset("tinyimagenet", None, src)
+    root = tmp_path / "tiny"
+    shutil.copytree(src, root)
+    wnids = root / "tiny-imagenet-200" / "wnids.txt"
+    ids = wnids.read_text().split()
+    wnids.write_text("\n" + "\n".join(ids[:100]) + "\n  \n" + "\n".join(ids[100:]) + "\n\n")
+    x, y = readers.tinyimagenet(root, "train", DATASETS["tinyimagenet"]).read()
+    assert len(x) == 200 and y.tolist() == list(range(200))
 
 
 def test_wrong_md5_is_one_line_and_leaves_nothing(served, monkeypatch, tmp_path):
@@ -228,7 +242,8 @@ def _overlay(folder, name, size, **extra):
 
 def _check_record(rec, name):
     metrics = json.loads((rec / "metrics.json").read_text())
-    assert {"attack", "defended"} <= set(metrics) or metrics  # the flow's outputs are written
+    assert {"attack_metrics", "defended_metrics", "TPR", "FPR"} <= set(metrics), sorted(metrics)
+    assert {"BA", "ASR"} <= set(metrics["attack_metrics"]) and {"BA", "ASR"} <= set(metrics["defended_metrics"])
     config = (rec / "config.yaml").read_text()
     assert f"dataset: {name}" in config
     weights = torch.load(rec / "backdoored_model.pt", weights_only=True)
@@ -276,7 +291,7 @@ def test_badnet_flow_on_dataset(served, tmp_path, name):
 # --------------------------------------------------------------------------- ECLIPSE's chain at 64x64
 
 
-def test_eclipse_chain_on_tinyimagenet(served, tmp_path):
+def test_eclipse_chain_on_tinyimagenet(served, tmp_path, capsys):
     """poison.py -> train_diffusion.py (config/eclipse/cpu_64.yml) -> purification.py ->
     train.py --pure on 64x64 images, every file under the dataset's folders."""
     import poison
@@ -302,8 +317,10 @@ def test_eclipse_chain_on_tinyimagenet(served, tmp_path):
     train.main([*argv, "--test_subset", "20"])
     assert (tmp_path / "runs" / "train" / "tinyimagenet-URP-pure-resnet18-w4-s0" / "result.json").is_file()
     # a 32x32 model does not purify 64x64 images
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         purification.main(["--poison", "URP", "--config", "cpu.yml", "--sparse_set", "tiny", *common])
+    assert "the model takes 32x32 images, Tiny-ImageNet has 64x64 ones" in capsys.readouterr().err
 
 
 def test_train_py_on_an_image_folder(tmp_path):
@@ -311,3 +328,40 @@ def test_train_py_on_an_image_folder(tmp_path):
     train.main(_train_argv(tmp_path / "mine", tmp_path, "imagefolder"))
     (run,) = (tmp_path / "runs" / "train").iterdir()
     assert json.loads((run / "result.json").read_text())["n_train"] == 20
+
+
+def test_image_folder_runs_record_their_folder(tmp_path, capsys):
+    """Another image folder with the same flags is another run: train.py's finished run, a
+    poisoned set of poisoned_data/imagefolder/ and a diffusion run's folder refuse it."""
+    import poison
+    import train_diffusion
+
+    _image_tree(tmp_path / "a", ["x", "y"], 32, per=5)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / "train" / "x" / "0.png").unlink()
+    train.main(_train_argv(tmp_path / "a", tmp_path, "imagefolder"))
+    (run,) = (tmp_path / "runs" / "train").iterdir()
+    settings = json.loads((run / "result.json").read_text())["settings"]
+    assert settings["data_root"] == str((tmp_path / "a").resolve()) and len(settings["data_listing"]) == 16
+    capsys.readouterr()
+    train.main(_train_argv(tmp_path / "a", tmp_path, "imagefolder"))  # the same folder: finished
+    assert "is finished" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train.main(_train_argv(tmp_path / "b", tmp_path, "imagefolder"))
+    assert "other settings (data_listing:" in capsys.readouterr().err
+    # a poison crafted from folder a does not train folder b's victim
+    common = ["--dataset", "imagefolder", "--work_dir", str(tmp_path), "--device", "cpu", "--no_progress"]
+    assert poison.main(["--poison", "URP", "--data_root", str(tmp_path / "a"), *common]) == 0
+    crafted = json.loads((tmp_path / "poisoned_data" / "imagefolder" / "URP.json").read_text())
+    assert crafted["data_root"] == settings["data_root"]
+    argv = _train_argv(tmp_path / "b", tmp_path, "imagefolder")
+    with pytest.raises(SystemExit):
+        train.main([*argv[: argv.index("clean")], "URP", *argv[argv.index("clean") + 1 :]])
+    assert f"URP.pkl was crafted from the image folder {settings['data_root']}, not" in capsys.readouterr().err
+    # a diffusion run's folder (its sparse set) is another folder's only under another --sparse_set
+    diff = ["--config", "config/eclipse/cpu.yml", "--num_clean", "4", "--replicas", "1", "--iterations", "1"]
+    diff += ["--batch_size", "4", "--save_interval", "1", "--sparse_set", "tiny", *common[:-1]]
+    train_diffusion.main([*diff, "--data_root", str(tmp_path / "a")])
+    with pytest.raises(SystemExit):
+        train_diffusion.main([*diff, "--data_root", str(tmp_path / "b")])
+    assert "other settings (sparse_set.data_listing:" in capsys.readouterr().err

@@ -267,6 +267,33 @@ def test_outputs_made_with_other_settings_are_refused_or_redone(tmp_path):
     assert "  redone with --overwrite: EM purification (a step before it is redone)" in redone
 
 
+def test_a_changed_defence_flag_in_the_recipe_is_refused(tmp_path, monkeypatch):
+    """Every defence's options are compared (train.py's DEFENSE_KEYS, not only AT's): a recipe
+    that changes Cutout's length, or drops OP's batch size (back to train.py's default), no
+    longer counts the victims made with the old flags as done; the other victims still are."""
+    import train
+    from utils.demo import pipeline
+
+    variants = ["none", "at", "cutout", "op"]
+    recipe = {"at": "--at_eps 8 --at_steps 5 --at_step_size 2", "cutout": "", "op": "--op_batch_size 100"}
+    monkeypatch.setattr(pipeline, "defense_flags", lambda d: recipe.get(d, "").split())
+    _made_by(build_commands(_args(tmp_path), ["EM"], variants, py="py"), tmp_path)
+    same = build_commands(_args(tmp_path), ["EM"], variants, py="py")
+    assert all(s.done for s in same) and check_stored_settings(same, overwrite=False) == []
+    cutout = {s.key: s for s in same}["demo-EM-cutout"].stored.values
+    assert cutout["cutout_length"] == train.KEYS["cutout_length"].default  # not on the command: the default
+    assert not set(cutout) & {"at_eps", "op_epochs", "mixup_alpha"}  # another defence's options: not compared
+
+    recipe |= {"cutout": "--cutout_length 8", "op": ""}
+    steps = build_commands(_args(tmp_path), ["EM"], variants, py="py")
+    redone = check_stored_settings(steps, overwrite=True)
+    assert "  redone with --overwrite: demo-EM-cutout (cutout_length: 16 -> 8)" in redone
+    assert "  redone with --overwrite: demo-clean-op (op_batch_size: 100 -> 1024)" in redone
+    kept = {s.key for s in steps if s.done}
+    assert {"demo-clean", "demo-EM-none", "demo-clean-at", "demo-EM-at", "EM poison"} <= kept
+    assert not kept & {"demo-clean-cutout", "demo-EM-cutout", "demo-clean-op", "demo-EM-op"}
+
+
 def test_a_changed_diffusion_recipe_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
     import demo
 

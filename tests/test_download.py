@@ -11,11 +11,13 @@ import os
 import pickle
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
 import threading
 import time
+import zipfile
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -262,6 +264,33 @@ def test_unsafe_archive_members_are_refused(server, isolated, monkeypatch, name,
     root = isolated / "data" / "inner"
     with pytest.raises(UserError, match="refusing to extract"):
         load_cifar10("train", root)
+    assert not (isolated / "data" / "escaped").exists()
+    assert not (root / "cifar-10-batches-py").exists()
+    assert [p for p in _leftovers(root) if not p.endswith(".tar.gz")] == []
+
+
+def _zipball(extra: list[zipfile.ZipInfo]) -> bytes:
+    """The tarball's batches as a zip archive, plus the ``extra`` members."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+            zf.writestr(f"cifar-10-batches-py/{name}", _batch(i))
+        for info in extra:
+            zf.writestr(info, "/etc/passwd" if stat.S_ISLNK(info.external_attr >> 16) else b"owned")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name, kind", [("../escaped", stat.S_IFREG), ("/abs/escaped", stat.S_IFREG), ("link", stat.S_IFLNK)]
+)
+def test_unsafe_zip_members_are_refused(server, isolated, monkeypatch, name, kind):
+    info = zipfile.ZipInfo(name if kind == stat.S_IFREG else f"cifar-10-batches-py/{name}")
+    info.external_attr = (kind | 0o644) << 16  # the Unix file type, as zip records it
+    _serve_cifar(server, monkeypatch, _zipball([info]))
+    root = isolated / "data" / "inner"
+    with pytest.raises(UserError, match="refusing to extract") as e:
+        load_cifar10("train", root)
+    assert "\n" not in str(e.value)
     assert not (isolated / "data" / "escaped").exists()
     assert not (root / "cifar-10-batches-py").exists()
     assert [p for p in _leftovers(root) if not p.endswith(".tar.gz")] == []

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.data import NUM_CLASSES, class_balanced_subset
+from utils.fileio import UserError
 from utils.poisons import POISONS, get_poison, resolve_params
 from utils.poisons.ar import filters_of, responses
 from utils.poisons.common import (
@@ -433,6 +434,14 @@ def test_ar_search_uses_the_reference_criteria():
         if c:
             lowest_vs_earlier.append(float(r[:c].min()))
     assert torch.tensor(lowest_vs_earlier).median() >= 9.0, lowest_vs_earlier
+
+
+def test_ar_search_short_of_processes_is_a_one_line_error():
+    from utils.poisons.ar import find_processes
+
+    with pytest.raises(UserError, match=r"AR: found only \d+ of the 5 separable AR processes needed") as e:
+        find_processes(torch.Generator().manual_seed(2), classes=5, max_candidates=40, batch=40)
+    assert "\n" not in str(e.value)
 
 
 def test_ar_bounded_scan_drops_exactly_the_runaway_samples():

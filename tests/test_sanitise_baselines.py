@@ -30,14 +30,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _features(seed: int = 0, clean: int = 200, poisoned: int = 20, shift: float = 6.0, dims: int = 32):
-    """Ten classes of N(0, I) features; class 0 also holds ``poisoned`` rows shifted by
-    ``shift`` along one unit direction (rows 0 .. poisoned-1)."""
+def _features(
+    seed: int = 0,
+    clean: int = 200,
+    poisoned: int = 20,
+    shift: float = 6.0,
+    dims: int = 32,
+    classes: int = 10,
+    target: int = 0,
+):
+    """``classes`` classes of N(0, I) features; class ``target`` also holds ``poisoned`` rows
+    shifted by ``shift`` along one unit direction (rows 0 .. poisoned-1)."""
     g = torch.Generator().manual_seed(seed)
-    feats = torch.randn(10 * clean + poisoned, dims, generator=g, dtype=torch.float64)
+    feats = torch.randn(classes * clean + poisoned, dims, generator=g, dtype=torch.float64)
     u = torch.randn(dims, generator=g, dtype=torch.float64)
     feats[:poisoned] += shift * u / u.norm()
-    labels = torch.cat([torch.zeros(poisoned + clean, dtype=torch.long), torch.arange(1, 10).repeat_interleave(clean)])
+    labels = torch.cat([torch.full((poisoned,), target), torch.arange(classes).repeat_interleave(clean)])
     poison = torch.zeros(len(labels), dtype=torch.bool)
     poison[:poisoned] = True
     return feats, labels, poison
@@ -72,7 +80,8 @@ def test_pca_reduce_is_the_leading_principal_coordinates():
 
 def test_two_means_finds_the_best_split_of_a_line():
     """In one dimension the optimal 2-means partition is a threshold: the best of all thresholds."""
-    x = torch.cat([torch.randn(40, generator=torch.Generator().manual_seed(3)) * 0.5, torch.randn(15) * 0.5 + 4])
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(40, generator=g) * 0.5, torch.randn(15, generator=g) * 0.5 + 4])
     assign, inertia = two_means(x[:, None].double(), torch.Generator().manual_seed(0))
     xs = np.sort(x.double().numpy())
     best = min(((xs[:k] - xs[:k].mean()) ** 2).sum() + ((xs[k:] - xs[k:].mean()) ** 2).sum() for k in range(1, len(xs)))
@@ -91,6 +100,25 @@ def test_activation_clustering_flags_the_small_separated_cluster_only():
     assert torch.equal(flagged, activation_clustering(feats, labels, 10, seed=0))  # seeded
     with pytest.raises(ValueError, match="analysis must be"):
         activation_clustering(feats, labels, 10, analysis="silhouette")
+
+
+def test_both_methods_look_at_classes_past_the_tenth():
+    """A dataset of 12 classes poisoned into class 11: both rules must loop over its 12 classes
+    (the count ``sanitise_record`` reads from the record's dataset), not CIFAR-10's 10."""
+    feats, labels, poison = _features(shift=12.0, classes=12, target=11)
+    ss = spectral_signatures(feats, labels, 12, eps=0.1, multiplier=1.5)
+    assert ss[poison].all()
+    assert torch.bincount(labels[ss], minlength=12).tolist() == [int(1.5 * 0.1 * 200)] * 11 + [int(1.5 * 0.1 * 220)]
+    assert torch.equal(activation_clustering(feats, labels, 12, seed=0), poison)
+    assert not spectral_signatures(feats, labels, 10)[labels >= 10].any()  # what CIFAR-10's count missed
+
+
+def test_relative_size_is_strict_as_art():
+    """A cluster of exactly ``size_threshold`` of its class is not flagged (ART's ``<``)."""
+    feats, labels, poison = _features(clean=0, poisoned=20, shift=0.0, classes=1)
+    feats[:7] += 50.0  # 7 of 20 = 0.35: two clusters of 7 and 13
+    assert not activation_clustering(feats, labels, 1, size_threshold=0.35).any()
+    assert activation_clustering(feats, labels, 1, size_threshold=0.36)[:7].all()
 
 
 @pytest.fixture(scope="module")

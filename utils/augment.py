@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from scipy.special import betaincinv
 
+from utils.data import CIFAR10_MEAN
+
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 Mix = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]
 """(float batch, labels, generator) -> (mixed batch, labels a, labels b, λ): the batch is trained
@@ -178,12 +180,24 @@ def jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
-def cutout(x: torch.Tensor, g: torch.Generator, length: int = 16, holes: int = 1) -> torch.Tensor:
+def cutout(
+    x: torch.Tensor,
+    g: torch.Generator,
+    length: int = 16,
+    holes: int = 1,
+    fill: tuple[float, ...] = CIFAR10_MEAN,
+) -> torch.Tensor:
     """DeVries & Taylor's Cutout: per image and hole, a centre (row, column) uniform over the
-    image and the square ``[c - length // 2, c + length // 2)`` (cut at the borders) set to 0.
-    Their mask zeroes the network's input; the victims here take unnormalised [0, 1] images
-    (as ECLIPSE's), so 0 is black."""
-    B, _, H, W = x.shape
+    image and the square ``[c - length // 2, c + length // 2)`` (cut at the borders) set to
+    ``fill``, the dataset's per-channel mean in [0, 1].
+
+    Their mask multiplies the *normalised* input, so the square becomes 0 after ``Normalize``,
+    i.e. the dataset's mean colour. The victims here take unnormalised [0, 1] images (as
+    ECLIPSE's), where 0 would be black: filling with the mean is the paper's square. On uint8
+    images the mean is rounded to the nearest level (at most 0.5/255 off)."""
+    B, C, H, W = x.shape
+    if len(fill) != C:
+        raise ValueError(f"cutout: fill has {len(fill)} channels, the images {C}")
     keep = torch.ones(B, H, W, dtype=torch.bool, device=x.device)
     rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
     for _ in range(holes):
@@ -192,14 +206,17 @@ def cutout(x: torch.Tensor, g: torch.Generator, length: int = 16, holes: int = 1
         in_rows = (rows >= (cy - length // 2).clamp(0, H)[:, None]) & (rows < (cy + length // 2).clamp(0, H)[:, None])
         in_cols = (cols >= (cx - length // 2).clamp(0, W)[:, None]) & (cols < (cx + length // 2).clamp(0, W)[:, None])
         keep &= ~(in_rows[:, :, None] & in_cols[:, None, :])
-    return x * keep[:, None].to(x.dtype)
+    value = torch.tensor(fill, dtype=torch.float64)
+    value = value.mul(255).round().to(torch.uint8) if x.dtype == torch.uint8 else value.to(x.dtype)
+    return torch.where(keep[:, None], x, value.to(x.device)[None, :, None, None])
 
 
-def cutout_augment(length: int = 16, holes: int = 1) -> Augment:
-    """Cutout's CIFAR-10 training transform: crop + flip, then Cutout."""
+def cutout_augment(length: int = 16, holes: int = 1, fill: tuple[float, ...] = CIFAR10_MEAN) -> Augment:
+    """Cutout's CIFAR-10 training transform: crop + flip, then Cutout filled with ``fill`` (the
+    dataset's per-channel mean; CIFAR-10's by default)."""
 
     def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        return cutout(standard_augment(x, g), g, length, holes)
+        return cutout(standard_augment(x, g), g, length, holes, fill)
 
     return augment
 

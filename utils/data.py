@@ -49,7 +49,7 @@ IMAGE_BYTES = 32 * 32 * 3
 # the pixels an ECLIPSE .pkl may declare beyond its own size (entries sharing one image's
 # bytes): all of CIFAR-10's, so a small file cannot ask for gigabytes
 MAX_SHARED_PIXEL_BYTES = 60_000 * IMAGE_BYTES
-_IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")  # the suffixes an image folder's files may have
 _SOURCES_HELP = (
     "provide CIFAR-10 with --data_root, or $CIFAR10_ROOT, or at data/cifar10, as either "
     "the standard 'cifar-10-batches-py' folder or an image tree train|test/<class>/*.png|jpg, "
@@ -171,11 +171,12 @@ def _decode_files(files: list[str], size: int = 32, resize: bool = False) -> np.
     for i, f in enumerate(files):
         try:
             with Image.open(f) as im:
-                if resize:
-                    im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-                elif im.size != (size, size):
+                if not resize and im.size != (size, size):
                     raise UserError(f"{f}: image is {im.size[0]}x{im.size[1]}, expected {size}x{size}")
-                out[i] = np.asarray(im.convert("RGB"))
+                rgb = im.convert("RGB")
+                out[i] = np.asarray(rgb.resize((size, size), Image.BILINEAR) if resize else rgb)
+        except Image.DecompressionBombError as e:  # not an OSError: PIL's refusal of a huge image
+            raise UserError(f"{f}: refused as a decompression bomb ({e}); replace or remove the file") from None
         except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a truncated or corrupt file
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"{f}: cannot decode the image ({first}); replace or remove the file") from None
@@ -198,7 +199,7 @@ def folder_files(
         if not d.is_dir():
             raise UserError(f"class folder missing: {d} (expected the {len(classes)} {what} class folders)")
         with os.scandir(d) as it:
-            entries = sorted((e for e in it if e.name.lower().endswith(_IMAGE_EXTS)), key=lambda e: e.name)
+            entries = sorted((e for e in it if e.name.lower().endswith(IMAGE_EXTS)), key=lambda e: e.name)
         if not entries:
             raise UserError(f"no .png/.jpg images in {d}")
         for e in entries:
@@ -286,18 +287,41 @@ def cached_read(stem: str, size: int, read: Callable[[], tuple[np.ndarray, np.nd
     return ImageSet(torch.from_numpy(x), torch.from_numpy(np.asarray(y, dtype=np.int64)))
 
 
+def _class_quotas(counts: list[int], n: int) -> list[int]:
+    """How many of ``n`` images each class gives, as equal as its ``counts`` allow: an even
+    share (the first ``n % C`` classes one more), and a class short of its share gives all it
+    has, its shortfall shared the same way among the classes with spare images. With every
+    class large enough this is the plain even split, so balanced datasets draw as before."""
+    quota = [0] * len(counts)
+    open_ = list(range(len(counts)))  # the classes not yet capped by their size
+    left = n
+    while open_ and left > 0:
+        share = [left // len(open_) + (1 if j < left % len(open_) else 0) for j in range(len(open_))]
+        short = [c for c, k in zip(open_, share) if counts[c] < k]
+        if not short:
+            for c, k in zip(open_, share):
+                quota[c] = k
+            break
+        for c in short:  # capped classes give all they have; the rest is re-shared next round
+            quota[c] = counts[c]
+            left -= counts[c]
+        open_ = [c for c in open_ if c not in short]
+    return quota
+
+
 def class_balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """``n`` indices drawn with ``seed``, as equal per class as possible, in ascending order."""
+    """``n`` indices drawn with ``seed``, as equal per class as possible, in ascending order
+    (all indices when ``n`` is at least the dataset's size). With uneven classes, the
+    share a small class cannot fill goes to the classes with spare images."""
     labels = torch.as_tensor(labels)
     if n >= len(labels):
         return torch.arange(len(labels))
     g = torch.Generator().manual_seed(seed)
     classes = torch.unique(labels)
-    per = [n // len(classes) + (1 if i < n % len(classes) else 0) for i in range(len(classes))]
-    picks = []
-    for c, k in zip(classes.tolist(), per):
-        idx = torch.nonzero(labels == c).flatten()
-        picks.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    members = [torch.nonzero(labels == c).flatten() for c in classes.tolist()]
+    per = _class_quotas([len(idx) for idx in members], n)
+    # one randperm per class in class order, whatever its quota: balanced datasets keep their draws
+    picks = [idx[torch.randperm(len(idx), generator=g)[:k]] for idx, k in zip(members, per)]
     return torch.sort(torch.cat(picks)).values
 
 

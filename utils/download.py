@@ -93,7 +93,6 @@ CIFAR10 = Remote(
     mirrored=True,
 )
 
-CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_FOLDER = "cifar-10-batches-py"
 
 # Ho et al.'s CIFAR-10 DDPMs converted by pesser/pytorch_diffusion (its ckpt_util.py names,

@@ -27,10 +27,12 @@ from utils.trainer import TrainConfig, train_classifier
 
 @dataclass(frozen=True)
 class LinearShortcut:
-    """The fitted linear model's weights ``[classes, pixels]`` and its final training accuracy (%)."""
+    """The fitted linear model's weights ``[classes, pixels]`` and its running training accuracy
+    (%) over its last epoch (accumulated batch by batch while the weights still moved, not a
+    second pass over the set with the final weights)."""
 
     weights: torch.Tensor
-    train_acc: float
+    last_epoch_running_acc: float
 
 
 def fit_linear_model(
@@ -44,8 +46,15 @@ def fit_linear_model(
     log: Callable[[str], None] = print,
 ) -> LinearShortcut:
     """OP's logistic regression (bias-free linear layer on flattened [0, 1] pixels), trained on
-    ``train`` on the CPU (a few GFLOP an epoch): the projected set, and with it the run's
-    checkpoint key, is then the same on every device."""
+    ``train`` on the CPU (a few GFLOP an epoch), so the fit does not depend on the victim's
+    device. It can still change with the CPU's thread count (reductions split differently),
+    so the projected set is not bit-identical everywhere: a resumed victim run whose projected
+    set differs is refused by the checkpoint's data fingerprint, never mixed.
+
+    The lr drops ×0.1 at epochs ``int(0.5·epochs)`` and ``int(0.75·epochs)`` (their code's 50 %
+    and 75 %). Below 3 epochs the two milestones coincide: with 2 epochs the second epoch runs
+    at lr/100, with 1 the whole fit does (both milestones at epoch 0); use at least 3, the
+    paper's 20 by default."""
     dim = train.images[0].numel()
     # its own seed: the victim's initialisation after it stays what it would be without OP
     with torch.random.fork_rng(devices=[]):
@@ -67,6 +76,7 @@ def fit_linear_model(
         bn_updates=1,
     )
     history = train_classifier(model, train, no_augment, cfg, torch.device("cpu"), log=log, desc="OP linear model")
+    # the loop's train_acc: accumulated over the last epoch's batches while the model trained
     return LinearShortcut(model[1].weight.detach().float().cpu(), float(history[-1]["train_acc"]))
 
 
@@ -94,8 +104,11 @@ def project_images(images: torch.Tensor, basis: torch.Tensor, chunk: int = 4096)
 def orthogonal_projection(
     train: ImageSet, num_classes: int, *, log: Callable[[str], None] = print, **fit: int | float
 ) -> tuple[ImageSet, dict[str, float]]:
-    """OP applied to ``train``: the projected set and what to report (the linear model's
-    training accuracy, the share of values clipped); ``fit``: :func:`fit_linear_model`'s settings."""
+    """OP applied to ``train``: the projected set and what to report (``linear_train_acc``: the
+    linear model's running training accuracy over its last epoch, see :class:`LinearShortcut`;
+    ``clipped_share``: the share of values clipped); ``fit``: :func:`fit_linear_model`'s settings."""
     shortcut = fit_linear_model(train, num_classes, log=log, **fit)
     images, clipped = project_images(train.images, orthonormal_basis(shortcut.weights))
-    return ImageSet(images, train.labels), {"linear_train_acc": shortcut.train_acc, "clipped_share": clipped}
+    # key name kept: train.py reads it (a rename must change both together)
+    report = {"linear_train_acc": shortcut.last_epoch_running_acc, "clipped_share": clipped}
+    return ImageSet(images, train.labels), report

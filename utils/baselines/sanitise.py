@@ -14,9 +14,14 @@ on the rest by the attack flow's own training (``utils.dataelixir.models``, the 
   its top 15 %: it knows the target, which a defender does not.
 * Activation Clustering: per class, the features reduced to 10 dimensions (PCA, as
   BackdoorBench's script; Chen et al. use ICA) and split by 2-means (k-means++, 10 starts,
-  the lowest inertia kept, as scikit-learn's KMeans); a cluster is poisoned when it holds at
-  most 35 % of the class (Chen et al.'s relative size, ART's default threshold), or with
-  ``analysis="smaller"`` the smaller cluster of every class (BackdoorBench's config).
+  the lowest inertia kept, as scikit-learn's KMeans); a cluster is poisoned when it holds
+  less than 35 % of the class (Chen et al.'s relative size with ART's default threshold and
+  ART's strict ``<``), or with ``analysis="smaller"`` the smaller cluster of every class
+  (BackdoorBench's config). Chen et al.'s other analysis, the silhouette score, is not
+  implemented.
+
+Both loop over the record's dataset classes (``cfg.data_spec().num_classes``), not CIFAR-10's
+ten: a class past the tenth would otherwise never be looked at.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 
 import torch
 
-from utils.data import NUM_CLASSES, ImageSet
+from utils.data import ImageSet
 from utils.dataelixir.keys import FlowConfig
 from utils.dataelixir.models import build_model, load_model, train_augment, train_config
 from utils.dataelixir.outputs import last_metrics, load_attack_data
@@ -137,7 +142,8 @@ def activation_clustering(
         if analysis == "smaller":
             poisoned = [int(sizes.argmin())]
         else:
-            poisoned = [k for k in range(2) if sizes[k] / len(rows) <= size_threshold]
+            # strict, as ART's ``relative_size`` analysis (``< size_threshold``)
+            poisoned = [k for k in range(2) if sizes[k] / len(rows) < size_threshold]
         for k in poisoned:
             flagged[rows[assign == k]] = True
     return flagged
@@ -201,7 +207,8 @@ def sanitise_record(
     model = load_model(cfg, record / "backdoored_model.pt", device)
     bf16 = cfg.precision_of("candidate_labels") == "bf16"
     features = predict(model, bd.train.images, device, bf16=bf16, features=True).double()
-    flagged = flag_samples(method, features, bd.train.labels, NUM_CLASSES, options)
+    num_classes = cfg.data_spec().num_classes  # the record's dataset, which need not be CIFAR-10
+    flagged = flag_samples(method, features, bd.train.labels, num_classes, options)
     rates = removal_rates(flagged, bd.poison_indicator)
     log(f"{method}: removed {rates.removed} of {len(flagged)} ({rates.removed_poisoned} of {rates.poisoned} poisoned)")
     keep = torch.nonzero(~flagged).flatten()
@@ -223,7 +230,7 @@ def sanitise_record(
         "before": _record_metrics(record),
         "after": last_metrics(history),
         "removal": asdict(rates),
-        "removed_per_class": torch.bincount(bd.train.labels[flagged], minlength=NUM_CLASSES).tolist(),
+        "removed_per_class": torch.bincount(bd.train.labels[flagged], minlength=num_classes).tolist(),
         "n_train": len(flagged),
         "n_train_after": len(kept),
         "flagged": torch.nonzero(flagged).flatten().tolist(),

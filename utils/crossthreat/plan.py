@@ -40,7 +40,7 @@ from utils.demo.stored import Stored
 from utils.diffusion.checkpoints import checkpoint_name, parse_checkpoint_name, resolve_checkpoint
 from utils.fileio import UserError, file_fingerprint, read_state_json
 from utils.options import coerce, load_yaml_file, quote, resolve_path
-from utils.paths import diff_ckpt_dir, poisoned_file, purified_file, record_dir
+from utils.paths import DATASET, diff_ckpt_dir, poisoned_file, purified_file, record_dir
 from utils.poisons import POISONS
 
 BENCH = "bench/cross_threat_table.py"  # runs the steps that are no script of their own (--step)
@@ -131,13 +131,26 @@ def elixir_file(work: Path, cfg: FlowConfig, poison: str) -> Path:
     return purified_file(work, ELIXIR_SET, cfg.steps_T, ddpm_iteration(cfg), poison)
 
 
+def check_cifar10(dataset: Any, where: str) -> None:
+    """The table is CIFAR-10 only: (A)'s ECLIPSE half purifies with the CIFAR-10 demo's sparse
+    model and trains CIFAR-10 victims, (B) purifies the CIFAR-10 demo's poisons; another
+    dataset is a one-line refusal naming where it was set."""
+    if dataset != DATASET:
+        raise UserError(
+            f"{where}: dataset {quote(dataset)}: the cross-threat table is CIFAR-10 only; expected dataset: {DATASET}"
+        )
+
+
 def elixir_config(overlay: str) -> FlowConfig:
     """DataElixir's purification settings as ``overlay`` sets them (its defence keys over their
-    defaults; every other key is the attacks'), with random_seed :data:`ATTACK_SEED`."""
+    defaults; every other key is the attacks'), with random_seed :data:`ATTACK_SEED`. An
+    overlay for another dataset than CIFAR-10 is refused (:func:`check_cifar10`)."""
     path = resolve_path(overlay, "overlay file")
     settings: dict[str, Any] = {k: key.default for k, key in DEFENCE_KEYS.items()}
     known = all_known_keys()
     for k, v in load_yaml_file(path).items():
+        if k == "dataset":
+            check_cifar10(v, str(path))
         if k in DEFENCE_KEYS:
             settings[k] = coerce(k, DEFENCE_KEYS[k], v, DEFENCE_KEYS, str(path))
         elif k not in known:
@@ -147,14 +160,16 @@ def elixir_config(overlay: str) -> FlowConfig:
     return cfg
 
 
-def elixir_settings(cfg: FlowConfig, ddpm: Path, source: Path) -> dict[str, Any]:
-    """What a DataElixir-purified set is made from: its rounds, seed, DDPM and input (fingerprints)."""
+def elixir_settings(cfg: FlowConfig, ddpm: Path | None, source: Path | None) -> dict[str, Any]:
+    """What a DataElixir-purified set is made from: its rounds, seed, DDPM and input
+    (fingerprints). A file given as None (the plan, where the DDPM or the poison is not here)
+    leaves its fingerprint out, so the other settings are still compared with a stored set's."""
     keys = ("steps_T", "purify_respace", "rounds_n", "last_steps_m", "purify_dense_tail", "noise_offset")
     return {
         **{k: getattr(cfg, k) for k in (*keys, "original_round_trip", "random_seed", "purify_batch_size")},
         "diffusion_config": cfg.diffusion_config,
-        "ddpm": file_fingerprint(ddpm),
-        "images": file_fingerprint(source),
+        **({} if ddpm is None else {"ddpm": file_fingerprint(ddpm)}),
+        **({} if source is None else {"images": file_fingerprint(source)}),
         "kept_sample": "last",  # the last round's last kept sample
     }
 
@@ -197,12 +212,14 @@ def victim_step(
     )
 
 
-def _eval_done(work: Path, victim: str) -> bool:
+def current_eval(work: Path, victim: str) -> dict[str, Any] | None:
+    """The victim's stored evaluation when it was made of its current model (the fingerprint
+    it stores is the model's now); None when it is missing or stale (a victim redone since)."""
     model, out = work / "runs" / "train" / victim / "model.pt", eval_file(work, victim)
     if not (model.is_file() and out.is_file()):
-        return False
+        return None
     stored = read_state_json(out, "delete it (the evaluation is redone)")
-    return isinstance(stored, dict) and stored.get("model") == file_fingerprint(model)
+    return stored if isinstance(stored, dict) and stored.get("model") == file_fingerprint(model) else None
 
 
 def backdoor_steps(ct: CrossThreat, attack: str) -> list[DemoCommand]:
@@ -210,6 +227,7 @@ def backdoor_steps(ct: CrossThreat, attack: str) -> list[DemoCommand]:
     w, bench = str(ct.work), [ct.py, BENCH]
     argv = [*attack_argv(attack, ct.overlay, ATTACK_SEED, ct.work, record_name(attack)), "--stop_after", "attack"]
     cfg, _ = resolve_flow_config(attack, argv)  # the overlay checked now, and what the record stores
+    check_cifar10(cfg.dataset, f"{ct.overlay} (attack {attack})")
     record_cfg = {k: v for k, v in cfg.to_dict().items() if k != "precisions"}
     exported = poisoned_file(ct.work, attack)
     info = exported.with_suffix(".json")
@@ -257,7 +275,7 @@ def backdoor_steps(ct: CrossThreat, attack: str) -> list[DemoCommand]:
                 f"{attack}: ASR / RA of {name}",
                 [*bench, "--step", "evaluate", "--target", name, "--attacks", attack, "--work_dir", w],
                 None,
-                _eval_done(ct.work, name),
+                current_eval(ct.work, name) is not None,
                 (victim.key,),
             )
             steps += [victim, evaluate]
@@ -272,7 +290,8 @@ def poison_steps(ct: CrossThreat, poison: str, cfg: FlowConfig) -> list[DemoComm
         ddpm: Path | None = diffusion_ckpt(cfg, ct.dataelixir_work)[0]
     except UserError:  # needed only while the step is to run (missing_inputs says so)
         ddpm = None
-    made = None if ddpm is None or not source.is_file() else elixir_settings(cfg, ddpm, source)
+    # without the DDPM (or the poison) here, the settings that need no fingerprint are compared
+    made = elixir_settings(cfg, ddpm, source if source.is_file() else None)
     cmd = [ct.py, BENCH, "--step", "elixir", "--target", poison, "--work_dir", str(ct.work)]
     cmd += ["--eclipse_work", str(ct.eclipse_work), "--dataelixir_work", str(ct.dataelixir_work)]
     cmd += ["--overlay", ct.overlay]
@@ -282,7 +301,7 @@ def poison_steps(ct: CrossThreat, poison: str, cfg: FlowConfig) -> list[DemoComm
         cmd,
         None,
         out.is_file(),
-        stored=None if made is None else Stored((out.with_suffix(".json"),), made, ("settings",)),
+        stored=Stored((out.with_suffix(".json"),), made, ("settings",)),
     )
     steps = [elixir]
     pure = ["--sparse_set", ELIXIR_SET, "--t", str(cfg.steps_T), "--iter", str(ddpm_iteration(cfg))]
@@ -326,7 +345,9 @@ def missing_inputs(ct: CrossThreat) -> None:
 
 
 def build_steps(ct: CrossThreat) -> list[DemoCommand]:
-    """Every step of both halves, inputs checked first."""
+    """Every step of both halves, inputs checked first (the overlay's dataset before anything)."""
+    overlay = resolve_path(ct.overlay, "overlay file")
+    check_cifar10(load_yaml_file(overlay).get("dataset", DATASET), str(overlay))
     missing_inputs(ct)
     steps = [s for a in ct.attacks for s in backdoor_steps(ct, a)]
     if ct.poisons:

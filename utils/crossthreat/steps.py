@@ -27,6 +27,7 @@ from models import build_classifier
 from utils.chunk_store import ChunkStore, Tick
 from utils.crossthreat.plan import (
     attack_data_file,
+    check_cifar10,
     elixir_config,
     elixir_file,
     elixir_settings,
@@ -52,7 +53,7 @@ from utils.fileio import (
     safe_torch_load,
 )
 from utils.options import load_yaml_file
-from utils.paths import poisoned_file, record_dir
+from utils.paths import DATASET, poisoned_file, record_dir
 from utils.plots import amplified_difference, save_image_grid
 from utils.precision import keep_stored
 from utils.run_state import OutputLock
@@ -70,6 +71,8 @@ def export_attack_set(work: Path, attack: str) -> Path:
     config_file = record_dir(work, record_name(attack)) / "config.yaml"
     if not data_file.is_file() or not config_file.is_file():
         raise UserError(f"{data_file} not found: run attack/{attack}.py with --stop_after attack first")
+    attack_config = load_yaml_file(config_file, "record configuration")
+    check_cifar10(attack_config.get("dataset", DATASET), str(config_file))  # ECLIPSE's .pkl holds CIFAR-10
     bd, train_idx = load_attack_data(data_file)
     out = poisoned_file(work, attack)
     poisoned = torch.nonzero(bd.poison_indicator).flatten()
@@ -80,7 +83,7 @@ def export_attack_set(work: Path, attack: str) -> Path:
         "poisoned": len(poisoned),
         "poisoned_indices": poisoned.tolist(),
         "cifar10_train_indices": train_idx.tolist(),
-        "attack_config": load_yaml_file(config_file, "record configuration"),
+        "attack_config": attack_config,
     }
     out.unlink(missing_ok=True)
     atomic_write_json(out.with_suffix(".json"), info)
@@ -190,9 +193,11 @@ def evaluate_victim(work: Path, victim: str, attack: str, device: str = "auto") 
         raise UserError(f"{run}: no finished victim (result.json and model.pt); run its train.py step first")
     result = read_state_json(run / "result.json", "re-run that victim with --overwrite")
     settings = result["settings"]
+    # train.py stores the dataset only where it is not CIFAR-10, the one the table supports
+    check_cifar10(settings.get("dataset") or DATASET, str(run / "result.json"))
     t0 = time.time()
     dev = resolve_device(device)
-    model = build_classifier(settings["arch"], NUM_CLASSES, settings["width"])
+    model = build_classifier(settings["arch"], NUM_CLASSES, settings["width"])  # CIFAR-10's, checked above
     state = safe_torch_load(run / "model.pt", "victim model")
     check_finite(state, run / "model.pt")
     model.load_state_dict(state)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -19,11 +19,12 @@ from utils.crossthreat.plan import (
     ELIXIR_VARIANTS,
     CrossThreat,
     build_steps,
-    eval_file,
+    current_eval,
     victim_name,
 )
-from utils.demo.pipeline import VARIANTS, _stats, plan_lines, run_command, run_commands, summarise, victim_result
-from utils.demo.stored import check_stored_settings
+from utils.demo.pipeline import VARIANTS, _stats, plan_lines, run_command, run_commands, victim_result
+from utils.demo.pipeline import victim_name as demo_victim_name
+from utils.demo.stored import Stored, check_stored_settings, stored_differences
 from utils.fileio import atomic_write_json, atomic_write_text, read_state_json
 from utils.plots import pyplot, save_figure
 
@@ -63,8 +64,10 @@ def backdoor_rows(work: Path, attacks: Sequence[str], seeds: int) -> list[dict[s
     for a in attacks:
         cells: dict[str, dict[str, Any]] = {}
         for v in BACKDOOR_VARIANTS:
-            found = [eval_file(work, victim_name(a, v, s)) for s in range(seeds)]
-            evals = [read_state_json(f, HOW) for f in found if f.is_file()]
+            # only evaluations of the victims' current models (as the plan's check): a victim
+            # redone since its evaluation never shows the old model's ASR
+            found = [current_eval(work, victim_name(a, v, s)) for s in range(seeds)]
+            evals = [e for e in found if e is not None]
             cells[v] = {m: _stats([float(e[m]) for e in evals]) for m in METRICS}
         if any(c["BA"]["n"] for c in cells.values()):
             steps = _row_seconds(seconds, a)
@@ -74,14 +77,49 @@ def backdoor_rows(work: Path, attacks: Sequence[str], seeds: int) -> list[dict[s
     return rows
 
 
-def poison_rows(work: Path, eclipse_work: Path, poisons: Sequence[str], seeds: int) -> list[dict[str, Any]]:
-    """(B): per poison with a finished victim, the victims' test accuracy beside the demo's."""
+# the demo's victim settings that must be this table's recipe for its columns to sit beside ours
+DEMO_RECIPE_KEYS = ("arch", "width", "epochs", "schedule", "weight_decay", "test_subset")
+
+
+def demo_cell(
+    eclipse_work: Path, recipe: Mapping[str, Any], poison: str, variant: str | None, seeds: int
+) -> tuple[dict[str, Any], list[str]]:
+    """The demo's victims of one (B) column (``poison`` '' is the clean subset) as statistics,
+    over those made with this table's ``recipe`` only; and a note per victim left out (its
+    run name and each differing setting), so a demo run with another recipe is never shown
+    beside this table's victims as if comparable."""
+    r = recipe
+    values: dict[str, Any] = {k: r.get(k) for k in DEMO_RECIPE_KEYS}
+    if variant == "eclipse":  # the demo's ECLIPSE victim also names its purified set
+        values |= {"t": r.get("t"), "iter": r.get("diffusion_iterations")}
+    accs, left_out = [], []
+    for seed in range(seeds):
+        name = demo_victim_name(poison, variant, seed)
+        result = victim_result(eclipse_work, name)
+        if not result.is_file():
+            continue
+        _, diffs = stored_differences(Stored((result,), values, ("settings",))) or (result, [])
+        if diffs:
+            left_out.append(f"{name} ({'; '.join(diffs)})")
+        else:
+            accs.append(float(read_state_json(result, HOW)["final_test_acc"]))
+    return _stats(accs), left_out
+
+
+def poison_rows(
+    work: Path, eclipse_work: Path, poisons: Sequence[str], seeds: int, recipe: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """(B): per poison with a finished victim, the victims' test accuracy beside the demo's
+    (the demo's victims made with another recipe than ``recipe`` left out, each row's
+    ``demo_left_out`` naming them)."""
     seconds = _seconds(work)
-    demo = summarise(eclipse_work, poisons, seeds) if eclipse_work.is_dir() else {"clean": _stats([]), "poisons": {}}
+    clean, clean_left_out = demo_cell(eclipse_work, recipe, "", None, seeds)
     rows = []
     for p in poisons:
-        cells = {"clean": demo["clean"]}
-        cells |= {v: demo["poisons"].get(p, {}).get(v, _stats([])) for v in ("none", "eclipse")}
+        cells, left_out = {"clean": clean}, list(clean_left_out)
+        for v in ("none", "eclipse"):
+            cells[v], more = demo_cell(eclipse_work, recipe, p, v, seeds)
+            left_out += more
         for v in ELIXIR_VARIANTS:
             found = [victim_result(work, victim_name(p, v, s)) for s in range(seeds)]
             cells[v] = _stats([float(read_state_json(f, HOW)["final_test_acc"]) for f in found if f.is_file()])
@@ -89,7 +127,8 @@ def poison_rows(work: Path, eclipse_work: Path, poisons: Sequence[str], seeds: i
             steps = _row_seconds(seconds, p)
             for v in ELIXIR_VARIANTS:
                 cells[v] = {**cells[v], "minutes": _cell_minutes(steps, p, v)}
-            rows.append({"poison": p, "cells": cells, "step_seconds": steps, "minutes": sum(steps.values()) / 60})
+            row = {"poison": p, "cells": cells, "step_seconds": steps, "minutes": sum(steps.values()) / 60}
+            rows.append(row | {"demo_left_out": left_out})
     return rows
 
 
@@ -108,6 +147,9 @@ def table_markdown(backdoor: list[dict[str, Any]], poison: list[dict[str, Any]])
     for r in poison:
         cells = [_fmt(r["cells"][c]) for c in ELIXIR_COLUMNS]
         lines.append("| " + " | ".join([r["poison"], *cells, f"{r['minutes']:.0f} min"]) + " |")
+    left_out = list(dict.fromkeys(x for r in poison for x in r.get("demo_left_out", [])))
+    if left_out:
+        lines += ["", f"demo victims left out, made with another recipe than this table's: {', '.join(left_out)}"]
     return "\n".join(lines)
 
 
@@ -136,7 +178,7 @@ def table_csv(backdoor: list[dict[str, Any]], poison: list[dict[str, Any]]) -> s
 def write_table(ct: CrossThreat, status: str = "complete", machine: dict[str, Any] | None = None) -> str:
     """Rewrite the four outputs from what is finished in ``ct.work``; returns the markdown."""
     backdoor = backdoor_rows(ct.work, ct.attacks, ct.seeds)
-    poison = poison_rows(ct.work, ct.eclipse_work, ct.poisons, ct.seeds)
+    poison = poison_rows(ct.work, ct.eclipse_work, ct.poisons, ct.seeds, ct.recipe)
     table = table_markdown(backdoor, poison)
     ct.work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(ct.work / f"{TABLE}.md", table + "\n")

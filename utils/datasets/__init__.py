@@ -3,6 +3,7 @@ Tiny-ImageNet and an image folder of one's own), the readers of their official f
 and the one way to load any of them (``load``)."""
 
 from utils.datasets.load import (
+    data_source,
     dataset_present,
     dataset_spec,
     load_dataset,
@@ -26,6 +27,7 @@ __all__ = [
     "DATASET_KEY",
     "DatasetSpec",
     "check_image_size",
+    "data_source",
     "dataset_present",
     "dataset_spec",
     "describe",

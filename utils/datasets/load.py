@@ -24,7 +24,7 @@ from utils.datasets.readers import FOLDER_HELP
 from utils.datasets.registry import describe, get_dataset
 from utils.datasets.spec import DatasetSpec
 from utils.download import download_dataset_file, eclipse_manual, enabled, work_dir_flag
-from utils.fileio import UserError
+from utils.fileio import UserError, read_state_json
 from utils.paths import DATASET, REPO_ROOT, poisoned_file
 
 SPLITS = ("train", "test")
@@ -89,6 +89,37 @@ def dataset_spec(name: str, data_root: str | Path | None = None, download: bool 
     return spec if spec.num_classes else describe(spec, locate_dataset(name, "train", data_root, download))
 
 
+def data_source(name: str, data_root: str | Path | None = None, download: bool | None = None) -> dict[str, str]:
+    """What a run's stored settings record of its data beyond the dataset's name: for an
+    image folder (whose name says nothing of its files) its resolved root and a key of the
+    listing of its splits (each file's name, size and modification time, the cache's key),
+    so a resumed or finished run of another folder is told apart; ``{}`` for the named
+    datasets, whose settings stay as they were."""
+    spec = get_dataset(name)
+    if spec.files:  # a named dataset: its official files
+        return {}
+    root = locate_dataset(name, "train", data_root, download)
+    spec = describe(spec, root)
+    keys = [f"{split}:{spec.reader(root, split, spec).key}" for split in SPLITS if (root / split).is_dir()]
+    return {"data_root": str(root.resolve()), "data_listing": hashlib.sha1("|".join(keys).encode()).hexdigest()[:16]}
+
+
+def check_poison_source(path: Path, source: dict[str, str]) -> None:
+    """An image folder's poisoned set ``path`` was crafted from the folder ``source`` names
+    (its summary ``<name>.json`` records the folder): poisoned_data/imagefolder/ is shared
+    by every image folder, and another folder's poison must not train this one's victim."""
+    summary = path.with_suffix(".json")
+    crafted = (
+        read_state_json(summary, "delete it with its .pkl and craft the poison again") if summary.is_file() else {}
+    )
+    root = crafted.get("data_root") if isinstance(crafted, dict) else None  # None: crafted before it was recorded
+    if root is not None and root != source["data_root"]:
+        raise UserError(
+            f"{path} was crafted from the image folder {root}, not {source['data_root']}; craft this folder's "
+            "poison under another name (poison.py --name) or pass that folder's --data_root"
+        )
+
+
 def load_dataset(
     name: str,
     split: str = "train",
@@ -133,6 +164,9 @@ def load_poisoned(
     spec = dataset_spec(dataset, data_root, download)
     path = poisoned_file(work, poison, spec.name)
     if path.is_file():
+        source = data_source(spec.name, data_root, download)
+        if source:
+            check_poison_source(path, source)
         data = read_dataset_pkl(path, spec)
         if subset is not None and subset < len(data):
             raise UserError(

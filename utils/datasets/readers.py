@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from utils.data import fingerprint, folder_files, read_images, read_pickle_batch
+from utils.data import IMAGE_EXTS, fingerprint, folder_files, read_images, read_pickle_batch
 from utils.datasets.spec import DatasetSpec, Listing
 from utils.fileio import UserError
 
-_IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 IMAGE_SIZES = range(8, 257)  # an image folder's side: a classifier's input, and 256 at most
 
 
@@ -119,8 +118,8 @@ def _image_number(path: Path) -> tuple[int, str]:
 
 def tinyimagenet(root: Path, split: str, spec: DatasetSpec) -> Listing:
     base = _need(root / "tiny-imagenet-200", "Tiny-ImageNet folder")
-    wnids = [line.split()[0] for line in _need(base / "wnids.txt", "Tiny-ImageNet wnids.txt").read_text().splitlines()]
-    wnids = [w for w in wnids if w]
+    lines = _need(base / "wnids.txt", "Tiny-ImageNet wnids.txt").read_text().splitlines()
+    wnids = [line.split()[0] for line in lines if line.strip()]  # blank lines (a trailing one) are no class
     if len(wnids) != spec.num_classes or len(set(wnids)) != len(wnids):
         raise UserError(f"{base / 'wnids.txt'}: expected {spec.num_classes} distinct class ids, got {len(wnids)}")
     index = {w: i for i, w in enumerate(wnids)}
@@ -167,12 +166,14 @@ def imagefolder_layout(root: Path) -> tuple[list[str], int]:
     classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(classes) < 2:
         raise UserError(f"{train} holds {len(classes)} class folder(s), expected at least 2; {FOLDER_HELP}")
-    first = next((p for p in sorted((train / classes[0]).iterdir()) if p.suffix.lower() in _IMAGE_EXTS), None)
+    first = next((p for p in sorted((train / classes[0]).iterdir()) if p.suffix.lower() in IMAGE_EXTS), None)
     if first is None:
         raise UserError(f"no .png/.jpg images in {train / classes[0]}; {FOLDER_HELP}")
     try:
         with Image.open(first) as im:
             w, h = im.size
+    except Image.DecompressionBombError as e:  # not an OSError: PIL's refusal of a huge image
+        raise UserError(f"{first}: refused as a decompression bomb ({e}); replace or remove the file") from None
     except OSError as e:
         raise UserError(f"{first}: cannot decode the image ({e}); replace or remove the file") from None
     if w != h or h not in IMAGE_SIZES:

@@ -216,16 +216,16 @@ def describe(spec: DatasetSpec, root: Path) -> DatasetSpec:
 _CONFIG_OF_SIZE = {32: "cifar10", 64: "tinyimagenet"}
 
 
-def diffusion_config_name(spec: DatasetSpec, kind: str) -> str:
+def diffusion_config_name(spec: DatasetSpec, kind: str, flag: str = "--config") -> str:
     """The file name of the dataset's diffusion config in ``config/<kind>/`` (``eclipse`` for
     ECLIPSE's UNet, ``ddpm`` for DataElixir's DDPM): its own, or for an image folder the one of
-    its image size (32: cifar10.yml, 64: tinyimagenet.yml)."""
+    its image size (32: cifar10.yml, 64: tinyimagenet.yml); ``flag`` is the option that names one."""
     if spec.name != "imagefolder":
         return f"{spec.name}.yml"
     if spec.image_size not in _CONFIG_OF_SIZE:
         raise UserError(
             f"no diffusion config in config/{kind}/ for {spec.image_size}x{spec.image_size} images (there are "
-            "32x32 and 64x64 ones); pass one with --config"
+            f"32x32 and 64x64 ones); pass one with {flag}"
         )
     return f"{_CONFIG_OF_SIZE[spec.image_size]}.yml"
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from train import DEFENSE_KEYS
+from train import KEYS as TRAIN_KEYS
 from utils.datasets import get_dataset
 from utils.demo.recipe import defense_flags, poison_flags
 from utils.demo.step_costs import UnitCosts, is_rough, step_minutes, step_threads
@@ -95,7 +97,21 @@ def _flag_values(cmd: list[str], names: dict[str, str]) -> dict[str, Any]:
 
 
 _VICTIM_KEYS = ("arch", "width", "epochs", "schedule", "weight_decay", "poison", "subset", "test_subset", "t", "iter")
-_VICTIM_KEYS += ("at_eps", "at_steps", "at_step_size")  # stored only by --defense at victims
+# every defence's own options (train.py stores them only with that defence, so a victim of
+# another defence holds none of them and is not compared on them); read from train.py, their
+# one declaration, so a defence added there is compared here too
+_DEFENSE_OPTION_KEYS = tuple(k for keys in DEFENSE_KEYS.values() for k in keys)
+
+
+def _victim_values(cmd: list[str], seed: int) -> dict[str, Any]:
+    """What ``train.py`` will store for the victim command ``cmd``: its flags, and for its
+    defence's options that ``cmd`` leaves out train.py's defaults (a recipe that drops a flag
+    still differs from a victim made with it)."""
+    values = {"seed": seed, "pure": "--pure" in cmd, "defense": "none", "subset": None, "test_subset": None}
+    values |= _flag_values(cmd, {k: k for k in (*_VICTIM_KEYS, *_DEFENSE_OPTION_KEYS, "defense")})
+    for key in DEFENSE_KEYS.get(str(values["defense"]), ()):
+        values.setdefault(key, TRAIN_KEYS[key].default)
+    return values
 
 
 def _dataset_of(args: Any) -> tuple[str, list[str], str]:
@@ -138,9 +154,7 @@ def build_commands(
         cmd = [py, "train.py", *flags, *victim_flags, *seed_flags, "--run_name", name]
         title += f", seed {seed}" if args.seeds > 1 else ""
         result = victim_result(work, name)
-        values = {"seed": seed, "pure": "--pure" in flags, "defense": "none", "subset": None, "test_subset": None}
-        values |= _flag_values(cmd, {k: k for k in (*_VICTIM_KEYS, "defense")})
-        stored = Stored((result, result.with_name("settings.json")), values, ("settings", None))
+        stored = Stored((result, result.with_name("settings.json")), _victim_values(cmd, seed), ("settings", None))
         return DemoCommand(name, title, cmd, expected("victim", flags=" ".join(flags)), result.is_file(), after, stored)
 
     diffusion = DemoCommand(

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from models.unet_classifier import unet_classifier_from
+from utils.datasets import DatasetSpec, check_image_size
 from utils.diffusion.checkpoints import resolve_checkpoint
 from utils.diffusion.factory import (
     diffusion_train_command,
@@ -41,12 +42,14 @@ def checkpoint_path(work: Path, params: dict[str, Any], dataset: str = DATASET) 
     return resolve_checkpoint(diff_ckpt_dir(work, params["sparse_set"], dataset) / params["sparse_diff_model"])
 
 
-def preflight(work: Path, params: dict[str, Any], dataset: str = DATASET) -> None:
-    """Fail before any work when the config or the diffusion checkpoint is missing."""
+def preflight(work: Path, params: dict[str, Any], data: DatasetSpec) -> None:
+    """Fail before any work when the config is missing or made for another image size, or
+    the diffusion checkpoint is missing."""
     config = resolve_config(params["diff_config"])
-    cmd = diffusion_train_command(config, params["sparse_set"], params["sparse_diff_model"], work, dataset)
+    check_image_size(load_diffusion_spec(config).image_size, data, config, "eclipse")
+    cmd = diffusion_train_command(config, params["sparse_set"], params["sparse_diff_model"], work, data.name)
     purifier_checkpoint(
-        checkpoint_path(work, params, dataset),
+        checkpoint_path(work, params, data.name),
         f"ADP crafts through ECLIPSE's sparse diffusion model, train it first with `{cmd}`",
     )
 

@@ -133,7 +133,10 @@ def find_processes(
             if len(kept) == classes:
                 break
     if len(kept) < classes:
-        raise RuntimeError(f"found only {len(kept)} separable AR processes in {tried} candidates")
+        raise UserError(
+            f"AR: found only {len(kept)} of the {classes} separable AR processes needed (one per class) in "
+            f"{tried} candidates (min response {min_response}); try another --seed, or a dataset with fewer classes"
+        )
     return torch.stack(kept)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from utils.data import NUM_CLASSES
+from utils.fileio import UserError
 from utils.poisons.common import CraftContext, CraftResult, apply_l2, l2_radius_255
 
 
@@ -28,10 +29,15 @@ def cluster_params(
     dim: int, class_sep: float, rng: np.random.Generator, num_classes: int = NUM_CLASSES
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-class centres (distinct hypercube vertices) and mixing matrices."""
-    while True:
+    if num_classes > 2**dim:  # resolve_params refuses this first; a direct call must not loop forever
+        raise UserError(f"LSP: {dim} features give {2**dim} distinct cluster centres, fewer than {num_classes} classes")
+    for _ in range(1000):  # the reference's draw, redrawn until the classes' vertices differ
         vertices = rng.integers(0, 2, size=(num_classes, dim))
         if len({v.tobytes() for v in vertices}) == num_classes:
             break
+    else:  # classes fill much of the hypercube (few features): draw distinct vertices at once
+        codes = rng.choice(2**dim, size=num_classes, replace=False)
+        vertices = (codes[:, None] >> np.arange(dim)) & 1
     centres = vertices.astype(np.float64) * 2 * class_sep - class_sep
     mixing = 2 * rng.uniform(size=(num_classes, dim, dim)) - 1
     return centres, mixing

@@ -15,6 +15,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from utils.data import NUM_CLASSES
+from utils.datasets import DatasetSpec, diffusion_config_name
 from utils.fileio import UserError
 from utils.options import FINITE, FRACTION, GT0, NONNEG, POSITIVE, BadValue, Key, Range, check
 from utils.poisons.common import CraftContext, CraftResult, PoisonSpec
@@ -124,9 +126,13 @@ OPTIONS: dict[str, Key] = {
         str,
         choices=_QUANTIZE,
     ),
-    "diff_config": Key(None, "ADP: diffusion YAML (a path, or a name in config/eclipse/)", str),
-    "sparse_set": Key(None, "ADP: diff_ckpt/cifar10/<sparse_set>/", str),
-    "sparse_diff_model": Key(None, "ADP: checkpoint file in diff_ckpt/cifar10/<sparse_set>/", str),
+    "diff_config": Key(
+        None,
+        "ADP: diffusion YAML (a path, or a name in config/eclipse/; default: the dataset's, e.g. cifar10.yml)",
+        str,
+    ),
+    "sparse_set": Key(None, "ADP: diff_ckpt/<dataset>/<sparse_set>/", str),
+    "sparse_diff_model": Key(None, "ADP: checkpoint file in diff_ckpt/<dataset>/<sparse_set>/", str),
     "unet_t": Key(None, "ADP: diffusion timestep fed to the UNet classifier", int, range=NONNEG),
     "gray_p": Key(None, "ADP: compensation grayscale probability", float, range=FRACTION),
     "noise_std": Key(None, "ADP: compensation Gaussian noise std on [0, 1]", float, range=NONNEG),
@@ -359,12 +365,18 @@ def get_poison(name: str) -> PoisonSpec:
     raise UserError(f"unknown poison {name!r}; valid poisons: {', '.join(POISONS)}")
 
 
-def resolve_params(spec: PoisonSpec, given: dict[str, Any], image_size: int = 32) -> dict[str, Any]:
+def resolve_params(
+    spec: PoisonSpec, given: dict[str, Any], image_size: int = 32, data: DatasetSpec | None = None
+) -> dict[str, Any]:
     """The poison's defaults overridden by the options the user gave, validated.
 
     ``given`` maps option names to values (``None`` = not given). Options the poison does
     not take are refused, so that a typo'd or misplaced flag never goes unnoticed.
-    ``image_size``: the dataset's; LSP's patch scales with it (the same 4×4 grid)."""
+    ``image_size``: the dataset's; LSP's patch scales with it (the same 4×4 grid). ``data``:
+    the dataset, when known (its image size replaces ``image_size``; its class count and ADP's
+    default config follow it); without it CIFAR-10's ten classes."""
+    if data is not None:
+        image_size = data.image_size
     given = {k: v for k, v in given.items() if v is not None and not (k == "classwise" and v is False)}
     foreign = sorted(k for k in given if k not in spec.defaults)
     if foreign:
@@ -379,6 +391,8 @@ def resolve_params(spec: PoisonSpec, given: dict[str, Any], image_size: int = 32
         base["patch"] = base["patch"] * image_size // 32
     if spec.name == "EM" and given.get("classwise"):
         base.update(_EM_CLASSWISE)
+    if "diff_config" in base and "diff_config" not in given and data is not None:
+        base["diff_config"] = diffusion_config_name(data, "eclipse", "--diff_config")  # CIFAR-10: cifar10.yml
     params: dict[str, Any] = {}
     for k, v in base.items():
         if k in given:
@@ -388,11 +402,11 @@ def resolve_params(spec: PoisonSpec, given: dict[str, Any], image_size: int = 32
     for k, v in base.items():  # derived defaults see the final values of the others
         if k not in params:
             params[k] = v(params)
-    _validate(spec, params, image_size)
+    _validate(spec, params, image_size, data.num_classes if data is not None else NUM_CLASSES)
     return params
 
 
-def _validate(spec: PoisonSpec, p: dict[str, Any], image_size: int = 32) -> None:
+def _validate(spec: PoisonSpec, p: dict[str, Any], image_size: int = 32, num_classes: int = NUM_CLASSES) -> None:
     if "eps" in p:
         eps = p["eps"]
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and 0 < eps <= 255):
@@ -416,6 +430,13 @@ def _validate(spec: PoisonSpec, p: dict[str, Any], image_size: int = 32) -> None
             raise UserError(f"--milestones must be increasing positive epochs, got {p['milestones']!r}")
     if "patch" in p and image_size % p["patch"]:
         raise UserError(f"--patch must divide the image side {image_size}, got {p['patch']}")
+    if spec.name == "LSP" and num_classes > 2 ** (3 * (image_size // p["patch"]) ** 2):
+        # one distinct hypercube vertex per class: the search for them would never end
+        features = 3 * (image_size // p["patch"]) ** 2
+        raise UserError(
+            f"--patch {p['patch']} leaves {features} features ({image_size // p['patch']}x{image_size // p['patch']}x3), "
+            f"too few for {num_classes} classes (at most 2^{features} = {2**features}); use a smaller --patch"
+        )
     if "portion" in p and p["portion"] < 1 and not p.get("classwise"):
         raise UserError("--portion applies to EM --classwise only: sample-wise noise needs every image")
     if spec.name == "SEP" and p["checkpoints"] > p["epochs"]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from utils.data import ImageSet, class_balanced_subset, write_eclipse_pkl
-from utils.datasets import dataset_spec, load_dataset
+from utils.datasets import data_source, dataset_spec, load_dataset
 from utils.fileio import atomic_write_json, refuse_overwrite, safe_torch_load, setup_logging
 from utils.paths import poisoned_file, resource_dir, work_dir
 from utils.plots import save_image_grid, signed_difference
@@ -95,7 +95,7 @@ def run_poison(job: PoisonJob, locks: ExitStack) -> int:
     check_name(job.name, "--name", tuple("{}" + s for s in (".pkl", ".json", ".png", ".log", ".work/")), out.parent)
     module = importlib.import_module(spec.module)
     if hasattr(module, "preflight"):
-        module.preflight(work, job.params, args.dataset)
+        module.preflight(work, job.params, dataset_spec(args.dataset, args.data_root, args.download))
     refuse_overwrite(out, args.overwrite)  # before any work: an existing result stays untouched
     device = resolve_device(args.device)
     precision = precision_from_args(args, device, "surrogate")
@@ -116,6 +116,9 @@ def run_poison(job: PoisonJob, locks: ExitStack) -> int:
         "data_root": str(args.data_root),
         # the dataset only where it is not CIFAR-10, so CIFAR-10 states resume as before
         **({"dataset": args.dataset} if args.dataset != "cifar10" else {}),
+        # an image folder's resolved root and listing (its data_root resolved): another folder's
+        # state is refused, and its summary tells train.py which folder the poison came from
+        **data_source(args.dataset, args.data_root, args.download),
     }
     # an interrupted run's state resumes only with the same settings, in the precision it was
     # started with; with other settings it is refused, or discarded under --overwrite
@@ -139,7 +142,7 @@ def run_poison(job: PoisonJob, locks: ExitStack) -> int:
         subset_idx = class_balanced_subset(train.labels, args.subset, args.subset_seed)
         train = train.subset(subset_idx)
     test = (
-        load_dataset(args.dataset, "test", args.data_root) if spec.needs_test else None
+        load_dataset(args.dataset, "test", args.data_root, download=args.download) if spec.needs_test else None
     )  # SEP keeps checkpoints by test accuracy
     log.info(
         f"[Poison:{spec.name}] [Name:{job.name}] {len(train)} images, params {job.params}, seed {args.seed}, "
@@ -230,6 +233,8 @@ def _write_outputs(
         "precision": "bf16" if ctx.bf16 else "fp32",
         "n_images": len(train),
         **({"dataset": args.dataset} if args.dataset != "cifar10" else {}),
+        # an image folder's root and listing: train.py refuses this poison with another folder
+        **({k: ctx.settings[k] for k in ("data_root", "data_listing")} if "data_listing" in ctx.settings else {}),
         "classes": classes,
         "subset": None
         if subset_idx is None
