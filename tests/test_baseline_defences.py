@@ -241,3 +241,14 @@ def test_defence_option_defaults_and_ranges():
     for bad in (["--cutout_length", "0"], ["--mixup_alpha", "-1"], ["--cutmix_prob", "1.5"], ["--op_lr", "0"]):
         with pytest.raises(train.UserError, match=bad[0]):
             train.parse_args(["--defense", "cutmix", *bad])
+
+
+def test_each_defence_option_belongs_to_one_defence_choice():
+    """Every option declared in utils/baselines/keys.py is stored with exactly one defence, and
+    that defence is a ``train.py --defense`` choice; train.py takes them all as flags."""
+    from utils.baselines.keys import DEFENSE_KEYS, DEFENSE_OPTIONS
+
+    owned = [k for keys in DEFENSE_KEYS.values() for k in keys]
+    assert sorted(owned) == sorted(DEFENSE_OPTIONS) and len(owned) == len(set(owned))
+    assert set(DEFENSE_KEYS) <= set(train.KEYS["defense"].choices)
+    assert set(DEFENSE_OPTIONS) <= set(train.KEYS)

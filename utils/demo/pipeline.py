@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from train import DEFENSE_KEYS
-from train import KEYS as TRAIN_KEYS
+from utils.baselines.keys import DEFENSE_KEYS, DEFENSE_OPTIONS
 from utils.datasets import get_dataset
 from utils.demo.recipe import defense_flags, poison_flags
 from utils.demo.step_costs import UnitCosts, is_rough, step_minutes, step_threads
@@ -98,8 +97,8 @@ def _flag_values(cmd: list[str], names: dict[str, str]) -> dict[str, Any]:
 
 _VICTIM_KEYS = ("arch", "width", "epochs", "schedule", "weight_decay", "poison", "subset", "test_subset", "t", "iter")
 # every defence's own options (train.py stores them only with that defence, so a victim of
-# another defence holds none of them and is not compared on them); read from train.py, their
-# one declaration, so a defence added there is compared here too
+# another defence holds none of them and is not compared on them); read from their one
+# declaration, so a defence added there is compared here too
 _DEFENSE_OPTION_KEYS = tuple(k for keys in DEFENSE_KEYS.values() for k in keys)
 
 
@@ -110,7 +109,7 @@ def _victim_values(cmd: list[str], seed: int) -> dict[str, Any]:
     values = {"seed": seed, "pure": "--pure" in cmd, "defense": "none", "subset": None, "test_subset": None}
     values |= _flag_values(cmd, {k: k for k in (*_VICTIM_KEYS, *_DEFENSE_OPTION_KEYS, "defense")})
     for key in DEFENSE_KEYS.get(str(values["defense"]), ()):
-        values.setdefault(key, TRAIN_KEYS[key].default)
+        values.setdefault(key, DEFENSE_OPTIONS[key].default)
     return values
 
 
