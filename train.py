@@ -31,7 +31,16 @@ import torch.nn as nn
 
 from models import CLASSIFIERS, build_classifier
 from utils.adversarial import pgd_linf
-from utils.augment import compensation_augment, cutmix, cutout_augment, grayscale, jpeg, mixup, standard_augment
+from utils.augment import (
+    compensation_augment,
+    cutmix,
+    cutout_augment,
+    grayscale,
+    jpeg,
+    mixup,
+    no_augment,
+    standard_augment,
+)
 from utils.baselines.keys import DEFENSE_KEYS, DEFENSE_OPTIONS
 from utils.baselines.projection import orthogonal_projection
 from utils.compat import legacy_precision
@@ -94,6 +103,13 @@ KEYS: dict[str, Key] = {
     "p": Key(0.4, "compensation: random grayscale probability", range=FRACTION),
     "sparse_set": Key("test2000ps8000", "sparse set (diffusion run name) of the purified set (with --pure)"),
     "pure": Key(False, "ECLIPSE: train on the purified set with corruption compensation", flag=True),
+    "train_augment": Key(
+        "crop_flip",
+        "the augmentation under every defence's own (compensation, Cutout, ...): crop_flip = RandomCrop(32, 4) "
+        "+ flip, the reference's; none = no crop or flip, as the backdoor attacks' CPU overlay trains "
+        "(at 5000 images crop + flip keeps BadNets' patch from being learned)",
+        choices=("crop_flip", "none"),
+    ),
     # additions
     "defense": Key(
         "none",
@@ -169,6 +185,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     resolve_recipe(a, given)
     if a.run_name is None:
         mode = "pure" if a.pure else a.defense + ("-iss" if a.iss_recipe == "iss" else "")
+        mode += "-noaug" if a.train_augment == "none" else ""
         a.run_name = f"{a.poison}-{mode}-{a.arch}" + (f"-w{a.width}" if a.width != 64 else "") + f"-s{a.seed}"
         if a.subset:
             a.run_name += f"-n{a.subset}"
@@ -225,6 +242,7 @@ def main(argv=None) -> None:
     unused = [k for d, keys in DEFENSE_KEYS.items() if d != args.defense for k in keys]
     # the dataset only where it is not CIFAR-10, so CIFAR-10 runs' settings stay as they were
     unused += ["dataset"] if args.dataset == "cifar10" else []
+    unused += ["train_augment"] if args.train_augment == "crop_flip" else []  # likewise
     settings = {k: v for k, v in vars(args).items() if k not in (*runtime_only, "iss_recipe", *unused)}
     settings.update(precision=precision.name, channels_last=channels_last)
     if args.defense == "cutout":  # earlier versions filled the square with black: not the same run
@@ -279,9 +297,10 @@ def _run(args, work, run, settings: dict, device, train: ImageSet, source: str, 
         train, op_info = orthogonal_projection(train, num_classes, log=log.info, **fit)
         log.info(f"OP: linear model {op_info['linear_train_acc']:.2f}% on the training set")
         log.info(f"OP: {op_info['clipped_share']:.4%} of the projected values clipped to [0, 1]")
-    augment = compensation_augment(args.p, args.std, args.quantize) if args.pure else standard_augment
+    base = standard_augment if args.train_augment == "crop_flip" else no_augment
+    augment = compensation_augment(args.p, args.std, args.quantize, base) if args.pure else base
     if args.defense == "cutout":
-        augment = cutout_augment(args.cutout_length, args.cutout_holes, fill=data.mean)
+        augment = cutout_augment(args.cutout_length, args.cutout_holes, fill=data.mean, base=base)
     mix = mixup(args.mixup_alpha) if args.defense == "mixup" else None
     mix = cutmix(args.cutmix_beta, args.cutmix_prob) if args.defense == "cutmix" else mix
     if args.test_subset:

@@ -108,7 +108,9 @@ def test_other_defences_store_no_at_settings(tmp_path, monkeypatch, defense: str
     train.main([*COMMON, "--defense", defense, *_tail(tmp_path)])
     res = json.loads((tmp_path / f"runs/train/clean-{defense}-resnet18-w8-s0-n100/result.json").read_text())
     defence_keys = {k for keys in train.DEFENSE_KEYS.values() for k in keys}  # each stored only with its defence
-    # "dataset" is stored only for other datasets than CIFAR-10, so CIFAR-10 runs' settings stay as they were
-    expected = (set(train.KEYS) - RUNTIME_ONLY - defence_keys - {"dataset"}) | {"precision", "channels_last"}
+    # "dataset" is stored only for other datasets than CIFAR-10, "train_augment" only when it is
+    # not crop + flip, so the earlier runs' settings stay as they were
+    unstored = {"dataset", "train_augment"}
+    expected = (set(train.KEYS) - RUNTIME_ONLY - defence_keys - unstored) | {"precision", "channels_last"}
     assert set(res["settings"]) == expected
     assert not AT_KEYS & set(res["settings"])

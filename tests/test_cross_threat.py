@@ -158,10 +158,23 @@ def test_plan_builds_each_step_as_its_command(inputs, tmp_path):
         "--work_dir",
         str(tmp_path),
     ]
+    # the overlay trains without crop + flip, so do the backdoor victims; the poisons' victims keep ECLIPSE's
+    for v in xp.BACKDOOR_VARIANTS:
+        cmd = steps[f"badnet {v} s0"].cmd
+        assert cmd[cmd.index("--train_augment") + 1] == "none"
     elixir = steps["EM elixir s0"].cmd
+    assert "--train_augment" not in elixir and "--train_augment" not in steps["EM elixir_comp s0"].cmd
     assert elixir[elixir.index("--sparse_set") + 1 :][:5] == ["dataelixir", "--t", "20", "--iter", "1"]
     assert elixir[elixir.index("--p") + 1] == "0" and "--p" not in steps["EM elixir_comp s0"].cmd
     assert steps["EM elixir_comp s1"].after == ("EM dataelixir",)
+
+
+def test_backdoor_victims_keep_crop_flip_where_the_overlay_trains_with_it(inputs, tmp_path):
+    overlay = tmp_path / "crop_flip.yaml"
+    overlay.write_text("".join(f"{k}: {v}\n" for k, v in {**OVERLAY, "train_augment": "crop_flip"}.items()))
+    ct = replace(_ct(inputs, tmp_path), overlay=str(overlay))
+    victims = [s for s in xp.build_steps(ct) if s.cmd[1] == "train.py"]
+    assert len(victims) == 4 + 2 and not any("--train_augment" in s.cmd for s in victims)
 
 
 @pytest.mark.parametrize(

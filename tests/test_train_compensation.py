@@ -13,7 +13,7 @@ import torch
 import train
 import utils.trainer as trainer
 from models import build_classifier
-from utils.augment import compensation_augment, gaussian_noise, grayscale, standard_augment, to_float
+from utils.augment import compensation_augment, gaussian_noise, grayscale, no_augment, standard_augment, to_float
 from utils.data import ImageSet, write_eclipse_pkl
 from utils.paths import purified_file
 from utils.trainer import TrainConfig, train_classifier
@@ -86,8 +86,23 @@ def test_requantisation_truncates_or_rounds():
         gaussian_noise(x, torch.Generator(), 0.05, "floor")
 
 
-def test_train_pure_end_to_end(tmp_path, small_train, monkeypatch):
-    """``train.py --pure`` trains on the purified pkl with compensation of the given p/std/quantize."""
+def test_compensation_without_crop_flip_is_grayscale_then_noise():
+    """``train_augment none`` (the backdoor attacks' CPU overlay): the same draws with no crop
+    or flip before them, so every pixel that is not greyed or noised is the input's."""
+    x = _colour_images(64, seed=6)
+    out = compensation_augment(0.4, 0.05, "truncate", no_augment)(x, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    pick = (torch.rand(len(x), generator=g) < 0.4)[:, None, None, None]
+    assert torch.equal(out, gaussian_noise(torch.where(pick, grayscale(x), x), g, 0.05))
+    plain = compensation_augment(0.0, 0.0, "truncate", no_augment)(x, torch.Generator().manual_seed(3))
+    assert torch.equal(plain, x)
+
+
+@pytest.mark.parametrize("augment", ["crop_flip", "none"])
+def test_train_pure_end_to_end(tmp_path, small_train, monkeypatch, augment: str):
+    """``train.py --pure`` trains on the purified pkl with compensation of the given p/std/quantize,
+    over crop + flip or (``--train_augment none``) nothing; only the latter is stored, so the
+    earlier runs' settings stay as they were."""
     data = small_train.subset(torch.arange(0, 400, 4))
     pkl = purified_file(tmp_path, "tiny", 2, 5, "URP")
     pkl.parent.mkdir(parents=True)
@@ -101,10 +116,12 @@ def test_train_pure_end_to_end(tmp_path, small_train, monkeypatch):
     monkeypatch.setattr(train, "compensation_augment", spy)
     argv = ["--pure", "--poison", "URP", "--sparse_set", "tiny", "--t", "2", "--iter", "5"]
     argv += ["--p", "0.3", "--std", "0.02", "--quantize", "round", "--arch", "resnet18", "--width", "8"]
-    argv += ["--epochs", "1", "--test_subset", "100", "--work_dir", str(tmp_path)]
+    argv += ["--epochs", "1", "--test_subset", "100", "--work_dir", str(tmp_path), "--train_augment", augment]
     train.main(argv)
-    assert made == [(0.3, 0.02, "round")]
-    res = json.loads((tmp_path / "runs/train/URP-pure-resnet18-w8-s0/result.json").read_text())
+    assert made == [(0.3, 0.02, "round", standard_augment if augment == "crop_flip" else no_augment)]
+    name = "URP-pure-resnet18-w8-s0" if augment == "crop_flip" else "URP-pure-noaug-resnet18-w8-s0"
+    res = json.loads((tmp_path / f"runs/train/{name}/result.json").read_text())
+    assert res["settings"].get("train_augment") == (None if augment == "crop_flip" else "none")
     assert res["train_source"] == str(pkl) and res["n_train"] == 100 and len(res["history"]) == 1
     row = (tmp_path / "results.csv").read_text().splitlines()
     assert row == [f"True,resnet18,URP,tiny,2,0.3,0.02,{res['final_test_acc']!r}"]

@@ -146,12 +146,14 @@ def standard_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return random_flip(random_crop(x, g), g)
 
 
-def compensation_augment(p: float = 0.4, std: float = 0.05, quantize: str = "truncate") -> Augment:
-    """ECLIPSE's lightweight corruption compensation module, after crop + flip:
+def compensation_augment(
+    p: float = 0.4, std: float = 0.05, quantize: str = "truncate", base: Augment = standard_augment
+) -> Augment:
+    """ECLIPSE's lightweight corruption compensation module, after ``base`` (crop + flip):
     RandomGrayscale(p), then Gaussian noise of ``std`` re-quantised to uint8."""
 
     def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        x = random_grayscale(standard_augment(x, g), g, p)
+        x = random_grayscale(base(x, g), g, p)
         return gaussian_noise(x, g, std, quantize) if std > 0 else x
 
     return augment
@@ -211,12 +213,14 @@ def cutout(
     return torch.where(keep[:, None], x, value.to(x.device)[None, :, None, None])
 
 
-def cutout_augment(length: int = 16, holes: int = 1, fill: tuple[float, ...] = CIFAR10_MEAN) -> Augment:
-    """Cutout's CIFAR-10 training transform: crop + flip, then Cutout filled with ``fill`` (the
-    dataset's per-channel mean; CIFAR-10's by default)."""
+def cutout_augment(
+    length: int = 16, holes: int = 1, fill: tuple[float, ...] = CIFAR10_MEAN, base: Augment = standard_augment
+) -> Augment:
+    """Cutout's CIFAR-10 training transform: ``base`` (crop + flip), then Cutout filled with
+    ``fill`` (the dataset's per-channel mean; CIFAR-10's by default)."""
 
     def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        return cutout(standard_augment(x, g), g, length, holes, fill)
+        return cutout(base(x, g), g, length, holes, fill)
 
     return augment
 

@@ -7,7 +7,11 @@ with the attacks' CPU overlays up to its attack data (``--stop_after attack``, r
 format (``<work>/poisoned_data/cifar10/<attack>.pkl``); ``purification.py`` with the ECLIPSE
 demo's sparse model (read from ``--eclipse_work``); ``train.py`` victims with the demo's
 recipe: no defence, ISS-G, ISS-J, ECLIPSE (``--pure``); each victim's ASR / RA measured on the
-record's triggered test images (``utils.crossthreat.steps.evaluate_victim``).
+record's triggered test images (``utils.crossthreat.steps.evaluate_victim``). Where the attack's
+overlay trains without augmentation (``train_augment: none``, the CPU overlay: at 5000 images
+crop + flip keeps BadNets' patch from being learned, so the table would have no backdoor to
+stop) the victims do too (``--train_augment none``); otherwise they keep the recipe's crop +
+flip (without the rotation of WaNet's and Input-aware's own ``crop_rotate_flip``).
 
 (B) **Clean-label poisons against DataElixir's purification.** Per poison crafted by the
 ECLIPSE demo (``<eclipse_work>/poisoned_data/cifar10/<P>.pkl``): DataElixir's rounds over every
@@ -267,6 +271,7 @@ def backdoor_steps(ct: CrossThreat, attack: str) -> list[DemoCommand]:
         for v in BACKDOOR_VARIANTS:
             flags = list(VARIANTS[v][1])
             flags += ["--t", str(r["t"]), "--iter", str(r["diffusion_iterations"])] if v == "eclipse" else []
+            flags += ["--train_augment", "none"] if cfg.train_augment == "none" else []
             after = purify.key if v == "eclipse" else export.key
             victim = victim_step(ct, attack, v, flags, seed, after, f"{attack}: victim, {VARIANTS[v][0]}")
             name = victim_name(attack, v, seed)
