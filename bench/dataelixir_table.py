@@ -33,7 +33,7 @@ from utils.dataelixir.attack_data import ATTACKS
 from utils.dataelixir.flow import attack_argv
 from utils.demo.pipeline import CommandFailed, DemoCommand, run_commands
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_state_json
-from utils.options import POSITIVE, Key, add_keys_to_argparser, load_yaml_file
+from utils.options import POSITIVE, PRECISION, Key, add_keys_to_argparser, load_yaml_file
 from utils.plots import pyplot, save_figure
 
 KEYS = {
@@ -46,11 +46,19 @@ KEYS = {
         "config/dataelixir_cpu.yaml,config/dataelixir_cpu_20k.yaml)",
     ),
     "work_dir": Key("runs/dataelixir", "where the records and the table go"),
+    "precision": Key(
+        None,
+        "every run's --precision (auto / fp32 / bf16); null: the overlay's (auto: the policy's choice per "
+        "computation). A started record keeps the precisions it was started with",
+        nullable=True,
+        choices=PRECISION.choices,
+    ),
     "table_only": Key(False, "run nothing; table the finished records", flag=True),
 }
 COLUMNS = [
     "attack", "seed", "BA", "ASR", "RA", "BA_after", "ASR_after", "RA_after", "TPR", "FPR",
     "targets", "decisions", "clean_own_label", "poisoned_true_label", "poisoned_poisoned_label", "minutes",
+    "precision",
 ]  # fmt: skip
 
 
@@ -67,13 +75,14 @@ def record_name(attack: str, seed: int) -> str:
 
 
 def build_commands(
-    attacks: list[str], seeds: int, overlay: str, work: Path, py: str = sys.executable
+    attacks: list[str], seeds: int, overlay: str, work: Path, py: str = sys.executable, precision: str | None = None
 ) -> list[DemoCommand]:
     steps = []
     for attack in attacks:
         for seed in range(seeds):
             name = record_name(attack, seed)
             cmd = [py, f"attack/{attack}.py", *attack_argv(attack, overlay, seed, work, name)]
+            cmd += ["--precision", precision] if precision else []
             done = (work / "record" / name / "metrics.json").is_file()
             steps.append(DemoCommand(name, f"{attack} + DataElixir, seed {seed}", cmd, None, done))
     return steps
@@ -128,7 +137,16 @@ def _row(m: dict[str, Any], cfg: dict[str, Any], record: str) -> dict[str, Any]:
         "poisoned_true_label": _pct(rates["poisoned_true_label"], at),
         "poisoned_poisoned_label": _pct(rates["poisoned_dataset_label"], at),
         "minutes": round(m["total_s"] / 60, 1),
+        "precision": _precision(cfg.get("precisions")),
     }
+
+
+def _precision(precisions: dict[str, str] | None) -> str:
+    """The record's resolved precisions: one name where every computation used it, else each."""
+    if not precisions:
+        return "not recorded"  # records made before the precisions were stored
+    names = set(precisions.values())
+    return names.pop() if len(names) == 1 else ", ".join(f"{k} {v}" for k, v in sorted(precisions.items()))
 
 
 def _targets(targets: list[int], scores: list[float]) -> str:
@@ -151,7 +169,7 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
         "attack", "seed", "before: BA / ASR / RA", "after DataElixir: BA / ASR / RA", "TPR / FPR",
         "detected target (score)", "kept / relabelled / suspicious",
         "clean: own label (orig / rounds)", "poisoned: true label (orig / rounds)",
-        "poisoned: poisoned label (orig / rounds)", "wall time",
+        "poisoned: poisoned label (orig / rounds)", "wall time", "precision",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -167,6 +185,7 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
             r["poisoned_true_label"],
             r["poisoned_poisoned_label"],
             f"{r['minutes']:.0f} min",
+            r.get("precision", "not recorded"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -209,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         work = Path(args.work_dir).resolve()
         if not args.table_only:
-            steps = build_commands(parse_attacks(args.attacks), args.seeds, args.overlay, work)
+            attacks = parse_attacks(args.attacks)
+            steps = build_commands(attacks, args.seeds, args.overlay, work, precision=args.precision)
             work.mkdir(parents=True, exist_ok=True)
             with open(work / "dataelixir_table.log", "a") as log:
                 run_commands(

@@ -323,7 +323,9 @@ def test_dataelixir_table_runs_what_is_missing_and_tables_every_record(badnet_ru
     ]  # fmt: skip
     assert "config/ssba/cpu.yaml" in steps["ssba_s0"].cmd and "config/badnet/cpu.yaml" not in steps["badnet_s0"].cmd
     (two,) = dt.build_commands(["badnet"], 1, "a.yaml, b.yaml", work, py="py")  # several overlays, in order
-    assert two.cmd[4:8] == ["--overlay", "a.yaml", "--overlay", "b.yaml"]
+    assert two.cmd[4:8] == ["--overlay", "a.yaml", "--overlay", "b.yaml"] and "--precision" not in two.cmd
+    (bf16,) = dt.build_commands(["badnet"], 1, "o.yaml", work, py="py", precision="bf16")
+    assert bf16.cmd[-2:] == ["--precision", "bf16"]
     with pytest.raises(SystemExit, match="--attacks: unknown attack.*'nope'.*choose from badnet"):
         dt.main(["--attacks", "nope", "--work_dir", str(tmp_path)])
 
@@ -336,6 +338,7 @@ def test_dataelixir_table_runs_what_is_missing_and_tables_every_record(badnet_ru
     metrics = json.loads((tmp_path / "w" / "record" / "badnet_s0" / "metrics.json").read_text())
     assert row["attack"] == "badnet" and row["seed"] == 0 and row["ASR_after"] == metrics["defended_metrics"]["ASR"]
     assert row["TPR"] == metrics["TPR"] and len(row["clean_own_label"].split(" / ")) == 1 + TINY["rounds_n"]
+    assert row["precision"] == "fp32"  # every computation as the record stores it
     kept_trigger = row["poisoned_poisoned_label"].split(" / ")  # original, then each round's last kept step
     assert kept_trigger[0] == f"{100 * metrics['candidate_label_rates']['poisoned_dataset_label'][0]:.0f}"
     assert len(kept_trigger) == 1 + TINY["rounds_n"]
