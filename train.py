@@ -163,6 +163,9 @@ KEYS: dict[str, Key] = {
     "run_name": Key(None, "folder name under runs/train/ (default: derived from the settings)", nullable=True),
     "overwrite": Key(False, "redo a finished run with the same name", flag=True),
 }
+# options stored only where they differ from these values (CIFAR-10, crop + flip), so the runs
+# made before they existed keep their settings
+STORED_IF_CHANGED = {"dataset": "cifar10", "train_augment": "crop_flip"}
 # the victim recipes --iss_recipe chooses between; an option given on the command line replaces its
 # value. eclipse: the defaults above, ECLIPSE's one training recipe (its paper, Sec. 4.1: SGD 0.9,
 # lr 0.1, batch 128, 80 epochs; the reference train.py: no schedule, no weight decay, two forwards
@@ -240,9 +243,7 @@ def main(argv=None) -> None:
     # iss_recipe is stored as what it resolved to (epochs, schedule, weight_decay, bn_updates)
     # a defence's options only where they act, so the other defences' settings stay as they were
     unused = [k for d, keys in DEFENSE_KEYS.items() if d != args.defense for k in keys]
-    # the dataset only where it is not CIFAR-10, so CIFAR-10 runs' settings stay as they were
-    unused += ["dataset"] if args.dataset == "cifar10" else []
-    unused += ["train_augment"] if args.train_augment == "crop_flip" else []  # likewise
+    unused += [k for k, v in STORED_IF_CHANGED.items() if getattr(args, k) == v]
     settings = {k: v for k, v in vars(args).items() if k not in (*runtime_only, "iss_recipe", *unused)}
     settings.update(precision=precision.name, channels_last=channels_last)
     if args.defense == "cutout":  # earlier versions filled the square with black: not the same run

@@ -185,7 +185,7 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
             r["poisoned_true_label"],
             r["poisoned_poisoned_label"],
             f"{r['minutes']:.0f} min",
-            r.get("precision", "not recorded"),
+            r["precision"],
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -228,8 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         work = Path(args.work_dir).resolve()
         if not args.table_only:
-            attacks = parse_attacks(args.attacks)
-            steps = build_commands(attacks, args.seeds, args.overlay, work, precision=args.precision)
+            steps = build_commands(
+                parse_attacks(args.attacks), args.seeds, args.overlay, work, precision=args.precision
+            )
             work.mkdir(parents=True, exist_ok=True)
             with open(work / "dataelixir_table.log", "a") as log:
                 run_commands(
