@@ -12,7 +12,8 @@ checkpoints (e.g. one training run's 3k/6k/12k-iteration EMA files, or other wid
 
 For ``--images`` clean (not poisoned) training images of the record, class-balanced, one
 round of the record's purification (noise to ``steps_T``, ``purify_respace`` reverse steps,
-the last ``last_steps_m`` kept; its bf16 and dense-tail settings) per checkpoint; the
+the last ``last_steps_m`` kept; its bf16 and dense-tail settings; ``--respace`` measures another
+step count on the same model) per checkpoint; the
 backdoored model labels every kept step. Writes ``keep_label.csv``/``.json`` and a PNG of the
 rate against the checkpoints' training iterations (one line per config), beside the model's own accuracy on the
 untouched images and on the clean test set.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import sys
@@ -38,14 +40,14 @@ from common import machine
 
 from utils.compat import legacy_flow_config
 from utils.data import class_balanced_subset
-from utils.dataelixir.defence import build_chunk
+from utils.dataelixir.defence import build_chunk, check_step_settings
 from utils.dataelixir.keys import FlowConfig
 from utils.dataelixir.models import load_model, purification_rounds
 from utils.dataelixir.outputs import load_attack_data
 from utils.diffusion.checkpoints import parse_checkpoint_name
 from utils.diffusion.factory import load_purifier
 from utils.fileio import UserError, atomic_write_json, atomic_write_text, file_fingerprint, read_text_file
-from utils.options import DEVICE, POSITIVE, SUBSET, Key, add_keys_to_argparser
+from utils.options import DEVICE, NONNEG, POSITIVE, SUBSET, Key, add_keys_to_argparser
 from utils.plots import pyplot, save_figure
 from utils.run_state import same_settings_or_refuse
 from utils.runtime import resolve_device
@@ -55,6 +57,14 @@ KEYS = {
     "images": Key(1000, "clean training images, class-balanced", range=SUBSET),
     "batch_size": Key(250, range=POSITIVE),
     "seed": Key(0, "seed of the image choice and of the diffusion noise"),
+    "respace": Key(
+        None,
+        "reverse steps per round (1..steps_T; 0: all steps_T of them, the paper's); default: the record's "
+        "purify_respace",
+        int,
+        nullable=True,
+        range=NONNEG,
+    ),
     "device": DEVICE,
     "out": Key("bench/results/keep_label", "output folder"),
     "overwrite": Key(False, "discard rows measured with other settings in --out", flag=True),
@@ -115,6 +125,10 @@ def measure(args: argparse.Namespace) -> dict:
             raise UserError(f"{record / name} not found: run the attack with --stop_after backdoor_training first")
     ckpts = [_parse_ckpt(c) for c in args.ckpt]
     cfg = _record_config(record)
+    if args.respace is not None:
+        respace = args.respace or None  # 0: no respacing, all steps_T reverse steps
+        check_step_settings(cfg.steps_T, 1, cfg.last_steps_m, respace, cfg.purify_dense_tail)
+        cfg = dataclasses.replace(cfg, purify_respace=respace)
     device = resolve_device(args.device)
     bd, _ = load_attack_data(record / "attack_data.pt")
     classifier = load_model(cfg, record / "backdoored_model.pt", device)

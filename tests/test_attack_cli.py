@@ -304,6 +304,14 @@ def test_stop_after_trains_the_backdoored_model_without_a_ddpm_then_keep_label_m
         kl.main([*common, "--seed", "1", "--out", str(out)])
     kl.main([*common, "--seed", "1", "--out", str(out), "--overwrite"])
     assert json.loads((out / "keep_label.json").read_text())["seed"] == 1
+    # --respace measures another step count on the same model: all steps_T of them with 0
+    kl.main([*common, "--respace", "0", "--out", str(tmp_path / "dense")])
+    dense = json.loads((tmp_path / "dense" / "keep_label.json").read_text())
+    assert dense["respace"] is None and len(dense["rows"][0]["keep_per_step"]) == TINY["last_steps_m"]
+    with pytest.raises(SystemExit, match="last_steps_m=2 exceeds the 1 reverse steps of purify_respace=1"):
+        kl.main([*common, "--respace", "1", "--out", str(tmp_path / "one")])
+    with pytest.raises(SystemExit, match="purify_respace must be null or in 1..steps_T .20., got 21"):
+        kl.main([*common, "--respace", "21", "--out", str(tmp_path / "many")])
     with pytest.raises(SystemExit, match="config.yaml not found: run the attack with --stop_after"):
         kl.main(["--record", str(tmp_path), "--ckpt", ckpt, "--out", str(out)])
 

@@ -225,12 +225,17 @@ def test_a_run_json_from_before_the_recipe_keys_reads_as_improved_diffusions_rec
 
 
 @pytest.mark.parametrize(
-    "overlays", ["config/dataelixir_cpu.yaml", "config/dataelixir_cpu.yaml,config/dataelixir_cpu_20k.yaml"]
+    "overlays",
+    [
+        "config/dataelixir_cpu.yaml",
+        "config/dataelixir_cpu.yaml,config/dataelixir_cpu_20k.yaml",
+        "config/dataelixir_cpu.yaml,config/dataelixir_cpu_20k.yaml,config/dataelixir_cpu_r30.yaml",
+    ],
 )
 def test_dataelixir_cpu_overlays_configure_every_attack(overlays, tmp_path):
-    """Both CPU-scale overlay stacks give every attack a valid configuration whose classifier
+    """The CPU-scale overlay stacks give every attack a valid configuration whose classifier
     has the pooled features DataElixir's selection needs; the 20k overlay changes only the
-    classifier's data, augmentation and epochs."""
+    classifier's data, augmentation and epochs, the r30 one only the reverse steps per round."""
     from utils.dataelixir.attack_data import ATTACKS
     from utils.dataelixir.flow import attack_argv, resolve_flow_config
     from utils.dataelixir.models import build_model
@@ -241,4 +246,5 @@ def test_dataelixir_cpu_overlays_configure_every_attack(overlays, tmp_path):
         assert (cfg.model, cfg.subset, cfg.model_width) == ("preactresnet18", 20000 if strong else 5000, 16)
         assert cfg.train_augment == ("crop_flip" if strong else "none") and cfg.epochs == (30 if strong else 20)
         assert cfg.steps_T == 150 and cfg.rounds_n == 2 and cfg.test_subset == 1000
+        assert cfg.purify_respace == (30 if "r30" in overlays else 10) and cfg.last_steps_m == 5
         assert build_model(cfg).net.features(torch.rand(1, 3, 32, 32)).shape[1] == 8 * 16
