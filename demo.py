@@ -54,10 +54,15 @@ from utils.runtime import resolve_device
 
 
 def parse_poisons(text: str) -> list[str]:
+    """``all``, ``none`` (the clean-subset victims alone) or comma-separated poisons."""
+    if text == "none":
+        return []
     names = list(POISONS) if text == "all" else [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in names if p not in POISONS]
-    if bad:
-        sys.exit(f"demo: unknown poison(s) {', '.join(bad)}; choose from {', '.join(POISONS)} or 'all'")
+    if bad or not names:
+        sys.exit(
+            f"demo: unknown poison(s) {', '.join(bad) or repr(text)}; choose from {', '.join(POISONS)}, 'all' or 'none'"
+        )
     return names
 
 
@@ -79,7 +84,7 @@ def run(cmd: list[str], log: TextIO) -> float:
 SMOKE = "SMOKE RUN (--tiny): it only shows that every step runs here; its numbers mean nothing"
 
 KEYS: dict[str, Key] = {
-    "poisons": Key("EM", "comma-separated poisons to craft and defend against, or 'all'"),
+    "poisons": Key("EM", "comma-separated poisons to craft and defend against, 'all', or 'none' (clean victims only)"),
     # an image folder has no fixed size or classes for the recipe: the named datasets only
     "dataset": Key("cifar10", "dataset of every step", choices=tuple(d for d in DATASETS if d != "imagefolder")),
     "work_dir": Key(None, "folder of every output (default: runs/demo, with --tiny runs/demo-tiny)", nullable=True),
@@ -100,6 +105,12 @@ KEYS: dict[str, Key] = {
     "seeds": Key(1, "victims per cell, seeds 0..N-1 (table: mean ± std)", range=POSITIVE),
     "jobs": Key(1, "steps run at a time (each with cores/jobs threads)", range=POSITIVE),
     "skip_clean": Key(False, "do not train the clean-subset victims", flag=True),
+    "clean_costs": Key(
+        False,
+        "also train each chosen defence's victim on the clean subset (what it costs on clean data; ECLIPSE purifies "
+        "the clean subset first); the optional columns (at, cutout, mixup, cutmix, op) always do",
+        flag=True,
+    ),
     "plan": Key(False, "print the plan and stop", flag=True),
 }
 

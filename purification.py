@@ -9,6 +9,10 @@ the ECLIPSE format, in the input's order:
              diff_ckpt/cifar10/test2000ps8000/ema_0.9999_250000.pt
       writes purified_data/cifar10/test2000ps8000/100/250000/EM-pure.pkl (+ .json, .png, .log)
 
+``--poison clean`` purifies the clean training set (``--subset N``: the class-balanced subset
+that ``train.py --poison clean --subset N`` and ``poison.py --subset N`` use), so that
+``train.py --poison clean --pure`` measures what ECLIPSE costs on clean data.
+
 ``--dataset`` another dataset: its folders (poisoned_data/<dataset>/, diff_ckpt/<dataset>/,
 purified_data/<dataset>/) and its config (config/eclipse/<dataset>.yml).
 
@@ -30,7 +34,7 @@ from pathlib import Path
 import torch
 
 from utils.data import ImageSet, write_eclipse_pkl
-from utils.datasets import DATASET_KEY, check_image_size, dataset_spec, diffusion_config_name, read_dataset_pkl
+from utils.datasets import DATASET_KEY, check_image_size, dataset_spec, diffusion_config_name, load_poisoned
 from utils.diffusion.checkpoints import parse_checkpoint_name
 from utils.diffusion.factory import (
     diffusion_train_command,
@@ -50,7 +54,18 @@ from utils.fileio import (
     safe_torch_load,
     setup_logging,
 )
-from utils.options import BF16, DEVICE, POSITIVE, PRECISION, ArgParser, Key, add_keys_to_argparser
+from utils.options import (
+    BF16,
+    CLEAN_SUBSET,
+    DEVICE,
+    DOWNLOAD,
+    POSITIVE,
+    PRECISION,
+    SUBSET_SEED,
+    ArgParser,
+    Key,
+    add_keys_to_argparser,
+)
 from utils.paths import diff_ckpt_dir, poisoned_file, purified_file, work_dir
 from utils.plots import amplified_difference, save_image_grid
 from utils.precision import precision_from_args
@@ -67,8 +82,11 @@ KEYS: dict[str, Key] = {
     "sparse_diff_model": Key("ema_0.9999_250000.pt", "checkpoint file in diff_ckpt/<dataset>/<sparse_set>/"),
     "sparse_set": Key("test2000ps8000", "diffusion run name: the checkpoint folder diff_ckpt/<dataset>/<sparse_set>/"),
     "batch_size": Key(256, "images purified per batch (a resumed run keeps its batch size)", range=POSITIVE),
-    "poison": Key("EM", "poisoned_data/<dataset>/<POISON>.pkl"),
+    "poison": Key("EM", "poisoned_data/<dataset>/<POISON>.pkl, or 'clean'"),
     "dataset": DATASET_KEY,
+    "subset": CLEAN_SUBSET,
+    "subset_seed": SUBSET_SEED,
+    "download": DOWNLOAD,
     "data_root": Key(None, "--dataset imagefolder: its root, for its classes and image size", nullable=True),
     # additions
     "respace": Key(
@@ -132,7 +150,9 @@ def main(argv=None) -> None:
     check_name(
         args.poison, "--poison", tuple(f"{{}}-pure{s}" for s in OUTPUT_SUFFIXES) + (".{}-pure.parts/",), dst.parent
     )
-    if not src.is_file():
+    if args.subset is not None and args.poison != "clean":
+        raise UserError(f"--subset applies to --poison clean only (craft {args.poison} with poison.py --subset)")
+    if not src.is_file() and args.poison != "clean":  # clean without clean.pkl: the dataset itself
         raise UserError(
             f"poisoned dataset not found: {src}; craft it with `python poison.py --poison {args.poison}"
             + (f" --dataset {args.dataset}" if other else "")
@@ -153,7 +173,11 @@ def main(argv=None) -> None:
     lock = ExitStack()
     try:
         # every input is checked (and read) before the log or any output is written
-        data = read_dataset_pkl(src, data_spec)
+        # which clean images: a resumed run with another draw is refused, not mixed
+        clean_draw = {"subset": args.subset, "subset_seed": args.subset_seed} if args.poison == "clean" else {}
+        data, source = load_poisoned(
+            work, args.poison, args.data_root, args.subset, args.subset_seed, args.download, args.dataset
+        )
         model, base, _ = load_purifier(spec, ckpt, device, t=args.t, compile=args.compile)
         # the batches of an interrupted run; purify_dataset compares their settings
         parts = dst.parent / f".{dst.stem}.parts"
@@ -192,7 +216,7 @@ def main(argv=None) -> None:
             rank=rank,
             world=world,
             log=log.info,
-            settings={"checkpoint": file_fingerprint(ckpt), "diffusion": spec.summary()},
+            settings={"checkpoint": file_fingerprint(ckpt), "diffusion": spec.summary(), **clean_draw},
             overwrite=args.overwrite,
             stats=stats,
         )
@@ -244,6 +268,8 @@ def _summary(
     mse = diff.pow(2).mean(dim=(1, 2, 3))
     return {
         "poison": args.poison,
+        "subset": args.subset,
+        "subset_seed": args.subset_seed,
         "t": args.t,
         "reverse_steps": steps,
         "respace": args.respace,

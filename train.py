@@ -60,6 +60,7 @@ from utils.fileio import (
 )
 from utils.options import (
     BF16,
+    CLEAN_SUBSET,
     DEVICE,
     DOWNLOAD,
     FRACTION,
@@ -68,6 +69,7 @@ from utils.options import (
     POSITIVE,
     PRECISION,
     SUBSET,
+    SUBSET_SEED,
     ArgParser,
     Key,
     Range,
@@ -134,8 +136,8 @@ KEYS: dict[str, Key] = {
         choices=("constant", "cosine", "onecycle"),
     ),
     "test_every": Key(5, "epochs between test-accuracy evaluations (and always the last)", range=POSITIVE),
-    "subset": Key(None, "--poison clean only: class-balanced subset of N images", int, True, range=SUBSET),
-    "subset_seed": Key(0, "seed of the --subset draw (poison.py --subset uses 0)"),
+    "subset": CLEAN_SUBSET,
+    "subset_seed": SUBSET_SEED,
     "test_subset": Key(None, "evaluate on a class-balanced subset of the test set", int, True, range=SUBSET),
     "quantize": Key("truncate", "compensation re-quantisation", choices=("truncate", "round")),
     "drop_last": Key(

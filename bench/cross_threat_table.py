@@ -37,7 +37,7 @@ from utils.options import POSITIVE, ArgParser, Key, add_keys_to_argparser
 
 KEYS = {
     "attacks": Key("all", "(A) comma-separated backdoor attacks, 'all' or 'none'"),
-    "poisons": Key("all", "(B) comma-separated clean-label poisons, 'all' or 'none'"),
+    "poisons": Key("all", "(B) comma-separated clean-label poisons (and 'clean': the clean subset), 'all' or 'none'"),
     "seeds": Key(1, "victims per cell, seeds 0..N-1 (table: mean ± std)", range=POSITIVE),
     "jobs": Key(2, "steps at a time (one thread each)", range=POSITIVE),
     "overlay": Key("config/dataelixir_cpu.yaml", "the attacks' CPU overlay; also DataElixir's purification settings"),
@@ -50,6 +50,13 @@ KEYS = {
     "device": Key("auto", "device of the --step steps (the scripts choose their own)"),
     "step": Key(None, "run one step: export, elixir or evaluate (the plan's commands)", nullable=True),
     "target": Key(None, "--step: the attack (export), poison (elixir) or victim run (evaluate)", nullable=True),
+    "clean_subset": Key(
+        None,
+        "--step elixir --target clean: images of the clean subset (default: the demo's)",
+        int,
+        True,
+        range=POSITIVE,
+    ),
 }
 STEPS = ("export", "elixir", "evaluate")
 
@@ -76,7 +83,10 @@ def run_step(args: argparse.Namespace) -> None:
     elif args.step == "elixir":
         poison = parse_poisons(args.target)[0]
         eclipse, elixir = Path(args.eclipse_work).resolve(), Path(args.dataelixir_work).resolve()
-        elixir_purify(work, poison, eclipse, elixir, args.overlay, overwrite=args.overwrite, device=args.device)
+        subset = args.clean_subset or demo_recipe()["subset"]  # the clean row's images: the demo's clean subset
+        elixir_purify(
+            work, poison, eclipse, elixir, args.overlay, subset=subset, overwrite=args.overwrite, device=args.device
+        )
     else:
         attacks = parse_attacks(args.attacks)
         if len(attacks) != 1:

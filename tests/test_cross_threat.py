@@ -28,6 +28,7 @@ from utils.dataelixir.flow import run_attack_then_defence
 from utils.dataelixir.keys import FlowConfig
 from utils.dataelixir.models import load_model
 from utils.dataelixir.outputs import last_metrics, load_attack_data
+from utils.datasets import load_poisoned
 from utils.demo.stored import check_stored_settings
 from utils.diffusion.factory import load_diffusion_spec
 from utils.fileio import UserError, file_fingerprint
@@ -72,6 +73,7 @@ RECIPE = {
     "diffusion_iterations": 5,
     "diffusion_ema": 0.99,
     "test_subset": 100,
+    "subset": 16,  # the demo's clean subset: (B)'s clean row
 }
 
 
@@ -214,7 +216,7 @@ def test_steps_refuse_another_dataset(inputs, tmp_path):
     svhn = root / "svhn-steps.yaml"
     svhn.write_text(Path(overlay).read_text() + "dataset: svhn\n")
     with pytest.raises(UserError, match=r"dataset 'svhn': the cross-threat table is CIFAR-10 only"):
-        elixir_purify(tmp_path, "EM", eclipse, elixir, str(svhn), device="cpu", log=lambda m: None)
+        elixir_purify(tmp_path, "EM", eclipse, elixir, str(svhn), subset=16, device="cpu", log=lambda m: None)
     run = tmp_path / "runs/train/v"
     run.mkdir(parents=True)
     (run / "result.json").write_text(json.dumps({"settings": {"dataset": "svhn"}, "final_test_acc": 1.0}))
@@ -278,7 +280,7 @@ def test_a_stored_elixir_set_is_compared_even_without_the_ddpm(inputs, tmp_path)
     out = xp.elixir_file(tmp_path, cfg, "EM")
     out.parent.mkdir(parents=True)
     out.write_bytes(b"")
-    stored = {**xp.elixir_settings(cfg, elixir / DDPM, poisoned_file(eclipse, "EM")), "rounds_n": 3}
+    stored = {**xp.elixir_settings(cfg, elixir / DDPM, xp.elixir_images(eclipse, "EM", 16)), "rounds_n": 3}
     out.with_suffix(".json").write_text(json.dumps({"settings": stored}))
     with pytest.raises(UserError, match=r"step 'EM dataelixir': .* other settings \(rounds_n: 3 -> 2\)"):
         check_stored_settings(xp.build_steps(ct), overwrite=False)
@@ -323,7 +325,7 @@ def test_table_shows_only_current_evaluations_and_same_recipe_demo_victims(input
 def test_elixir_image_is_the_last_candidate_of_the_attack_flows_store(inputs, tmp_path, small_train):
     """DataElixir's purified image is the candidate construction's last one (same rounds, seed, chunks)."""
     root, eclipse, elixir, overlay = inputs
-    out = elixir_purify(tmp_path, "EM", eclipse, elixir, overlay, device="cpu", log=lambda m: None)
+    out = elixir_purify(tmp_path, "EM", eclipse, elixir, overlay, subset=16, device="cpu", log=lambda m: None)
     purified = read_eclipse_pkl(out)
     cfg = xp.elixir_config(overlay)
     spec = load_diffusion_spec(REPO / cfg.diffusion_config)
@@ -335,6 +337,35 @@ def test_elixir_image_is_the_last_candidate_of_the_attack_flows_store(inputs, tm
     cands, _ = construct_candidates(model.eval(), spec.build_diffusion(), classifier, images, tmp_path / "c", **rounds)
     assert torch.equal(purified.images, torch.from_numpy(cands[:, -1].copy()))
     assert json.loads(out.with_suffix(".json").read_text())["settings"]["kept_sample"] == "last"
+
+
+def test_clean_row_purifies_the_demos_clean_subset_beside_its_clean_victims(inputs, tmp_path):
+    """(B)'s ``clean`` row: DataElixir's rounds over the demo's clean subset (the images its
+    clean victims train on; no poisoned set needed), and the demo's clean victims beside it."""
+    root, eclipse, elixir, overlay = inputs
+    assert xp.parse_poisons("all")[0] == "clean" and xp.parse_poisons("clean,EM") == ("clean", "EM")
+    ct = _ct(inputs, tmp_path, attacks=(), poisons=("clean",))
+    steps = {s.key: s for s in xp.build_steps(ct)}  # no clean.pkl is asked for
+    cmd = steps["clean dataelixir"].cmd
+    assert cmd[cmd.index("--clean_subset") + 1] == "16" and "xt-clean-elixir-s0" in steps["clean elixir s0"].cmd
+    out = elixir_purify(tmp_path, "clean", eclipse, elixir, overlay, subset=16, device="cpu", log=lambda m: None)
+    purified, (clean, _) = read_eclipse_pkl(out), load_poisoned(eclipse, "clean", subset=16)
+    assert torch.equal(purified.labels, clean.labels) and not torch.equal(purified.images, clean.images)
+    made = json.loads(out.with_suffix(".json").read_text())
+    assert made["settings"]["images"] == xp.elixir_images(eclipse, "clean", 16) and "16 images" in made["source"]
+    assert steps["clean dataelixir"].stored.values["images"] == made["settings"]["images"]
+    for name, acc in (("demo-clean", 60.0), ("demo-clean-eclipse", 58.0)):
+        (eclipse / "runs/train" / name).mkdir(parents=True)
+        settings = _demo_settings() | ({} if name.endswith("eclipse") else {"pure": False})
+        (eclipse / "runs/train" / name / "result.json").write_text(
+            json.dumps({"settings": settings, "final_test_acc": acc})
+        )
+    mine = tmp_path / "runs/train/xt-clean-elixir-s0/result.json"
+    mine.parent.mkdir(parents=True)
+    mine.write_text(json.dumps({"final_test_acc": 55.0}))
+    (row,) = poison_rows(tmp_path, eclipse, ["clean"], 1, ct.recipe)
+    cells = row["cells"]
+    assert (cells["clean"]["mean"], cells["none"]["mean"], cells["eclipse"]["mean"]) == (60.0, 60.0, 58.0)
 
 
 def test_asr_and_ra_are_the_attack_scripts_own(inputs, tmp_path):

@@ -99,6 +99,40 @@ def test_adversarial_training_column_takes_the_recipes_flags_and_skips_stage_one
         demo.parse_defenses("none,pgd")
 
 
+def test_clean_costs_train_every_chosen_defence_on_the_clean_subset(tmp_path):
+    """--clean_costs: a clean-subset victim per chosen defence; ECLIPSE's purifies the clean
+    subset first (purification.py --poison clean --subset N) and trains on it with --pure."""
+    variants = ["none", "issg", "issj", "eclipse"]
+    plain = {s.key for s in build_commands(_args(tmp_path), ["EM"], variants, py="py")}
+    assert not {"demo-clean-issg", "demo-clean-eclipse", "clean purification"} & plain
+    steps = {s.key: s for s in build_commands(_args(tmp_path, clean_costs=True), ["EM"], variants, py="py")}
+    assert {"demo-clean-issg", "demo-clean-issj", "demo-clean-eclipse", "clean purification"} <= set(steps)
+    assert "demo-clean-none" not in steps
+    purify = steps["clean purification"]
+    assert purify.cmd[purify.cmd.index("--poison") :][:4] == [
+        "--poison",
+        "clean",
+        "--subset",
+        str(demo_recipe()["subset"]),
+    ]
+    assert purify.after == ("diffusion",) and purify.stored.values["subset"] == demo_recipe()["subset"]
+    victim = steps["demo-clean-eclipse"]
+    assert victim.after == ("clean purification",) and "--pure" in victim.cmd and "--subset" not in victim.cmd
+    assert purify.cmd[purify.cmd.index("--t") + 1] == victim.cmd[victim.cmd.index("--t") + 1]
+    assert steps["demo-clean-issg"].cmd[steps["demo-clean-issg"].cmd.index("--defense") + 1] == "grayscale"
+    for v, acc in [("", 60.0), ("eclipse", 58.5)]:
+        _result(tmp_path, victim_name("", v or None, 0), acc)
+    _result(tmp_path, victim_name("EM", "none", 0), 20)
+    assert "Clean subset with ECLIPSE: 58.50 (no defence: 60.00)" in table_markdown(summarise(tmp_path, ["EM"], 1), "t")
+    import demo
+
+    assert demo.parse_poisons("none") == []  # the clean-subset victims alone
+    alone = {s.key for s in build_commands(_args(tmp_path, clean_costs=True), [], variants, py="py")}
+    assert alone == {"diffusion", "clean purification", "demo-clean", "demo-clean-issg", "demo-clean-issj"} | {
+        "demo-clean-eclipse"
+    }
+
+
 def test_at_column_shows_only_where_measured(tmp_path):
     for v, acc in [("none", 20), ("issj", 40), ("issg", 50), ("eclipse", 55)]:
         _result(tmp_path, victim_name("EM", v, 0), acc)

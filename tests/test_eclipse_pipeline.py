@@ -16,6 +16,7 @@ import train
 import train_diffusion
 import utils.diffusion.purify as purify_mod
 from utils.data import read_eclipse_pkl, write_eclipse_pkl
+from utils.datasets import load_poisoned
 from utils.diffusion.factory import load_diffusion_spec
 from utils.diffusion.purify import _truncated_process, noise_and_denoise, purify_dataset
 
@@ -112,6 +113,25 @@ def test_purification_cli(tmp_path, small_train, capsys):
     assert (out / "URP-pure.pkl").read_bytes() == before
     purification.main(argv + ["--respace", "2", "--overwrite"])
     assert json.loads((out / "URP-pure.json").read_text())["reverse_steps"] == 2
+
+
+def test_purification_of_the_clean_subset(tmp_path, small_train, capsys):
+    """--poison clean --subset N purifies the images train.py --poison clean --subset N trains
+    on (what ECLIPSE costs on clean data), records the draw, and refuses --subset elsewhere."""
+    _setup_work(tmp_path, small_train.subset(torch.arange(4)))  # the checkpoint (and a URP.pkl)
+    argv = ["--poison", "clean", "--subset", "20", "--config", TINY_CFG, "--sparse_set", "tiny"]
+    argv += ["--sparse_diff_model", "ema_0.9999_5.pt", "--t", "2", "--batch_size", "8", "--work_dir", str(tmp_path)]
+    purification.main(argv)
+    out = tmp_path / "purified_data" / "cifar10" / "tiny" / "2" / "5"
+    pure = read_eclipse_pkl(out / "clean-pure.pkl")
+    clean, _ = load_poisoned(tmp_path, "clean", subset=20)
+    assert torch.equal(pure.labels, clean.labels) and len(pure) == 20
+    assert not torch.equal(pure.images, clean.images)
+    summary = json.loads((out / "clean-pure.json").read_text())
+    assert (summary["subset"], summary["subset_seed"], summary["images"]) == (20, 0, 20)
+    with pytest.raises(SystemExit):
+        purification.main([*argv[:1], "URP", *argv[2:]])
+    assert "--subset applies to --poison clean only" in _err(capsys)
 
 
 def test_killed_purification_resumes(tmp_path, small_train, monkeypatch, capsys):

@@ -276,6 +276,9 @@ FINITE, POSITIVE, NONNEG, GT0, FRACTION = Range(), Range(1), Range(0), Range(0, 
 # a class-balanced subset of CIFAR-10 needs one image per class at least; other datasets are not
 # held to their class count (the tiny Tiny-ImageNet runs of the tests poison 10 of 200 classes)
 SUBSET = Range(10)
+# --poison clean's class-balanced subset (train.py, purification.py): the draw poison.py --subset makes
+CLEAN_SUBSET = Key(None, "--poison clean only: class-balanced subset of N images", int, True, range=SUBSET)
+SUBSET_SEED = Key(0, "seed of the --subset draw (poison.py --subset uses 0)")
 DEVICE = Key("auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
 DOWNLOAD = Key(None, "fetch CIFAR-10 when missing (default: on)", bool, nullable=True)
 PRECISION = Key(

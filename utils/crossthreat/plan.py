@@ -19,7 +19,8 @@ image as the overlay configures them, the purified image being the last round's 
 sample (``steps.elixir_purify``), written as a purified set
 (``<work>/purified_data/cifar10/dataelixir/<steps_T>/<ddpm iteration>/<P>-pure.pkl``); victims
 with the demo's recipe trained on it with train.py's ``--pure``, without compensation
-(``--p 0 --std 0``: crop + flip only) and with it.
+(``--p 0 --std 0``: crop + flip only) and with it. Its ``clean`` row does the same to the demo's
+clean subset (what DataElixir's rounds cost on clean data; no poisoned set is read).
 
 Each step is a :class:`utils.demo.pipeline.DemoCommand` whose output marks it done, with the
 settings its script stores (:class:`utils.demo.stored.Stored`), so a re-run skips finished
@@ -51,6 +52,7 @@ BENCH = "bench/cross_threat_table.py"  # runs the steps that are no script of th
 ECLIPSE_CONFIG = "config/eclipse/cpu.yml"
 ATTACK_SEED = 0  # every attack's data is drawn once; the victims' seeds vary
 ELIXIR_SET = "dataelixir"  # the purified_data/ folder of DataElixir's rounds (train.py --sparse_set)
+CLEAN = "clean"  # (B)'s row of the demo's clean subset: what DataElixir's rounds cost on clean data
 BACKDOOR_VARIANTS = ("none", "issg", "issj", "eclipse")  # demo.py's columns (their train.py flags)
 # DataElixir's purified set, trained on as ECLIPSE trains on its own: with crop + flip alone
 # (compensation off: grayscale p 0, noise std 0) and with ECLIPSE's compensation
@@ -91,7 +93,7 @@ def parse_attacks(text: str) -> tuple[str, ...]:
 
 
 def parse_poisons(text: str) -> tuple[str, ...]:
-    return parse_names(text, list(POISONS), "--poisons")
+    return parse_names(text, [CLEAN, *POISONS], "--poisons")
 
 
 # --------------------------------------------------------------------------- names and paths
@@ -164,16 +166,26 @@ def elixir_config(overlay: str) -> FlowConfig:
     return cfg
 
 
-def elixir_settings(cfg: FlowConfig, ddpm: Path | None, source: Path | None) -> dict[str, Any]:
+def elixir_images(eclipse_work: Path, poison: str, subset: int) -> str | None:
+    """What (B) purifies for ``poison``, as its stored identity: the demo's poisoned set (its
+    fingerprint; None while it is not there), or for ``clean`` the demo's clean subset (the
+    class-balanced draw of ``subset`` images that ``train.py --poison clean --subset`` uses)."""
+    if poison == CLEAN:
+        return f"{DATASET} train, class-balanced subset of {subset} (seed 0)"
+    source = poisoned_file(eclipse_work, poison)
+    return file_fingerprint(source) if source.is_file() else None
+
+
+def elixir_settings(cfg: FlowConfig, ddpm: Path | None, images: str | None) -> dict[str, Any]:
     """What a DataElixir-purified set is made from: its rounds, seed, DDPM and input
-    (fingerprints). A file given as None (the plan, where the DDPM or the poison is not here)
-    leaves its fingerprint out, so the other settings are still compared with a stored set's."""
+    (fingerprints; :func:`elixir_images`). None (the plan, where the DDPM or the poison is not
+    here) leaves that out, so the other settings are still compared with a stored set's."""
     keys = ("steps_T", "purify_respace", "rounds_n", "last_steps_m", "purify_dense_tail", "noise_offset")
     return {
         **{k: getattr(cfg, k) for k in (*keys, "original_round_trip", "random_seed", "purify_batch_size")},
         "diffusion_config": cfg.diffusion_config,
         **({} if ddpm is None else {"ddpm": file_fingerprint(ddpm)}),
-        **({} if source is None else {"images": file_fingerprint(source)}),
+        **({} if images is None else {"images": images}),
         "kept_sample": "last",  # the last round's last kept sample
     }
 
@@ -289,17 +301,16 @@ def backdoor_steps(ct: CrossThreat, attack: str) -> list[DemoCommand]:
 
 def poison_steps(ct: CrossThreat, poison: str, cfg: FlowConfig) -> list[DemoCommand]:
     """(B) for one poison: DataElixir's rounds over its images, then the victims."""
-    source = poisoned_file(ct.eclipse_work, poison)
     out = elixir_file(ct.work, cfg, poison)
     try:
         ddpm: Path | None = diffusion_ckpt(cfg, ct.dataelixir_work)[0]
     except UserError:  # needed only while the step is to run (missing_inputs says so)
         ddpm = None
     # without the DDPM (or the poison) here, the settings that need no fingerprint are compared
-    made = elixir_settings(cfg, ddpm, source if source.is_file() else None)
+    made = elixir_settings(cfg, ddpm, elixir_images(ct.eclipse_work, poison, ct.recipe["subset"]))
     cmd = [ct.py, BENCH, "--step", "elixir", "--target", poison, "--work_dir", str(ct.work)]
     cmd += ["--eclipse_work", str(ct.eclipse_work), "--dataelixir_work", str(ct.dataelixir_work)]
-    cmd += ["--overlay", ct.overlay]
+    cmd += ["--overlay", ct.overlay] + (["--clean_subset", str(ct.recipe["subset"])] if poison == CLEAN else [])
     elixir = DemoCommand(
         f"{poison} dataelixir",
         f"{poison}: DataElixir's purification rounds",
@@ -333,7 +344,7 @@ def missing_inputs(ct: CrossThreat) -> None:
         return
     cfg = elixir_config(ct.overlay)
     todo = [p for p in ct.poisons if not elixir_file(ct.work, cfg, p).is_file()]
-    lacking = [p for p in todo if not poisoned_file(ct.eclipse_work, p).is_file()]
+    lacking = [p for p in todo if p != CLEAN and not poisoned_file(ct.eclipse_work, p).is_file()]
     if lacking:
         raise UserError(
             f"poisoned set(s) {', '.join(lacking)} not found in {poisoned_file(ct.eclipse_work, 'P').parent}; craft them "

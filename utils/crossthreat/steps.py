@@ -26,10 +26,12 @@ import torch
 from models import build_classifier
 from utils.chunk_store import ChunkStore, Tick
 from utils.crossthreat.plan import (
+    CLEAN,
     attack_data_file,
     check_cifar10,
     elixir_config,
     elixir_file,
+    elixir_images,
     elixir_settings,
     eval_file,
     record_name,
@@ -41,6 +43,7 @@ from utils.dataelixir.keys import flow_precisions
 from utils.dataelixir.models import diffusion_ckpt, load_diffusion, purification_rounds
 from utils.dataelixir.outputs import load_attack_data
 from utils.dataelixir.phases import AttackResult
+from utils.datasets import load_poisoned
 from utils.diffusion.gaussian_diffusion import truncated_steps
 from utils.diffusion.purify import PartFiles, chunk_seed
 from utils.fileio import (
@@ -101,17 +104,19 @@ def elixir_purify(
     dataelixir_work: Path,
     overlay: str,
     *,
+    subset: int,
     overwrite: bool = False,
     device: str = "auto",
     log: Log = print,
 ) -> Path:
-    """DataElixir's rounds over every image of the demo's ``poison`` (the overlay's settings,
+    """DataElixir's rounds over every image of the demo's ``poison`` (``clean``: the demo's clean
+    subset of ``subset`` images, as its clean victims draw it) (the overlay's settings,
     chunks of ``purify_batch_size`` as the attack scripts build their candidates), keeping the
     last round's last kept sample; resumable chunk by chunk (other settings are refused, or
     discarded with ``overwrite``). Writes the purified set with a ``.json`` and a ``.png``."""
     cfg = elixir_config(overlay)
     source = poisoned_file(eclipse_work, poison)
-    if not source.is_file():
+    if poison != CLEAN and not source.is_file():
         raise UserError(f"poisoned set not found: {source}; craft it with `python demo.py --poisons {poison}`")
     dev = resolve_device(device)
     cfg = cfg.with_precisions({k: p.name for k, p in flow_precisions(cfg, dev).items()})
@@ -122,8 +127,11 @@ def elixir_purify(
         if out.is_file() and not overwrite:
             log(f"{out} exists; skipped (pass --overwrite to redo it)")
             return out
-        settings = elixir_settings(cfg, ddpm, source)
-        data = read_eclipse_pkl(source)
+        settings = elixir_settings(cfg, ddpm, elixir_images(eclipse_work, poison, subset))
+        if poison == CLEAN:
+            data, described = load_poisoned(eclipse_work, CLEAN, subset=subset)
+        else:
+            data, described = read_eclipse_pkl(source), str(source)
         model, base, _ = load_diffusion(cfg, dataelixir_work, dev)
         parts = out.parent / f".{out.stem}.parts"
         header = {**settings, "n": len(data), "precision": cfg.precision_of("ddpm_rounds")}
@@ -146,7 +154,7 @@ def elixir_purify(
         done = store.build(work_on, what="DataElixir rounds", units_per_item=cfg.rounds_n * steps, log=log)
         purified = ImageSet(_read_parts(store, files, data.images.shape), data.labels)
         seconds = time.time() - t0
-        summary = {"poison": poison, "source": str(source), "ddpm_file": str(ddpm), "settings": settings}
+        summary = {"poison": poison, "source": described, "ddpm_file": str(ddpm), "settings": settings}
         summary |= {"precision": header["precision"], "images": len(data), "images_done": done, "seconds": seconds}
         summary |= {"mean_abs_change": (purified.images.float() - data.images.float()).abs().mean().item()}
         atomic_write_json(out.with_suffix(".json"), summary)

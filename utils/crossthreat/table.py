@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from utils.crossthreat.plan import (
     BACKDOOR_VARIANTS,
+    CLEAN,
     ELIXIR_VARIANTS,
     CrossThreat,
     build_steps,
@@ -94,7 +95,7 @@ def demo_cell(
         values |= {"t": r.get("t"), "iter": r.get("diffusion_iterations")}
     accs, left_out = [], []
     for seed in range(seeds):
-        name = demo_victim_name(poison, variant, seed)
+        name = demo_victim_name("" if poison == CLEAN else poison, variant, seed)  # clean: demo-clean(-eclipse)
         result = victim_result(eclipse_work, name)
         if not result.is_file():
             continue

@@ -125,6 +125,31 @@ def _dataset_of(args: Any) -> tuple[str, list[str], str]:
     )
 
 
+def _diffusion_step(
+    args: Any, work: Path, py: str, unet_config: str, on_dataset: list[str], minutes: float | None
+) -> DemoCommand:
+    """The demo's first step: the sparse diffusion model (its stored training settings compared)."""
+    it, dataset = args.diffusion_iterations, getattr(args, "dataset", "cifar10")
+    ckpt = checkpoint_name("ema", it, args.diffusion_ema)
+    return DemoCommand(
+        "diffusion",
+        f"sparse diffusion model ({it} iterations)",
+        [py, "train_diffusion.py", "--config", unet_config, "--iterations", str(it)]
+        + ["--batch_size", str(args.diffusion_batch), "--max_timestep", str(args.diffusion_max_timestep)]
+        + ["--ema_rate", str(args.diffusion_ema), "--save_interval", "500", "--work_dir", str(work), *on_dataset],
+        minutes,
+        resolve_checkpoint(diff_ckpt_dir(work, SPARSE_SET, dataset) / ckpt).is_file(),
+        stored=Stored(
+            (diff_ckpt_dir(work, SPARSE_SET, dataset) / "run.json",),
+            {
+                "training.batch_size": args.diffusion_batch,
+                "training.max_timestep": args.diffusion_max_timestep,
+                "training.ema_rate": args.diffusion_ema,
+            },
+        ),
+    )
+
+
 def build_commands(
     args: Any,
     poisons: Sequence[str],
@@ -156,32 +181,39 @@ def build_commands(
         stored = Stored((result, result.with_name("settings.json")), _victim_values(cmd, seed), ("settings", None))
         return DemoCommand(name, title, cmd, expected("victim", flags=" ".join(flags)), result.is_file(), after, stored)
 
-    diffusion = DemoCommand(
-        "diffusion",
-        f"sparse diffusion model ({it} iterations)",
-        [py, "train_diffusion.py", "--config", unet_config, "--iterations", str(it)]
-        + ["--batch_size", str(args.diffusion_batch), "--max_timestep", str(args.diffusion_max_timestep)]
-        + ["--ema_rate", str(args.diffusion_ema), "--save_interval", "500", "--work_dir", str(work), *on_dataset],
-        expected("diffusion"),
-        resolve_checkpoint(diff_ckpt_dir(work, SPARSE_SET, dataset) / diff_ckpt).is_file(),
-        stored=Stored(
-            (diff_ckpt_dir(work, SPARSE_SET, dataset) / "run.json",),
-            {
-                "training.batch_size": args.diffusion_batch,
-                "training.max_timestep": args.diffusion_max_timestep,
-                "training.ema_rate": args.diffusion_ema,
-            },
-        ),
-    )
+    diffusion = _diffusion_step(args, work, py, unet_config, on_dataset, expected("diffusion"))
     steps = [diffusion]
     seeds = range(args.seeds)
+
+    def purify_step(poison: str, subset: list[str], after: tuple[str, ...]) -> DemoCommand:
+        """ECLIPSE's stage 1 on ``poison`` (``clean`` with ``subset``: the clean subset)."""
+        purified = purified_file(work, SPARSE_SET, args.t, it, poison, dataset)
+        drawn = {"subset": args.subset} if subset else {}  # the clean images it purified
+        return DemoCommand(
+            f"{poison} purification",
+            f"purify {'the clean subset' if subset else poison} (ECLIPSE stage 1)",
+            [py, "purification.py", "--poison", poison, *subset, "--config", unet_config]
+            + ["--sparse_diff_model", diff_ckpt, "--t", str(args.t), "--respace", str(args.respace)]
+            + ["--work_dir", str(work), *on_dataset],
+            expected("purification"),
+            purified.is_file(),
+            ("diffusion", *after),
+            Stored((purified.with_suffix(".json"),), {"t": args.t, "respace": args.respace, **drawn}),
+        )
+
     if not args.skip_clean:
         clean = ["--poison", "clean", "--subset", str(args.subset)]
         steps += [victim(victim_name("", None, s), "victim on the clean subset", clean, s, ()) for s in seeds]
-        for v in (v for v in variants if v in OPTIONAL_COLUMNS):  # what the defence costs on clean data
-            flags = [*clean, *VARIANTS[v][1], *defense_flags(v)]
+        # what each defence costs on clean data: the optional columns always, the others with --clean_costs
+        costed = [v for v in variants if v in OPTIONAL_COLUMNS or (getattr(args, "clean_costs", False) and v != "none")]
+        for v in costed:
+            flags, after = [*clean, *VARIANTS[v][1], *defense_flags(v)], ()
+            if v == "eclipse":
+                purify = purify_step("clean", clean[2:], ())
+                steps.append(purify)
+                flags, after = ["--poison", "clean", "--pure", "--t", str(args.t), "--iter", str(it)], (purify.key,)
             title = f"victim on the clean subset, {VARIANTS[v][0]}"
-            steps += [victim(victim_name("", v, s), title, flags, s, ()) for s in seeds]
+            steps += [victim(victim_name("", v, s), title, flags, s, after) for s in seeds]
     for poison in poisons:
         flags = poison_flags(poison, bool(getattr(args, "tiny", False)))
         craft_cmd = [py, "poison.py", "--poison", poison, "--subset", str(args.subset), "--work_dir", str(work)]
@@ -202,18 +234,7 @@ def build_commands(
             craft_after,
             Stored((poisoned_file(work, poison, dataset).with_suffix(".json"),), crafted),
         )
-        purified = purified_file(work, SPARSE_SET, args.t, it, poison, dataset)
-        purify = DemoCommand(
-            f"{poison} purification",
-            f"purify {poison} (ECLIPSE stage 1)",
-            [py, "purification.py", "--poison", poison, "--config", unet_config]
-            + ["--sparse_diff_model", diff_ckpt, "--t", str(args.t), "--respace", str(args.respace)]
-            + ["--work_dir", str(work), *on_dataset],
-            expected("purification"),
-            purified.is_file(),
-            ("diffusion", craft.key),
-            Stored((purified.with_suffix(".json"),), {"t": args.t, "respace": args.respace}),
-        )
+        purify = purify_step(poison, [], (craft.key,))
         steps += [craft, purify]
         for s in seeds:
             for v in variants:
@@ -499,7 +520,7 @@ def summarise(work: Path, poisons: Sequence[str], seeds: int) -> dict[str, Any]:
         return _stats([v for v in values if v is not None])
 
     clean = collect("", None)
-    clean_defended = {v: collect("", v) for v in OPTIONAL_COLUMNS}
+    clean_defended = {v: collect("", v) for v in VARIANTS if v != "none"}
     rows: dict[str, dict[str, Any]] = {}
     for p in poisons:
         cells = {v: collect(p, v) for v in VARIANTS}
