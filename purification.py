@@ -227,7 +227,7 @@ def main(argv=None) -> None:
             # the .pkl last: it marks the run finished (utils.run_state); --overwrite's earlier one goes first
             dst.unlink(missing_ok=True)
             atomic_write_json(dst.with_suffix(".json"), summary)
-            _grid(dst.with_suffix(".png"), data, purified)
+            _grid(dst.with_suffix(".png"), data, purified, "clean" if args.poison == "clean" else "poisoned")
             write_eclipse_pkl(dst, purified)
             shutil.rmtree(parts, ignore_errors=True)
             rate = summary["image_steps_per_s"]
@@ -294,7 +294,7 @@ def _summary(
     }
 
 
-def _grid(path: Path, data: ImageSet, purified: ImageSet, per_class: int = 1) -> None:
+def _grid(path: Path, data: ImageSet, purified: ImageSet, input_name: str, per_class: int = 1) -> None:
     picks = []
     for c in range(10):
         idx = torch.nonzero(data.labels == c).flatten()[:per_class]
@@ -302,7 +302,7 @@ def _grid(path: Path, data: ImageSet, purified: ImageSet, per_class: int = 1) ->
     if not picks:
         return
     a, b = data.images[picks], purified.images[picks]
-    save_image_grid(path, [a, b, amplified_difference(a, b)], ["poisoned", "purified", "|difference|"])
+    save_image_grid(path, [a, b, amplified_difference(a, b)], [input_name, "purified", "|difference|"])
 
 
 if __name__ == "__main__":

@@ -20,7 +20,13 @@ and reports, averaged over images (pixels in [0, 1]):
     python bench/perturbation_survival.py --work_dir runs/demo [--poisons EM,TAP]
 
 By default the purified sets are the demo's (its t*, diffusion iterations and sparse
-set). With ``--ckpts``, the script purifies ``--images`` class-balanced images of each
+set); ``--purified_dir`` reads ``<P>-pure.pkl`` from another folder instead, e.g. the
+cross-threat table's DataElixir rounds over the same poisoned sets:
+
+    python bench/perturbation_survival.py --work_dir runs/demo \\
+        --purified_dir runs/cross_threat/purified_data/cifar10/dataelixir/150/6000 --out runs/survival-dataelixir
+
+With ``--ckpts``, the script purifies ``--images`` class-balanced images of each
 poisoned set itself, once per checkpoint of the work dir's diffusion model and per number
 of reverse steps in ``--respace`` ("all" = t*), to see whether the CPU-scale shortcuts
 (few training iterations, respaced sampling) decide what survives:
@@ -85,6 +91,12 @@ KEYS = {
     "seed": Key(1234, "with --ckpts: seed of the purification noise (purification.py's default)"),
     "precision": PRECISION,
     "bf16": BF16,
+    "purified_dir": Key(
+        None,
+        "read each poison's purified set <P>-pure.pkl from this folder instead of the demo's (e.g. the cross-threat "
+        "table's DataElixir rounds: <its work_dir>/purified_data/cifar10/dataelixir/150/6000); not with --ckpts",
+        nullable=True,
+    ),
     "out": Key("bench/results/perturbation_survival", "output folder"),
     "overwrite": Key(False, "replace the results in --out", flag=True),
 }
@@ -143,6 +155,8 @@ def _parse_list(text: str, what: str) -> list[str]:
 def _settings(args: argparse.Namespace, work: Path) -> list[tuple[str, int | None, Path | None, int | None]]:
     """(label, reverse steps, checkpoint, its training iterations) per purification setting;
     checkpoint None = the demo's purified set."""
+    if args.purified_dir:
+        return [(f"purified sets in {args.purified_dir}", None, None, None)]
     if not args.ckpts:
         return [(f"purified set ({args.diffusion_iterations} iterations)", None, None, args.diffusion_iterations)]
     settings = []
@@ -224,7 +238,12 @@ def measure(args: argparse.Namespace) -> dict:
         raise UserError(f"unknown poison(s) {', '.join(bad)}; choose from {', '.join(POISONS)} or 'all'")
     settings = _settings(args, work)
 
+    if args.purified_dir and args.ckpts:
+        raise UserError("--purified_dir reads purified sets, --ckpts makes them: choose one")
+
     def pure(p: str) -> Path:
+        if args.purified_dir:
+            return Path(args.purified_dir) / f"{p}-pure.pkl"
         return purified_file(work, SPARSE_SET, args.t, args.diffusion_iterations, p)
 
     def needed(p: str) -> list[Path]:

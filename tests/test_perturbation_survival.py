@@ -84,6 +84,20 @@ def test_cli_writes_every_output_and_refuses_to_overwrite(tmp_path, cifar_train,
     ps.main([*argv, "--overwrite"])
 
 
+def test_purified_dir_reads_another_defences_purified_sets(tmp_path, cifar_train, capsys):
+    """--purified_dir: <P>-pure.pkl from another folder (the cross-threat table's DataElixir rounds)."""
+    clean = _work_dir(tmp_path, cifar_train)
+    other = tmp_path / "elixir"
+    write_eclipse_pkl(other / "EM-pure.pkl", clean)  # a purifier that removed the whole perturbation
+    out = tmp_path / "out"
+    ps.main(["--work_dir", str(tmp_path), "--out", str(out), "--purified_dir", str(other)])
+    (row,) = json.loads((out / "survival.json").read_text())["rows"]
+    assert row["poison"] == "EM" and row["surviving_share"] == pytest.approx(0.0) and str(other) in row["setting"]
+    with pytest.raises(SystemExit):
+        ps.main(["--work_dir", str(tmp_path), "--out", str(out), "--purified_dir", str(other), "--ckpts", "x.pt"])
+    assert "choose one" in capsys.readouterr().err
+
+
 def _random_checkpoint(work, name: str = "ema_0.9999_5.pt"):
     from utils.diffusion.factory import load_diffusion_spec
     from utils.paths import diff_ckpt_dir

@@ -160,7 +160,9 @@ def elixir_purify(
         atomic_write_json(out.with_suffix(".json"), summary)
         a, b = data.images[:10], purified.images[:10]
         save_image_grid(
-            out.with_suffix(".png"), [a, b, amplified_difference(a, b)], ["poisoned", "purified", "|difference|"]
+            out.with_suffix(".png"),
+            [a, b, amplified_difference(a, b)],
+            ["clean" if poison == CLEAN else "poisoned", "purified", "|difference|"],
         )
         write_eclipse_pkl(out, purified)  # last: it marks the step done
         shutil.rmtree(parts, ignore_errors=True)
