@@ -13,7 +13,7 @@ checkpoints (e.g. one training run's 3k/6k/12k-iteration EMA files, or other wid
 For ``--images`` clean (not poisoned) training images of the record, class-balanced, one
 round of the record's purification (noise to ``steps_T``, ``purify_respace`` reverse steps,
 the last ``last_steps_m`` kept; its bf16 and dense-tail settings; ``--respace`` measures another
-step count on the same model) per checkpoint; the
+step count and ``--dense_tail`` the other tail on the same model) per checkpoint; the
 backdoored model labels every kept step. Writes ``keep_label.csv``/``.json`` and a PNG of the
 rate against the checkpoints' training iterations (one line per config), beside the model's own accuracy on the
 untouched images and on the clean test set.
@@ -65,13 +65,20 @@ KEYS = {
         nullable=True,
         range=NONNEG,
     ),
+    "dense_tail": Key(
+        None,
+        "with respacing, the last last_steps_m reverse steps unspaced (the kept samples at the full chain's noise "
+        "levels); default: the record's purify_dense_tail",
+        bool,
+        nullable=True,
+    ),
     "device": DEVICE,
     "out": Key("bench/results/keep_label", "output folder"),
     "overwrite": Key(False, "discard rows measured with other settings in --out", flag=True),
 }
 
 # what makes two rows comparable: measured on the same images, model and round
-SETTINGS = ("record", "classifier", "images", "seed", "steps_T", "respace", "last_steps_m")
+SETTINGS = ("record", "classifier", "images", "seed", "steps_T", "respace", "last_steps_m", "dense_tail")
 
 
 def keep_rates(preds: torch.Tensor, labels: torch.Tensor) -> list[float]:
@@ -126,9 +133,10 @@ def measure(args: argparse.Namespace) -> dict:
     ckpts = [_parse_ckpt(c) for c in args.ckpt]
     cfg = _record_config(record)
     if args.respace is not None:
-        respace = args.respace or None  # 0: no respacing, all steps_T reverse steps
-        check_step_settings(cfg.steps_T, 1, cfg.last_steps_m, respace, cfg.purify_dense_tail)
-        cfg = dataclasses.replace(cfg, purify_respace=respace)
+        cfg = dataclasses.replace(cfg, purify_respace=args.respace or None)  # 0: all steps_T reverse steps
+    if args.dense_tail is not None:
+        cfg = dataclasses.replace(cfg, purify_dense_tail=args.dense_tail)
+    check_step_settings(cfg.steps_T, 1, cfg.last_steps_m, cfg.purify_respace, cfg.purify_dense_tail)
     device = resolve_device(args.device)
     bd, _ = load_attack_data(record / "attack_data.pt")
     classifier = load_model(cfg, record / "backdoored_model.pt", device)
@@ -148,12 +156,14 @@ def measure(args: argparse.Namespace) -> dict:
         "steps_T": cfg.steps_T,
         "respace": cfg.purify_respace,
         "last_steps_m": cfg.last_steps_m,
+        # only where set, so folders measured before this option compare equal without it
+        **({"dense_tail": True} if cfg.purify_dense_tail and cfg.purify_respace else {}),
         "seed": args.seed,
         "machine": machine(),
         "rows": [],
     }
     old_settings, old_rows = _previous(Path(args.out))
-    new_settings = {k: out[k] for k in SETTINGS}
+    new_settings = {k: out.get(k) for k in SETTINGS}
     if same_settings_or_refuse(
         Path(args.out) / "keep_label.json", old_settings, new_settings, overwrite=args.overwrite
     ):

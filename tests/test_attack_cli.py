@@ -312,6 +312,13 @@ def test_stop_after_trains_the_backdoored_model_without_a_ddpm_then_keep_label_m
         kl.main([*common, "--respace", "1", "--out", str(tmp_path / "one")])
     with pytest.raises(SystemExit, match="purify_respace must be null or in 1..steps_T .20., got 21"):
         kl.main([*common, "--respace", "21", "--out", str(tmp_path / "many")])
+    # --dense_tail: the kept samples at the full chain's last steps; refused where it does not fit
+    kl.main([*common, "--respace", "4", "--dense_tail", "true", "--out", str(tmp_path / "tail")])
+    tail = json.loads((tmp_path / "tail" / "keep_label.json").read_text())
+    assert tail["dense_tail"] is True and len(tail["rows"][0]["keep_per_step"]) == TINY["last_steps_m"]
+    assert "dense_tail" not in result  # the default's folder keeps its settings as they were
+    with pytest.raises(SystemExit, match="purify_dense_tail needs purify_respace"):
+        kl.main([*common, "--respace", "2", "--dense_tail", "true", "--out", str(tmp_path / "tail2")])
     with pytest.raises(SystemExit, match="config.yaml not found: run the attack with --stop_after"):
         kl.main(["--record", str(tmp_path), "--ckpt", ckpt, "--out", str(out)])
 
