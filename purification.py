@@ -175,7 +175,7 @@ def main(argv=None) -> None:
         # every input is checked (and read) before the log or any output is written
         # which clean images: a resumed run with another draw is refused, not mixed
         clean_draw = {"subset": args.subset, "subset_seed": args.subset_seed} if args.poison == "clean" else {}
-        data, source = load_poisoned(
+        data, _ = load_poisoned(
             work, args.poison, args.data_root, args.subset, args.subset_seed, args.download, args.dataset
         )
         model, base, _ = load_purifier(spec, ckpt, device, t=args.t, compile=args.compile)
