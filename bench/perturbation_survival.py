@@ -236,10 +236,9 @@ def measure(args: argparse.Namespace) -> dict:
     bad = [p for p in names if p not in POISONS]
     if bad:
         raise UserError(f"unknown poison(s) {', '.join(bad)}; choose from {', '.join(POISONS)} or 'all'")
-    settings = _settings(args, work)
-
     if args.purified_dir and args.ckpts:
         raise UserError("--purified_dir reads purified sets, --ckpts makes them: choose one")
+    settings = _settings(args, work)
 
     def pure(p: str) -> Path:
         if args.purified_dir:
