@@ -253,9 +253,9 @@ def test_one_cell_of_each_half_end_to_end_then_resumes(inputs, tmp_path):
         b["cells"]["eclipse"]["mean"] == 50.0 and b["cells"]["elixir_comp"]["n"] == 1 and b["cells"]["none"]["n"] == 0
     )
     md = (work / "cross_threat.md").read_text()
-    assert md.count("\n| badnet | ") == 1 and md.count("\n| EM | — | — | 50.0 | ") == 1
+    assert md.count("\n| badnet | ") == 1 and md.count("\n| EM | — | — | — | 50.0 | ") == 1
     rows = list(csv.reader(io.StringIO((work / "cross_threat.csv").read_text())))
-    assert len(rows) == 1 + 4 * 3 + 5 and rows[1][:4] == ["A", "badnet", "none", "BA"]
+    assert len(rows) == 1 + 4 * 3 + 6 and rows[1][:4] == ["A", "badnet", "none", "BA"]
     assert (work / "cross_threat.png").read_bytes()[:4] == b"\x89PNG"
 
     result = work / "runs/train/xt-badnet-none-s0/result.json"

@@ -32,7 +32,12 @@ from utils.plots import pyplot, save_figure
 TABLE = "cross_threat"
 METRICS = ("BA", "ASR", "RA")
 # (B)'s columns: the demo's own victims on the poison (read from --eclipse_work), then ours
-DEMO_COLUMNS = {"clean": "clean subset (demo)", "none": "no defence (demo)", "eclipse": "ECLIPSE (demo)"}
+DEMO_COLUMNS = {
+    "clean": "clean subset (demo)",
+    "none": "no defence (demo)",
+    "issj": "ISS-J (demo)",
+    "eclipse": "ECLIPSE (demo)",
+}
 ELIXIR_COLUMNS = {**DEMO_COLUMNS, **{v: title for v, (title, _) in ELIXIR_VARIANTS.items()}}
 HOW = "re-run that step with --overwrite"
 
@@ -118,7 +123,7 @@ def poison_rows(
     rows = []
     for p in poisons:
         cells, left_out = {"clean": clean}, list(clean_left_out)
-        for v in ("none", "eclipse"):
+        for v in ("none", "issj", "eclipse"):
             cells[v], more = demo_cell(eclipse_work, recipe, p, v, seeds)
             left_out += more
         for v in ELIXIR_VARIANTS:
