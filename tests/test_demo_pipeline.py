@@ -352,7 +352,8 @@ p.STOP_GRACE_S = 1.0
 step = ("import os, pathlib, signal, sys, time\\n"
         "if sys.argv[3] == 'stubborn': signal.signal(signal.SIGINT, signal.SIG_IGN)\\n"
         "(pathlib.Path(sys.argv[1]) / (sys.argv[2] + '.pid')).write_text(str(os.getpid()))\\n"
-        "time.sleep(600)")
+        "try:\\n    time.sleep(600)\\n"
+        "except KeyboardInterrupt:\\n    (pathlib.Path(sys.argv[1]) / (sys.argv[2] + '.saved')).write_text('1')")
 steps = [p.DemoCommand(f"s{i}", f"s{i}", [sys.executable, "-c", step, str(work), f"s{i}", m], None, False)
          for i, m in enumerate(modes)]
 with p.interrupt_on_sigterm():
@@ -364,18 +365,31 @@ with p.interrupt_on_sigterm():
 """
 
 
-@pytest.mark.parametrize("jobs, modes", [(2, "polite,stubborn"), (1, "polite")])
-def test_sigterm_stops_the_running_steps_and_waits_for_them(tmp_path, jobs, modes):
-    """SIGTERM to the demo interrupts each running step's process group (SIGINT; one that
-    ignores it is killed after the grace time) and waits for them before it exits."""
+@pytest.mark.parametrize(
+    "jobs, modes, started_in_background", [(2, "polite,stubborn", False), (1, "polite", False), (1, "polite", True)]
+)
+def test_sigterm_stops_the_running_steps_and_waits_for_them(tmp_path, jobs, modes, started_in_background):
+    """SIGTERM to the demo interrupts each running step's process group (SIGINT, which a polite
+    step handles, here by saving; one that ignores it is killed after the grace time) and waits
+    for them before it exits. Started as a shell's background job (SIGINT ignored, inherited by
+    its steps), its steps still hear the SIGINT."""
     import os
     import signal
     import subprocess
     import time
 
     repo = Path(__file__).resolve().parents[1]
+
+    def as_background_job() -> None:
+        if started_in_background:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     driver = subprocess.Popen(
-        [sys.executable, "-c", _DRIVER, str(tmp_path), str(jobs), modes], cwd=repo, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _DRIVER, str(tmp_path), str(jobs), modes],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=as_background_job,
     )
     pid_files = [tmp_path / f"s{i}.pid" for i in range(len(modes.split(",")))]
     pids: list[int] = []
@@ -391,6 +405,8 @@ def test_sigterm_stops_the_running_steps_and_waits_for_them(tmp_path, jobs, mode
         for pid in pids:  # stopped and reaped before the demo exited
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
+        saved = [(tmp_path / f"s{i}.saved").is_file() for i in range(len(pid_files))]
+        assert saved == [m == "polite" for m in modes.split(",")]
     finally:
         driver.kill()
         for pid in pids:

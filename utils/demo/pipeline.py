@@ -299,10 +299,19 @@ def interrupt_on_sigterm() -> Iterator[None]:
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, interrupt)
+    # A shell starts a background job (`nohup demo.py ... &`) with SIGINT ignored, and its steps
+    # inherit that across exec: stop_steps' SIGINT would then go unheard and each step be killed
+    # after the grace time instead of saving its work. A caught SIGINT is reset to the default
+    # at exec, so catching it here gives the steps (and this process) Ctrl-C's behaviour back.
+    sigint_ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if sigint_ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if sigint_ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def start_step(cmd: list[str], **kwargs: Any) -> subprocess.Popen:
