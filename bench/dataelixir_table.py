@@ -31,8 +31,8 @@ from common import machine
 
 from utils.dataelixir.attack_data import ATTACKS
 from utils.dataelixir.flow import attack_argv
-from utils.demo.pipeline import CommandFailed, DemoCommand, run_commands
-from utils.fileio import UserError, atomic_write_json, atomic_write_text, read_state_json
+from utils.demo.pipeline import CommandFailed, DemoCommand, interrupt_on_sigterm, run_commands
+from utils.fileio import UserError, atomic_write_json, atomic_write_text, cli_main, read_state_json
 from utils.options import POSITIVE, PRECISION, Key, add_keys_to_argparser, load_yaml_file
 from utils.plots import pyplot, save_figure
 
@@ -221,6 +221,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path, dpi=120)
 
 
+@cli_main  # Ctrl-C or SIGTERM: the running attacks are stopped, then one line, exit 130
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_keys_to_argparser(ap, KEYS)
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
                 parse_attacks(args.attacks), args.seeds, args.overlay, work, precision=args.precision
             )
             work.mkdir(parents=True, exist_ok=True)
-            with open(work / "dataelixir_table.log", "a") as log:
+            with open(work / "dataelixir_table.log", "a") as log, interrupt_on_sigterm():
                 run_commands(
                     steps,
                     work,

@@ -372,3 +372,26 @@ def test_dataelixir_table_runs_what_is_missing_and_tables_every_record(badnet_ru
     (damaged.parent / "config.yaml").write_text("rounds_n: 2\n")
     with pytest.raises(SystemExit, match=r"x/metrics.json: not a finished attack record .*KeyError"):
         dt.main([*argv, "--table_only"])
+
+
+def test_dataelixir_table_stops_its_attacks_on_sigterm(tmp_path, monkeypatch, capsys):
+    """bench/dataelixir_table.py: SIGTERM while the attacks run interrupts them as Ctrl-C does
+    (run_commands stops the running steps), then one line and exit 130, not a traceback; its
+    own SIGTERM handling ends with it."""
+    import signal
+    import time
+
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import dataelixir_table as dt
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler interrupts this
+        pytest.fail("SIGTERM did not interrupt the run")
+
+    monkeypatch.setattr(dt, "run_commands", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        dt.main(["--attacks", "badnet", "--work_dir", str(tmp_path / "w")])
+    assert stopped.value.code == 130 and "interrupted; finished work is saved" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before
