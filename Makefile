@@ -34,3 +34,4 @@ bench: setup
 	$(PYTHON) bench/bench_purification.py
 	$(PYTHON) bench/bench_training.py
 	$(PYTHON) bench/bench_memory.py
+	$(PYTHON) bench/bench_allocator.py

@@ -1,14 +1,20 @@
-"""Runtime helpers: the channels_last guard against torch 2.13's CPU conv-backward bug."""
+"""Runtime helpers: the channels_last guard against torch 2.13's CPU conv-backward bug, and
+the malloc setting every script runs with."""
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+import utils.runtime
 from models import build_classifier
+from utils.fileio import cli_main
 from utils.runtime import channels_last_safe, to_channels_last
 from utils.trainer import TrainConfig, train_classifier
 
@@ -62,3 +68,45 @@ def test_width4_classifier_trains_with_two_threads(small_train):
     cfg = TrainConfig(epochs=1, batch_size=25, lr=0.01, test_every=1)
     train_classifier(model, data, lambda x, g: x, cfg, torch.device("cpu"), log=lambda *_: None)
     assert model.conv1.weight.is_contiguous()
+
+
+# a fresh process makes and frees a 64 MiB tensor 40 times, as a denoising loop does with its
+# activations: the page faults of the last 10
+_REUSE = """
+import resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+from utils.runtime import keep_freed_memory
+applied = keep_freed_memory()
+faults = []
+for _ in range(40):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(16 * 2**20)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    del x
+print(applied, sum(faults[-10:]))
+"""
+
+
+def _steady_state_faults(tuning: str) -> tuple[str, int]:
+    env = dict(os.environ, MALLOC_TUNING=tuning)
+    out = subprocess.run([sys.executable, "-c", _REUSE, str(REPO)], env=env, capture_output=True, text=True, check=True)
+    applied, faults = out.stdout.split()
+    return applied, int(faults)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
+def test_kept_freed_memory_is_reused_without_page_faults():
+    applied, kept = _steady_state_faults("on")
+    assert applied == "True"
+    off, default = _steady_state_faults("off")
+    assert off == "False"  # MALLOC_TUNING=off leaves glibc's defaults
+    # by default every new tensor is a fresh mmap, faulted in page by page (a few with huge pages)
+    assert default >= 10 * (64 * 2**20) // (2 * 2**20)
+    assert kept * 10 < default
+
+
+def test_every_script_runs_with_the_malloc_setting(monkeypatch):
+    calls = []
+    monkeypatch.setattr(utils.runtime, "keep_freed_memory", lambda: calls.append(1))
+    assert cli_main(lambda argv: argv)(["x"]) == ["x"]
+    assert calls == [1]

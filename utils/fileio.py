@@ -318,9 +318,13 @@ def setup_logging(log_file: str | Path | None, name: str = "run") -> logging.Log
 
 
 def cli_main(fn):
-    """Run a script's ``main``: ``UserError`` becomes ``error: ...`` on stderr and exit 2."""
+    """Run a script's ``main``: ``UserError`` becomes ``error: ...`` on stderr and exit 2.
+    Every script runs with glibc's malloc keeping freed memory (``utils.runtime.keep_freed_memory``)."""
 
     def wrapper(argv=None):
+        from utils.runtime import keep_freed_memory  # utils.runtime imports this module
+
+        keep_freed_memory()
         try:
             return fn(argv)
         except UserError as e:
