@@ -1,4 +1,4 @@
-"""glibc's default malloc against ``utils.runtime.keep_freed_memory`` (what every script
+"""glibc's default malloc against ``utils.fileio.keep_freed_memory`` (what every script
 runs with), on the CPU workloads whose tensors pass glibc's 32 MiB mmap threshold or not:
 the DataElixir DDPM and the ECLIPSE UNet denoising a batch, and a classifier training step.
 
@@ -28,8 +28,9 @@ from common import machine, record
 
 from models.classifiers import build_classifier
 from utils.diffusion.factory import load_diffusion_spec
+from utils.fileio import keep_freed_memory
 from utils.precision import cpu_capability, resolve_precision
-from utils.runtime import autocast, keep_freed_memory, to_channels_last
+from utils.runtime import autocast, to_channels_last
 
 WORKLOADS = {
     # name: (what, batch, steps timed, the precision policy's computation)

@@ -75,7 +75,7 @@ def test_width4_classifier_trains_with_two_threads(small_train):
 _REUSE = """
 import resource, sys, torch
 sys.path.insert(0, sys.argv[1])
-from utils.runtime import keep_freed_memory
+from utils.fileio import keep_freed_memory
 applied = keep_freed_memory()
 faults = []
 for _ in range(40):
@@ -107,6 +107,6 @@ def test_kept_freed_memory_is_reused_without_page_faults():
 
 def test_every_script_runs_with_the_malloc_setting(monkeypatch):
     calls = []
-    monkeypatch.setattr(utils.runtime, "keep_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(utils.fileio, "keep_freed_memory", lambda: calls.append(1))
     assert cli_main(lambda argv: argv)(["x"]) == ["x"]
     assert calls == [1]
