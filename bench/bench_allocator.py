@@ -68,9 +68,9 @@ def _step(workload: str, batch: int, bf16: bool):
     return step
 
 
-def child(workload: str, kept: bool, bf16: bool) -> dict:
-    """One measurement in this (fresh) process."""
-    applied = keep_freed_memory() if kept else False
+def child(workload: str, bf16: bool) -> dict:
+    """One measurement in this (fresh) process, with the malloc setting ``MALLOC_TUNING`` asks for."""
+    applied = keep_freed_memory()
     _, batch, steps, _ = WORKLOADS[workload]
     step = _step(workload, batch, bf16)
     step()
@@ -91,7 +91,7 @@ def child(workload: str, kept: bool, bf16: bool) -> dict:
 def measure(workload: str, kept: bool, precision: str) -> dict:
     cmd = [sys.executable, __file__, "--child", workload, "--precision", precision]
     env = dict(os.environ, MALLOC_TUNING="on" if kept else "off")
-    out = subprocess.run(cmd + (["--kept"] if kept else []), env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -101,14 +101,13 @@ def main() -> None:
     ap.add_argument("--precision", default="auto", help="auto (the policy's choice here), fp32 or bf16")
     ap.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated workloads")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--kept", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     def bf16(workload: str) -> bool:
         return resolve_precision(args.precision, torch.device("cpu"), WORKLOADS[workload][3]).bf16
 
     if args.child:
-        print(json.dumps(child(args.child, args.kept, bf16(args.child))))
+        print(json.dumps(child(args.child, bf16(args.child))))
         return
     print(f"CPU capability {cpu_capability()}, {torch.get_num_threads()} thread(s); {machine()['cpu']}")
     rows = []

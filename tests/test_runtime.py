@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import utils.runtime
+import utils.fileio
 from models import build_classifier
 from utils.fileio import cli_main
 from utils.runtime import channels_last_safe, to_channels_last
