@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from utils.data import ImageSet, write_eclipse_pkl
+from utils.data import ImageSet, psnr_db, write_eclipse_pkl
 from utils.datasets import DATASET_KEY, check_image_size, dataset_spec, diffusion_config_name, load_poisoned
 from utils.diffusion.checkpoints import parse_checkpoint_name
 from utils.diffusion.factory import (
@@ -265,7 +265,6 @@ def _summary(
     args, data: ImageSet, purified: ImageSet, seconds, steps, device, world, config, ckpt, base, stats
 ) -> dict:
     diff = purified.images.float() - data.images.float()
-    mse = diff.pow(2).mean(dim=(1, 2, 3))
     return {
         "poison": args.poison,
         "subset": args.subset,
@@ -289,7 +288,7 @@ def _summary(
         "images_resumed": stats["images_resumed"],
         "image_steps_per_s": stats["images_done"] * steps / max(seconds, 1e-9) if stats["images_done"] else None,
         "mean_abs_change": diff.abs().mean().item(),
-        "mean_psnr_db": (10 * torch.log10(255.0**2 / mse.clamp(min=1e-10))).mean().item(),
+        "mean_psnr_db": psnr_db(purified.images, data.images),
         "command": " ".join(sys.argv),
     }
 

@@ -14,15 +14,10 @@ import torch
 from common import record
 
 from utils.augment import to_uint8
-from utils.data import load_cifar10
+from utils.data import load_cifar10, psnr_db
 from utils.diffusion.factory import load_purifier
 from utils.diffusion.purify import from_model_range, noise_and_denoise, noise_std_at, to_model_range
 from utils.runtime import resolve_device
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a.float() - b.float()).pow(2).mean(dim=(1, 2, 3)).clamp(min=1e-10)
-    return (10 * torch.log10(255.0**2 / mse)).mean().item()
 
 
 def main() -> None:
@@ -42,7 +37,7 @@ def main() -> None:
     noisy = to_uint8(
         from_model_range(x0 + noise_std_at(base, args.t) * torch.randn(x0.shape, generator=g, device=device))
     )
-    rows = [{"method": "noised only (no denoising)", "psnr_db": psnr(noisy, clean)}]
+    rows = [{"method": "noised only (no denoising)", "psnr_db": psnr_db(noisy, clean)}]
     print(f"t*={args.t}: noise std {noise_std_at(base, args.t):.4f}; noised input PSNR {rows[0]['psnr_db']:.2f} dB")
     full = None
     for k in [int(s) for s in args.steps.split(",")]:
@@ -54,8 +49,8 @@ def main() -> None:
         full = out if full is None else full
         row = {
             "reverse_steps": k,
-            "psnr_db": psnr(out, clean),
-            "psnr_to_first_db": psnr(out, full),
+            "psnr_db": psnr_db(out, clean),
+            "psnr_to_first_db": psnr_db(out, full),
             "ms_per_image": 1000 * sec / len(clean),
         }
         rows.append(row)

@@ -17,6 +17,7 @@ from utils.data import (
     ImageSet,
     class_balanced_subset,
     load_cifar10,
+    psnr_db,
     read_eclipse_pkl,
     write_eclipse_pkl,
 )
@@ -151,6 +152,20 @@ def test_class_balanced_subset_fills_small_classes_share(n):
     assert all(c == s or c >= max(counts) - 1 for c, s in zip(counts, sizes))
     if n == 30:
         assert counts == [7, 3, 7, 7, 6]  # class 1's shortfall of 3 goes to the others, first classes first
+
+
+def test_psnr_db_per_image_and_pooled(small_train):
+    clean = small_train.images[:4].float()
+    noisy = (clean + torch.tensor([1.0, 2.0, 4.0, 8.0]).view(4, 1, 1, 1)).clamp(0, 255)
+    mse = (noisy - clean).pow(2).mean(dim=(1, 2, 3))
+    per_image = (10 * torch.log10(255.0**2 / mse)).mean().item()
+    pooled = 10 * np.log10(255.0**2 / mse.mean().item())
+    assert psnr_db(noisy, clean) == pytest.approx(per_image, rel=1e-6)
+    assert psnr_db(noisy, clean, per_image=False) == pytest.approx(pooled, rel=1e-6)
+    assert psnr_db(noisy, clean) > psnr_db(
+        noisy, clean, per_image=False
+    )  # the mean of logs exceeds the log of the mean
+    assert psnr_db(clean, clean) == pytest.approx(10 * np.log10(255.0**2 / 1e-10), rel=1e-6)  # finite, fits in JSON
 
 
 def test_eclipse_pkl_roundtrip(tmp_path, small_train):

@@ -8,7 +8,7 @@ import hashlib
 import pytest
 import torch
 
-from utils.dataelixir.triggers.ssba import psnr
+from utils.data import psnr_db
 from utils.diffusion import create_diffusion, load_purifier
 from utils.diffusion.checkpoints import (
     CheckpointName,
@@ -138,7 +138,7 @@ def test_tracked_table_ddpm_is_the_documented_trained_one(cifar_test):
     def round_trip_db(net: torch.nn.Module) -> float:
         with torch.no_grad():
             out, _ = noise_and_denoise(net, base, x0, 150, respace=30, generator=torch.Generator().manual_seed(0))
-        return psnr((out + 1) * 127.5, (x0 + 1) * 127.5)  # [-1, 1] to the 0..255 scale psnr expects
+        return psnr_db((out + 1) * 127.5, (x0 + 1) * 127.5, per_image=False)  # [-1, 1] to 0..255
 
     trained_db, untrained_db = round_trip_db(model), round_trip_db(untrained)
     # measured: 21.7 dB trained, 10.7 untrained (the noised input is about 12.8)

@@ -87,6 +87,18 @@ class ImageSet:
 # --------------------------------------------------------------------------- roots
 
 
+def psnr_db(a: torch.Tensor, b: torch.Tensor, per_image: bool = True) -> float:
+    """PSNR in dB of images ``a`` against ``b`` (``[B, C, H, W]``, both on the 0..255 scale).
+
+    ``per_image``: the mean of each image's PSNR (how purification and the respacing bench report
+    it); otherwise the PSNR of the whole batch's mean squared error (how StegaStamp reports its
+    encoder).  An exact match counts as an MSE of 1e-10 (148 dB), not infinity, so it fits in JSON.
+    """
+    mse = (a.float() - b.float()).pow(2)
+    mse = mse.mean(dim=(1, 2, 3)) if per_image else mse.mean()
+    return (10 * torch.log10(255.0**2 / mse.clamp(min=1e-10))).mean().item()
+
+
 def resolve_data_root(data_root: str | Path | None = None) -> Path:
     """``--data_root`` if given, else ``$CIFAR10_ROOT``, else ``data/cifar10``."""
     if data_root:

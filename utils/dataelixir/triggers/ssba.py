@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.augment import random_flip, to_float
-from utils.data import ImageSet
+from utils.data import ImageSet, psnr_db
 from utils.dataelixir.triggers.aux import Resumable, aux_keys, shuffled_batches
 from utils.dataelixir.triggers.base import Log, Trigger, aux_subset, cache_dir
 from utils.fileio import tensor_fingerprint
@@ -169,11 +169,6 @@ class StegaDecoder(nn.Module):
         h = self.body(x * 2 - 1)
         # 4x4 at 32x32 input; a larger image's feature map is pooled to the head's 4x4
         return self.head(h if h.shape[-1] == 4 else F.adaptive_avg_pool2d(h, 4))
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a.float() - b.float()).pow(2).mean().item()
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 class TriggerSSBA(Trigger):
@@ -338,7 +333,7 @@ class TriggerSSBA(Trigger):
             "final_bit_acc": history[-1]["bit_acc"] if history else None,
             "steps_since_bit_acc_above_0_9": schedule.since,  # -1: never
             "fixed_secret_bit_acc_uint8": round(bit_acc_fixed, 4),
-            "psnr_db": round(psnr(coded, probe), 2),
+            "psnr_db": round(psnr_db(coded, probe, per_image=False), 2),
         }
 
     @torch.no_grad()
