@@ -162,9 +162,8 @@ def test_psnr_db_per_image_and_pooled(small_train):
     pooled = 10 * np.log10(255.0**2 / mse.mean().item())
     assert psnr_db(noisy, clean) == pytest.approx(per_image, rel=1e-6)
     assert psnr_db(noisy, clean, per_image=False) == pytest.approx(pooled, rel=1e-6)
-    assert psnr_db(noisy, clean) > psnr_db(
-        noisy, clean, per_image=False
-    )  # the mean of logs exceeds the log of the mean
+    # the mean of the images' logs exceeds the log of their mean
+    assert psnr_db(noisy, clean) > psnr_db(noisy, clean, per_image=False)
     assert psnr_db(clean, clean) == pytest.approx(10 * np.log10(255.0**2 / 1e-10), rel=1e-6)  # finite, fits in JSON
 
 

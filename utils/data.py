@@ -4,9 +4,9 @@ another dataset's ``S x S`` images). The other datasets (``utils/datasets/``) ar
 the image-tree reader and the cache here.
 
 Images are kept as ``uint8 [N, 3, S, S]`` tensors end to end (32 x 32 for CIFAR-10);
-conversion to float happens per batch (``psnr_db`` compares two such batches). The first read of a dataset decodes it once and
-caches the arrays as ``.npy`` files (loaded with ``allow_pickle=False``), so later runs
-start at once.
+conversion to float happens per batch (``psnr_db`` compares two such batches). The first
+read of a dataset decodes it once and caches the arrays as ``.npy`` files (loaded with
+``allow_pickle=False``), so later runs start at once.
 """
 
 from __future__ import annotations
