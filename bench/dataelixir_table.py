@@ -216,7 +216,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xticks(list(x), labels, fontsize=7)
     ax.set_ylabel("%")
     ax.set_ylim(0, 102)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
 
